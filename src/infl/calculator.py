@@ -1,0 +1,277 @@
+"""InfluenceCalculator: test gradients → inverse-HVPs → scores against streamed train gradients.
+
+The calculator owns no mathematics of its own: gradients come from :class:`ModelWrapper`, the
+Hessian from :class:`HessianOperator`, inverse-HVPs from a :class:`Solver`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from infl.data import IndexedData, as_indexed, tensor_leaves
+from infl.errors import InputError
+from infl.model import ModelWrapper
+from infl.objective import Objective, PerExampleFn, loss_measurement
+from infl.operators import HessianOperator
+from infl.solvers.base import FittedSolver, Solver, SolveResult
+
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class InfluenceCalculator:
+    """Influence of training examples on test measurements.
+
+    With :math:`A = H + \\lambda I` (:math:`H` the Hessian of the training objective,
+    :math:`\\lambda` the solver's damping), training gradients :math:`g_i` (see
+    :class:`~infl.objective.Objective`) and measurement :math:`f`:
+
+    * ``influence(test)[j, i]`` :math:`= -\\nabla f(z_j)^T A^{-1} g_i` (Koh & Liang's
+      :math:`\\mathcal I_{up,loss}`);
+    * ``removal_effect(test)[j, i]`` :math:`= -\\text{influence}[j, i] / n`, the predicted change
+      of :math:`f(z_j)` when training example :math:`i` is removed and the model retrained —
+      the quantity :func:`infl.retrain_ground_truth` measures.
+
+    Parameters
+    ----------
+    model
+        The trained module, in eval mode. It is not modified.
+    objective
+        The training objective (per-example loss and the ``weight_decay`` trained with).
+    train_data
+        The training data, in a fixed order: tensors such as ``(X, y)``, a map-style
+        ``Dataset``, or a non-shuffling ``DataLoader``. ``n`` = its length.
+    solver
+        An inverse-HVP solver: ``ExactHessian``, ``ConjugateGradient``, ``LiSSA``, ...
+    measurement
+        ``(model, batch) -> Tensor[b]``, what the scores explain; default: the loss.
+    chunk_size
+        Examples per vmapped chunk for gradients and HVPs (memory vs. speed; results do not
+        depend on it).
+    cache_bytes
+        Keep the ``[n, p]`` training-gradient matrix in memory when it takes at most this many
+        bytes (default 1 GiB); otherwise stream it chunk by chunk on every call.
+    progress
+        Show tqdm progress bars over data and solver iterations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from infl import ConjugateGradient, InfluenceCalculator, Objective
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    >>> calc = InfluenceCalculator(
+    ...     nn.Linear(3, 2), Objective("cross_entropy", weight_decay=0.1), (X, y),
+    ...     ConjugateGradient(), progress=False)
+    >>> calc.removal_effect((X[:2], y[:2])).shape
+    torch.Size([2, 20])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        train_data: Any,
+        solver: Solver,
+        *,
+        measurement: PerExampleFn | None = None,
+        chunk_size: int = 256,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(objective, Objective):
+            raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
+        if not isinstance(solver, Solver):
+            raise InputError(f"solver must be an infl solver, got {type(solver).__name__}")
+        if chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.wrapper = ModelWrapper(model, objective)
+        self.objective = objective
+        self.train = as_indexed(train_data, "training data")
+        self.solver = solver
+        self.measurement = measurement if measurement is not None else loss_measurement(objective)
+        self.chunk_size = chunk_size
+        self.cache_bytes = cache_bytes
+        self.progress = progress
+        self.operator = HessianOperator(self.wrapper, self.train, chunk_size)
+        self._fitted: FittedSolver | None = None
+        self._train_grads: torch.Tensor | None = None
+        self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
+
+    @property
+    def num_train(self) -> int:
+        """``n``, the number of training examples."""
+        return len(self.train)
+
+    @property
+    def num_params(self) -> int:
+        """``p``, the number of trainable parameters."""
+        return self.wrapper.num_params
+
+    # ------------------------------------------------------------------ building blocks
+    def fitted_solver(self) -> FittedSolver:
+        """The solver fitted to this model's Hessian (factorised once, then reused)."""
+        if self._fitted is None:
+            self._fitted = self.solver.fit(self.operator, progress=self.progress)
+        return self._fitted
+
+    def test_grads(self, test_data: Any) -> torch.Tensor:
+        """:math:`\\nabla f(z_j)` for every test example: ``[m, p]``."""
+        test = as_indexed(test_data, "test data")
+        rows = [
+            self.wrapper.per_example_grads(self.measurement, batch)
+            for _, batch in test.chunks(self.chunk_size)
+        ]
+        return torch.cat(rows)
+
+    def train_grads(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Training gradients :math:`g_i` of the examples at ``indices`` (all if ``None``).
+
+        Returns ``[k, p]``; for all ``n`` examples this materialises ``[n, p]``.
+        """
+        if indices is None:
+            return torch.cat([g for _, g in self._iter_train_grads(desc="train gradients")])
+        return self.wrapper.train_grads(self.train.select(indices))
+
+    def _iter_train_grads(self, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+        if self._train_grads is not None:
+            for start in range(0, self.num_train, self.chunk_size):
+                yield start, self._train_grads[start : start + self.chunk_size]
+            return
+        itemsize = torch.finfo(self.wrapper.dtype).bits // 8
+        cache = self.num_train * self.num_params * itemsize <= self.cache_bytes
+        chunks = []
+        bar = tqdm(
+            self.wrapper.iter_train_grads(self.train, self.chunk_size),
+            total=self.train.num_chunks(self.chunk_size),
+            desc=desc,
+            disable=not self.progress,
+            leave=False,
+        )
+        for start, grads in bar:
+            if cache:
+                chunks.append(grads)
+            yield start, grads
+        if cache:
+            self._train_grads = torch.cat(chunks)
+
+    def inverse_hvp(self, test_data: Any) -> SolveResult:
+        """:math:`A^{-1}\\nabla f(z_j)` for each test example (``value`` is ``[m, p]``).
+
+        Computed once per distinct test batch and reused by :meth:`influence`,
+        :meth:`removal_effect` and :meth:`top_k` (the cache keeps the 8 latest batches).
+        """
+        key = _fingerprint(as_indexed(test_data, "test data"))
+        if key in self._ihvp_cache:
+            self._ihvp_cache.move_to_end(key)
+            return self._ihvp_cache[key]
+        result = self.fitted_solver().solve(self.test_grads(test_data), progress=self.progress)
+        self._ihvp_cache[key] = result
+        while len(self._ihvp_cache) > 8:
+            self._ihvp_cache.popitem(last=False)
+        return result
+
+    # ------------------------------------------------------------------ scores
+    def influence(self, test_data: Any) -> torch.Tensor:
+        """:math:`-\\nabla f(z_j)^T (H+\\lambda I)^{-1} g_i`: ``[m, n]`` (test-major).
+
+        Cost: one solve for the ``m`` test gradients and one pass over the training data.
+        """
+        ihvp = self.inverse_hvp(test_data).value
+        scores = torch.empty(ihvp.shape[0], self.num_train, dtype=ihvp.dtype, device=ihvp.device)
+        for start, grads in self._iter_train_grads(desc="scoring"):
+            scores[:, start : start + grads.shape[0]] = -(ihvp @ grads.T)
+        return scores
+
+    def removal_effect(self, test_data: Any) -> torch.Tensor:
+        """Predicted change of each test measurement when training example ``i`` is removed.
+
+        ``[m, n]``, equal to ``-influence / n``: positive means removing ``i`` increases
+        :math:`f(z_j)` (for the default loss measurement: removing ``i`` hurts test example
+        ``j``, so ``i`` is *helpful* to it).
+        """
+        return -self.influence(test_data) / self.num_train
+
+    def self_influence(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Influence of each training example on its own measurement.
+
+        :math:`-\\nabla f(z_i)^T (H+\\lambda I)^{-1} g_i`, the diagonal of
+        ``influence(train_data)``. Returns ``[k]`` for ``indices`` (all ``n`` if ``None``).
+        Cost: one inverse-HVP per training example, solved ``chunk_size`` at a time.
+        """
+        fitted = self.fitted_solver()
+        idx = (
+            torch.arange(self.num_train)
+            if indices is None
+            else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        )
+        out = []
+        starts = range(0, idx.numel(), self.chunk_size)
+        for start in tqdm(starts, desc="self-influence", disable=not self.progress, leave=False):
+            batch = self.train.select(idx[start : start + self.chunk_size])
+            ihvp = fitted.solve(self.wrapper.train_grads(batch)).value
+            measured = self.wrapper.per_example_grads(self.measurement, batch)
+            out.append(-(ihvp * measured).sum(dim=1))
+        return torch.cat(out)
+
+    def param_change(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Predicted parameter change :math:`\\theta_{-i} - \\theta^*` when removing each ``i``.
+
+        ``[k, p]``: row ``r`` is :math:`(H+\\lambda I)^{-1} g_{i_r} / n`, i.e.
+        :math:`-\\mathcal I_{up,params}(z_{i_r}) / n`, in the units of the parameter-change
+        norms that :func:`infl.retrain_ground_truth` reports.
+        """
+        grads = self.train_grads(indices)
+        return self.fitted_solver().solve(grads, progress=self.progress).value / self.num_train
+
+    def top_k(
+        self, test_data: Any, k: int, *, by: str = "abs"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` training examples with the largest influence on each test example.
+
+        Parameters
+        ----------
+        k
+            How many (at most ``n``).
+        by
+            ``"abs"`` (largest :math:`|\\text{influence}|`), ``"helpful"`` (most negative
+            influence: up-weighting them lowers the test loss) or ``"harmful"`` (most
+            positive).
+
+        Returns
+        -------
+        indices, scores
+            Both ``[m, k]``; ``scores`` are the influence values at ``indices``.
+        """
+        if not 1 <= k <= self.num_train:
+            raise InputError(f"k must be in 1..{self.num_train}, got {k}")
+        scores = self.influence(test_data)
+        if by == "abs":
+            key = scores.abs()
+        elif by == "helpful":
+            key = -scores
+        elif by == "harmful":
+            key = scores
+        else:
+            raise InputError(f"by must be 'abs', 'helpful' or 'harmful', got {by!r}")
+        idx = key.topk(k, dim=1).indices
+        return idx, scores.gather(1, idx)
+
+
+def _fingerprint(data: IndexedData) -> str:
+    """A content hash of a test set (its tensors' bytes), to key the inverse-HVP cache."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for _, batch in data.chunks(4096):
+        for leaf in tensor_leaves(batch):
+            t = leaf.detach().cpu().contiguous()
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

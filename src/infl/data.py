@@ -1,0 +1,212 @@
+"""Indexed access to training and test data.
+
+infl needs three things of a data set: its size ``n``, its examples in a fixed order (so that
+column ``i`` of a score matrix always means training example ``i``), and, for stochastic
+solvers and retraining, random access to arbitrary subsets. :class:`IndexedData` provides them
+for the three forms users hold data in:
+
+* a batch of tensors — a tensor, a tuple/list of tensors, or a dict of tensors, all with the
+  same leading dimension ``n`` (for example ``(X, y)``);
+* a map-style :class:`torch.utils.data.Dataset` (examples are collated with
+  ``default_collate``);
+* a :class:`torch.utils.data.DataLoader` over a map-style dataset with a sequential sampler
+  (a shuffling loader is refused: its order changes from one pass to the next).
+
+A *batch* is whatever the user's loss understands; infl only needs every tensor leaf of it to
+have the batch dimension first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data._utils.collate import default_collate
+
+from infl.errors import InputError
+
+Batch = Any
+"""A batch of examples: a tensor, or a tuple/list/dict (possibly nested) of tensors whose
+leading dimension indexes the examples."""
+
+
+def tree_map_tensors(fn: Callable[[torch.Tensor], Any], batch: Batch) -> Batch:
+    """Apply ``fn`` to every tensor leaf of a (nested) tuple/list/dict batch."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: tree_map_tensors(fn, v) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(tree_map_tensors(fn, v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(tree_map_tensors(fn, v) for v in batch)
+    return batch
+
+
+def tensor_leaves(batch: Batch) -> list[torch.Tensor]:
+    """The tensor leaves of a batch, in a deterministic order."""
+    leaves: list[torch.Tensor] = []
+    tree_map_tensors(lambda t: leaves.append(t), batch)
+    return leaves
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of examples in ``batch`` (the common leading dimension of its tensor leaves).
+
+    Raises
+    ------
+    InputError
+        If the batch has no tensors, a 0-d tensor, or leaves of different leading sizes.
+    """
+    leaves = tensor_leaves(batch)
+    if not leaves:
+        raise InputError(
+            f"a batch must contain at least one tensor; got {type(batch).__name__}. "
+            "Pass tensors, a tuple/list/dict of tensors, a Dataset or a DataLoader."
+        )
+    if any(t.dim() == 0 for t in leaves):
+        raise InputError(
+            "every tensor in a batch needs a leading example dimension; found a 0-d tensor"
+        )
+    sizes = {int(t.shape[0]) for t in leaves}
+    if len(sizes) != 1:
+        raise InputError(
+            f"tensors in one batch have different leading sizes {sorted(sizes)}; "
+            "all tensors of a batch must index the same examples along dim 0"
+        )
+    return sizes.pop()
+
+
+def slice_batch(batch: Batch, index: slice | torch.Tensor) -> Batch:
+    """Select examples ``index`` (a slice or a 1-d index tensor) from every tensor leaf."""
+    return tree_map_tensors(lambda t: t[index], batch)
+
+
+def batch_to(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
+    """Move tensor leaves to ``device``; cast floating-point leaves to ``dtype``."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return tree_map_tensors(move, batch)
+
+
+class IndexedData:
+    """A data set with a fixed example order, chunked iteration and random access.
+
+    Parameters
+    ----------
+    data
+        Tensors (``X``, ``(X, y)``, ``{"x": X, "y": y}``), a map-style ``Dataset``, or a
+        ``DataLoader`` with a sequential sampler.
+    name
+        Used in error messages ("training data", "test data").
+
+    Examples
+    --------
+    >>> import torch
+    >>> d = IndexedData((torch.zeros(5, 3), torch.arange(5)))
+    >>> len(d), [i for i, _ in d.chunks(2)]
+    (5, [0, 2, 4])
+    """
+
+    def __init__(self, data: Any, name: str = "data") -> None:
+        self.name = name
+        self._tensors: Batch | None = None
+        self._dataset: Dataset[Any] | None = None
+        self._collate: Callable[[list[Any]], Batch] = default_collate
+        if isinstance(data, IndexedData):
+            self._tensors, self._dataset, self._collate = (
+                data._tensors,
+                data._dataset,
+                data._collate,
+            )
+            self._n = data._n
+            return
+        if isinstance(data, DataLoader):
+            if not isinstance(data.sampler, SequentialSampler):
+                raise InputError(
+                    f"{name}: the DataLoader uses {type(data.sampler).__name__}, so example i "
+                    "would not be the same example from one pass to the next. Build the "
+                    "DataLoader with shuffle=False (or pass the Dataset itself)."
+                )
+            self._dataset = data.dataset
+            if data.collate_fn is not None:
+                self._collate = data.collate_fn
+            self._n = self._dataset_len(data.dataset)
+        elif isinstance(data, Dataset):
+            self._dataset = data
+            self._n = self._dataset_len(data)
+        elif isinstance(data, (torch.Tensor, tuple, list, Mapping)):
+            self._tensors = data
+            self._n = batch_size(data)
+        else:
+            raise InputError(
+                f"{name}: cannot index a {type(data).__name__}. Pass tensors (a tensor, a "
+                "tuple/list/dict of tensors), a map-style Dataset, or a DataLoader."
+            )
+        if self._n == 0:
+            raise InputError(f"{name} is empty: at least one example is needed")
+
+    def _dataset_len(self, dataset: Any) -> int:
+        try:
+            return len(dataset)
+        except TypeError as err:
+            raise InputError(
+                f"{self.name}: the dataset has no length (an IterableDataset?); infl needs a "
+                "map-style dataset so that every example has a fixed index"
+            ) from err
+
+    def __len__(self) -> int:
+        return self._n
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> Batch:
+        """The examples at ``indices``, as one batch (in the given order)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            raise InputError(f"{self.name}: cannot select an empty set of examples")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self._n:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"{self.name}: index {bad} is out of range for {self._n} examples "
+                f"(valid: 0..{self._n - 1})"
+            )
+        if self._tensors is not None:
+            return slice_batch(self._tensors, idx)
+        assert self._dataset is not None
+        return self._collate([self._dataset[int(i)] for i in idx])
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, Batch]]:
+        """Yield ``(start, batch)`` over consecutive chunks of at most ``chunk_size`` examples."""
+        if chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+        for start in range(0, self._n, chunk_size):
+            stop = min(start + chunk_size, self._n)
+            if self._tensors is not None:
+                yield start, slice_batch(self._tensors, slice(start, stop))
+            else:
+                yield start, self.select(range(start, stop))
+
+    def num_chunks(self, chunk_size: int) -> int:
+        """How many chunks :meth:`chunks` yields for ``chunk_size``."""
+        return -(-self._n // chunk_size)
+
+    def without(self, indices: Sequence[int] | torch.Tensor) -> IndexedData:
+        """A new data set with the examples at ``indices`` removed (order otherwise kept)."""
+        drop = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        keep = torch.ones(self._n, dtype=torch.bool)
+        keep[drop] = False
+        kept = torch.nonzero(keep).reshape(-1)
+        if kept.numel() == 0:
+            raise InputError(f"{self.name}: removing these examples leaves no data")
+        return IndexedData(self.select(kept), name=self.name)
+
+
+def as_indexed(data: Any, name: str) -> IndexedData:
+    """Wrap ``data`` in :class:`IndexedData` unless it already is one."""
+    return data if isinstance(data, IndexedData) else IndexedData(data, name=name)

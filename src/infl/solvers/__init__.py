@@ -1,0 +1,8 @@
+"""Inverse-Hessian-vector-product solvers sharing one interface (see :mod:`infl.solvers.base`)."""
+
+from infl.solvers.base import FittedSolver, Solver, SolveResult
+from infl.solvers.cg import ConjugateGradient
+from infl.solvers.exact import ExactHessian
+from infl.solvers.lissa import LiSSA
+
+__all__ = ["ConjugateGradient", "ExactHessian", "FittedSolver", "LiSSA", "SolveResult", "Solver"]

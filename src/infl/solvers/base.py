@@ -1,0 +1,113 @@
+"""The interface every inverse-HVP solver shares.
+
+A solver is a frozen dataclass of hyperparameters, validated at construction. It solves
+:math:`(H + \\lambda I) X^T = B^T` for ``k`` right-hand sides at once (``B`` is ``[k, p]``),
+where :math:`\\lambda` = ``damping`` is added as operator algebra and means the same for every
+solver. ``solver.fit(operator)`` does any one-time work (factorising, estimating a scale) and
+returns a :class:`FittedSolver` whose ``solve(rhs)`` can be called many times;
+``solver.solve(operator, rhs)`` is the one-shot shortcut.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from infl.errors import InputError, NonFiniteError
+from infl.operators import LinearOperator
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """The outcome of one inverse-HVP solve.
+
+    Attributes
+    ----------
+    value
+        ``[k, p]``: row ``j`` approximates :math:`(H+\\lambda I)^{-1} b_j`.
+    converged
+        Whether every right-hand side met the solver's tolerance.
+    iterations
+        Iterations (CG), recursion steps (LiSSA, summed over repeats) or 0 (direct solvers).
+    residual_norms
+        ``[k]``: relative residuals :math:`\\|(H+\\lambda I)x_j - b_j\\| / \\|b_j\\|`.
+    trace
+        Per-iteration history, ``[iterations, k]`` (CG: relative residual; LiSSA: norm of the
+        iterate's increment relative to :math:`\\|b_j\\|`); empty for direct solvers.
+    info
+        Solver-specific facts (eigenvalue range, scale used, ...).
+    """
+
+    value: torch.Tensor
+    converged: bool
+    iterations: int
+    residual_norms: torch.Tensor
+    trace: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class FittedSolver(ABC):
+    """A solver bound to one (damped) operator, ready to solve many right-hand sides."""
+
+    operator: LinearOperator
+
+    @abstractmethod
+    def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
+        """Solve for ``rhs`` of shape ``[k, p]`` (or ``[p]``, treated as ``k = 1``)."""
+
+
+class Solver(ABC):
+    """Base class of the inverse-HVP solvers (frozen dataclasses with a ``damping`` field)."""
+
+    damping: float
+
+    @abstractmethod
+    def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedSolver:
+        """Prepare to solve with ``operator + damping * I``."""
+
+    def solve(
+        self, operator: LinearOperator, rhs: torch.Tensor, *, progress: bool = False
+    ) -> SolveResult:
+        """:math:`(A + \\lambda I)^{-1}` applied to each row of ``rhs``: fit, then solve."""
+        return self.fit(operator, progress=progress).solve(rhs, progress=progress)
+
+
+def check_damping(damping: float) -> None:
+    if not math.isfinite(damping) or damping < 0:
+        raise InputError(f"damping must be a finite number >= 0, got {damping}")
+
+
+def check_positive(name: str, value: float, *, integer: bool = False) -> None:
+    ok = math.isfinite(value) and value > 0 and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise InputError(f"{name} must be {kind}, got {value!r}")
+
+
+def as_rhs(rhs: torch.Tensor, operator: LinearOperator) -> torch.Tensor:
+    """Validate right-hand sides and return them as ``[k, p]`` in the operator's dtype."""
+    if rhs.dim() == 1:
+        rhs = rhs.reshape(1, -1)
+    if rhs.dim() != 2 or rhs.shape[1] != operator.size:
+        raise InputError(
+            f"right-hand sides must have shape [k, p={operator.size}] or [p], "
+            f"got {tuple(rhs.shape)}"
+        )
+    if rhs.shape[0] == 0:
+        raise InputError("no right-hand sides to solve (k = 0)")
+    if not torch.isfinite(rhs).all():
+        raise NonFiniteError("a right-hand side contains NaN or infinite values")
+    return rhs.to(device=operator.device, dtype=operator.dtype)
+
+
+def relative_residuals(
+    operator: LinearOperator, value: torch.Tensor, rhs: torch.Tensor
+) -> torch.Tensor:
+    """:math:`\\|A x_j - b_j\\| / \\|b_j\\|` for each row (``0/0`` counts as 0)."""
+    res = torch.linalg.vector_norm(operator.matmat(value) - rhs, dim=1)
+    scale = torch.linalg.vector_norm(rhs, dim=1)
+    return torch.where(scale > 0, res / scale.clamp_min(torch.finfo(rhs.dtype).tiny), res)

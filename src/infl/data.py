@@ -119,6 +119,7 @@ class IndexedData:
         self._tensors: Batch | None = None
         self._dataset: Dataset[Any] | None = None
         self._collate: Callable[[list[Any]], Batch] = default_collate
+        self._n: int
         if isinstance(data, IndexedData):
             self._tensors, self._dataset, self._collate = (
                 data._tensors,

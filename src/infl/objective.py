@@ -72,30 +72,32 @@ _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def supervised_loss(name: LossName) -> PerExampleFn:
-    """A per-example loss for ``(inputs, targets)`` batches.
+@dataclass(frozen=True)
+class SupervisedLoss:
+    """A built-in per-example loss for ``(inputs, targets)`` batches (picklable).
 
     Parameters
     ----------
     name
         ``"cross_entropy"`` (logits ``[b, C]``, integer targets ``[b]``), ``"mse"`` (squared
         error summed over output dimensions) or ``"bce_with_logits"`` (binary targets).
-
-    Returns
-    -------
-    callable
-        ``(model, batch) -> Tensor[b]``.
     """
-    if name not in _LOSSES:
-        raise InputError(f"unknown loss {name!r}; choose one of {sorted(_LOSSES)}")
-    loss = _LOSSES[name]
 
-    def per_example(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    name: LossName
+
+    def __post_init__(self) -> None:
+        if self.name not in _LOSSES:
+            raise InputError(f"unknown loss {self.name!r}; choose one of {sorted(_LOSSES)}")
+
+    def __call__(self, model: Callable[..., Any], batch: Any) -> torch.Tensor:
+        """``(model, batch) -> Tensor[b]``."""
         inputs, targets = _split_supervised(batch)
-        return loss(model(inputs), targets)
+        return _LOSSES[self.name](model(inputs), targets)
 
-    per_example.__name__ = name
-    return per_example
+
+def supervised_loss(name: LossName) -> PerExampleFn:
+    """The built-in loss ``name`` as a callable ``(model, batch) -> Tensor[b]``."""
+    return SupervisedLoss(name)
 
 
 @dataclass(frozen=True)
@@ -152,33 +154,36 @@ def loss_measurement(objective: Objective) -> PerExampleFn:
     return objective.per_example_loss
 
 
-def logit_measurement(class_index: int | None = None) -> PerExampleFn:
-    """The logit of one class, for ``(inputs, targets)`` batches.
+@dataclass(frozen=True)
+class LogitMeasurement:
+    """The logit of one class, for ``(inputs, targets)`` batches (picklable).
 
     Parameters
     ----------
     class_index
-        Which logit to explain; ``None`` (default) takes each example's own target class.
+        Which logit to explain; ``None`` takes each example's own target class.
     """
 
-    def measure(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    class_index: int | None = None
+
+    def __call__(self, model: Callable[..., Any], batch: Any) -> torch.Tensor:
+        """``(model, batch) -> Tensor[b]``."""
         inputs, targets = _split_supervised(batch)
         logits = model(inputs)
-        if class_index is None:
+        if self.class_index is None:
             return logits.gather(1, targets.reshape(-1, 1).long()).squeeze(1)
-        return logits[:, class_index]
-
-    return measure
+        return logits[:, self.class_index]
 
 
-def margin_measurement() -> PerExampleFn:
-    """The classification margin: the target logit minus the largest other logit.
+@dataclass(frozen=True)
+class MarginMeasurement:
+    """The classification margin: target logit minus the largest other logit (picklable).
 
-    Positive when the example is classified correctly. Removing a training example with a
-    positive predicted change of the margin would make the model more confident.
+    Positive when the example is classified correctly.
     """
 
-    def measure(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    def __call__(self, model: Callable[..., Any], batch: Any) -> torch.Tensor:
+        """``(model, batch) -> Tensor[b]``."""
         inputs, targets = _split_supervised(batch)
         logits = model(inputs)
         tgt = targets.reshape(-1, 1).long()
@@ -186,4 +191,12 @@ def margin_measurement() -> PerExampleFn:
         others = logits.scatter(1, tgt, float("-inf"))
         return correct - others.max(dim=1).values
 
-    return measure
+
+def logit_measurement(class_index: int | None = None) -> PerExampleFn:
+    """Measure the logit of ``class_index`` (``None``: each example's target class)."""
+    return LogitMeasurement(class_index)
+
+
+def margin_measurement() -> PerExampleFn:
+    """Measure the classification margin (see :class:`MarginMeasurement`)."""
+    return MarginMeasurement()

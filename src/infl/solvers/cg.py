@@ -104,14 +104,16 @@ class FittedCG(FittedSolver):
                     f"CG: the operator product is not finite at iteration {iterations + 1}"
                 )
             if bool((curvature <= 0).any()):
-                j = int(idx[int((curvature <= 0).nonzero()[0])])
+                bad = int((curvature <= 0).nonzero()[0])
+                j = int(idx[bad])
+                rayleigh = float(curvature[bad] / (d[j] * d[j]).sum())
                 raise NotPositiveDefiniteError(
-                    f"CG found negative curvature p^T (H + damping*I) p = "
-                    f"{float(curvature.min()):.4g} at iteration {iterations + 1} (right-hand side "
-                    f"{j}), with damping={cfg.damping:g}: H + damping*I is not positive "
-                    "definite. Increase damping above the magnitude of the most negative "
-                    "eigenvalue of H (infl.diagnostics estimates it), or use "
-                    "ExactHessian(pseudo_inverse=True) on a small model."
+                    f"CG found negative curvature at iteration {iterations + 1} (right-hand side "
+                    f"{j}): a direction p with p^T (H + damping*I) p / p^T p = {rayleigh:.4g}, "
+                    f"so with damping={cfg.damping:g} the operator is not positive definite and "
+                    f"its smallest eigenvalue is at most {rayleigh:.4g}. Increase damping by more "
+                    f"than {-rayleigh:.4g} (infl.diagnostics estimates the most negative "
+                    "eigenvalue), or use ExactHessian(pseudo_inverse=True) on a small model."
                 )
             alpha = rs[idx] / curvature
             x[idx] += alpha[:, None] * d[idx]

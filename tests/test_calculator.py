@@ -1,0 +1,165 @@
+"""InfluenceCalculator: closed forms, leave-one-out retraining, invariances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import reference
+from conftest import make_logistic_problem
+from infl import (
+    ConjugateGradient,
+    ExactHessian,
+    InfluenceCalculator,
+    LiSSA,
+    Objective,
+    logit_measurement,
+)
+
+
+def _calc(problem, solver=None, **kwargs):
+    return InfluenceCalculator(
+        problem.model,
+        Objective("bce_with_logits", weight_decay=problem.wd),
+        (problem.x, problem.y),
+        solver or ExactHessian(),
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_influence_equals_closed_form(logistic):
+    p = logistic
+    calc = _calc(p)
+    hess = reference.hessian(p.theta, p.x, p.y, p.wd)
+    g_train = reference.per_example_grads(p.theta, p.x, p.y, p.wd)
+    g_test = reference.per_example_grads(p.theta, p.x_test, p.y_test, 0.0)
+    expected = -g_test @ torch.linalg.solve(hess, g_train.T)
+    scores = calc.influence((p.x_test, p.y_test))
+    assert scores.shape == (p.x_test.shape[0], p.x.shape[0])
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(calc.removal_effect((p.x_test, p.y_test)), -expected / p.x.shape[0])
+
+
+def test_removal_effect_matches_leave_one_out_newton_refit():
+    p = make_logistic_problem(n=60, wd=0.05, seed=2)
+    test = (p.x_test[:3], p.y_test[:3])
+    predicted = _calc(p).removal_effect(test)
+    base = reference.per_example_loss(p.theta, *test)
+    actual = torch.empty_like(predicted)
+    for i in range(p.x.shape[0]):
+        keep = torch.arange(p.x.shape[0]) != i
+        theta_i = reference.newton_fit(p.x[keep], p.y[keep], p.wd, theta0=p.theta)
+        actual[:, i] = reference.per_example_loss(theta_i, *test) - base
+    for j in range(3):
+        pearson = stats.pearsonr(predicted[j].numpy(), actual[j].numpy()).statistic
+        spearman = stats.spearmanr(predicted[j].numpy(), actual[j].numpy()).statistic
+        assert pearson >= 0.99, (j, pearson)
+        assert spearman >= 0.99, (j, spearman)
+    # first order: errors are small relative to the effects themselves
+    assert float((predicted - actual).abs().max()) < 0.1 * float(actual.abs().max())
+
+
+def test_param_change_matches_newton_refit():
+    # the first-order error is the leverage term H_i/n, so use enough points for it to be small
+    p = make_logistic_problem(n=200, wd=0.1, seed=3)
+    predicted = _calc(p).param_change([0, 5, 7])
+    for row, i in zip(predicted, [0, 5, 7], strict=True):
+        keep = torch.arange(200) != i
+        actual = reference.newton_fit(p.x[keep], p.y[keep], p.wd, theta0=p.theta) - p.theta
+        assert float((row - actual).norm() / actual.norm()) < 0.05
+
+
+@pytest.mark.parametrize("solver", [ConjugateGradient(rtol=1e-10), LiSSA(depth=5000, rtol=1e-9)])
+def test_iterative_solvers_give_the_exact_scores(logistic, solver):
+    test = (logistic.x_test, logistic.y_test)
+    exact = _calc(logistic).influence(test)
+    torch.testing.assert_close(_calc(logistic, solver).influence(test), exact, rtol=1e-5, atol=1e-7)
+
+
+def test_self_influence_is_the_diagonal_of_pairwise_influence(logistic):
+    calc = _calc(logistic)
+    train = (logistic.x, logistic.y)
+    torch.testing.assert_close(calc.self_influence(), torch.diagonal(calc.influence(train)))
+    torch.testing.assert_close(calc.self_influence([3, 1]), calc.self_influence()[[3, 1]])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_scores_do_not_depend_on_chunk_size_or_caching(logistic, chunk_size):
+    test = (logistic.x_test, logistic.y_test)
+    reference_scores = _calc(logistic, chunk_size=16).influence(test)
+    streamed = _calc(logistic, chunk_size=chunk_size, cache_bytes=0)
+    torch.testing.assert_close(streamed.influence(test), reference_scores)
+    torch.testing.assert_close(streamed.influence(test), reference_scores)  # second, streamed again
+    assert streamed._train_grads is None
+    cached = _calc(logistic, chunk_size=chunk_size)
+    cached.influence(test)
+    assert cached._train_grads is not None
+    torch.testing.assert_close(cached.influence(test), reference_scores)
+
+
+def test_data_given_as_loader_or_dataset_gives_the_same_scores(logistic):
+    test = (logistic.x_test, logistic.y_test)
+    expected = _calc(logistic).influence(test)
+    obj = Objective("bce_with_logits", weight_decay=logistic.wd)
+    for data in (
+        TensorDataset(logistic.x, logistic.y),
+        DataLoader(TensorDataset(logistic.x, logistic.y), batch_size=9),
+    ):
+        calc = InfluenceCalculator(logistic.model, obj, data, ExactHessian(), progress=False)
+        torch.testing.assert_close(calc.influence(TensorDataset(*test)), expected)
+
+
+def test_inverse_hvps_of_a_test_batch_are_computed_once(logistic):
+    calc = _calc(logistic, ConjugateGradient())
+    test = (logistic.x_test, logistic.y_test)
+    calc.influence(test)
+    used = calc.operator.num_matvecs
+    calc.removal_effect(test)
+    calc.top_k(test, 3)
+    assert calc.operator.num_matvecs == used
+    calc.influence((logistic.x_test[:2].clone(), logistic.y_test[:2].clone()))
+    assert calc.operator.num_matvecs > used
+
+
+def test_top_k_orders_by_the_requested_key(logistic):
+    calc = _calc(logistic)
+    test = (logistic.x_test[:2], logistic.y_test[:2])
+    scores = calc.influence(test)
+    idx, vals = calc.top_k(test, 5, by="helpful")
+    torch.testing.assert_close(vals, scores.sort(dim=1).values[:, :5])
+    idx, vals = calc.top_k(test, 5, by="abs")
+    torch.testing.assert_close(vals.abs(), scores.abs().sort(dim=1, descending=True).values[:, :5])
+    torch.testing.assert_close(scores.gather(1, idx), vals)
+
+
+def test_custom_measurement_uses_its_own_gradient(logistic):
+    p = logistic
+    measure = lambda model, batch: model(batch[0]).squeeze(1)  # noqa: E731 - the logit
+    calc = _calc(p, measurement=measure)
+    hess = reference.hessian(p.theta, p.x, p.y, p.wd)
+    g_train = reference.per_example_grads(p.theta, p.x, p.y, p.wd)
+    logit_grads = reference.augment(p.x_test)
+    expected = -logit_grads @ torch.linalg.solve(hess, g_train.T)
+    torch.testing.assert_close(calc.influence((p.x_test, p.y_test)), expected)
+
+
+def test_logit_measurement_on_a_classifier_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    calc = InfluenceCalculator(
+        model,
+        Objective(weight_decay=0.1),
+        (x, y),
+        ConjugateGradient(damping=1.0),
+        measurement=logit_measurement(),
+        progress=False,
+    )
+    scores = calc.influence((x[:2], y[:2]))
+    assert scores.dtype == torch.float32
+    assert scores.shape == (2, 30)
+    assert torch.isfinite(scores).all()

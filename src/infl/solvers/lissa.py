@@ -5,13 +5,19 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from infl.curvature import estimate_top_eigenvalue
-from infl.errors import InflWarning, InputError, NonFiniteError, SolverDivergedError
+from infl.errors import (
+    InflError,
+    InflWarning,
+    InputError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+    SolverDivergedError,
+)
 from infl.operators import DampedOperator, HessianOperator, LinearOperator
 from infl.solvers.base import (
     FittedSolver,
@@ -23,8 +29,15 @@ from infl.solvers.base import (
     relative_residuals,
 )
 
+if TYPE_CHECKING:
+    from infl.diagnostics.advice import SolverAdvice
+
 AUTO_SCALE_MARGIN = 1.2
-"""``scale="auto"`` uses this multiple of the power-iteration estimate of the top eigenvalue."""
+"""``scale="auto"`` uses this multiple of the Lanczos estimate of the top eigenvalue (the same
+margin as :func:`infl.diagnostics.advise`)."""
+
+AUTO_SCALE_LANCZOS_STEPS = 30
+"""At most this many HVPs for the ``scale="auto"`` estimate of :math:`\\mu_{\\max}`."""
 
 DIVERGENCE_FACTOR = 100.0
 """An increment larger than this multiple of ``||b||`` counts as divergence: in a convergent
@@ -55,8 +68,9 @@ class LiSSA(Solver):
         :math:`\\lambda/\\sigma` here, so that ``damping`` means :math:`H + \\lambda I` for every
         infl solver.
     scale
-        :math:`\\sigma`, or ``"auto"``: :math:`1.2\\times` a power-iteration estimate of the top
-        eigenvalue of :math:`A` (costs up to 50 extra HVPs).
+        :math:`\\sigma`, or ``"auto"``: :math:`1.2\\times` a Lanczos estimate of the largest
+        eigenvalue :math:`\\mu_{\\max}` of :math:`A` (costs up to 30 extra HVPs; see
+        :func:`infl.diagnostics.advise`, which also gives the depth for a tolerance).
     depth
         :math:`T`, recursion steps per repeat.
     repeats
@@ -113,9 +127,19 @@ class LiSSA(Solver):
         ):
             raise InputError("LiSSA(batch_size=...) needs a HessianOperator over training data")
         if self.scale == "auto":
-            top = abs(estimate_top_eigenvalue(damped, seed=self.seed))
-            if top == 0.0:
+            from infl.diagnostics.spectrum import estimate_extreme_eigenvalues
+
+            top, bottom = estimate_extreme_eigenvalues(
+                damped, max_iter=AUTO_SCALE_LANCZOS_STEPS, seed=self.seed
+            )
+            if top == 0.0 and bottom == 0.0:
                 raise InputError("scale='auto': the operator is zero, nothing to invert")
+            if top <= 0.0:
+                raise NotPositiveDefiniteError(
+                    f"scale='auto': H + damping*I has no positive eigenvalue (largest ~= "
+                    f"{top:.4g}, smallest ~= {bottom:.4g}) with damping={self.damping:g}, so "
+                    f"no LiSSA scale converges. Use damping > {self.damping - bottom:.4g}."
+                )
             scale = AUTO_SCALE_MARGIN * top
         else:
             scale = float(self.scale)
@@ -138,19 +162,78 @@ class FittedLiSSA(FittedSolver):
             return op.subsample(self.solver.batch_size, generator)
         raise InputError("LiSSA(batch_size=...) needs a HessianOperator over training data")
 
+    def _advice(self) -> SolverAdvice | None:
+        """Spectrum-based advice for this operator (about 50 HVPs), or None if unavailable."""
+        from infl.diagnostics.advice import advice_from_extremes
+        from infl.diagnostics.spectrum import estimate_extreme_eigenvalues
+
+        try:
+            top, bottom = estimate_extreme_eigenvalues(
+                self.operator, max_iter=50, seed=self.solver.seed
+            )
+        except InflError:
+            return None
+        lam = self.solver.damping
+        return advice_from_extremes(top - lam, bottom - lam, damping=lam, tol=self.solver.rtol)
+
     def _diverged(self, step: int, repeat: int, increment: float) -> SolverDivergedError:
-        top = estimate_top_eigenvalue(self.operator, seed=self.solver.seed)
         what = (
             "a non-finite iterate"
             if not math.isfinite(increment)
             else (f"an increment of norm {increment:.3g} x ||b||")
         )
-        return SolverDivergedError(
-            f"LiSSA diverged at step {step} of repeat {repeat} ({what}) with scale="
-            f"{self.scale:.4g}: the recursion converges only when scale > lambda_max(H + "
-            f"damping*I)/2, and power iteration estimates lambda_max ~= {abs(top):.4g}. Use "
-            f"scale >= {AUTO_SCALE_MARGIN * abs(top):.4g} (or scale='auto'). If it still "
-            "diverges, H + damping*I has negative eigenvalues: increase damping."
+        head = (
+            f"LiSSA diverged at step {step} of repeat {repeat} ({what}) with scale={self.scale:.4g}"
+        )
+        advice = self._advice()
+        if advice is None:
+            return SolverDivergedError(
+                f"{head}: the recursion converges only when every eigenvalue of H + damping*I "
+                "lies in (0, 2*scale). Increase scale above the top eigenvalue (or use "
+                "scale='auto'); if it still diverges, increase damping."
+            )
+        top, bottom = advice.mu_max, advice.mu_min
+        if top > 0 and self.scale <= top / 2:
+            cause = (
+                f"scale is below lambda_max(H + damping*I)/2 ~= {top / 2:.4g} (the recursion "
+                "converges only when every eigenvalue lies in (0, 2*scale)): increase `scale` "
+                f"above the top eigenvalue ~= {top:.4g}, e.g. scale={advice.scale:.4g} or "
+                "scale='auto'."
+            )
+        elif bottom <= 0:
+            cause = (
+                f"H + damping*I has an eigenvalue ~= {bottom:.4g} <= 0 (Lanczos), so no scale "
+                f"converges: increase damping above {advice.min_damping:.4g} (for example "
+                f"damping={advice.suggested_damping:.3g})."
+            )
+        else:
+            cause = (
+                "the recursion converges only when every eigenvalue of H + damping*I lies in "
+                f"(0, 2*scale); Lanczos estimates [{bottom:.4g}, {top:.4g}]. Use scale >= "
+                f"{advice.scale:.4g} (or scale='auto'); if it still diverges, a negative "
+                "eigenvalue was missed: increase damping."
+            )
+        return SolverDivergedError(f"{head}: {cause} Advice: {advice.summary()}")
+
+    def _depth_text(self) -> str:
+        """The depth this scale needs for rtol, from Lanczos estimates; "" if unavailable."""
+        advice = self._advice()
+        if advice is None:
+            return ""
+        if not advice.positive_definite:
+            return (
+                f"Lanczos finds an eigenvalue of H + damping*I ~= {advice.mu_min:.4g} <= 0: use "
+                f"damping > {advice.min_damping:.4g} (e.g. {advice.suggested_damping:.3g})."
+            )
+        from infl.diagnostics.advice import lissa_depth
+
+        need = lissa_depth(advice.mu_min, advice.mu_max, self.scale, self.solver.rtol)
+        if need is None:
+            return f"Advice: {advice.summary()}"
+        return (
+            f"With scale={self.scale:.4g} and Lanczos estimates lambda in "
+            f"[{advice.mu_min:.4g}, {advice.mu_max:.4g}], full-batch LiSSA needs depth >= "
+            f"{need} for rtol={self.solver.rtol:g} (an underestimate if lambda_min is smaller)."
         )
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
@@ -191,7 +274,7 @@ class FittedLiSSA(FittedSolver):
                 f"LiSSA finished depth={cfg.depth} with relative residual up to "
                 f"{float(residuals.max()):.3g} > rtol={cfg.rtol:g}. The error shrinks like "
                 f"(1 - lambda_min/scale)^depth: increase depth, add damping, or (for stochastic "
-                "runs) increase batch_size or repeats.",
+                f"runs) increase batch_size or repeats. {self._depth_text()}".rstrip(),
                 InflWarning,
                 stacklevel=2,
             )

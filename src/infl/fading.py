@@ -441,6 +441,11 @@ def influence_fading(
         for step in range(1, total + 1):
             runs.step(runs.grad(train, schedule[step - 1]))
             bar.update(1)
+            if step % 256 == 0 and step != hs[h] and not torch.isfinite(runs.theta).all():
+                raise NonFiniteError(
+                    f"training diverged before step {step} (non-finite parameters); lower lr "
+                    f"(now {lr:g}; for full batch keep it below 2/lambda_max(H))"
+                )
             if step != hs[h]:
                 continue
             theta = runs.theta
@@ -496,15 +501,16 @@ def plot_fading(result: FadingResult, *, title: str | None = None) -> Figure:
 
     Raises
     ------
-    ImportError
-        If matplotlib is not installed (``pip install 'infl[plot]'``).
+    infl.plotting.PlottingUnavailableError
+        (an ``ImportError``) if matplotlib is not installed (``pip install 'infl[plot]'``).
     """
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "plot_fading needs matplotlib; install it with `pip install 'infl[plot]'` "
-            "(or `pip install matplotlib`)"
+        from infl.plotting import PlottingUnavailableError
+
+        raise PlottingUnavailableError(
+            "plot_fading needs matplotlib, which is not installed: pip install 'infl[plot]'"
         ) from err
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     ax_c, ax_d = fig.subplots(1, 2)

@@ -61,7 +61,9 @@ def convex():
     theta = newton_fit(X.numpy(), y.numpy(), WD)
     model = model_from_theta(theta)
     objective = Objective("bce_with_logits", weight_decay=WD)
-    gt = retrain_ground_truth(model, objective, (X, y), (Xt, yt), grad_tol=1e-10, progress=False)
+    gt = retrain_ground_truth(
+        model, objective, (X, y), (Xt, yt), grad_tol=1e-10, num_threads=1, progress=False
+    )
     return {"X": X, "y": y, "Xt": Xt, "yt": yt, "model": model, "obj": objective, "gt": gt}
 
 

@@ -13,6 +13,18 @@ from infl.errors import (
     SolverDivergedError,
     StoreMismatchError,
 )
+from infl.ground_truth import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
+from infl.metrics import (
+    kendall,
+    linear_datamodeling_score,
+    pearson,
+    precision_at_k,
+    relative_error,
+    sign_agreement,
+    spearman,
+    taylor_gap,
+    top_k_overlap,
+)
 from infl.model import ModelWrapper
 from infl.objective import (
     Objective,
@@ -22,6 +34,12 @@ from infl.objective import (
     supervised_loss,
 )
 from infl.operators import DampedOperator, DenseOperator, HessianOperator, LinearOperator
+from infl.selection import (
+    at_influence_percentile,
+    at_loss_percentile,
+    highest_loss,
+    top_k_influence,
+)
 from infl.solvers import ConjugateGradient, ExactHessian, FittedSolver, LiSSA, Solver, SolveResult
 
 __version__ = "0.1.0"
@@ -32,6 +50,7 @@ __all__ = [
     "DenseOperator",
     "ExactHessian",
     "FittedSolver",
+    "GroundTruth",
     "HessianOperator",
     "IndexedData",
     "InflError",
@@ -45,14 +64,30 @@ __all__ = [
     "NonFiniteError",
     "NotPositiveDefiniteError",
     "Objective",
+    "RetrainConfig",
     "SolveResult",
     "Solver",
     "SolverDivergedError",
     "StoreMismatchError",
     "__version__",
+    "at_influence_percentile",
+    "at_loss_percentile",
     "estimate_top_eigenvalue",
+    "highest_loss",
+    "kendall",
+    "linear_datamodeling_score",
     "logit_measurement",
     "loss_measurement",
     "margin_measurement",
+    "pearson",
+    "precision_at_k",
+    "relative_error",
+    "retrain_ground_truth",
+    "retrain_subsets",
+    "sign_agreement",
+    "spearman",
     "supervised_loss",
+    "taylor_gap",
+    "top_k_influence",
+    "top_k_overlap",
 ]

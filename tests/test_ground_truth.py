@@ -187,6 +187,7 @@ def _loo_reference(X, y, Xt, yt, n):
     return newton_loo_effects(X.numpy(), y.numpy(), Xt.numpy(), yt.numpy(), WD, range(n))[0]
 
 
+@pytest.mark.slow
 def test_control_correction_on_unconverged_model():
     X, y, Xt, yt = make_problem(n=40, m=8, seed=1)
     # θ*: a few gradient steps from zero, far from the minimum

@@ -1,4 +1,9 @@
-"""Cheap curvature estimates used by the solvers (power iteration for the top eigenvalue)."""
+"""Cheap curvature estimates (power iteration for the eigenvalue of largest magnitude).
+
+:mod:`infl.diagnostics` has the fuller tools: Lanczos for both ends of the spectrum (what
+``LiSSA(scale="auto")`` uses), the dense spectrum, and solver advice. This function stays as a
+minimal, dependency-free estimate.
+"""
 
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ def convex() -> tuple[LogisticProblem, FadingResult, float]:
     return pr, res, lr
 
 
+@pytest.mark.slow
 def test_convex_model_shows_no_fading(convex: tuple[LogisticProblem, FadingResult, float]) -> None:
     _, res, _ = convex
     assert res.actual.shape == (3, 10, len(REMOVALS))

@@ -1,0 +1,247 @@
+"""Schioppa et al. (2023) on infl's default models: influence fading and prediction correction.
+
+The library functions are :func:`infl.fading.influence_fading` and
+:func:`infl.correction.compare_rankings`; this module only trains the default models (the Iris
+MLP and the digits CNN of the fragility study), picks test points and removals, and writes
+tables and figures, resumably (one stored result per model).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from infl import ConjugateGradient, ExactHessian, InfluenceCalculator, InflWarning, Objective
+from infl.correction import compare_rankings
+from infl.datasets import Split, load_digits, load_iris
+from infl.fading import influence_fading
+from infl.studies.fragility import train_full_batch, train_minibatch
+from infl.studies.models import mlp, small_cnn
+from infl.studies.runner import run_cells
+from infl.studies.store import CellStore, write_atomic
+
+WEIGHT_DECAY = 1e-3
+
+
+@dataclass(frozen=True)
+class FadingSettings:
+    """The fading protocol for the default models.
+
+    Attributes
+    ----------
+    horizons
+        Training steps after the removal at which effects are compared (Iris MLP).
+    cnn_horizons
+        The same for the digits CNN (each step costs far more: minibatch SGD on a CNN).
+    removals, test_points
+        How many single-example removals (the largest mean |predicted effect|) and how many
+        of the highest-loss test points.
+    iris_train_steps
+        Full-batch SGD steps to train the Iris MLP before the perturbation.
+    cnn_epochs
+        Minibatch epochs to train the digits CNN.
+    """
+
+    horizons: tuple[int, ...] = (10, 100, 1000, 10000)
+    cnn_horizons: tuple[int, ...] = (10, 100, 1000)
+    removals: int = 20
+    test_points: int = 10
+    iris_train_steps: int = 3000
+    cnn_epochs: int = 8
+
+
+@dataclass(frozen=True)
+class FadingCell:
+    """One model of the fading study."""
+
+    model: str
+
+    @property
+    def cell_id(self) -> str:
+        return f"fading-{self.model}"
+
+
+def _trained(model_name: str, settings: FadingSettings) -> tuple[nn.Module, Split, Any]:
+    if model_name == "iris":
+        split = load_iris(seed=0, dtype=torch.float64)
+        model = mlp(4, 3, 5, 1, "tanh", seed=0).double()
+        train_full_batch(model, split.train, WEIGHT_DECAY, settings.iris_train_steps, 0.05, 0.9)
+        return model.eval(), split, ExactHessian(damping=0.01, pseudo_inverse=True)
+    split = load_digits(seed=0, images=True)
+    model = small_cnn(10, seed=0)
+    train_minibatch(model, split.train, WEIGHT_DECAY, settings.cnn_epochs, 64, 0.05, 0)
+    return model.eval(), split, ConjugateGradient(damping=0.01, max_iter=300)
+
+
+def run_fading_cell(cell: FadingCell, settings: FadingSettings) -> dict[str, Any]:
+    """Train one default model and measure how predictive influence is at each horizon."""
+    torch.set_num_threads(1)
+    model, split, solver = _trained(cell.model, settings)
+    objective = Objective("cross_entropy", weight_decay=WEIGHT_DECAY)
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(model(split.x_test), split.y_test, reduction="none")
+    idx = losses.argsort(descending=True)[: settings.test_points]
+    test = (split.x_test[idx], split.y_test[idx])
+    calc = InfluenceCalculator(model, objective, split.train, solver, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflWarning)
+        effects = calc.removal_effect(test)
+    removals = effects.abs().mean(dim=0).argsort(descending=True)[: settings.removals]
+    chosen = [int(i) for i in removals]
+    horizons = settings.horizons if cell.model == "iris" else settings.cnn_horizons
+    result = influence_fading(
+        model,
+        objective,
+        split.train,
+        test,
+        chosen,
+        horizons,
+        predicted=effects[:, removals],
+        lr=0.05 if cell.model == "iris" else 0.02,
+        batch_size=None if cell.model == "iris" else 64,
+        seed=0,
+        progress=False,
+    )
+    return {"model": cell.model, "rows": result.to_rows(), "table": result.table()}
+
+
+def run_fading_study(
+    out_dir: str,
+    settings: FadingSettings,
+    *,
+    models: tuple[str, ...] = ("iris", "digits"),
+    workers: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the fading study; writes ``fading.csv``, ``fading.md``, figures."""
+    store = CellStore(out_dir, {"study": "fading", **asdict(settings)})
+    results = run_cells(
+        [FadingCell(m) for m in models],
+        run_fading_cell,
+        settings,
+        store,
+        workers=workers,
+        progress=progress,
+        desc="fading models",
+    )
+    out = Path(out_dir)
+    lines = ["# Influence fading (Schioppa et al. 2023)", ""]
+    csv_lines = ["model,horizon,pearson,spearman,scale,mean_divergence,max_divergence,drift"]
+    for res in results:
+        lines += [f"## {res['model']}", "", "```", res["table"], "```", ""]
+        for r in res["rows"]:
+            csv_lines.append(
+                ",".join(
+                    str(v)
+                    for v in (
+                        res["model"],
+                        r["horizon"],
+                        r["pearson"],
+                        r["spearman"],
+                        r["scale"],
+                        r["mean_divergence"],
+                        r["max_divergence"],
+                        r["control_drift"],
+                    )
+                )
+            )
+        _fading_figure(res, out / "figures" / f"fading_{res['model']}.png")
+    write_atomic(out / "fading.md", "\n".join(lines) + "\n")
+    write_atomic(out / "fading.csv", "\n".join(csv_lines) + "\n")
+    return results
+
+
+def _fading_figure(result: dict[str, Any], path: Path) -> None:
+    try:
+        from infl.plotting import plot_correlation_trend
+    except ImportError:  # pragma: no cover - matplotlib is optional
+        return
+    rows = result["rows"]
+    fig = plot_correlation_trend(
+        [r["horizon"] for r in rows],
+        {"pearson": [r["pearson"] for r in rows], "spearman": [r["spearman"] for r in rows]},
+        xlabel="training steps after the removal (T)",
+        ylabel="correlation with influence",
+        title=f"Influence fading: {result['model']}",
+    )
+    fig.axes[0].set_xscale("log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """The correction protocol: fine-tune on the top ``k`` examples, at most ``max_steps``."""
+
+    k: int = 10
+    lr: float = 0.02
+    max_steps: int = 50
+    max_examples: int | None = None
+    cnn_epochs: int = 8
+
+
+def run_correction_study(
+    out_dir: str, settings: CorrectionSettings, *, progress: bool = True
+) -> dict[str, Any]:
+    """Correct every mis-predicted test digit of the digits CNN with each ranking.
+
+    Writes ``correction.json`` (resumable: a finished study is loaded, not rerun),
+    ``correction.csv`` and ``correction.md``; returns the summary rows.
+    """
+    out = Path(out_dir)
+    store = CellStore(out, {"study": "correction", **asdict(settings)})
+    stored = store.load("correction")
+    if stored is None:
+        torch.set_num_threads(1)
+        split = load_digits(seed=0, images=True)
+        model = small_cnn(10, seed=0)
+        train_minibatch(model, split.train, WEIGHT_DECAY, settings.cnn_epochs, 64, 0.05, 0)
+        model.eval()
+        with torch.no_grad():
+            wrong = (model(split.x_test).argmax(1) != split.y_test).nonzero().reshape(-1)
+        right = torch.ones(split.n_test, dtype=torch.bool)
+        right[wrong] = False
+        summary = compare_rankings(
+            model,
+            Objective("cross_entropy", weight_decay=WEIGHT_DECAY),
+            split.train,
+            (split.x_test[wrong], split.y_test[wrong]),
+            solver=ConjugateGradient(damping=0.01, max_iter=300),
+            k=settings.k,
+            lr=settings.lr,
+            max_steps=settings.max_steps,
+            heldout=(split.x_test[right], split.y_test[right]),
+            max_examples=settings.max_examples,
+            progress=progress,
+        )
+        stored = {
+            "rows": summary.to_rows(),
+            "table": summary.table(),
+            "num_mispredicted": int(wrong.numel()),
+            "num_test": split.n_test,
+        }
+        store.save("correction", stored)
+    rows = stored["rows"]
+    header = list(rows[0]) if rows else []
+    write_atomic(
+        out / "correction.csv",
+        "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n",
+    )
+    write_atomic(
+        out / "correction.md",
+        (
+            "# Correcting mis-predictions with influence (Schioppa et al. 2023)\n\n"
+            f"Digits CNN: {stored['num_mispredicted']} of {stored['num_test']} test digits "
+            f"mis-predicted; fine-tuning on the top {settings.k} examples per ranking, "
+            f"lr {settings.lr}, at most {settings.max_steps} steps.\n\n```\n"
+            f"{stored['table']}\n```\n"
+        ),
+    )
+    write_atomic(out / "correction.json", json.dumps(stored, indent=1))
+    return stored

@@ -1,6 +1,12 @@
 """infl: influence functions for PyTorch, and the tools to check whether they can be trusted."""
 
 from infl.calculator import InfluenceCalculator
+from infl.correction import (
+    CorrectionResult,
+    CorrectionSummary,
+    compare_rankings,
+    correct_prediction,
+)
 from infl.curvature import estimate_top_eigenvalue
 from infl.data import IndexedData
 from infl.diagnostics import (
@@ -24,6 +30,7 @@ from infl.errors import (
     SolverDivergedError,
     StoreMismatchError,
 )
+from infl.fading import FadingResult, influence_fading
 from infl.ground_truth import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
 from infl.metrics import (
     kendall,
@@ -57,9 +64,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConjugateGradient",
+    "CorrectionResult",
+    "CorrectionSummary",
     "DampedOperator",
     "DenseOperator",
     "ExactHessian",
+    "FadingResult",
     "FittedSolver",
     "GroundTruth",
     "HessianOperator",
@@ -88,9 +98,12 @@ __all__ = [
     "at_influence_percentile",
     "at_loss_percentile",
     "compare_inverse_hvps",
+    "compare_rankings",
+    "correct_prediction",
     "estimate_top_eigenvalue",
     "hessian_spectrum",
     "highest_loss",
+    "influence_fading",
     "kendall",
     "lanczos",
     "linear_datamodeling_score",

@@ -162,7 +162,7 @@ def lanczos(
         theta, vecs = torch.linalg.eigh(tri)
         resid = beta * vecs[-1].abs()
         scale = float(theta.abs().max()) if m else 0.0
-        exhausted = beta <= 10 * eps * max(scale, 1e-300) * math.sqrt(p)
+        exhausted = beta <= 10 * eps * max(scale, 1e-300)
         if m >= min(k, p):
             wanted = _wanted(resid, k, which)
             if bool((wanted <= tol * max(scale, 1e-300)).all()) or exhausted or m == p:

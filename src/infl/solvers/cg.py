@@ -134,7 +134,9 @@ class FittedCG(FittedSolver):
                 f"CG stopped at max_iter={cfg.max_iter} with relative residual up to "
                 f"{float(residuals.max()):.3g} on {int(active.sum())} of {k} right-hand sides "
                 f"(rtol={cfg.rtol:g}). Increase max_iter, or add damping to improve the "
-                "conditioning of H + damping*I.",
+                "conditioning of H + damping*I. CG needs at most ~sqrt(kappa)/2 * ln(2/rtol) "
+                "iterations, kappa the condition number of H + damping*I: "
+                "infl.diagnostics.advise(operator, damping=...) estimates both.",
                 InflWarning,
                 stacklevel=2,
             )

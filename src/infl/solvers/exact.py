@@ -103,7 +103,8 @@ class FittedExact(FittedSolver):
                     f"{smallest_h:.4g} ({self.info['num_negative']} of {eigenvalues.numel()} "
                     f"negative), so with damping={solver.damping:g} the smallest of H + "
                     f"damping*I is {float(damped[0]):.4g}. Use damping > {fix:.4g} (for "
-                    f"example {suggestion:.3g}), or ExactHessian(pseudo_inverse=True)."
+                    f"example {suggestion:.3g}), or ExactHessian(pseudo_inverse=True). "
+                    "infl.diagnostics.advise(operator) gives the matching LiSSA/CG settings."
                 )
             self.inverse_eigenvalues = 1.0 / damped
 

@@ -197,8 +197,8 @@ class FittedLiSSA(FittedSolver):
             cause = (
                 f"scale is below lambda_max(H + damping*I)/2 ~= {top / 2:.4g} (the recursion "
                 "converges only when every eigenvalue lies in (0, 2*scale)): increase `scale` "
-                f"above the top eigenvalue ~= {top:.4g}, e.g. scale={advice.scale:.4g} or "
-                "scale='auto'."
+                f"above the top eigenvalue ~= {top:.4g}: use scale >= {advice.scale:.4g} (or "
+                "scale='auto')."
             )
         elif bottom <= 0:
             cause = (

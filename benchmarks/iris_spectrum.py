@@ -78,12 +78,12 @@ def train(
 
 
 def spectrum_for_depth(depth: int, weight_decay: float, seed: int = 0) -> tuple[Spectrum, dict]:
-    """Train (retrying seeds whose deep ReLU net collapses to the constant predictor)."""
+    """Train, retrying seeds whose deep ReLU net gets stuck (train accuracy <= 0.9)."""
     x, y = iris_data()
     for attempt in range(seed, seed + 5):
         model = make_mlp(depth, seed=attempt)
         loss, grad_norm = train(model, x, y, weight_decay)
-        if float((model(x).argmax(1) == y).double().mean()) > 0.5:
+        if float((model(x).argmax(1) == y).double().mean()) > 0.9:
             break
     model.eval()
     op = HessianOperator(

@@ -1,7 +1,7 @@
 """Quickstart: which training digits drive a prediction, and do the estimates hold up?
 
-Trains an L2-regularised softmax regression on scikit-learn's bundled digits (8x8 images,
-1,797 examples; no download), explains the three worst-predicted test digits with
+Trains an L2-regularised softmax regression on the digits shipped with infl (scikit-learn's
+8x8 images, 1,797 examples; no download), explains the three worst-predicted test digits with
 infl.InfluenceCalculator (conjugate gradient inverse-HVPs), then checks the predictions
 against actual leave-one-out retraining of the most influential training points.
 
@@ -14,10 +14,10 @@ import time
 
 import torch
 from scipy import stats
-from sklearn.datasets import load_digits
 from torch import nn
 
 import infl
+from infl.datasets import load_digits
 
 WEIGHT_DECAY = 1e-3
 torch.manual_seed(0)
@@ -47,12 +47,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100) 
 
 
 def main() -> None:
-    digits = load_digits()
-    x = torch.tensor(digits.data) / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(y))
-    train_idx, test_idx = perm[:1000], perm[1000:]
-    x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    split = load_digits(seed=0, test_fraction=0.44, dtype=torch.float64)  # 1,005 train
+    x_train, y_train, x_test, y_test = split.x_train, split.y_train, split.x_test, split.y_test
 
     model = train(nn.Linear(64, 10), x_train, y_train, steps=500).eval()
     with torch.no_grad():
@@ -71,10 +67,10 @@ def main() -> None:
         progress=False,
     )
     start = time.perf_counter()
-    effects = calc.removal_effect(test)  # [3, 1000]: predicted change of each test loss
+    effects = calc.removal_effect(test)  # [3, n]: predicted change of each test loss
     solve = calc.inverse_hvp(test)
     print(
-        f"removal effects of all 1000 training points on 3 test points in "
+        f"removal effects of all {len(y_train)} training points on 3 test points in "
         f"{time.perf_counter() - start:.2f} s (CG: {solve.iterations} iterations, "
         f"max relative residual {float(solve.residual_norms.max()):.1e})"
     )

@@ -30,7 +30,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, words, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert err.startswith("infl: error:") and words in err
+    assert err.startswith("infl: error:")
+    assert words in err
 
 
 @pytest.mark.parametrize(
@@ -51,15 +52,29 @@ def test_inconsistent_arguments_exit_1_with_one_line(argv, words, capsys, tmp_pa
 
 
 def test_missing_mnist_files_are_reported_in_one_line(tmp_path, capsys):
-    code = main(["fragility", "--parts", "cnn", "--dataset", "mnist", "--data-dir",
-                 str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"])
+    code = main(
+        [
+            "fragility",
+            "--parts",
+            "cnn",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "train-images-idx3-ubyte" in err
+    assert err.count("\n") == 1
+    assert "train-images-idx3-ubyte" in err
 
 
 def test_python_dash_m_infl_runs_the_cli():
-    proc = subprocess.run([sys.executable, "-m", "infl", "--version"], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "infl", "--version"], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0
     assert proc.stdout.startswith("infl ")

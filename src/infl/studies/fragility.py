@@ -36,6 +36,7 @@ from infl import (
     InfluenceCalculator,
     InflWarning,
     LiSSA,
+    NotPositiveDefiniteError,
     Objective,
 )
 from infl.datasets import Split, load_cifar10, load_digits, load_iris, load_mnist
@@ -440,6 +441,35 @@ def _cnn_model(split: Split, seed: int) -> nn.Module:
     return small_resnet(split.num_classes, in_channels=3, seed=seed)
 
 
+def _removal_effects_with_enough_damping(
+    model: nn.Module,
+    objective: Objective,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    damping: float,
+    max_attempts: int = 6,
+) -> tuple[torch.Tensor, float, int]:
+    """CG removal effects, raising damping until ``H + λI`` is positive definite.
+
+    A short Lanczos run only bounds the smallest eigenvalue from above, so the first damping
+    can be too small; CG then finds a direction of negative curvature and refuses. Each retry
+    doubles the damping. Returns the effects
+    ``[m, n]``, the damping used and the number of attempts.
+    """
+    for attempt in range(1, max_attempts + 1):
+        solver = ConjugateGradient(damping=damping, rtol=1e-6, max_iter=500)
+        calc = InfluenceCalculator(model, objective, train, solver, progress=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InflWarning)
+                return calc.removal_effect(test), damping, attempt
+        except NotPositiveDefiniteError:
+            if attempt == max_attempts:
+                raise
+            damping *= 2
+    raise AssertionError("unreachable")
+
+
 def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
     """Train one CNN and compare influence with retraining on top and 30th-percentile points.
 
@@ -468,11 +498,9 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
     probe = InfluenceCalculator(model, objective, split.train, ConjugateGradient(), progress=False)
     top_eig, min_eig = estimate_extreme_eigenvalues(probe.operator, seed=cell.seed)
     damping = max(preset.cnn_damping, 1.2 * max(-min_eig, 0.0))
-    solver = ConjugateGradient(damping=damping, rtol=1e-6, max_iter=500)
-    calc = InfluenceCalculator(model, objective, split.train, solver, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InflWarning)
-        predicted = calc.removal_effect(test)  # [m, n]
+    predicted, damping, attempts = _removal_effects_with_enough_damping(
+        model, objective, split.train, test, damping
+    )
     sets: list[tuple[np.ndarray, np.ndarray]] = []
     for row in predicted.numpy():
         top = top_k_influence(row, preset.cnn_top)
@@ -510,6 +538,7 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
         "top_eigenvalue_estimate": top_eig,
         "min_eigenvalue_estimate": min_eig,
         "damping": damping,
+        "damping_attempts": attempts,
         "pearson_top": float(np.nanmean(scores["top_p"])),
         "spearman_top": float(np.nanmean(scores["top_s"])),
         "pearson_percentile": float(np.nanmean(scores["pct_p"])),

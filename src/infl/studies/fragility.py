@@ -23,7 +23,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -441,33 +441,41 @@ def _cnn_model(split: Split, seed: int) -> nn.Module:
     return small_resnet(split.num_classes, in_channels=3, seed=seed)
 
 
-def _removal_effects_with_enough_damping(
-    model: nn.Module,
-    objective: Objective,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    damping: float,
-    max_attempts: int = 6,
-) -> tuple[torch.Tensor, float, int]:
-    """CG removal effects, raising damping until ``H + λI`` is positive definite.
+T = TypeVar("T")
 
-    A short Lanczos run only bounds the smallest eigenvalue from above, so the first damping
-    can be too small; CG then finds a direction of negative curvature and refuses. Each retry
-    doubles the damping. Returns the effects
-    ``[m, n]``, the damping used and the number of attempts.
+
+def retry_with_more_damping(
+    run: Callable[[float], T], damping: float, max_attempts: int = 6
+) -> tuple[T, float, int]:
+    """``run(damping)``, doubling ``damping`` while ``H + λI`` proves not positive definite.
+
+    A short Lanczos run only bounds the smallest eigenvalue from above, so a damping chosen
+    from it can be too small; CG then finds a direction of negative curvature and raises
+    :class:`~infl.errors.NotPositiveDefiniteError`. Returns ``run``'s result, the damping that
+    worked and the number of attempts; re-raises after ``max_attempts``.
     """
     for attempt in range(1, max_attempts + 1):
-        solver = ConjugateGradient(damping=damping, rtol=1e-6, max_iter=500)
-        calc = InfluenceCalculator(model, objective, train, solver, progress=False)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", InflWarning)
-                return calc.removal_effect(test), damping, attempt
+            return run(damping), damping, attempt
         except NotPositiveDefiniteError:
             if attempt == max_attempts:
                 raise
             damping *= 2
     raise AssertionError("unreachable")
+
+
+def _cg_removal_effects(
+    model: nn.Module,
+    objective: Objective,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    damping: float,
+) -> torch.Tensor:
+    solver = ConjugateGradient(damping=damping, rtol=1e-6, max_iter=500)
+    calc = InfluenceCalculator(model, objective, train, solver, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflWarning)
+        return calc.removal_effect(test)
 
 
 def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
@@ -498,8 +506,8 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
     probe = InfluenceCalculator(model, objective, split.train, ConjugateGradient(), progress=False)
     top_eig, min_eig = estimate_extreme_eigenvalues(probe.operator, seed=cell.seed)
     damping = max(preset.cnn_damping, 1.2 * max(-min_eig, 0.0))
-    predicted, damping, attempts = _removal_effects_with_enough_damping(
-        model, objective, split.train, test, damping
+    predicted, damping, attempts = retry_with_more_damping(
+        lambda lam: _cg_removal_effects(model, objective, split.train, test, lam), damping
     )
     sets: list[tuple[np.ndarray, np.ndarray]] = []
     for row in predicted.numpy():

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from infl import ConjugateGradient, ExactHessian, InfluenceCalculator, InflWarning, Objective
-from infl.correction import compare_rankings
+from infl.correction import CorrectionSummary, compare_rankings
 from infl.datasets import Split, load_digits, load_iris
 from infl.fading import influence_fading
-from infl.studies.fragility import train_full_batch, train_minibatch
+from infl.studies.fragility import retry_with_more_damping, train_full_batch, train_minibatch
 from infl.studies.models import mlp, small_cnn
 from infl.studies.runner import run_cells
 from infl.studies.store import CellStore, write_atomic
@@ -207,22 +207,27 @@ def run_correction_study(
             wrong = (model(split.x_test).argmax(1) != split.y_test).nonzero().reshape(-1)
         right = torch.ones(split.n_test, dtype=torch.bool)
         right[wrong] = False
-        summary = compare_rankings(
-            model,
-            Objective("cross_entropy", weight_decay=WEIGHT_DECAY),
-            split.train,
-            (split.x_test[wrong], split.y_test[wrong]),
-            solver=ConjugateGradient(damping=0.01, max_iter=300),
-            k=settings.k,
-            lr=settings.lr,
-            max_steps=settings.max_steps,
-            heldout=(split.x_test[right], split.y_test[right]),
-            max_examples=settings.max_examples,
-            progress=progress,
-        )
+
+        def rank_and_correct(damping: float) -> CorrectionSummary:
+            return compare_rankings(
+                model,
+                Objective("cross_entropy", weight_decay=WEIGHT_DECAY),
+                split.train,
+                (split.x_test[wrong], split.y_test[wrong]),
+                solver=ConjugateGradient(damping=damping, max_iter=300),
+                k=settings.k,
+                lr=settings.lr,
+                max_steps=settings.max_steps,
+                heldout=(split.x_test[right], split.y_test[right]),
+                max_examples=settings.max_examples,
+                progress=progress,
+            )
+
+        summary, damping, _ = retry_with_more_damping(rank_and_correct, 0.01)
         stored = {
             "rows": summary.to_rows(),
             "table": summary.table(),
+            "damping": damping,
             "num_mispredicted": int(wrong.numel()),
             "num_test": split.n_test,
         }

@@ -45,5 +45,7 @@ def test_correction_study_reports_every_ranking(tmp_path):
     for row in result["rows"]:
         assert 0.0 <= row["success_rate"] <= 1.0
         assert 1 <= row["attempts"] <= 2
-    assert "mis-predicted" in (tmp_path / "correction.md").read_text()
+    report = (tmp_path / "correction.md").read_text()
+    assert "mis-predicted" in report
+    assert f"damping {result['damping']:g}" in report
     assert (tmp_path / "correction.csv").read_text().startswith("ranking,")

@@ -243,7 +243,8 @@ def run_correction_study(
         (
             "# Correcting mis-predictions with influence (Schioppa et al. 2023)\n\n"
             f"Digits CNN: {stored['num_mispredicted']} of {stored['num_test']} test digits "
-            f"mis-predicted; fine-tuning on the top {settings.k} examples per ranking, "
+            f"mis-predicted; influence by conjugate gradient with damping {stored['damping']:g}; "
+            f"fine-tuning on the top {settings.k} examples per ranking, "
             f"lr {settings.lr}, at most {settings.max_steps} steps.\n\n```\n"
             f"{stored['table']}\n```\n"
         ),

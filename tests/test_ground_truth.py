@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from helpers_gt import (
     resume_problem,
     theta_of,
 )
-from infl import ExactHessian, InfluenceCalculator, InputError, Objective
+from infl import ExactHessian, InfluenceCalculator, InputError, Objective, ground_truth
 from infl.errors import InflWarning, NonFiniteError, StoreMismatchError
 from infl.ground_truth import (
     RetrainConfig,
@@ -302,13 +303,30 @@ def test_store_refuses_other_configuration(convex, tmp_path, change, key):
     assert "new store path" in str(info.value)
 
 
+# The run that the resume test kills: batched SGD in groups of 4, so the store fills group by
+# group (the loss sleeps INFL_GT_SLOW seconds per call).
+_KILLED_SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import torch
+from helpers_gt import RESUME_SETTINGS, resume_problem
+from infl import Objective
+from infl.ground_truth import retrain_ground_truth
+
+torch.set_num_threads(1)
+model, train, test, removals = resume_problem()
+objective = Objective(RESUME_SETTINGS["loss"], weight_decay=RESUME_SETTINGS["wd"])
+retrain_ground_truth(model, objective, train, test, removals, store=sys.argv[1],
+                     progress=False, parallel_runs=4, **RESUME_SETTINGS["protocol"])
+"""
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_recomputing(tmp_path):
     store = tmp_path / "store"
-    script = Path(__file__).resolve().parent / "helpers_gt_subprocess.py"
     env = {**os.environ, "INFL_GT_SLOW": "0.01"}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(store)],
+        [sys.executable, "-c", _KILLED_SCRIPT, str(store)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -363,6 +381,102 @@ def test_workers_give_the_same_result(convex, tmp_path):
     assert len(list((tmp_path / "s").glob("retrain-*.pt"))) == 5
 
 
+# --------------------------------------------------------------------------- batched SGD
+@pytest.fixture(scope="module")
+def mlp_problem():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    return model, Objective("cross_entropy", weight_decay=0.01), (X, y), (X[:5], y[:5])
+
+
+def _count_sequential(monkeypatch):
+    """Record the removals that go through the one-at-a-time path (_Job.run)."""
+    calls = []
+    run = ground_truth._Job.run
+
+    def counting(self, removal):
+        calls.append(removal)
+        return run(self, removal)
+
+    monkeypatch.setattr(ground_truth._Job, "run", counting)
+    return calls
+
+
+_GROUPS = [0, 1, [2, 3], 5, [7, 9], 11]  # + control: 7 runs, 3 groups of parallel_runs=3
+
+
+@pytest.mark.parametrize("grad_tol", [None, 1e-2])
+def test_batched_sgd_equals_sequential(mlp_problem, monkeypatch, grad_tol):
+    kw = {
+        "optimizer": "sgd",
+        "lr": 0.2,
+        "momentum": 0.9,
+        "max_steps": 150,
+        "grad_tol": grad_tol,
+        "progress": False,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflWarning)  # some runs stop at max_steps
+        alone = retrain_ground_truth(*mlp_problem, _GROUPS, parallel_runs=1, **kw)
+        calls = _count_sequential(monkeypatch)
+        batched = retrain_ground_truth(*mlp_problem, _GROUPS, parallel_runs=3, **kw)
+    assert calls == []  # really batched
+    for name in ("raw_change", "control_change", "param_change_norm", "grad_norm"):
+        torch.testing.assert_close(
+            getattr(batched, name), getattr(alone, name), atol=1e-12, rtol=1e-10
+        )
+    assert batched.steps.tolist() == alone.steps.tolist()
+    assert batched.control_grad_norm == pytest.approx(alone.control_grad_norm, rel=1e-10)
+    assert batched.control_param_change_norm == pytest.approx(
+        alone.control_param_change_norm, rel=1e-10
+    )
+    assert float(alone.param_change_norm.min()) > 1e-3  # the retrains really moved
+    if grad_tol is not None:  # some runs stopped early, others ran to max_steps
+        assert 0 < int(alone.steps.min()) < 150 == int(alone.steps.max())
+
+
+def test_batched_sgd_store_and_resume(mlp_problem, monkeypatch, tmp_path):
+    kw = {"optimizer": "sgd", "lr": 0.2, "max_steps": 20, "grad_tol": None, "progress": False}
+    kw["store"] = tmp_path / "s"
+    calls = _count_sequential(monkeypatch)
+    first = retrain_ground_truth(*mlp_problem, [0, 1, 2], parallel_runs=3, **kw)
+    assert len(list((tmp_path / "s").glob("retrain-*.pt"))) == 4
+    again = retrain_ground_truth(*mlp_problem, [2, 0, 1, 5], parallel_runs=3, **kw)
+    assert calls == []
+    assert (again.num_loaded, again.num_computed) == (4, 1)
+    torch.testing.assert_close(again.raw_change[:, :3], first.raw_change[:, [2, 0, 1]])
+
+
+class _NoVmap(nn.Module):
+    """Scales its output by a Python float taken from a weight: .item() fails under vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * (1.0 + 0.0 * self.lin.weight.sum().item())
+
+
+def test_model_that_cannot_be_vmapped_falls_back(mlp_problem, monkeypatch):
+    _, objective, train, test = mlp_problem
+    torch.manual_seed(0)
+    model = _NoVmap().double().eval()
+    kw = {"optimizer": "sgd", "lr": 0.2, "momentum": 0.5, "max_steps": 20, "grad_tol": None}
+    alone = retrain_ground_truth(
+        model, objective, train, test, [0, [1, 2]], parallel_runs=1, progress=False, **kw
+    )
+    calls = _count_sequential(monkeypatch)
+    fallback = retrain_ground_truth(
+        model, objective, train, test, [0, [1, 2]], parallel_runs=4, progress=False, **kw
+    )
+    assert sorted(calls) == [(), (0,), (1, 2)]
+    torch.testing.assert_close(fallback.raw_change, alone.raw_change, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize(
     ("removals", "match"),
@@ -395,6 +509,8 @@ def test_bad_settings_and_unpicklable_loss(convex):
         RetrainConfig(optimizer="rmsprop")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="workers"):
         retrain_ground_truth(*_args(convex), [0], workers=0, progress=False)
+    with pytest.raises(InputError, match="parallel_runs"):
+        retrain_ground_truth(*_args(convex), [0], parallel_runs=0, progress=False)
     _, _, train, test = _args(convex)
     obj = Objective(lambda model, batch: (model(batch[0]).reshape(-1) - batch[1]) ** 2)
     with pytest.raises(InputError, match=r"cannot be pickled.*lambda"):

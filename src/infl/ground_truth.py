@@ -24,8 +24,9 @@ the test measurement on its own (Basu et al. 2021, §5.4), so the result also re
 control-corrected change :math:`f(z_j;\\theta_{-R}) - f(z_j;\\theta_c)`.
 
 This module is deliberately independent of the influence estimator it checks: it uses plain
-autograd and :mod:`torch.optim` on a deep copy of the user's module, and never imports
-:mod:`infl.calculator` or :mod:`infl.model`.
+autograd and :mod:`torch.optim` on a deep copy of the user's module (for full-batch SGD, the
+same update written out for many retrains at once under :func:`torch.func.vmap`), and never
+imports :mod:`infl.calculator` or :mod:`infl.model`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import multiprocessing
 import os
 import pickle
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -64,6 +66,10 @@ OptimizerName = Literal["sgd", "adam", "lbfgs"]
 _DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adam": 1e-3, "lbfgs": 1.0}
 _STORE_FORMAT = 1
 _EVAL_CHUNK = 4096
+_PARALLEL_RUNS = 32
+_BATCHED_EXAMPLES = 1 << 15  # runs x examples per vmapped gradient evaluation (memory bound)
+_PROBE_RUNS = 8  # runs in the trial batched gradient that decides whether batching pays
+_BATCHED_MIN_SPEEDUP_INV = 0.8  # batched must take < 0.8x the time of the runs one by one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +516,223 @@ class _Job:
 
 
 # ---------------------------------------------------------------------------------------------
+# many full-batch SGD retrains at once (torch.func.vmap)
+# ---------------------------------------------------------------------------------------------
+class _CallLoss(nn.Module):
+    """``forward(batch) = loss(net, batch)``, so that ``functional_call`` can swap ``net``'s
+    parameters while the loss still receives the real module, as in :meth:`_Job.run`."""
+
+    def __init__(self, net: nn.Module, loss: PerExampleFn) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss(self.net, batch)
+
+
+class _BatchedSGD:
+    """Full-batch SGD (with momentum) for a group of retrains side by side, vmapped.
+
+    Run ``r`` holds its own copy of the trainable parameters, row ``r`` of a flat
+    ``[runs, p]`` tensor, and minimises
+    :math:`\\sum_i w_{ri}\\,\\ell(z_i;\\theta_r) + \\frac{\\lambda_{wd}}2\\|\\theta_r\\|^2`
+    with :math:`w_{ri} = 0` for its removed examples and :math:`1/(n-|R_r|)` otherwise, which is
+    exactly :math:`J_{-R_r}`. The loss is evaluated for all runs by one
+    :func:`torch.func.vmap` of :func:`torch.func.functional_call`, and differentiated by plain
+    autograd (the runs are independent, so the gradient of the summed objectives is every
+    run's own gradient). The update is ``torch.optim.SGD``'s (``buf = momentum * buf + g``,
+    ``buf = g`` on the first step; ``theta -= lr * buf``), and the stopping rule, step count,
+    final gradient norm and parameter change are those of :meth:`_Job.run`: a run whose
+    :math:`\\|\\nabla J_{-R}\\|` reaches ``grad_tol`` is frozen (masked) while the others go on.
+    Only the order of floating-point operations differs.
+    """
+
+    def __init__(self, job: _Job, max_runs: int) -> None:
+        self.job = job
+        net = copy.deepcopy(job.model)
+        if job.config.init == "scratch":
+            job._reinit(net)
+        self.net = net  # the starting point; also evaluated (with each run's θ) to measure
+        names = [name for name, p in net.named_parameters() if p.requires_grad]
+        self.keys = [f"net.{name}" for name in names]
+        targets = _trainable(net)
+        self.shapes = [p.shape for p in targets]
+        self.sizes = [p.numel() for p in targets]
+        self.start = _flat(targets)
+        self.call = _CallLoss(net, job.objective.per_example_loss)
+        n = len(job.train)
+        chunk = max(1, min(n, _BATCHED_EXAMPLES // max(1, max_runs)))
+        self.chunks = [
+            (start, batch_to(batch, job.device, job.dtype))
+            for start, batch in job.train.chunks(chunk)
+        ]
+        self.vloss = torch.func.vmap(self._run_loss, in_dims=(0, 0, None))
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _run_loss(
+        self, params: tuple[torch.Tensor, ...], weights: torch.Tensor, batch: Any
+    ) -> torch.Tensor:
+        losses = torch.func.functional_call(
+            self.call, dict(zip(self.keys, params, strict=True)), (batch,)
+        )
+        if losses.shape != weights.shape:
+            raise InputError(
+                f"the loss returned shape {tuple(losses.shape)} for {weights.shape[0]} examples"
+            )
+        return (weights * losses).sum()
+
+    def _weights(self, group: list[tuple[int, ...]]) -> torch.Tensor:
+        n = len(self.job.train)
+        w = torch.ones(len(group), n, dtype=self.job.dtype, device=self.job.device)
+        for r, removal in enumerate(group):
+            if removal:
+                w[r, list(removal)] = 0.0
+        return w / w.sum(dim=1, keepdim=True)
+
+    def _stacked(self, runs: int) -> torch.Tensor:
+        return self.start.unsqueeze(0).expand(runs, -1).clone()
+
+    def gradient(
+        self, flat: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per run (rows of ``flat``): :math:`\\nabla J_{-R_r}`, :math:`J_{-R_r}`, its norm."""
+        runs = flat.shape[0]
+        grad = torch.zeros_like(flat)
+        value = torch.zeros(runs, dtype=flat.dtype, device=flat.device)
+        for start, batch in self.chunks:
+            x = flat.detach().requires_grad_(True)
+            params = tuple(
+                part.reshape(runs, *shape)
+                for part, shape in zip(x.split(self.sizes, dim=1), self.shapes, strict=True)
+            )
+            w = weights[:, start : start + len(tensor_leaves(batch)[0])]
+            v = self.vloss(params, w, batch)
+            (g,) = torch.autograd.grad(v.sum(), x, allow_unused=True, materialize_grads=True)
+            grad += g
+            value += v.detach()
+        wd = self.job.objective.weight_decay
+        if wd > 0:
+            grad += wd * flat
+            value += 0.5 * wd * (flat * flat).sum(dim=1)
+        return grad, value, torch.linalg.vector_norm(grad, dim=1)
+
+    def _check(
+        self,
+        group: list[tuple[int, ...]],
+        active: torch.Tensor,
+        steps: torch.Tensor,
+        value: torch.Tensor,
+        gnorm: torch.Tensor,
+    ) -> None:
+        bad = active & ~(torch.isfinite(value) & torch.isfinite(gnorm))
+        if bool(bad.any()):
+            r = int(torch.nonzero(bad)[0])
+            v = float(value[r]) if not math.isfinite(float(value[r])) else float(gnorm[r])
+            raise self.job._fail(group[r], int(steps[r]), v)
+
+    # -- is the batched path right, and worth it? ------------------------------------------
+    def probe(self, runs: int, *, check_speed: bool) -> bool:
+        """Batched gradient at the start == :meth:`_Job.run`'s (and faster per retrain).
+
+        Compares the control objective's gradient from ``runs`` stacked copies with plain
+        autograd's (to :math:`\\sqrt{\\epsilon}` relative), and with ``check_speed`` times one
+        batched evaluation against ``runs`` plain ones (the batching rules of some layers,
+        e.g. convolutions on a CPU, are slower than running the retrains one by one).
+        """
+        net = copy.deepcopy(self.net)
+        params = _trainable(net)
+
+        def plain() -> torch.Tensor:
+            self.job._full_objective_backward(net, params, self.job.train)
+            return torch.cat(
+                [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+            )
+
+        ref = plain()
+        clock = time.perf_counter()
+        plain()
+        t_plain = time.perf_counter() - clock
+        flat, weights = self._stacked(runs), self._weights([()] * runs)
+        got, _, _ = self.gradient(flat, weights)
+        clock = time.perf_counter()
+        self.gradient(flat, weights)
+        t_batched = time.perf_counter() - clock
+        if not bool(torch.isfinite(ref).all() and torch.isfinite(got).all()):
+            return False
+        tol = math.sqrt(torch.finfo(self.job.dtype).eps) * (float(ref.norm()) + 1e-12)
+        if not bool((got - ref).norm(dim=1).max() <= tol):
+            return False
+        return not check_speed or t_batched < _BATCHED_MIN_SPEEDUP_INV * runs * t_plain
+
+    # -- the retrains ---------------------------------------------------------------------
+    def run(self, group: list[tuple[int, ...]]) -> list[_Outcome]:
+        """Retrain every removal of ``group`` (``()`` is the control run) at once."""
+        cfg = self.job.config
+        runs = len(group)
+        lr, momentum, tol = cfg.learning_rate, cfg.momentum, cfg.grad_tol
+        weights = self._weights(group)
+        flat = self._stacked(runs)
+        buf = torch.zeros_like(flat)
+        steps = torch.zeros(runs, dtype=torch.long, device=flat.device)
+        active = torch.ones(runs, dtype=torch.bool, device=flat.device)
+        for it in range(cfg.max_steps):
+            grad, value, gnorm = self.gradient(flat, weights)
+            self._check(group, active, steps, value, gnorm)
+            if tol is not None:
+                active = active & (gnorm > tol)
+                if not bool(active.any()):
+                    break
+            if momentum != 0:
+                buf = grad if it == 0 else momentum * buf + grad
+                grad = buf
+            if tol is None:
+                flat = flat - lr * grad
+            else:  # frozen runs keep their parameters (their momentum no longer matters)
+                flat = torch.where(active[:, None], flat - lr * grad, flat)
+                steps += active.long()
+        if tol is None:
+            steps += cfg.max_steps
+        _, value, gnorm = self.gradient(flat, weights)
+        self._check(group, torch.ones_like(active), steps, value, gnorm)
+        delta = torch.linalg.vector_norm(flat - self.job.theta_star, dim=1)
+        outcomes = []
+        for r, removal in enumerate(group):
+            self._load(flat[r])
+            outcomes.append(
+                _Outcome(
+                    removal,
+                    self.job.measure(self.net).detach().cpu(),
+                    float(delta[r]),
+                    float(gnorm[r]),
+                    int(steps[r]),
+                )
+            )
+        self._load(self.start)
+        return outcomes
+
+    def _load(self, theta: torch.Tensor) -> None:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta, _trainable(self.net))
+
+
+def _batched_engine(
+    job: _Job, parallel_runs: int, num_runs: int, *, check_speed: bool
+) -> _BatchedSGD | None:
+    """A :class:`_BatchedSGD` when it applies, is right (and faster), else ``None``."""
+    cfg = job.config
+    if cfg.optimizer != "sgd" or cfg.batch_size is not None or parallel_runs < 2:
+        return None
+    try:
+        engine = _BatchedSGD(job, parallel_runs)
+        if engine.probe(min(parallel_runs, num_runs, _PROBE_RUNS), check_speed=check_speed):
+            return engine
+    except Exception:  # vmap/functional_call fail in many ways on unsupported models
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # worker processes
 # ---------------------------------------------------------------------------------------------
 _WORKER_JOB: _Job | None = None
@@ -742,12 +965,23 @@ def _run_all(
     store: _Store | None,
     workers: int,
     progress: bool,
+    parallel_runs: int | None = 1,
 ) -> Iterator[_Outcome]:
     if not todo:
         return
     bar = tqdm(total=len(todo), desc="retraining", unit="retrain", disable=not progress)
     try:
         if workers == 1 or len(todo) == 1:
+            size = _PARALLEL_RUNS if parallel_runs is None else int(parallel_runs)
+            engine = _batched_engine(job, size, len(todo), check_speed=parallel_runs is None)
+            if engine is not None:
+                for first in range(0, len(todo), size):
+                    for outcome in engine.run(todo[first : first + size]):
+                        if store is not None:
+                            store.save(outcome)
+                        bar.update()
+                        yield outcome
+                return
             for removal in todo:
                 outcome = job.run(removal)
                 if store is not None:
@@ -791,9 +1025,12 @@ def _ground_truth(
     workers: int,
     progress: bool,
     num_threads: int | None = None,
+    parallel_runs: int | None = None,
 ) -> GroundTruth:
     if num_threads is not None and (int(num_threads) != num_threads or num_threads < 1):
         raise InputError(f"num_threads must be None or a positive integer, got {num_threads}")
+    if parallel_runs is not None and (int(parallel_runs) != parallel_runs or parallel_runs < 1):
+        raise InputError(f"parallel_runs must be None or a positive integer, got {parallel_runs}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(objective, Objective):
@@ -826,7 +1063,7 @@ def _ground_truth(
     try:
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        for outcome in _run_all(job, todo, st, int(workers), progress):
+        for outcome in _run_all(job, todo, st, int(workers), progress, parallel_runs):
             done[outcome.removal] = outcome
     finally:
         torch.set_num_threads(saved_threads)
@@ -885,6 +1122,7 @@ def retrain_ground_truth(
     store: str | os.PathLike[str] | None = None,
     workers: int = 1,
     num_threads: int | None = None,
+    parallel_runs: int | None = None,
     progress: bool = True,
 ) -> GroundTruth:
     """Retrain without each removal and measure the actual change of each test measurement.
@@ -934,11 +1172,24 @@ def retrain_ground_truth(
         Retrains are keyed by their removal, so a later call may ask for other removals.
     workers
         Run retrains in this many processes (``spawn`` start method; each uses one thread).
-        The model, loss, measurement and data must be picklable (no lambdas).
+        The model, loss, measurement and data must be picklable (no lambdas). With
+        ``workers > 1`` every retrain runs alone (no ``parallel_runs`` batching).
     num_threads
         Torch intra-op threads while retraining in this process (restored afterwards);
         ``None`` leaves the setting alone. For small models ``1`` is often much faster: the
         per-operation threading overhead dominates, badly so on a loaded machine.
+    parallel_runs
+        Full-batch SGD (``optimizer="sgd"``, ``batch_size=None``) in this process can run
+        groups of up to this many retrains side by side as one :func:`torch.func.vmap`
+        computation (the control run in the first group), which removes most of the per-step
+        overhead of small models; memory grows with the group size times the model. Each
+        group's results are stored as the group finishes. ``None`` (default): groups of 32,
+        used when a trial gradient evaluation (once, at the start) is faster batched than one
+        retrain after another, e.g. for small MLPs, though usually not for CNNs on a CPU. An
+        integer ``>= 2`` always batches in groups of that size, ``1`` never does. Batching is
+        used only when the model, loss and data work under ``vmap`` and give the same gradient
+        as plain autograd (also checked at the start); otherwise each retrain runs alone
+        through :mod:`torch.optim`. The two paths agree to floating-point rounding.
     progress
         Show a tqdm bar over retrains.
 
@@ -966,7 +1217,8 @@ def retrain_ground_truth(
     Notes
     -----
     Cost: ``k + 1`` retrains of up to ``max_steps`` full-batch gradient evaluations each
-    (L-BFGS: a few per step for the line search).
+    (L-BFGS: a few per step for the line search). Full-batch SGD batches them, see
+    ``parallel_runs``.
 
     Examples
     --------
@@ -1004,6 +1256,7 @@ def retrain_ground_truth(
         workers,
         progress,
         num_threads,
+        parallel_runs,
     )
 
 
@@ -1028,6 +1281,7 @@ def retrain_subsets(
     store: str | os.PathLike[str] | None = None,
     workers: int = 1,
     num_threads: int | None = None,
+    parallel_runs: int | None = None,
     progress: bool = True,
 ) -> SubsetRetrain:
     """Retrain on random :math:`\\alpha`-fractions of the training data (for the LDS).
@@ -1081,6 +1335,7 @@ def retrain_subsets(
         store=store,
         workers=workers,
         num_threads=num_threads,
+        parallel_runs=parallel_runs,
         progress=progress,
     )
     outputs = gt.raw_change + gt.base_measurement[:, None]

@@ -333,6 +333,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         lr=preset.iris_lr,
         momentum=preset.iris_momentum,
         grad_tol=None,
+        parallel_runs=32,  # vmapped side by side: ~4x faster on tiny MLPs, and deterministic
         progress=False,
     )
     pred_sel = predicted[torch.as_tensor(chosen)].numpy()
@@ -527,6 +528,7 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
         lr=preset.cnn_retrain_lr,
         momentum=0.9,
         grad_tol=None,
+        parallel_runs=1,  # batched convolutions are slower on CPU; fixed for reproducibility
         progress=False,
     )
     column = {r[0]: c for c, r in enumerate(truth.removals)}

@@ -147,8 +147,15 @@ class InfluenceCalculator:
                 yield start, self._train_grads[start : start + self.chunk_size]
             return
         itemsize = torch.finfo(self.wrapper.dtype).bits // 8
-        cache = self.num_train * self.num_params * itemsize <= self.cache_bytes
-        chunks = []
+        cache: torch.Tensor | None = None
+        if self.num_train * self.num_params * itemsize <= self.cache_bytes:
+            # filled in place: collecting chunks and concatenating would briefly hold two copies
+            cache = torch.empty(
+                self.num_train,
+                self.num_params,
+                dtype=self.wrapper.dtype,
+                device=self.wrapper.device,
+            )
         bar = tqdm(
             self.wrapper.iter_train_grads(self.train, self.chunk_size),
             total=self.train.num_chunks(self.chunk_size),
@@ -157,11 +164,10 @@ class InfluenceCalculator:
             leave=False,
         )
         for start, grads in bar:
-            if cache:
-                chunks.append(grads)
+            if cache is not None:
+                cache[start : start + grads.shape[0]] = grads
             yield start, grads
-        if cache:
-            self._train_grads = torch.cat(chunks)
+        self._train_grads = cache
 
     def inverse_hvp(self, test_data: Any) -> SolveResult:
         """:math:`A^{-1}\\nabla f(z_j)` for each test example (``value`` is ``[m, p]``).

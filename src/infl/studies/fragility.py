@@ -278,7 +278,9 @@ def _test_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 def _safe(metric: Callable[[Any, Any], float], a: Any, b: Any) -> float:
     """``metric(a, b)``, or NaN when it is undefined (constant or too few inputs)."""
     try:
-        value = metric(a, b)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns on constant input; NaN says it
+            value = metric(a, b)
     except (InflError, ValueError):
         return math.nan
     return float(value)

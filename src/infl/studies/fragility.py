@@ -142,7 +142,6 @@ PRESETS: dict[str, FragilityPreset] = {
         iris_depths=(1, 4, 8),
         iris_widths=(5, 50),
         iris_activations=("relu",),
-        lissa_depth=300,
         cnn_train_epochs=8,
         cnn_retrain_steps=60,
         cnn_test_points=1,
@@ -287,6 +286,13 @@ def _safe(metric: Callable[[Any, Any], float], a: Any, b: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------- Iris
+MAX_INIT_ATTEMPTS = 3
+"""Deep ReLU MLPs trained full-batch sometimes die at initialisation (every unit inactive,
+chance accuracy). Such a network says nothing about influence functions, so its
+initialisation is redrawn (seed + 1000, + 2000); cells record ``init_attempts``, and a run that
+still ends at chance is reported as collapsed."""
+
+
 def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
     """Train one Iris MLP and measure how well influence predicts leave-one-out retraining.
 
@@ -296,16 +302,20 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
     """
     split = load_iris(seed=0, dtype=torch.float64)
     activation: Any = cell.activation
-    model = mlp(4, split.num_classes, cell.width, cell.depth, activation, seed=cell.seed)
-    model = model.double()
-    grad_norm = train_full_batch(
-        model,
-        split.train,
-        cell.weight_decay,
-        preset.iris_train_steps,
-        preset.iris_lr,
-        preset.iris_momentum,
-    )
+    for attempt in range(MAX_INIT_ATTEMPTS):
+        init_seed = cell.seed + 1000 * attempt
+        model = mlp(4, split.num_classes, cell.width, cell.depth, activation, seed=init_seed)
+        model = model.double()
+        grad_norm = train_full_batch(
+            model,
+            split.train,
+            cell.weight_decay,
+            preset.iris_train_steps,
+            preset.iris_lr,
+            preset.iris_momentum,
+        )
+        if _accuracy(model, *split.train) > 1.0 / split.num_classes + 0.05:
+            break
     model.eval()
     objective = Objective("cross_entropy", weight_decay=cell.weight_decay)
     losses = _test_losses(model, split.x_test, split.y_test)
@@ -349,6 +359,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         "experiment": "iris",
         **asdict(cell),
         "num_params": count_parameters(model),
+        "init_attempts": attempt + 1,
         "train_grad_norm": grad_norm,
         "test_accuracy": _accuracy(model, split.x_test, split.y_test),
         "test_index": j,

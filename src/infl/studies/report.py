@@ -152,7 +152,7 @@ def iris_comparisons(rows: Sequence[dict[str, Any]], wd: float) -> list[Comparis
                 "weight decay",
                 "Spearman with minus without weight decay",
                 f"{a.mean - b.mean:+.3f}",
-                "+0.46",
+                "with > without (+0.46)",
                 "agrees" if a.mean - b.mean > 0.05 else "differs: no clear gain",
             )
         )
@@ -282,6 +282,7 @@ def cnn_comparisons(rows: Sequence[dict[str, Any]]) -> list[Comparison]:
 
 # ---------------------------------------------------------------------------------- outputs
 SUMMARY_METRICS = (
+    "init_attempts",
     "test_accuracy",
     "pearson",
     "spearman",

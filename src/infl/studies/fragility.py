@@ -352,7 +352,9 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
     actual = truth.corrected_change[0].numpy()
     raw = truth.raw_change[0].numpy()
     predicted_norms = exact.param_change(torch.as_tensor(chosen)).norm(dim=1).numpy()
-    gap = taylor_gap(predicted_norms, truth.param_change_norm.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant norms (dead units) give NaN correlations
+        gap = taylor_gap(predicted_norms, truth.param_change_norm.numpy())
 
     lissa = _iris_lissa(model, objective, split, test, info, preset, pred_sel, actual, chosen)
     return {

@@ -156,3 +156,25 @@ def test_verdicts():
     )
     assert verdict_value(stat([float("nan")]), 0.5) == "no usable runs"
     assert str(stat([1.0, 2.0, 3.0])) == "2.000 ± 1.000"
+
+
+@pytest.mark.slow
+def test_cnn_cell_runs_lenet_on_users_mnist_files(tmp_path):
+    from test_datasets import _write_mnist
+
+    _write_mnist(tmp_path, n_train=40, n_test=12)
+    preset = dataclasses.replace(
+        TINY,
+        cnn_dataset="mnist",
+        data_dir=str(tmp_path),
+        seeds=(0,),
+        cnn_retrain_steps=2,
+        cnn_top=3,
+        cnn_percentile_count=3,
+    )
+    row = fragility.run_cell(fragility.CnnCell("mnist", 0.005, 0), preset)
+    assert row["dataset"] == "mnist"
+    assert row["num_params"] == 61_706  # LeNet-5
+    for key in ("spearman_top", "spearman_percentile", "damping", "test_accuracy"):
+        assert key in row
+    assert row["damping"] >= preset.cnn_damping

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun Basu, Pope & Feizi (ICLR 2021) and compare with the paper",
         description="Rerun the fragility study (Iris exact-Hessian MLPs and a small CNN) and "
         "write CSV/JSON results, PNG figures and a markdown report beside the paper's numbers. "
-        "Presets: quick (~5 min on 2 CPU cores), full (~4 h on 2 cores with --workers 2).",
+        "Presets: quick (~5 min on 2 CPU cores), full (~10 h on 2 cores with --workers 2; use "
+        "--parts to run Iris (~70 min) and the CNN separately).",
     )
     preset = frag.add_mutually_exclusive_group()
     preset.add_argument(

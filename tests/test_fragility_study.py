@@ -178,3 +178,23 @@ def test_cnn_cell_runs_lenet_on_users_mnist_files(tmp_path):
     for key in ("spearman_top", "spearman_percentile", "damping", "test_accuracy"):
         assert key in row
     assert row["damping"] >= preset.cnn_damping
+
+
+def test_width_comparison_never_compares_a_width_with_itself():
+    from infl.studies.report import iris_comparisons
+
+    def row(width, spearman):
+        return {
+            "activation": "relu",
+            "depth": 1,
+            "width": width,
+            "weight_decay": 1e-3,
+            "test_accuracy": 0.9,
+            "spearman": spearman,
+            "seed": 0,
+        }
+
+    settings = [c.setting for c in iris_comparisons([row(5, 0.9), row(8, 0.8)], 1e-3)]
+    assert "relu: Spearman at width 5 → 8" in settings
+    settings = [c.setting for c in iris_comparisons([row(5, 0.9), row(8, 0.8), row(50, 0.5)], 1e-3)]
+    assert "relu: Spearman at width 8 → 50" in settings

@@ -214,8 +214,8 @@ def iris_comparisons(rows: Sequence[dict[str, Any]], wd: float) -> list[Comparis
                 if r["activation"] == act and r["depth"] == 1 and r["weight_decay"] == wd
             }
         )
+        lo = 8 if 8 in widths[:-1] else (widths[0] if widths else 0)
         if len(widths) >= 2:
-            lo = 8 if 8 in widths else widths[0]
             s0 = groups[(act, 1, lo, wd)].stat("spearman")
             s1 = groups[(act, 1, widths[-1], wd)].stat("spearman")
             paper_width = "0.82 → 0.56 (width 8 → 50)" if act == "relu" else "falls"

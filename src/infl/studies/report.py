@@ -127,6 +127,27 @@ def _fmt_setting(**kw: Any) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in kw.items())
 
 
+DEPTH_TRENDS: tuple[tuple[str, str, str, str, str], ...] = (
+    # (section, metric, what it is, the paper's finding, the direction that agrees)
+    ("depth", "spearman", "Spearman", "falls (sharply past depth 5)", "falls"),
+    ("curvature", "top_eigenvalue", "top Hessian eigenvalue", "grows with depth", "grows"),
+    (
+        "LiSSA",
+        "lissa_vs_exact_spearman",
+        "Spearman(LiSSA, exact)",
+        "stochastic estimates drift from exact with depth",
+        "falls",
+    ),
+    (
+        "Taylor gap",
+        "taylor_gap_spearman",
+        "Spearman(predicted, retrained ‖Δθ‖)",
+        "falls with depth",
+        "falls",
+    ),
+)
+
+
 def iris_comparisons(rows: Sequence[dict[str, Any]], wd: float) -> list[Comparison]:
     """Our Iris numbers beside Basu et al. §5.1."""
     out: list[Comparison] = []
@@ -166,47 +187,18 @@ def iris_comparisons(rows: Sequence[dict[str, Any]], wd: float) -> list[Comparis
         )
         if len(depths) >= 2:
             first, last = groups[(act, depths[0], 5, wd)], groups[(act, depths[-1], 5, wd)]
-            s0, s1 = first.stat("spearman"), last.stat("spearman")
-            out.append(
-                Comparison(
-                    "depth",
-                    f"{act}: Spearman at depth {depths[0]} → {depths[-1]}",
-                    f"{s0} → {s1}",
-                    "falls (sharply past depth 5)",
-                    verdict_trend(s0, s1, "falls"),
+            span = f"at depth {depths[0]} → {depths[-1]}"
+            for section, metric, label, finding, expected in DEPTH_TRENDS:
+                a, b = first.stat(metric), last.stat(metric)
+                out.append(
+                    Comparison(
+                        section,
+                        f"{act}: {label} {span}",
+                        f"{a} → {b}",
+                        finding,
+                        verdict_trend(a, b, expected),
+                    )
                 )
-            )
-            e0, e1 = first.stat("top_eigenvalue"), last.stat("top_eigenvalue")
-            out.append(
-                Comparison(
-                    "curvature",
-                    f"{act}: top Hessian eigenvalue at depth {depths[0]} → {depths[-1]}",
-                    f"{e0} → {e1}",
-                    "grows with depth",
-                    verdict_trend(e0, e1, "grows"),
-                )
-            )
-            l0, l1 = first.stat("lissa_vs_exact_spearman"), last.stat("lissa_vs_exact_spearman")
-            out.append(
-                Comparison(
-                    "LiSSA",
-                    f"{act}: Spearman(LiSSA, exact) at depth {depths[0]} → {depths[-1]}",
-                    f"{l0} → {l1}",
-                    "stochastic estimates drift from exact with depth",
-                    verdict_trend(l0, l1, "falls"),
-                )
-            )
-            t0, t1 = first.stat("taylor_gap_spearman"), last.stat("taylor_gap_spearman")
-            out.append(
-                Comparison(
-                    "Taylor gap",
-                    f"{act}: Spearman(predicted, retrained ‖Δθ‖) "
-                    f"at depth {depths[0]} → {depths[-1]}",
-                    f"{t0} → {t1}",
-                    "falls with depth",
-                    verdict_trend(t0, t1, "falls"),
-                )
-            )
         widths = sorted(
             {
                 r["width"]

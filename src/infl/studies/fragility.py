@@ -152,7 +152,7 @@ PRESETS: dict[str, FragilityPreset] = {
     "full": FragilityPreset(
         name="full",
         seeds=(0, 1, 2, 3, 4),
-        # Iris part measured at ~70 min with --workers 2; the CNN part estimated from measured
+        # Iris part measured at 60 min with --workers 2; the CNN part estimated from measured
         # per-step costs (600 retrains x 300 full-batch steps per cell, ~12 ms a step)
         expected_minutes=600.0,
         iris_train_steps=60_000,

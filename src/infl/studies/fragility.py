@@ -39,11 +39,11 @@ from infl import (
     NotPositiveDefiniteError,
     Objective,
 )
-from infl.datasets import Split, load_cifar10, load_digits, load_iris, load_mnist
 from infl.diagnostics.spectrum import estimate_extreme_eigenvalues
 from infl.ground_truth import retrain_ground_truth
 from infl.metrics import pearson, spearman, taylor_gap
 from infl.selection import at_influence_percentile, highest_loss, top_k_influence
+from infl.studies.datasets import Split, load_cifar10, load_digits, load_iris, load_mnist
 from infl.studies.models import count_parameters, lenet, mlp, small_cnn, small_resnet
 
 

@@ -143,7 +143,7 @@ def small_cnn(
     """A 2,514-parameter CNN for 8x8 single-channel images (the shipped digits).
 
     Basu et al. (§5.2) study a small CNN of about 2.6k parameters on MNIST; this is the same
-    scale for :func:`infl.datasets.load_digits` with ``images=True``::
+    scale for :func:`infl.studies.datasets.load_digits` with ``images=True``::
 
         [n, 1, 8, 8]  Conv 3x3 (1→12, pad 1)  → act → MaxPool 2   [n, 12, 4, 4]   120
                       Conv 3x3 (12→16, pad 1) → act → MaxPool 2   [n, 16, 2, 2]  1,744

@@ -1,7 +1,7 @@
 """Schioppa et al. (2023) on infl's default models: influence fading and prediction correction.
 
-The library functions are :func:`infl.fading.influence_fading` and
-:func:`infl.correction.compare_rankings`; this module only trains the default models (the Iris
+The library functions are :func:`infl.experiments.fading.influence_fading` and
+:func:`infl.experiments.correction.compare_rankings`; this module only trains the default models (the Iris
 MLP and the digits CNN of the fragility study), picks test points and removals, and writes
 tables and figures, resumably (one stored result per model).
 """
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from infl import ConjugateGradient, ExactHessian, InfluenceCalculator, InflWarning, Objective
-from infl.correction import CorrectionSummary, compare_rankings
-from infl.datasets import Split, load_digits, load_iris
-from infl.fading import influence_fading
+from infl.experiments.correction import CorrectionSummary, compare_rankings
+from infl.experiments.fading import influence_fading
+from infl.studies.datasets import Split, load_digits, load_iris
 from infl.studies.fragility import retry_with_more_damping, train_full_batch, train_minibatch
 from infl.studies.models import mlp, small_cnn
 from infl.studies.runner import run_cells

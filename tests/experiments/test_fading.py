@@ -14,7 +14,7 @@ import infl
 import reference
 from conftest import LogisticProblem, make_logistic_problem
 from infl.errors import InputError
-from infl.fading import FadingResult, influence_fading, plot_fading
+from infl.experiments.fading import FadingResult, influence_fading, plot_fading
 
 REMOVALS = list(range(0, 60, 3))  # 20 leave-one-out removals
 

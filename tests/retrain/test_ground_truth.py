@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers_gt import (
     RESUME_SETTINGS,
@@ -307,7 +307,7 @@ def test_store_refuses_other_configuration(convex, tmp_path, change, key):
 # group (the loss sleeps INFL_GT_SLOW seconds per call).
 _KILLED_SCRIPT = f"""
 import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import torch
 from helpers_gt import RESUME_SETTINGS, resume_problem
 from infl import Objective

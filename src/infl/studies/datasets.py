@@ -248,7 +248,7 @@ def load_iris(
 
     Examples
     --------
-    >>> from infl.datasets import load_iris
+    >>> from infl.studies.datasets import load_iris
     >>> s = load_iris(seed=0)
     >>> s.x_train.shape, s.x_test.shape, s.num_classes
     (torch.Size([120, 4]), torch.Size([30, 4]), 3)
@@ -310,7 +310,7 @@ def load_digits(
 
     Examples
     --------
-    >>> from infl.datasets import load_digits
+    >>> from infl.studies.datasets import load_digits
     >>> s = load_digits(seed=0, images=True)
     >>> s.input_shape, s.n_train, s.n_test
     ((1, 8, 8), 1438, 359)

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import infl
-from infl.correction import (
+from infl.errors import InputError
+from infl.experiments.correction import (
     CorrectionResult,
     CorrectionSummary,
     compare_rankings,
     correct_prediction,
 )
-from infl.errors import InputError
 
 WD = 1e-2
 

@@ -1,4 +1,4 @@
-"""infl.datasets: shipped iris/digits, the IDX and CIFAR-10 pickle readers, and bad files."""
+"""infl.studies.datasets: shipped iris/digits, the IDX and CIFAR-10 pickle readers, and bad files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from infl.datasets import (
+from infl.errors import InputError
+from infl.studies.datasets import (
     Split,
     load_cifar10,
     load_digits,
@@ -20,7 +21,6 @@ from infl.datasets import (
     read_idx,
     stratified_split,
 )
-from infl.errors import InputError
 
 
 def _check_partition(split: Split, n_total: int) -> None:

@@ -63,8 +63,8 @@ def setup() -> tuple[nn.Module, Objective, tuple[torch.Tensor, torch.Tensor]]:
 
 def fragility_cases() -> dict[str, tuple[Any, ...]]:
     """(model, objective, train, test, removals, protocol) of the Iris and CNN cells."""
-    from infl.datasets import load_digits
-    from infl.datasets import load_iris as load_iris_split
+    from infl.studies.datasets import load_digits
+    from infl.studies.datasets import load_iris as load_iris_split
     from infl.studies.fragility import train_full_batch, train_minibatch
     from infl.studies.models import mlp, small_cnn
 

@@ -22,8 +22,8 @@ import time
 import torch
 
 import infl
-from infl.correction import compare_rankings
-from infl.datasets import load_digits
+from infl.experiments.correction import compare_rankings
+from infl.studies.datasets import load_digits
 from infl.studies.models import mlp
 
 WEIGHT_DECAY = 1e-3

@@ -17,7 +17,7 @@ from scipy import stats
 from torch import nn
 
 import infl
-from infl.datasets import load_digits
+from infl.studies.datasets import load_digits
 
 WEIGHT_DECAY = 1e-3
 torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Export scikit-learn's bundled iris and digits into ``src/infl/data_files/``.
 
-Run once (needs scikit-learn); the generated files are committed so that ``infl.datasets``
+Run once (needs scikit-learn); the generated files are committed so that ``infl.studies.datasets``
 needs no scikit-learn at run time::
 
     python scripts/export_datasets.py

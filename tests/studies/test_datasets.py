@@ -1,4 +1,4 @@
-"""infl.studies.datasets: shipped iris/digits, the IDX and CIFAR-10 pickle readers, and bad files."""
+"""infl.studies.datasets: shipped iris/digits, the IDX and CIFAR-10 pickle readers, bad files."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Schioppa et al. (2023) on infl's default models: influence fading and prediction correction.
 
 The library functions are :func:`infl.experiments.fading.influence_fading` and
-:func:`infl.experiments.correction.compare_rankings`; this module only trains the default models (the Iris
-MLP and the digits CNN of the fragility study), picks test points and removals, and writes
+:func:`infl.experiments.correction.compare_rankings`; this module only trains the default
+models (the Iris MLP and the digits CNN of the fragility study), picks test points and removals, and writes
 tables and figures, resumably (one stored result per model).
 """
 

@@ -2,8 +2,8 @@
 
 The library functions are :func:`infl.experiments.fading.influence_fading` and
 :func:`infl.experiments.correction.compare_rankings`; this module only trains the default
-models (the Iris MLP and the digits CNN of the fragility study), picks test points and removals, and writes
-tables and figures, resumably (one stored result per model).
+models (the Iris MLP and the digits CNN of the fragility study), picks test points and
+removals, and writes tables and figures, resumably (one stored result per model).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 from sklearn.datasets import load_iris
 from torch import nn
 
-from infl import ExactHessian, HessianOperator, IndexedData, ModelWrapper, Objective
+from infl import ExactHessian, HessianOperator, IndexedData, LiSSA, ModelWrapper, Objective
 from infl.diagnostics import advise, hessian_spectrum, lissa_trace, solver_agreement
 from infl.objective import loss_measurement
 from infl.plotting import (
@@ -87,7 +87,7 @@ def main(out_dir: Path) -> None:
     report = solver_agreement(
         hessian,
         test_grads,
-        {"exact": ExactHessian(damping=damping), "lissa (advised)": advice.lissa()},
+        {"exact": ExactHessian(damping=damping), "lissa (advised)": LiSSA.advised(advice)},
         train_grads=train_grads,
     )
     print(report.table())

@@ -66,3 +66,8 @@ def load_into(model: nn.Linear, theta: torch.Tensor) -> nn.Linear:
         model.weight.copy_(theta[:-1].reshape(1, -1))
         model.bias.copy_(theta[-1:])
     return model
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error ``|got - expected| / |expected|``."""
+    return float((got - expected).norm() / expected.norm())

@@ -9,15 +9,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import reference
-from conftest import make_logistic_problem
 from infl import (
     ConjugateGradient,
     ExactHessian,
     InfluenceCalculator,
+    InputError,
     LiSSA,
     Objective,
     logit_measurement,
 )
+from problems import make_logistic_problem
 
 
 def _calc(problem, solver=None, **kwargs):
@@ -94,10 +95,10 @@ def test_scores_do_not_depend_on_chunk_size_or_caching(logistic, chunk_size):
     streamed = _calc(logistic, chunk_size=chunk_size, cache_bytes=0)
     torch.testing.assert_close(streamed.influence(test), reference_scores)
     torch.testing.assert_close(streamed.influence(test), reference_scores)  # second, streamed again
-    assert streamed._train_grads is None
+    assert streamed._grad_cache.value is None
     cached = _calc(logistic, chunk_size=chunk_size)
     cached.influence(test)
-    assert cached._train_grads is not None
+    assert cached._grad_cache.value is not None
     torch.testing.assert_close(cached.influence(test), reference_scores)
 
 
@@ -163,3 +164,32 @@ def test_logit_measurement_on_a_classifier_float32():
     assert scores.dtype == torch.float32
     assert scores.shape == (2, 30)
     assert torch.isfinite(scores).all()
+
+
+def test_with_damping_reuses_the_eigendecomposition_and_the_train_gradients(logistic):
+    test = (logistic.x_test, logistic.y_test)
+    calc = _calc(logistic, ExactHessian(damping=0.01))
+    calc.influence(test)
+    hvps, grads_cache = calc.operator.num_matvecs, calc._grad_cache.value
+    stiffer = calc.with_damping(0.3)
+    scores = stiffer.influence(test)
+    assert calc.operator.num_matvecs == hvps  # no new HVP: eigenpairs reused
+    assert stiffer._grad_cache.value is grads_cache  # train gradients not recomputed
+    fresh = _calc(logistic, ExactHessian(damping=0.3)).influence(test)
+    torch.testing.assert_close(scores, fresh)
+    assert stiffer.solver == ExactHessian(damping=0.3)
+    assert calc.solver == ExactHessian(damping=0.01)  # the original is unchanged
+    torch.testing.assert_close(
+        calc.influence(test), _calc(logistic, ExactHessian(damping=0.01)).influence(test)
+    )
+
+
+def test_with_solver_shares_gradients_and_gives_that_solvers_scores(logistic):
+    test = (logistic.x_test, logistic.y_test)
+    calc = _calc(logistic, ExactHessian(damping=0.05))
+    calc.influence(test)
+    cg = calc.with_solver(ConjugateGradient(damping=0.05, rtol=1e-12))
+    assert cg._grad_cache is calc._grad_cache
+    torch.testing.assert_close(cg.influence(test), calc.influence(test), rtol=1e-8, atol=1e-10)
+    with pytest.raises(InputError, match="solver must be an infl solver"):
+        calc.with_solver("cg")

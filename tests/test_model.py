@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import reference
-from conftest import make_logistic_problem
 from infl import HessianOperator, IndexedData, ModelWrapper, Objective, margin_measurement
+from problems import make_logistic_problem
 
 
 def _mlp() -> nn.Module:

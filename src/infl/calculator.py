@@ -6,6 +6,8 @@ Hessian from :class:`HessianOperator`, inverse-HVPs from a :class:`Solver`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -20,7 +22,7 @@ from infl.errors import InputError
 from infl.model import ModelWrapper
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import HessianOperator
-from infl.solvers.base import FittedSolver, Solver, SolveResult
+from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -103,7 +105,7 @@ class InfluenceCalculator:
         self.progress = progress
         self.operator = HessianOperator(self.wrapper, self.train, chunk_size)
         self._fitted: FittedSolver | None = None
-        self._train_grads: torch.Tensor | None = None
+        self._grad_cache = _TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
 
     @property
@@ -115,6 +117,46 @@ class InfluenceCalculator:
     def num_params(self) -> int:
         """``p``, the number of trainable parameters."""
         return self.wrapper.num_params
+
+    # ------------------------------------------------------------------ variants
+    def with_solver(self, solver: Solver) -> InfluenceCalculator:
+        """The same model, objective and data with another inverse-HVP solver.
+
+        The new calculator shares this one's curvature operator and cached training gradients
+        (computed at most once for both). When ``solver`` differs from the current solver only
+        in ``damping`` and the current one is already fitted, the fit is carried over through
+        :meth:`FittedSolver.with_damping`: the exact eigendecomposition, LiSSA's spectrum
+        estimate (and any other factorisation) are reused, so no HVP is spent on the change.
+        Inverse-HVPs depend on the solver and are not shared.
+        """
+        if not isinstance(solver, Solver):
+            raise InputError(f"solver must be an infl solver, got {type(solver).__name__}")
+        other = copy.copy(self)
+        other.solver = solver
+        other._ihvp_cache = OrderedDict()
+        other._fitted = None
+        if self._fitted is not None and _same_but_damping(self.solver, solver):
+            other._fitted = self._fitted.with_damping(solver.damping)
+        return other
+
+    def with_damping(self, damping: float) -> InfluenceCalculator:
+        """The same calculator at damping :math:`\\lambda` = ``damping`` (see :meth:`with_solver`).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from infl import ExactHessian, InfluenceCalculator, Objective
+        >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+        >>> calc = InfluenceCalculator(nn.Linear(3, 2), Objective("cross_entropy"), (X, y),
+        ...                            ExactHessian(damping=0.1), progress=False)
+        >>> stiffer = calc.with_damping(1.0)  # reuses the eigendecomposition once fitted
+        >>> stiffer.solver.damping
+        1.0
+        """
+        check_damping(damping)
+        solver: Any = self.solver  # every solver is a frozen dataclass with a damping field
+        return self.with_solver(dataclasses.replace(solver, damping=float(damping)))
 
     # ------------------------------------------------------------------ building blocks
     def fitted_solver(self) -> FittedSolver:
@@ -142,9 +184,10 @@ class InfluenceCalculator:
         return self.wrapper.train_grads(self.train.select(indices))
 
     def _iter_train_grads(self, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-        if self._train_grads is not None:
+        cached = self._grad_cache.value
+        if cached is not None:
             for start in range(0, self.num_train, self.chunk_size):
-                yield start, self._train_grads[start : start + self.chunk_size]
+                yield start, cached[start : start + self.chunk_size]
             return
         itemsize = torch.finfo(self.wrapper.dtype).bits // 8
         cache: torch.Tensor | None = None
@@ -167,7 +210,7 @@ class InfluenceCalculator:
             if cache is not None:
                 cache[start : start + grads.shape[0]] = grads
             yield start, grads
-        self._train_grads = cache
+        self._grad_cache.value = cache
 
     def inverse_hvp(self, test_data: Any) -> SolveResult:
         """:math:`A^{-1}\\nabla f(z_j)` for each test example (``value`` is ``[m, p]``).
@@ -270,6 +313,20 @@ class InfluenceCalculator:
             raise InputError(f"by must be 'abs', 'helpful' or 'harmful', got {by!r}")
         idx = key.topk(k, dim=1).indices
         return idx, scores.gather(1, idx)
+
+
+class _TrainGradCache:
+    """The ``[n, p]`` training gradients once computed, shared by derived calculators."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+
+def _same_but_damping(old: Solver, new: Solver) -> bool:
+    if type(old) is not type(new):
+        return False
+    fields = [f.name for f in dataclasses.fields(old) if f.name != "damping"]  # type: ignore[arg-type]
+    return all(getattr(old, name) == getattr(new, name) for name in fields)
 
 
 def _fingerprint(data: IndexedData) -> str:

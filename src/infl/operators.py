@@ -75,6 +75,24 @@ class LinearOperator(ABC):
             return self
         return DampedOperator(self, damping)
 
+    @property
+    def supports_subsample(self) -> bool:
+        """Whether :meth:`subsample` can draw minibatch versions of this operator."""
+        return False
+
+    def subsample(self, batch_size: int, generator: torch.Generator) -> LinearOperator:
+        """The same operator on a random minibatch of ``batch_size`` training examples.
+
+        An unbiased estimate of the operator, drawn without replacement from ``generator``;
+        stochastic solvers (``LiSSA(batch_size=...)``) take one per step. Operators over
+        training data implement it; the others refuse.
+        """
+        raise InputError(
+            f"{type(self).__name__} cannot be subsampled: minibatch solvers such as "
+            "LiSSA(batch_size=...) need a curvature operator over training data "
+            "(HessianOperator); use batch_size=None for this operator"
+        )
+
 
 class DenseOperator(LinearOperator):
     """A dense symmetric matrix as an operator (tests, small models, planted spectra)."""
@@ -107,10 +125,12 @@ class DampedOperator(LinearOperator):
         dense = self.base.to_dense(block_size)
         return dense + self.damping * torch.eye(self.size, dtype=dense.dtype, device=dense.device)
 
+    @property
+    def supports_subsample(self) -> bool:
+        return self.base.supports_subsample
+
     def subsample(self, batch_size: int, generator: torch.Generator) -> LinearOperator:
-        """The damped minibatch Hessian (see :meth:`HessianOperator.subsample`)."""
-        if not isinstance(self.base, HessianOperator):
-            raise InputError("only a damped HessianOperator can be subsampled")
+        """The damped minibatch operator: ``base.subsample(...) + damping * I``."""
         return self.base.subsample(batch_size, generator).damped(self.damping)
 
 
@@ -147,6 +167,10 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.wrapper.hvp(self.data, vectors, self.chunk_size)
+
+    @property
+    def supports_subsample(self) -> bool:
+        return isinstance(self.data, IndexedData)
 
     def subsample(self, batch_size: int, generator: torch.Generator) -> HessianOperator:
         """The Hessian of a random minibatch of ``batch_size`` training examples.

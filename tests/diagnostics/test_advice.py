@@ -71,7 +71,7 @@ def test_lissa_with_advised_scale_and_depth_meets_tol_against_linalg_solve(tol):
     exact = torch.linalg.solve(a, b.T).T
     # With early stopping on the residual (rtol = tol), the residual meets tol and the error
     # meets kappa * tol (||e||/||x|| <= kappa ||r||/||b||).
-    result = adv.lissa().solve(op, b)
+    result = LiSSA.advised(adv).solve(op, b)
     assert result.converged
     residual = torch.linalg.vector_norm(b - result.value @ a, dim=1) / b.norm(dim=1)
     assert float(residual.max()) <= tol
@@ -79,7 +79,7 @@ def test_lissa_with_advised_scale_and_depth_meets_tol_against_linalg_solve(tol):
     # Run to the full advised depth, the error itself meets tol: rho^depth <= tol.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InflWarning)  # rtol=1e-300 never "converges"
-        full = adv.lissa(rtol=1e-300).solve(op, b)
+        full = LiSSA.advised(adv, rtol=1e-300).solve(op, b)
     assert full.iterations == adv.depth
     assert rel_error(full.value, exact) <= tol
     # The advised depth is the bound for the slowest eigendirection, not a loose guess:
@@ -145,7 +145,7 @@ def test_advice_for_an_indefinite_damping_has_no_depth():
     assert math.isinf(adv.condition_number)
     assert "indefinite" in adv.summary()
     with pytest.raises(InputError, match=r"damping > 0\.7"):
-        adv.lissa()
+        LiSSA.advised(adv)
 
 
 def test_advice_from_a_damped_spectrum_recovers_h():
@@ -178,5 +178,5 @@ def test_advice_on_a_trained_mlp_hessian_meets_tol():
     exact = torch.linalg.solve(dense, b.T).T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InflWarning)
-        full = adv.lissa(rtol=1e-300).solve(op, b)
+        full = LiSSA.advised(adv, rtol=1e-300).solve(op, b)
     assert rel_error(full.value, exact) <= 1e-3

@@ -3,15 +3,16 @@
 * :mod:`~infl.diagnostics.spectrum` — extreme (Lanczos) or all (dense) eigenvalues of the
   damped Hessian, negative-eigenvalue count and mass, condition number.
 * :mod:`~infl.diagnostics.advice` — the damping, LiSSA scale/depth and CG iterations that the
-  spectrum implies.
+  spectrum implies (the maths is :mod:`infl.spectral`, which the solvers use too).
 * :mod:`~infl.diagnostics.agreement` — convergence traces and agreement between solvers.
 
 Plots of all three live in :mod:`infl.plotting` (``pip install infl[plot]``).
 """
 
 from infl.diagnostics.advice import (
-    DEFAULT_SCALE_MARGIN,
+    SCALE_MARGIN,
     SolverAdvice,
+    advice_from_extremes,
     advise,
     lissa_contraction,
     lissa_depth,
@@ -37,14 +38,15 @@ from infl.diagnostics.spectrum import (
 )
 
 __all__ = [
-    "DEFAULT_SCALE_MARGIN",
     "DENSE_MAX_PARAMS",
+    "SCALE_MARGIN",
     "Agreement",
     "LanczosResult",
     "LissaTrace",
     "SolverAdvice",
     "SolverAgreement",
     "Spectrum",
+    "advice_from_extremes",
     "advise",
     "compare_inverse_hvps",
     "eigsh_extremes",

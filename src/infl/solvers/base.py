@@ -10,6 +10,7 @@ returns a :class:`FittedSolver` whose ``solve(rhs)`` can be called many times;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -51,9 +52,47 @@ class SolveResult:
 
 
 class FittedSolver(ABC):
-    """A solver bound to one (damped) operator, ready to solve many right-hand sides."""
+    """A solver fitted to one curvature operator :math:`H`, solving with :math:`H + \\lambda I`.
 
-    operator: LinearOperator
+    Attributes
+    ----------
+    solver
+        The hyperparameters it was fitted with (``solver.damping`` is :math:`\\lambda`).
+    base
+        :math:`H`, the undamped operator it was fitted to.
+    operator
+        :math:`A = H + \\lambda I`, the operator every ``solve`` inverts.
+    """
+
+    def __init__(self, solver: Solver, base: LinearOperator) -> None:
+        self.solver = solver
+        self.base = base
+        self.operator = base.damped(solver.damping)
+
+    @property
+    def damping(self) -> float:
+        """:math:`\\lambda`."""
+        return float(self.solver.damping)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Facts about the fit, as plain numbers and strings (damping, spectrum estimates, ...).
+
+        Solvers add their own keys; every ``SolveResult.info`` starts from this dictionary.
+        """
+        return {"solver": type(self.solver).__name__, "damping": self.damping}
+
+    def with_damping(self, damping: float) -> FittedSolver:
+        """The same solver at another :math:`\\lambda`, reusing whatever the fit computed.
+
+        The default refits ``replace(solver, damping=damping)`` on :attr:`base`; solvers whose
+        fit does not depend on :math:`\\lambda`, or yields every :math:`\\lambda` at once
+        (eigenpairs, Kronecker factors, an estimated spectrum), override it to cost no HVP.
+        """
+        check_damping(damping)
+        solver: Any = self.solver  # a frozen dataclass, as every Solver is
+        refitted: FittedSolver = dataclasses.replace(solver, damping=float(damping)).fit(self.base)
+        return refitted
 
     @abstractmethod
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
@@ -67,7 +106,7 @@ class Solver(ABC):
 
     @abstractmethod
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedSolver:
-        """Prepare to solve with ``operator + damping * I``."""
+        """Prepare to solve with ``operator + damping * I`` (``operator`` is undamped)."""
 
     def solve(
         self, operator: LinearOperator, rhs: torch.Tensor, *, progress: bool = False

@@ -70,15 +70,16 @@ class ConjugateGradient(Solver):
             )
 
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedCG:
-        return FittedCG(self, operator.damped(self.damping))
+        return FittedCG(self, operator)
 
 
 class FittedCG(FittedSolver):
-    """:class:`ConjugateGradient` bound to a damped operator."""
+    """:class:`ConjugateGradient` bound to an operator (fitting costs nothing; neither does
+    :meth:`with_damping`)."""
 
     def __init__(self, solver: ConjugateGradient, operator: LinearOperator) -> None:
-        self.solver = solver
-        self.operator = operator
+        super().__init__(solver, operator)
+        self.solver: ConjugateGradient = solver
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
         cfg = self.solver
@@ -146,4 +147,5 @@ class FittedCG(FittedSolver):
             iterations=iterations,
             residual_norms=residuals,
             trace=torch.stack(history),
+            info=self.info,
         )

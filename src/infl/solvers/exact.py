@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -77,13 +78,13 @@ class FittedExact(FittedSolver):
         eigenvalues: torch.Tensor,
         eigenvectors: torch.Tensor,
     ) -> None:
-        self.solver = solver
-        self.operator = operator.damped(solver.damping)
+        super().__init__(solver, operator)
+        self.solver: ExactHessian = solver
         self.eigenvalues = eigenvalues
         self.eigenvectors = eigenvectors
         damped = eigenvalues + solver.damping
         smallest_h = float(eigenvalues[0])
-        self.info = {
+        self._info: dict[str, Any] = {
             "min_eigenvalue": smallest_h,
             "max_eigenvalue": float(eigenvalues[-1]),
             "num_negative": int((eigenvalues < 0).sum()),
@@ -93,20 +94,30 @@ class FittedExact(FittedSolver):
             cutoff = solver.rcond * float(damped.abs().max())
             keep = damped.abs() > cutoff
             self.inverse_eigenvalues = torch.where(keep, 1.0 / damped, torch.zeros_like(damped))
-            self.info["num_inverted"] = int(keep.sum())
+            self._info["num_inverted"] = int(keep.sum())
         else:
             if float(damped[0]) <= 0:
                 fix = max(-smallest_h, 0.0)
                 suggestion = fix + max(1e-3 * abs(float(eigenvalues[-1])), 1e-8)
                 raise NotPositiveDefiniteError(
                     f"H + damping*I is not positive definite: the smallest eigenvalue of H is "
-                    f"{smallest_h:.4g} ({self.info['num_negative']} of {eigenvalues.numel()} "
+                    f"{smallest_h:.4g} ({self._info['num_negative']} of {eigenvalues.numel()} "
                     f"negative), so with damping={solver.damping:g} the smallest of H + "
                     f"damping*I is {float(damped[0]):.4g}. Use damping > {fix:.4g} (for "
                     f"example {suggestion:.3g}), or ExactHessian(pseudo_inverse=True). "
                     "infl.diagnostics.advise(operator) gives the matching LiSSA/CG settings."
                 )
             self.inverse_eigenvalues = 1.0 / damped
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {**super().info, **self._info}
+
+    def with_damping(self, damping: float) -> FittedExact:
+        """Another :math:`\\lambda` from the same eigendecomposition: no HVP, :math:`O(p)`."""
+        check_damping(damping)
+        solver = replace(self.solver, damping=float(damping))
+        return FittedExact(solver, self.base, self.eigenvalues, self.eigenvectors)
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
         b = as_rhs(rhs, self.operator)
@@ -121,5 +132,5 @@ class FittedExact(FittedSolver):
             converged=True,
             iterations=0,
             residual_norms=rel,
-            info=dict(self.info),
+            info=self.info,
         )

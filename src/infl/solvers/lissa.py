@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +18,7 @@ from infl.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from infl.operators import DampedOperator, HessianOperator, LinearOperator
+from infl.operators import LinearOperator
 from infl.solvers.base import (
     FittedSolver,
     Solver,
@@ -28,13 +28,13 @@ from infl.solvers.base import (
     check_positive,
     relative_residuals,
 )
-
-if TYPE_CHECKING:
-    from infl.diagnostics.advice import SolverAdvice
-
-AUTO_SCALE_MARGIN = 1.2
-"""``scale="auto"`` uses this multiple of the Lanczos estimate of the top eigenvalue (the same
-margin as :func:`infl.diagnostics.advise`)."""
+from infl.spectral import (
+    SCALE_MARGIN,
+    SolverAdvice,
+    advice_from_extremes,
+    estimate_extreme_eigenvalues,
+    lissa_depth,
+)
 
 AUTO_SCALE_LANCZOS_STEPS = 30
 """At most this many HVPs for the ``scale="auto"`` estimate of :math:`\\mu_{\\max}`."""
@@ -68,9 +68,10 @@ class LiSSA(Solver):
         :math:`\\lambda/\\sigma` here, so that ``damping`` means :math:`H + \\lambda I` for every
         infl solver.
     scale
-        :math:`\\sigma`, or ``"auto"``: :math:`1.2\\times` a Lanczos estimate of the largest
-        eigenvalue :math:`\\mu_{\\max}` of :math:`A` (costs up to 30 extra HVPs; see
-        :func:`infl.diagnostics.advise`, which also gives the depth for a tolerance).
+        :math:`\\sigma`, or ``"auto"``: :data:`infl.spectral.SCALE_MARGIN` (1.2) times a
+        Lanczos estimate of the largest eigenvalue :math:`\\mu_{\\max}` of :math:`A` (costs up
+        to 30 extra HVPs; see :func:`infl.diagnostics.advise`, which also gives the depth for a
+        tolerance).
     depth
         :math:`T`, recursion steps per repeat.
     repeats
@@ -120,53 +121,98 @@ class LiSSA(Solver):
             check_positive("batch_size", self.batch_size, integer=True)
         check_positive("rtol", self.rtol)
 
-    def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedLiSSA:
-        damped = operator.damped(self.damping)
-        if self.batch_size is not None and not isinstance(
-            operator, (HessianOperator, DampedOperator)
-        ):
-            raise InputError("LiSSA(batch_size=...) needs a HessianOperator over training data")
-        if self.scale == "auto":
-            from infl.diagnostics.spectrum import estimate_extreme_eigenvalues
+    @classmethod
+    def advised(cls, advice: SolverAdvice, **overrides: Any) -> LiSSA:
+        """LiSSA with the ``damping``, ``scale`` and ``depth`` of ``advice`` (``rtol = tol``).
 
-            top, bottom = estimate_extreme_eigenvalues(
-                damped, max_iter=AUTO_SCALE_LANCZOS_STEPS, seed=self.seed
+        Any other field (``batch_size``, ``seed``, ...) may be given in ``overrides``.
+
+        Raises
+        ------
+        InputError
+            If no depth converges (``H + damping*I`` is not positive definite).
+        """
+        if advice.depth is None:
+            raise InputError(
+                f"no LiSSA depth converges: H + {advice.damping:g}*I has smallest eigenvalue "
+                f"{advice.mu_min:.4g}. Use damping > {advice.min_damping:.4g} (for example "
+                f"{advice.suggested_damping:.3g})."
             )
+        kwargs: dict[str, Any] = {
+            "damping": advice.damping,
+            "scale": advice.scale,
+            "depth": advice.depth,
+            "rtol": advice.tol,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedLiSSA:
+        if self.batch_size is not None and not operator.supports_subsample:
+            operator.subsample(self.batch_size, torch.Generator())  # raises, naming the fix
+        if self.scale != "auto":
+            return FittedLiSSA(self, operator, float(self.scale))
+        top, bottom = estimate_extreme_eigenvalues(
+            operator, max_iter=AUTO_SCALE_LANCZOS_STEPS, seed=self.seed
+        )
+        return FittedLiSSA(self, operator, None, hessian_extremes=(top, bottom))
+
+
+class FittedLiSSA(FittedSolver):
+    """:class:`LiSSA` bound to an operator, with its scale fixed.
+
+    With ``scale="auto"`` it keeps the Lanczos estimates of :math:`H`'s extreme eigenvalues, so
+    :meth:`with_damping` shifts them instead of running Lanczos again.
+    """
+
+    def __init__(
+        self,
+        solver: LiSSA,
+        operator: LinearOperator,
+        scale: float | None,
+        *,
+        hessian_extremes: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(solver, operator)
+        self.solver: LiSSA = solver
+        self.hessian_extremes = hessian_extremes
+        if scale is None:
+            if hessian_extremes is None:
+                raise InputError("FittedLiSSA needs a scale or the Hessian's extreme eigenvalues")
+            top, bottom = (v + solver.damping for v in hessian_extremes)
             if top == 0.0 and bottom == 0.0:
                 raise InputError("scale='auto': the operator is zero, nothing to invert")
             if top <= 0.0:
                 raise NotPositiveDefiniteError(
                     f"scale='auto': H + damping*I has no positive eigenvalue (largest ~= "
-                    f"{top:.4g}, smallest ~= {bottom:.4g}) with damping={self.damping:g}, so "
-                    f"no LiSSA scale converges. Use damping > {self.damping - bottom:.4g}."
+                    f"{top:.4g}, smallest ~= {bottom:.4g}) with damping={solver.damping:g}, "
+                    f"so no LiSSA scale converges. Use damping > {solver.damping - bottom:.4g}."
                 )
-            scale = AUTO_SCALE_MARGIN * top
-        else:
-            scale = float(self.scale)
-        return FittedLiSSA(self, damped, scale)
-
-
-class FittedLiSSA(FittedSolver):
-    """:class:`LiSSA` bound to a damped operator, with its scale fixed."""
-
-    def __init__(self, solver: LiSSA, operator: LinearOperator, scale: float) -> None:
-        self.solver = solver
-        self.operator = operator
+            scale = SCALE_MARGIN * top
         self.scale = scale
+
+    @property
+    def info(self) -> dict[str, Any]:
+        facts = {**super().info, "scale": self.scale, "scale_auto": self.solver.scale == "auto"}
+        if self.hessian_extremes is not None:
+            facts["lanczos_max_eigenvalue"], facts["lanczos_min_eigenvalue"] = self.hessian_extremes
+        return facts
+
+    def with_damping(self, damping: float) -> FittedLiSSA:
+        """Another :math:`\\lambda`; an automatic scale moves with it, with no new Lanczos run."""
+        check_damping(damping)
+        solver = replace(self.solver, damping=float(damping))
+        if self.solver.scale == "auto":
+            return FittedLiSSA(solver, self.base, None, hessian_extremes=self.hessian_extremes)
+        return FittedLiSSA(solver, self.base, self.scale)
 
     def _step_operator(self, generator: torch.Generator) -> LinearOperator:
         if self.solver.batch_size is None:
             return self.operator
-        op = self.operator
-        if isinstance(op, (HessianOperator, DampedOperator)):
-            return op.subsample(self.solver.batch_size, generator)
-        raise InputError("LiSSA(batch_size=...) needs a HessianOperator over training data")
+        return self.operator.subsample(self.solver.batch_size, generator)
 
     def _advice(self) -> SolverAdvice | None:
         """Spectrum-based advice for this operator (about 50 HVPs), or None if unavailable."""
-        from infl.diagnostics.advice import advice_from_extremes
-        from infl.diagnostics.spectrum import estimate_extreme_eigenvalues
-
         try:
             top, bottom = estimate_extreme_eigenvalues(
                 self.operator, max_iter=50, seed=self.solver.seed
@@ -225,8 +271,6 @@ class FittedLiSSA(FittedSolver):
                 f"Lanczos finds an eigenvalue of H + damping*I ~= {advice.mu_min:.4g} <= 0: use "
                 f"damping > {advice.min_damping:.4g} (e.g. {advice.suggested_damping:.3g})."
             )
-        from infl.diagnostics.advice import lissa_depth
-
         need = lissa_depth(advice.mu_min, advice.mu_max, self.scale, self.solver.rtol)
         if need is None:
             return f"Advice: {advice.summary()}"
@@ -284,5 +328,5 @@ class FittedLiSSA(FittedSolver):
             iterations=steps,
             residual_norms=residuals,
             trace=torch.stack(history),
-            info={"scale": self.scale},
+            info=self.info,
         )

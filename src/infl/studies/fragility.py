@@ -39,10 +39,10 @@ from infl import (
     NotPositiveDefiniteError,
     Objective,
 )
-from infl.diagnostics.spectrum import estimate_extreme_eigenvalues
 from infl.ground_truth import retrain_ground_truth
 from infl.metrics import pearson, spearman, taylor_gap
 from infl.selection import at_influence_percentile, highest_loss, top_k_influence
+from infl.spectral import estimate_extreme_eigenvalues
 from infl.studies.datasets import Split, load_cifar10, load_digits, load_iris, load_mnist
 from infl.studies.models import count_parameters, lenet, mlp, small_cnn, small_resnet
 
@@ -332,7 +332,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         progress=False,
     )
     predicted = exact.removal_effect(test)[0]
-    info = exact.fitted_solver().info  # type: ignore[attr-defined]
+    info = exact.fitted_solver().info
     k = max(2, math.ceil(preset.iris_top_fraction * split.n_train))
     chosen = top_k_influence(predicted.numpy(), k)
     truth = retrain_ground_truth(
@@ -358,7 +358,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # constant norms (dead units) give NaN correlations
         gap = taylor_gap(predicted_norms, truth.param_change_norm.numpy())
 
-    lissa = _iris_lissa(model, objective, split, test, info, preset, pred_sel, actual, chosen)
+    lissa = _iris_lissa(exact, test, info, preset, pred_sel, actual, chosen)
     return {
         "experiment": "iris",
         **asdict(cell),
@@ -388,9 +388,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
 
 
 def _iris_lissa(
-    model: nn.Module,
-    objective: Objective,
-    split: Split,
+    exact: InfluenceCalculator,
     test: tuple[torch.Tensor, torch.Tensor],
     info: dict[str, Any],
     preset: FragilityPreset,
@@ -404,9 +402,7 @@ def _iris_lissa(
     eigenvalue when there is one; the exact reference uses the same λ.
     """
     damping = max(preset.lissa_damping, 1.1 * max(-info["min_eigenvalue"], 0.0) + 1e-4)
-    exact_same = InfluenceCalculator(
-        model, objective, split.train, ExactHessian(damping=damping), progress=False
-    ).removal_effect(test)[0]
+    exact_same = exact.with_solver(ExactHessian(damping=damping)).removal_effect(test)[0]
     solver = LiSSA(
         damping=damping,
         scale="auto",
@@ -414,7 +410,7 @@ def _iris_lissa(
         batch_size=preset.lissa_batch_size,
         seed=0,
     )
-    calc = InfluenceCalculator(model, objective, split.train, solver, progress=False)
+    calc = exact.with_solver(solver)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InflWarning)
@@ -463,34 +459,29 @@ T = TypeVar("T")
 
 
 def retry_with_more_damping(
-    run: Callable[[float], T], damping: float, max_attempts: int = 6
-) -> tuple[T, float, int]:
-    """``run(damping)``, doubling ``damping`` while ``H + λI`` proves not positive definite.
+    run: Callable[[InfluenceCalculator], T], calc: InfluenceCalculator, max_attempts: int = 6
+) -> tuple[T, InfluenceCalculator, int]:
+    """``run(calc)``, doubling the damping while ``H + λI`` proves not positive definite.
 
     A short Lanczos run only bounds the smallest eigenvalue from above, so a damping chosen
     from it can be too small; CG then finds a direction of negative curvature and raises
-    :class:`~infl.errors.NotPositiveDefiniteError`. Returns ``run``'s result, the damping that
-    worked and the number of attempts; re-raises after ``max_attempts``.
+    :class:`~infl.errors.NotPositiveDefiniteError`. Each retry is ``calc.with_damping(2λ)``,
+    which keeps the operator and the cached training gradients. Returns ``run``'s result, the
+    calculator that worked and the number of attempts; re-raises after ``max_attempts``.
     """
     for attempt in range(1, max_attempts + 1):
         try:
-            return run(damping), damping, attempt
+            return run(calc), calc, attempt
         except NotPositiveDefiniteError:
             if attempt == max_attempts:
                 raise
-            damping *= 2
+            calc = calc.with_damping(2 * calc.solver.damping)
     raise AssertionError("unreachable")
 
 
-def _cg_removal_effects(
-    model: nn.Module,
-    objective: Objective,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    damping: float,
+def _quiet_removal_effect(
+    calc: InfluenceCalculator, test: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    solver = ConjugateGradient(damping=damping, rtol=1e-6, max_iter=500)
-    calc = InfluenceCalculator(model, objective, train, solver, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InflWarning)
         return calc.removal_effect(test)
@@ -521,12 +512,15 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
     test_idx = losses.argsort(descending=True)[: preset.cnn_test_points]
     test = (split.x_test[test_idx], split.y_test[test_idx])
 
-    probe = InfluenceCalculator(model, objective, split.train, ConjugateGradient(), progress=False)
-    top_eig, min_eig = estimate_extreme_eigenvalues(probe.operator, seed=cell.seed)
-    damping = max(preset.cnn_damping, 1.2 * max(-min_eig, 0.0))
-    predicted, damping, attempts = retry_with_more_damping(
-        lambda lam: _cg_removal_effects(model, objective, split.train, test, lam), damping
+    calc = InfluenceCalculator(
+        model, objective, split.train, ConjugateGradient(rtol=1e-6, max_iter=500), progress=False
     )
+    top_eig, min_eig = estimate_extreme_eigenvalues(calc.operator, seed=cell.seed)
+    calc = calc.with_damping(max(preset.cnn_damping, 1.2 * max(-min_eig, 0.0)))
+    predicted, calc, attempts = retry_with_more_damping(
+        lambda c: _quiet_removal_effect(c, test), calc
+    )
+    damping = calc.solver.damping
     sets: list[tuple[np.ndarray, np.ndarray]] = []
     for row in predicted.numpy():
         top = top_k_influence(row, preset.cnn_top)

@@ -208,13 +208,17 @@ def run_correction_study(
         right = torch.ones(split.n_test, dtype=torch.bool)
         right[wrong] = False
 
-        def rank_and_correct(damping: float) -> CorrectionSummary:
+        objective = Objective("cross_entropy", weight_decay=WEIGHT_DECAY)
+        solver = ConjugateGradient(damping=0.01, max_iter=300)
+        calc = InfluenceCalculator(model, objective, split.train, solver, progress=progress)
+
+        def rank_and_correct(calc: InfluenceCalculator) -> CorrectionSummary:
             return compare_rankings(
                 model,
-                Objective("cross_entropy", weight_decay=WEIGHT_DECAY),
+                objective,
                 split.train,
                 (split.x_test[wrong], split.y_test[wrong]),
-                solver=ConjugateGradient(damping=damping, max_iter=300),
+                calculator=calc,
                 k=settings.k,
                 lr=settings.lr,
                 max_steps=settings.max_steps,
@@ -223,7 +227,8 @@ def run_correction_study(
                 progress=progress,
             )
 
-        summary, damping, _ = retry_with_more_damping(rank_and_correct, 0.01)
+        summary, calc, _ = retry_with_more_damping(rank_and_correct, calc)
+        damping = calc.solver.damping
         stored = {
             "rows": summary.to_rows(),
             "table": summary.table(),

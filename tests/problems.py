@@ -1,0 +1,34 @@
+"""Small float64 problems with known answers, shared by the tests (import from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import reference
+
+
+@dataclass
+class LogisticProblem:
+    """A trained L2-regularised logistic regression (float64) and its data."""
+
+    model: nn.Linear
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    wd: float
+    theta: torch.Tensor
+
+
+def make_logistic_problem(n: int = 60, d: int = 4, wd: float = 0.05, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(d, generator=gen, dtype=torch.float64)
+    x = torch.randn(n + 10, d, generator=gen, dtype=torch.float64)
+    p = torch.sigmoid(x @ w_true)
+    y = (torch.rand(n + 10, generator=gen, dtype=torch.float64) < p).to(torch.float64)
+    theta = reference.newton_fit(x[:n], y[:n], wd)
+    model = reference.load_into(nn.Linear(d, 1).double(), theta)
+    return LogisticProblem(model, x[:n], y[:n], x[n:], y[n:], wd, theta)

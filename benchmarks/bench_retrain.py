@@ -30,8 +30,8 @@ import torch
 from sklearn.datasets import load_iris
 from torch import nn
 
-from infl import Objective
-from infl.ground_truth import retrain_ground_truth
+from infl import Objective, RetrainConfig
+from infl.retrain import retrain_ground_truth
 
 
 def setup() -> tuple[nn.Module, Objective, tuple[torch.Tensor, torch.Tensor]]:
@@ -96,20 +96,22 @@ def fragility_cases() -> dict[str, tuple[Any, ...]]:
 def fragility() -> None:
     torch.set_num_threads(1)
     for name, (model, objective, train, test, removals, protocol) in fragility_cases().items():
-        kw = {
-            "init": "warm",
-            "optimizer": "sgd",
-            "momentum": 0.9,
-            "grad_tol": None,
-            "progress": False,
-            **protocol,
-        }
+        config = RetrainConfig(
+            init="warm", optimizer="sgd", momentum=0.9, grad_tol=None, **protocol
+        )
         times: dict[int | None, float] = {}
         results = {}
         for parallel_runs in (1, None):
             start = time.perf_counter()
             results[parallel_runs] = retrain_ground_truth(
-                model, objective, train, test, removals, parallel_runs=parallel_runs, **kw
+                model,
+                objective,
+                train,
+                test,
+                removals,
+                config=config,
+                parallel_runs=parallel_runs,
+                progress=False,
             )
             times[parallel_runs] = time.perf_counter() - start
         diff = float((results[1].raw_change - results[None].raw_change).abs().max())
@@ -134,14 +136,7 @@ def main() -> None:
         return
     model, objective, (X, y) = setup()
     removals = list(range(args.retrains))
-    kw = {
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "max_steps": args.steps,
-        "grad_tol": None,
-        "parallel_runs": 1,
-        "progress": False,
-    }
+    config = RetrainConfig(optimizer="sgd", lr=0.1, max_steps=args.steps, grad_tol=None)
     times = {}
     results = {}
     for workers in (1, 2):
@@ -154,7 +149,9 @@ def main() -> None:
             removals,
             workers=workers,
             num_threads=1 if workers == 1 else None,
-            **kw,
+            config=config,
+            parallel_runs=1,
+            progress=False,
         )
         times[workers] = time.perf_counter() - start
         print(

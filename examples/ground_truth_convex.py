@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from infl import ExactHessian, InfluenceCalculator, Objective, retrain_ground_truth
+from infl import (
+    ExactHessian,
+    InfluenceCalculator,
+    Objective,
+    RetrainConfig,
+    retrain_ground_truth,
+)
 from infl.metrics import fidelity_report, top_k_overlap
 
 
@@ -49,7 +55,13 @@ def main() -> None:
     calc = InfluenceCalculator(model, objective, train, ExactHessian(), progress=False)
     predicted = calc.removal_effect(test)  # [m, n]
     truth = retrain_ground_truth(
-        model, objective, train, test, grad_tol=1e-10, num_threads=1, progress=False
+        model,
+        objective,
+        train,
+        test,
+        config=RetrainConfig(grad_tol=1e-10),
+        num_threads=1,
+        progress=False,
     )
     actual = truth.corrected_change  # [m, n]
 

@@ -26,7 +26,6 @@ from infl.errors import (
     SolverDivergedError,
     StoreMismatchError,
 )
-from infl.ground_truth import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
 from infl.model import ModelWrapper
 from infl.objective import (
     Objective,
@@ -36,6 +35,7 @@ from infl.objective import (
     supervised_loss,
 )
 from infl.operators import DampedOperator, DenseOperator, HessianOperator, LinearOperator
+from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
 from infl.solvers import ConjugateGradient, ExactHessian, FittedSolver, LiSSA, Solver, SolveResult
 
 __version__ = "0.1.0"

@@ -222,10 +222,10 @@ def linear_datamodeling_score(
         removed (e.g. ``InfluenceCalculator.removal_effect``).
     masks
         ``[S, n]`` booleans, ``True`` where example ``i`` is in subset ``s``
-        (:attr:`infl.ground_truth.SubsetRetrain.masks`).
+        (:attr:`infl.retrain.SubsetRetrain.masks`).
     outputs
         ``[m, S]`` actual measurement after training on each subset
-        (:attr:`infl.ground_truth.SubsetRetrain.outputs`).
+        (:attr:`infl.retrain.SubsetRetrain.outputs`).
     reduce
         Return the mean (``True``) or the ``[m]`` per-test-example scores.
     """

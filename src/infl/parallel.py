@@ -8,7 +8,8 @@ the same results, in input order.
 
 Results are yielded as ``(item, result)`` pairs as soon as each task ends, so the caller can
 persist every finished result before the next one arrives (an interrupted run loses only the
-tasks in flight).
+tasks in flight). :func:`run_resumable` does exactly that for JSON results in a
+:class:`~infl.store.Store`: it runs only the items whose record is missing.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from infl.errors import InputError
+from infl.store import Store
 
-__all__ = ["pickle_payload", "run_tasks"]
+__all__ = ["pickle_payload", "run_resumable", "run_tasks"]
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -150,3 +152,69 @@ def run_tasks(
                 raise
     finally:
         bar.close()
+
+
+def _item_name(item: Any) -> str:
+    name: str = item.cell_id
+    return name
+
+
+def run_resumable(
+    fn: Callable[[T, P], Any],
+    items: Sequence[T],
+    payload: P,
+    store: Store,
+    *,
+    name: Callable[[T], str] = _item_name,
+    workers: int = 1,
+    progress: bool = True,
+    desc: str = "cells",
+    unit: str = "cell",
+) -> list[Any]:
+    """Run every item whose JSON record is not yet in ``store``; return all results in order.
+
+    Parameters
+    ----------
+    fn, payload, workers, progress, desc, unit
+        As in :func:`run_tasks`; ``fn`` must return a JSON-serialisable result.
+    items
+        The tasks; those whose record ``name(item)`` is in ``store`` are loaded, not run.
+    store
+        Where each result is written (:meth:`Store.save_json`) as soon as its task ends.
+    name
+        The record name of an item (default: its ``cell_id`` attribute); names must be
+        unique and plain file names.
+
+    Returns
+    -------
+    list
+        ``[result of item for item in items]``: loaded results as they read back from JSON,
+        new ones as ``fn`` returned them.
+
+    Notes
+    -----
+    An interruption (Ctrl-C, a kill) loses only the tasks in flight: every finished result is
+    already on disk, and the next call with the same store starts from there.
+    """
+    results: dict[str, Any] = {}
+    todo: list[T] = []
+    for item in items:
+        stored = store.load_json(name(item))
+        if stored is None:
+            todo.append(item)
+        else:
+            results[name(item)] = stored
+    tasks = run_tasks(
+        fn,
+        todo,
+        payload,
+        workers=workers,
+        progress=progress,
+        desc=desc,
+        unit=unit,
+        initial=len(results),
+    )
+    for item, result in tasks:
+        store.save_json(name(item), result)
+        results[name(item)] = result
+    return [results[name(item)] for item in items]

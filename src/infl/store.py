@@ -226,7 +226,7 @@ class Store:
 
     def save_arrays(self, name: str, arrays: Mapping[str, Any]) -> None:
         """Write a dict of arrays (NumPy arrays or CPU tensors) as record ``name``."""
-        plain = {
+        plain: dict[str, Any] = {
             key: (value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
             for key, value in arrays.items()
         }

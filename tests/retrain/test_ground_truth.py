@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,8 @@ from helpers_gt import (
     resume_problem,
     theta_of,
 )
-from infl import ExactHessian, InfluenceCalculator, InputError, Objective, ground_truth
+from infl import ExactHessian, InfluenceCalculator, InputError, Objective
 from infl.errors import InflWarning, NonFiniteError, StoreMismatchError
-from infl.ground_truth import (
-    RetrainConfig,
-    normalize_removals,
-    retrain_ground_truth,
-    retrain_subsets,
-)
 from infl.metrics import (
     linear_datamodeling_score,
     pearson,
@@ -43,6 +37,7 @@ from infl.metrics import (
     spearman,
     taylor_gap,
 )
+from infl.retrain import RetrainConfig, retrain_ground_truth, retrain_subsets
 
 WD = 0.05
 
@@ -63,7 +58,13 @@ def convex():
     model = model_from_theta(theta)
     objective = Objective("bce_with_logits", weight_decay=WD)
     gt = retrain_ground_truth(
-        model, objective, (X, y), (Xt, yt), grad_tol=1e-10, num_threads=1, progress=False
+        model,
+        objective,
+        (X, y),
+        (Xt, yt),
+        config=RetrainConfig(grad_tol=1e-10),
+        num_threads=1,
+        progress=False,
     )
     return {"X": X, "y": y, "Xt": Xt, "yt": yt, "model": model, "obj": objective, "gt": gt}
 
@@ -111,7 +112,7 @@ def test_group_removals_match_newton(convex):
         (convex["X"], convex["y"]),
         (convex["Xt"], convex["yt"]),
         groups,
-        grad_tol=1e-10,
+        config=RetrainConfig(grad_tol=1e-10),
         progress=False,
     )
     assert gt.removals == ((0, 1, 2), (5, 9), (7,), (3, 20))
@@ -135,10 +136,7 @@ def test_does_not_mutate_user_model(convex):
         (convex["X"], convex["y"]),
         (convex["Xt"], convex["yt"]),
         [0, 1],
-        optimizer="sgd",
-        lr=0.5,
-        max_steps=5,
-        grad_tol=None,
+        config=RetrainConfig(optimizer="sgd", lr=0.5, max_steps=5, grad_tol=None),
         progress=False,
     )
     for k, v in model.state_dict().items():
@@ -160,8 +158,8 @@ def test_other_optimizers_reach_the_same_minimum(convex, protocol):
         (convex["X"], convex["y"]),
         (convex["Xt"], convex["yt"]),
         [4, 11],
+        config=RetrainConfig(**protocol),
         progress=False,
-        **protocol,
     )
     ref = convex["gt"].raw_change[:, [4, 11]]
     torch.testing.assert_close(gt.raw_change, ref, atol=1e-6, rtol=0)
@@ -175,10 +173,10 @@ def test_minibatch_is_seeded_and_deterministic(convex):
         (convex["Xt"], convex["yt"]),
         [2],
     )
-    kw = {"optimizer": "sgd", "lr": 0.3, "batch_size": 8, "max_steps": 60, "grad_tol": None}
-    a = retrain_ground_truth(*args, seed=1, progress=False, **kw)
-    b = retrain_ground_truth(*args, seed=1, progress=False, **kw)
-    c = retrain_ground_truth(*args, seed=2, progress=False, **kw)
+    cfg = RetrainConfig(optimizer="sgd", lr=0.3, batch_size=8, max_steps=60, grad_tol=None)
+    a = retrain_ground_truth(*args, config=cfg, progress=False)
+    b = retrain_ground_truth(*args, config=cfg, progress=False)
+    c = retrain_ground_truth(*args, config=dataclasses.replace(cfg, seed=2), progress=False)
     assert torch.equal(a.raw_change, b.raw_change)
     assert not torch.equal(a.raw_change, c.raw_change)
     assert int(a.steps[0]) == 60
@@ -211,10 +209,7 @@ def test_control_correction_on_unconverged_model():
         objective,
         (X, y),
         (Xt, yt),
-        optimizer="sgd",
-        lr=1.0,
-        max_steps=300,
-        grad_tol=None,
+        config=RetrainConfig(optimizer="sgd", lr=1.0, max_steps=300, grad_tol=None),
         progress=False,
     )
     ref = _loo_reference(X, y, Xt, yt, len(y))
@@ -242,10 +237,7 @@ def test_warns_when_tolerance_not_reached(convex):
             (convex["X"], convex["y"]),
             (convex["Xt"], convex["yt"]),
             [0],
-            optimizer="sgd",
-            lr=0.01,
-            max_steps=3,
-            grad_tol=1e-12,
+            config=RetrainConfig(optimizer="sgd", lr=0.01, max_steps=3, grad_tol=1e-12),
             progress=False,
         )
     assert int(gt.steps[0]) == 3
@@ -262,7 +254,7 @@ def _args(convex):
 
 
 def test_store_skips_finished_work_and_extends(convex, tmp_path):
-    kw = {"grad_tol": 1e-10, "progress": False, "store": tmp_path / "s"}
+    kw = {"config": RetrainConfig(grad_tol=1e-10), "progress": False, "store": tmp_path / "s"}
     first = retrain_ground_truth(*_args(convex), [0, 1, 2], **kw)
     assert (first.num_loaded, first.num_computed) == (0, 4)  # 3 removals + control
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
@@ -287,9 +279,10 @@ def test_store_skips_finished_work_and_extends(convex, tmp_path):
 )
 def test_store_refuses_other_configuration(convex, tmp_path, change, key):
     store = tmp_path / "s"
-    retrain_ground_truth(*_args(convex), [0], grad_tol=1e-8, store=store, progress=False)
+    cfg = RetrainConfig(grad_tol=1e-8)
+    retrain_ground_truth(*_args(convex), [0], config=cfg, store=store, progress=False)
     model, obj, (X, y), test = _args(convex)
-    kw = {"grad_tol": 1e-8, "store": store, "progress": False}
+    kw = {"config": cfg, "store": store, "progress": False}
     if "weight_decay" in change:
         obj = Objective("bce_with_logits", weight_decay=change["weight_decay"])
     elif "train_scale" in change:
@@ -297,7 +290,7 @@ def test_store_refuses_other_configuration(convex, tmp_path, change, key):
     elif "theta_shift" in change:
         model = model_from_theta(theta_of(model) + change["theta_shift"])
     else:
-        kw.update(change)
+        kw["config"] = dataclasses.replace(cfg, **change)
     with pytest.raises(StoreMismatchError, match=f"{key}=") as info:
         retrain_ground_truth(model, obj, (X, y), test, [0], **kw)
     assert "new store path" in str(info.value)
@@ -311,13 +304,14 @@ sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import torch
 from helpers_gt import RESUME_SETTINGS, resume_problem
 from infl import Objective
-from infl.ground_truth import retrain_ground_truth
+from infl.retrain import RetrainConfig, retrain_ground_truth
 
 torch.set_num_threads(1)
 model, train, test, removals = resume_problem()
 objective = Objective(RESUME_SETTINGS["loss"], weight_decay=RESUME_SETTINGS["wd"])
 retrain_ground_truth(model, objective, train, test, removals, store=sys.argv[1],
-                     progress=False, parallel_runs=4, **RESUME_SETTINGS["protocol"])
+                     progress=False, parallel_runs=4,
+                     config=RetrainConfig(**RESUME_SETTINGS["protocol"]))
 """
 
 
@@ -355,7 +349,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
         removals,
         store=store,
         progress=False,
-        **RESUME_SETTINGS["protocol"],
+        config=RetrainConfig(**RESUME_SETTINGS["protocol"]),
     )
     assert resumed.num_loaded == len(finished)
     assert resumed.num_computed == total - len(finished)
@@ -363,7 +357,13 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
         assert (store / name).stat().st_mtime_ns == mtime
         assert (store / name).read_bytes() == data
     fresh = retrain_ground_truth(
-        model, objective, train, test, removals, progress=False, **RESUME_SETTINGS["protocol"]
+        model,
+        objective,
+        train,
+        test,
+        removals,
+        progress=False,
+        config=RetrainConfig(**RESUME_SETTINGS["protocol"]),
     )
     torch.testing.assert_close(resumed.raw_change, fresh.raw_change, atol=1e-12, rtol=0)
     torch.testing.assert_close(resumed.control_change, fresh.control_change, atol=1e-12, rtol=0)
@@ -372,109 +372,13 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
 
 @pytest.mark.slow
 def test_workers_give_the_same_result(convex, tmp_path):
-    kw = {"grad_tol": 1e-10, "progress": False}
+    kw = {"config": RetrainConfig(grad_tol=1e-10), "progress": False}
     serial = retrain_ground_truth(*_args(convex), [0, 3, 8, [1, 2]], **kw)
     parallel = retrain_ground_truth(
         *_args(convex), [0, 3, 8, [1, 2]], workers=2, store=tmp_path / "s", **kw
     )
     torch.testing.assert_close(parallel.raw_change, serial.raw_change, atol=1e-12, rtol=0)
     assert len(list((tmp_path / "s").glob("retrain-*.pt"))) == 5
-
-
-# --------------------------------------------------------------------------- batched SGD
-@pytest.fixture(scope="module")
-def mlp_problem():
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 3, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (40,), generator=gen)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
-    return model, Objective("cross_entropy", weight_decay=0.01), (X, y), (X[:5], y[:5])
-
-
-def _count_sequential(monkeypatch):
-    """Record the removals that go through the one-at-a-time path (_Job.run)."""
-    calls = []
-    run = ground_truth._Job.run
-
-    def counting(self, removal):
-        calls.append(removal)
-        return run(self, removal)
-
-    monkeypatch.setattr(ground_truth._Job, "run", counting)
-    return calls
-
-
-_GROUPS = [0, 1, [2, 3], 5, [7, 9], 11]  # + control: 7 runs, 3 groups of parallel_runs=3
-
-
-@pytest.mark.parametrize("grad_tol", [None, 1e-2])
-def test_batched_sgd_equals_sequential(mlp_problem, monkeypatch, grad_tol):
-    kw = {
-        "optimizer": "sgd",
-        "lr": 0.2,
-        "momentum": 0.9,
-        "max_steps": 150,
-        "grad_tol": grad_tol,
-        "progress": False,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InflWarning)  # some runs stop at max_steps
-        alone = retrain_ground_truth(*mlp_problem, _GROUPS, parallel_runs=1, **kw)
-        calls = _count_sequential(monkeypatch)
-        batched = retrain_ground_truth(*mlp_problem, _GROUPS, parallel_runs=3, **kw)
-    assert calls == []  # really batched
-    for name in ("raw_change", "control_change", "param_change_norm", "grad_norm"):
-        torch.testing.assert_close(
-            getattr(batched, name), getattr(alone, name), atol=1e-12, rtol=1e-10
-        )
-    assert batched.steps.tolist() == alone.steps.tolist()
-    assert batched.control_grad_norm == pytest.approx(alone.control_grad_norm, rel=1e-10)
-    assert batched.control_param_change_norm == pytest.approx(
-        alone.control_param_change_norm, rel=1e-10
-    )
-    assert float(alone.param_change_norm.min()) > 1e-3  # the retrains really moved
-    if grad_tol is not None:  # some runs stopped early, others ran to max_steps
-        assert 0 < int(alone.steps.min()) < 150 == int(alone.steps.max())
-
-
-def test_batched_sgd_store_and_resume(mlp_problem, monkeypatch, tmp_path):
-    kw = {"optimizer": "sgd", "lr": 0.2, "max_steps": 20, "grad_tol": None, "progress": False}
-    kw["store"] = tmp_path / "s"
-    calls = _count_sequential(monkeypatch)
-    first = retrain_ground_truth(*mlp_problem, [0, 1, 2], parallel_runs=3, **kw)
-    assert len(list((tmp_path / "s").glob("retrain-*.pt"))) == 4
-    again = retrain_ground_truth(*mlp_problem, [2, 0, 1, 5], parallel_runs=3, **kw)
-    assert calls == []
-    assert (again.num_loaded, again.num_computed) == (4, 1)
-    torch.testing.assert_close(again.raw_change[:, :3], first.raw_change[:, [2, 0, 1]])
-
-
-class _NoVmap(nn.Module):
-    """Scales its output by a Python float taken from a weight: .item() fails under vmap."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) * (1.0 + 0.0 * self.lin.weight.sum().item())
-
-
-def test_model_that_cannot_be_vmapped_falls_back(mlp_problem, monkeypatch):
-    _, objective, train, test = mlp_problem
-    torch.manual_seed(0)
-    model = _NoVmap().double().eval()
-    kw = {"optimizer": "sgd", "lr": 0.2, "momentum": 0.5, "max_steps": 20, "grad_tol": None}
-    alone = retrain_ground_truth(
-        model, objective, train, test, [0, [1, 2]], parallel_runs=1, progress=False, **kw
-    )
-    calls = _count_sequential(monkeypatch)
-    fallback = retrain_ground_truth(
-        model, objective, train, test, [0, [1, 2]], parallel_runs=4, progress=False, **kw
-    )
-    assert sorted(calls) == [(), (0,), (1, 2)]
-    torch.testing.assert_close(fallback.raw_change, alone.raw_change, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -493,13 +397,6 @@ def test_model_that_cannot_be_vmapped_falls_back(mlp_problem, monkeypatch):
 def test_bad_removals(convex, removals, match):
     with pytest.raises(InputError, match=match):
         retrain_ground_truth(*_args(convex), removals, progress=False)
-
-
-def test_normalize_removals_forms():
-    assert normalize_removals(None, 3) == [(0,), (1,), (2,)]
-    assert normalize_removals(torch.tensor([2, 0]), 3) == [(2,), (0,)]
-    assert normalize_removals(np.array([[2, 0], [1, 2]]), 3) == [(0, 2), (1, 2)]
-    assert normalize_removals(1, 3) == [(1,)]
 
 
 def test_bad_settings_and_unpicklable_loss(convex):
@@ -535,10 +432,7 @@ def test_divergence_is_a_nonfinite_error():
             (X, y),
             (X[:2], y[:2]),
             [0],
-            optimizer="sgd",
-            lr=10.0,
-            max_steps=500,
-            grad_tol=None,
+            config=RetrainConfig(optimizer="sgd", lr=10.0, max_steps=500, grad_tol=None),
             progress=False,
         )
 
@@ -553,7 +447,7 @@ def test_retrain_subsets_and_lds(convex):
         (Xt, yt),
         num_subsets=20,
         alpha=0.5,
-        grad_tol=1e-9,
+        config=RetrainConfig(grad_tol=1e-9),
         progress=False,
     )
     assert subsets.masks.shape == (20, 60)

@@ -56,17 +56,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from infl.calculator import InfluenceCalculator
-from infl.data import Batch, IndexedData, as_indexed
-from infl.data import batch_size as count_examples
+from infl.data import IndexedData, as_indexed
 from infl.errors import InputError, NonFiniteError
-from infl.ground_truth import normalize_removals
 from infl.metrics import pearson, spearman
 from infl.model import ModelWrapper
 from infl.objective import Objective, PerExampleFn, loss_measurement
+from infl.retrain import normalize_removals
+from infl.retrain.batched import BatchedSGD
 from infl.solvers import ExactHessian, Solver
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -220,75 +219,6 @@ def _predicted_effects(
     return torch.stack(cols, dim=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# batched training runs
-# ---------------------------------------------------------------------------------------------
-class _Runs:
-    """``R`` training runs of one model, stacked along a leading dimension and vmapped.
-
-    Run ``r`` minimises :math:`\\frac1{|B|}\\sum_{j\\in B} w_{rj}\\ell(z_j) +
-    \\frac{\\lambda_{wd}}2\\|\\theta_r\\|^2` on each minibatch ``B`` (the same ``B`` for every
-    run), with SGD(lr, momentum) written out by hand so that all runs share one code path.
-    """
-
-    def __init__(
-        self,
-        wrapper: ModelWrapper,
-        weights: torch.Tensor,
-        lr: float,
-        momentum: float,
-        chunk_size: int,
-    ) -> None:
-        self.w = wrapper
-        self.weights = weights  # [R, n]
-        self.lr = lr
-        self.momentum = momentum
-        self.chunk_size = chunk_size
-        runs = weights.shape[0]
-        self.theta = wrapper.flat_params.unsqueeze(0).repeat(runs, 1)  # [R, p]
-        self.buf = torch.zeros_like(self.theta) if momentum else None
-        loss = wrapper.objective.per_example_loss
-
-        def weighted(flat: torch.Tensor, w: torch.Tensor, batch: Batch) -> torch.Tensor:
-            values = loss(wrapper.functional_model(wrapper.unflatten(flat)), batch)
-            return (w * values).sum()
-
-        self._grad = vmap(grad(weighted), in_dims=(0, 0, None))
-
-    def grad(self, data: IndexedData, index: torch.Tensor | None) -> torch.Tensor:
-        """:math:`\\nabla` of every run's minibatch objective: ``[R, p]`` (``index=None``: all)."""
-        if index is None:
-            total = torch.zeros_like(self.theta)
-            for start, batch in data.chunks(self.chunk_size):
-                w = self.weights[:, start : start + count_examples(batch)]
-                total += self._grad(self.theta, w, self.w.prepare(batch))
-            g = total / len(data)
-        else:
-            batch = self.w.prepare(data.select(index))
-            g = self._grad(self.theta, self.weights[:, index], batch) / index.numel()
-        wd = self.w.objective.weight_decay
-        return g + wd * self.theta if wd else g
-
-    def step(self, g: torch.Tensor) -> None:
-        if self.buf is not None:
-            self.buf.mul_(self.momentum).add_(g)
-            g = self.buf
-        self.theta.sub_(self.lr * g)
-
-    def measure(self, fn: PerExampleFn, test: IndexedData) -> torch.Tensor:
-        """``fn`` on every test example for every run: ``[R, m]``."""
-        w = self.w
-
-        def one(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return fn(w.functional_model(w.unflatten(flat)), batch)
-
-        out = []
-        with torch.no_grad():
-            for _, batch in test.chunks(self.chunk_size):
-                out.append(vmap(one, in_dims=(0, None))(self.theta, w.prepare(batch)))
-        return torch.cat(out, dim=1)
-
-
 def influence_fading(
     model: nn.Module,
     objective: Objective,
@@ -330,7 +260,7 @@ def influence_fading(
         The ``m`` test examples whose measurement is explained.
     removals
         Training indices (each removed alone) or groups of indices (removed together), as
-        accepted by :func:`infl.ground_truth.normalize_removals`; ``k`` removals.
+        accepted by :func:`infl.retrain.normalize_removals`; ``k`` removals.
     horizons
         Strictly increasing step counts :math:`T_1<\\dots<T_H` at which to compare.
     predicted
@@ -353,7 +283,8 @@ def influence_fading(
     seed
         Seeds the minibatch order.
     parallel_runs
-        How many removal runs are trained together (``vmap`` over stacked parameters; each
+        How many removal runs are trained together (on the batched engine of
+        :mod:`infl.retrain.batched`: ``vmap`` over stacked parameters; each
         group also carries its own control run, so that every removal run is compared with
         a control computed by exactly the same arithmetic). Memory grows with it.
     chunk_size
@@ -406,7 +337,7 @@ def influence_fading(
             if isinstance(predicted, InfluenceCalculator)
             else loss_measurement(objective)
         )
-    wrapper = ModelWrapper(model, objective)
+    wrapper = ModelWrapper(model, objective)  # validates the model (eval mode, finite, ...)
     pred = _predicted_effects(predicted, model, objective, train, test, rem, measurement, progress)
 
     # one shared minibatch schedule for every run
@@ -430,16 +361,25 @@ def influence_fading(
     groups = [list(range(s, min(s + parallel_runs, k))) for s in range(0, k, parallel_runs)]
     bar = tqdm(total=total * len(groups), desc="fading runs", disable=not progress, leave=False)
     theta_star = wrapper.flat_params
+    runs = BatchedSGD(
+        model,
+        objective.per_example_loss,
+        objective.weight_decay,
+        train,
+        lr=lr,
+        momentum=momentum,
+        chunk_size=chunk_size,
+    )
     for gi, group in enumerate(groups):
         weights = torch.ones(len(group) + 1, n, dtype=wrapper.dtype, device=wrapper.device)
         for row, r in enumerate(group, start=1):
             idx = list(rem[r])
             weights[row] *= n / (n - len(idx))
             weights[row, idx] = 0.0
-        runs = _Runs(wrapper, weights, lr, momentum, chunk_size)
+        runs.begin(weights)
         h = 0
         for step in range(1, total + 1):
-            runs.step(runs.grad(train, schedule[step - 1]))
+            runs.step(runs.gradient(schedule[step - 1])[0])
             bar.update(1)
             if step % 256 == 0 and step != hs[h] and not torch.isfinite(runs.theta).all():
                 raise NonFiniteError(

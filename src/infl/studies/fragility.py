@@ -14,7 +14,7 @@ Two experiments, each a grid of independent *cells* (one configuration and one s
   |influence| and as many around the 30th percentile; a weight-decay sweep.
 
 Every cell's result is a flat dict of numbers, stored as it finishes (see
-:class:`~infl.studies.store.CellStore`), so an interrupted run resumes where it stopped.
+:class:`~infl.store.Store`), so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from infl import (
     NotPositiveDefiniteError,
     Objective,
 )
-from infl.ground_truth import retrain_ground_truth
 from infl.metrics import pearson, spearman, taylor_gap
+from infl.retrain import RetrainConfig, retrain_ground_truth
 from infl.selection import at_influence_percentile, highest_loss, top_k_influence
 from infl.spectral import estimate_extreme_eigenvalues
 from infl.studies.datasets import Split, load_cifar10, load_digits, load_iris, load_mnist
@@ -341,12 +341,14 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         split.train,
         test,
         removals=[int(i) for i in chosen],
-        init="warm",
-        optimizer="sgd",
-        max_steps=preset.iris_retrain_steps,
-        lr=preset.iris_lr,
-        momentum=preset.iris_momentum,
-        grad_tol=None,
+        config=RetrainConfig(
+            init="warm",
+            optimizer="sgd",
+            max_steps=preset.iris_retrain_steps,
+            lr=preset.iris_lr,
+            momentum=preset.iris_momentum,
+            grad_tol=None,
+        ),
         parallel_runs=32,  # vmapped side by side: ~4x faster on tiny MLPs, and deterministic
         progress=False,
     )
@@ -533,12 +535,14 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
         split.train,
         test,
         removals=removals,
-        init="warm",
-        optimizer="sgd",
-        max_steps=preset.cnn_retrain_steps,
-        lr=preset.cnn_retrain_lr,
-        momentum=0.9,
-        grad_tol=None,
+        config=RetrainConfig(
+            init="warm",
+            optimizer="sgd",
+            max_steps=preset.cnn_retrain_steps,
+            lr=preset.cnn_retrain_lr,
+            momentum=0.9,
+            grad_tol=None,
+        ),
         parallel_runs=1,  # batched convolutions are slower on CPU; fixed for reproducibility
         progress=False,
     )
@@ -629,15 +633,15 @@ def run_fragility(
     import time
     from pathlib import Path
 
+    from infl.parallel import run_resumable
+    from infl.store import Store
     from infl.studies.report import write_report
-    from infl.studies.runner import run_cells
-    from infl.studies.store import CellStore
 
     start = time.perf_counter()
-    store = CellStore(out_dir, preset.config())
-    rows = run_cells(
-        all_cells(preset, parts),
+    store = Store(out_dir, preset.config(), records="cells")
+    rows = run_resumable(
         run_cell,
+        all_cells(preset, parts),
         preset,
         store,
         workers=workers,

@@ -20,11 +20,11 @@ from torch import nn
 from infl import ConjugateGradient, ExactHessian, InfluenceCalculator, InflWarning, Objective
 from infl.experiments.correction import CorrectionSummary, compare_rankings
 from infl.experiments.fading import influence_fading
+from infl.parallel import run_resumable
+from infl.store import Store, write_atomic
 from infl.studies.datasets import Split, load_digits, load_iris
 from infl.studies.fragility import retry_with_more_damping, train_full_batch, train_minibatch
 from infl.studies.models import mlp, small_cnn
-from infl.studies.runner import run_cells
-from infl.studies.store import CellStore, write_atomic
 
 WEIGHT_DECAY = 1e-3
 
@@ -120,10 +120,10 @@ def run_fading_study(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the fading study; writes ``fading.csv``, ``fading.md``, figures."""
-    store = CellStore(out_dir, {"study": "fading", **asdict(settings)})
-    results = run_cells(
-        [FadingCell(m) for m in models],
+    store = Store(out_dir, {"study": "fading", **asdict(settings)}, records="cells")
+    results = run_resumable(
         run_fading_cell,
+        [FadingCell(m) for m in models],
         settings,
         store,
         workers=workers,
@@ -195,8 +195,8 @@ def run_correction_study(
     ``correction.csv`` and ``correction.md``; returns the summary rows.
     """
     out = Path(out_dir)
-    store = CellStore(out, {"study": "correction", **asdict(settings)})
-    stored = store.load("correction")
+    store = Store(out, {"study": "correction", **asdict(settings)}, records="cells")
+    stored = store.load_json("correction")
     if stored is None:
         torch.set_num_threads(1)
         split = load_digits(seed=0, images=True)
@@ -236,7 +236,7 @@ def run_correction_study(
             "num_mispredicted": int(wrong.numel()),
             "num_test": split.n_test,
         }
-        store.save("correction", stored)
+        store.save_json("correction", stored)
     rows = stored["rows"]
     header = list(rows[0]) if rows else []
     write_atomic(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from infl.studies.store import write_atomic
+from infl.store import write_atomic
 
 COLLAPSE_MARGIN = 0.05
 """A run whose test accuracy is within this of chance (1/C) is *collapsed* (a dead network):

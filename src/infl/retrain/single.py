@@ -1,0 +1,326 @@
+"""One retrain through :mod:`torch.optim`, on a deep copy of the user's module.
+
+:class:`RetrainJob` holds everything a retrain needs (the trained model, the objective, the
+measurement, the data and the :class:`~infl.retrain.RetrainConfig`) and is picklable when those
+are, so the same object runs retrains in this process or in worker processes
+(:func:`run_one`). Full-batch SGD, minibatch SGD/Adam and L-BFGS (strong-Wolfe line search,
+finished near the minimum by a gradient-only polish, see :meth:`RetrainJob._polish`) all
+minimise
+
+.. math::
+
+    J_{-R}(\\theta) = \\frac1{n-|R|}\\sum_{i\\notin R}\\ell(z_i;\\theta)
+    + \\frac{\\lambda_{wd}}2\\|\\theta\\|^2
+
+with the weight-decay term added to the loss explicitly (the optimizers' own ``weight_decay``
+is not used). Plain autograd only: nothing here imports :mod:`infl.calculator` or
+:mod:`infl.model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from infl.data import IndexedData, batch_to, tensor_leaves
+from infl.errors import InputError, NonFiniteError
+from infl.objective import Objective, PerExampleFn
+from infl.retrain.config import RetrainConfig
+from infl.retrain.records import Outcome
+
+__all__ = ["EVAL_CHUNK", "RetrainJob", "flat_params", "run_one", "trainable"]
+
+EVAL_CHUNK = 4096
+"""Examples per chunk when evaluating the full objective or the measurement."""
+
+
+def trainable(net: nn.Module) -> list[torch.Tensor]:
+    return [p for _, p in net.named_parameters() if p.requires_grad]
+
+
+def flat_params(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+class RetrainJob:
+    """Everything one retrain needs; picklable when the model, loss and measurement are."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        measurement: PerExampleFn,
+        train: IndexedData,
+        test: IndexedData,
+        config: RetrainConfig,
+    ) -> None:
+        self.model = model
+        self.objective = objective
+        self.measurement = measurement
+        self.train = train
+        self.test = test
+        self.config = config
+        params = trainable(model)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.theta_star = flat_params(params)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def measure(self, net: nn.Module) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for _, batch in self.test.chunks(EVAL_CHUNK):
+                values = torch.as_tensor(
+                    self.measurement(net, batch_to(batch, self.device, self.dtype))
+                )
+                b = len(tensor_leaves(batch)[0])
+                if values.shape != (b,):
+                    raise InputError(
+                        f"the measurement returned shape {tuple(values.shape)} for {b} test "
+                        "examples; it must return one value per example (Tensor[b])"
+                    )
+                out.append(values)
+        return torch.cat(out)
+
+    def objective_backward(
+        self, net: nn.Module, params: list[torch.Tensor], data: IndexedData
+    ) -> torch.Tensor:
+        """Accumulate :math:`\\nabla J` into ``.grad`` (zeroed first); return :math:`J` (0-d)."""
+        for p in params:
+            p.grad = None
+        n = len(data)
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for _, batch in data.chunks(EVAL_CHUNK):
+            losses = self.objective.per_example_loss(net, batch_to(batch, self.device, self.dtype))
+            part = losses.sum() / n
+            part.backward()
+            total = total + part.detach()
+        wd = self.objective.weight_decay
+        if wd > 0:
+            reg = 0.5 * wd * sum((p * p).sum() for p in params)
+            assert isinstance(reg, torch.Tensor)
+            reg.backward()
+            total = total + reg.detach()
+        return total
+
+    @staticmethod
+    def grad_norm_of(params: list[torch.Tensor]) -> float:
+        sq = sum(float((p.grad * p.grad).sum()) for p in params if p.grad is not None)
+        return math.sqrt(sq)
+
+    def reinit(self, net: nn.Module) -> None:
+        frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+        resettable = [m for m in net.modules() if callable(getattr(m, "reset_parameters", None))]
+        if not resettable:
+            raise InputError(
+                "init='scratch' needs submodules with reset_parameters() (nn.Linear, nn.Conv2d, "
+                "...); this model has none. Use init='warm' or give the modules a "
+                "reset_parameters method"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            for m in resettable:
+                m.reset_parameters()  # type: ignore[operator]
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n in frozen:
+                    p.copy_(frozen[n])
+
+    def failure(self, removal: tuple[int, ...], step: int, value: float) -> NonFiniteError:
+        what = f"removal {list(removal)}" if removal else "the control run"
+        return NonFiniteError(
+            f"retraining for {what} diverged at step {step} (objective or gradient {value}); "
+            f"lower lr (now {self.config.learning_rate}) or use optimizer='lbfgs'"
+        )
+
+    # -- the retrain ----------------------------------------------------------------------
+    def run(self, removal: tuple[int, ...]) -> Outcome:
+        cfg = self.config
+        net = copy.deepcopy(self.model)
+        if cfg.init == "scratch":
+            self.reinit(net)
+        params = trainable(net)
+        data = self.train.without(list(removal)) if removal else self.train
+        wd = self.objective.weight_decay
+        tol = cfg.grad_tol
+        steps = 0
+
+        if cfg.optimizer == "lbfgs":
+            steps = self._run_lbfgs(net, params, data, removal)
+        elif cfg.batch_size is None:
+            opt = self._first_order(params)
+            while steps < cfg.max_steps:
+                value = float(self.objective_backward(net, params, data))
+                gnorm = self.grad_norm_of(params)
+                if not (math.isfinite(value) and math.isfinite(gnorm)):
+                    raise self.failure(removal, steps, value if not math.isfinite(value) else gnorm)
+                if tol is not None and gnorm <= tol:
+                    break
+                opt.step()
+                steps += 1
+        else:
+            opt = self._first_order(params)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            n = len(data)
+            bs = min(cfg.batch_size, n)
+            done = False
+            while not done:
+                perm = torch.randperm(n, generator=gen)
+                for start in range(0, n, bs):
+                    batch = batch_to(data.select(perm[start : start + bs]), self.device, self.dtype)
+                    for p in params:
+                        p.grad = None
+                    loss = self.objective.per_example_loss(net, batch).mean()
+                    if wd > 0:
+                        loss = loss + 0.5 * wd * sum((p * p).sum() for p in params)
+                    if not torch.isfinite(loss):
+                        raise self.failure(removal, steps, float(loss))
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if steps >= cfg.max_steps:
+                        done = True
+                        break
+                if not done and tol is not None:
+                    self.objective_backward(net, params, data)
+                    done = self.grad_norm_of(params) <= tol
+
+        self.objective_backward(net, params, data)
+        gnorm = self.grad_norm_of(params)
+        for p in params:
+            p.grad = None
+        if not math.isfinite(gnorm):
+            raise self.failure(removal, steps, gnorm)
+        delta = float(torch.linalg.vector_norm(flat_params(params) - self.theta_star))
+        return Outcome(removal, self.measure(net).detach().cpu(), delta, gnorm, steps)
+
+    def _first_order(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        lr = self.config.learning_rate
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.config.momentum)
+        return torch.optim.Adam(params, lr=lr)
+
+    def _run_lbfgs(
+        self,
+        net: nn.Module,
+        params: list[torch.Tensor],
+        data: IndexedData,
+        removal: tuple[int, ...],
+    ) -> int:
+        cfg = self.config
+        tol = cfg.grad_tol
+        # L-BFGS's own stopping test is on max|g|; max|g| <= tol/sqrt(p) implies ||g|| <= tol.
+        p_count = sum(p.numel() for p in params)
+        inner_tol = 0.0 if tol is None else tol / math.sqrt(p_count)
+        opt = torch.optim.LBFGS(
+            params,
+            lr=cfg.learning_rate,
+            max_iter=20,
+            history_size=20,
+            tolerance_grad=inner_tol,
+            tolerance_change=0.0,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            return self.objective_backward(net, params, data)
+
+        steps = 0
+        prev = math.inf
+        while steps < cfg.max_steps:
+            for group in opt.param_groups:
+                group["max_iter"] = min(20, cfg.max_steps - steps)
+                group["max_eval"] = group["max_iter"] * 5 // 4 * 2
+            value = float(opt.step(closure))
+            if not math.isfinite(value):
+                raise self.failure(removal, steps, value)
+            state = opt.state[opt._params[0]]
+            new_steps = int(state.get("n_iter", 0))
+            self.objective_backward(net, params, data)
+            gnorm = self.grad_norm_of(params)
+            if not math.isfinite(gnorm):
+                raise self.failure(removal, new_steps, gnorm)
+            stalled = new_steps <= steps or gnorm > 0.5 * prev
+            steps, prev = max(new_steps, steps), gnorm
+            if tol is not None and gnorm <= tol:
+                break
+            if stalled:
+                # Near the minimum, J changes by less than its float rounding, so the Wolfe line
+                # search (which compares values of J) and torch's absolute curvature test
+                # (y's > 1e-10) stop L-BFGS short of a tight tolerance. Finish with steps that
+                # look only at gradients.
+                if tol is not None:
+                    steps = self._polish(net, params, data, removal, steps)
+                break
+        return steps
+
+    def _polish(
+        self,
+        net: nn.Module,
+        params: list[torch.Tensor],
+        data: IndexedData,
+        removal: tuple[int, ...],
+        steps: int,
+    ) -> int:
+        """Gradient-only L-BFGS: two-loop recursion, unit step, halved until ||grad J|| drops.
+
+        Used only close to a minimum, where the quasi-Newton step is accurate and the gradient
+        norm is a sound merit function; it needs no values of :math:`J`.
+        """
+        cfg = self.config
+        tol = cfg.grad_tol if cfg.grad_tol is not None else 0.0
+
+        def grad_at(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(x, params)
+            self.objective_backward(net, params, data)
+            g = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+            return g, float(torch.linalg.vector_norm(g))
+
+        x = torch.nn.utils.parameters_to_vector(params).detach().clone()
+        g, gnorm = grad_at(x)
+        hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        while steps < cfg.max_steps and gnorm > tol:
+            q = -g
+            alphas = []
+            for s_k, y_k, rho in reversed(hist):
+                a = rho * torch.dot(s_k, q)
+                alphas.append(a)
+                q = q - a * y_k
+            if hist:
+                s_k, y_k, _ = hist[-1]
+                q = q * (torch.dot(s_k, y_k) / torch.dot(y_k, y_k))
+            for (s_k, y_k, rho), a in zip(hist, reversed(alphas), strict=True):
+                q = q + s_k * (a - rho * torch.dot(y_k, q))
+            t = 1.0
+            for _ in range(40):
+                x_new = x + t * q
+                g_new, gnorm_new = grad_at(x_new)
+                if gnorm_new < gnorm:
+                    break
+                t *= 0.5
+            else:
+                break  # no step lowers the gradient norm: float precision is exhausted
+            steps += 1
+            s_vec, y_vec = x_new - x, g_new - g
+            ys = float(torch.dot(s_vec, y_vec))
+            if ys > 1e-12 * float(
+                torch.linalg.vector_norm(s_vec) * torch.linalg.vector_norm(y_vec)
+            ):
+                hist.append((s_vec, y_vec, torch.tensor(1.0 / ys, dtype=x.dtype)))
+                hist = hist[-20:]
+            x, g, gnorm = x_new, g_new, gnorm_new
+            if not math.isfinite(gnorm):
+                raise self.failure(removal, steps, gnorm)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(x, params)
+        return steps
+
+
+def run_one(removal: tuple[int, ...], job: RetrainJob) -> Outcome:
+    """``job.run(removal)``, as a module-level function for :func:`infl.parallel.run_tasks`."""
+    return job.run(removal)

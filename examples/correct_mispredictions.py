@@ -22,7 +22,7 @@ import time
 import torch
 
 import infl
-from infl.experiments.correction import compare_rankings
+from infl.experiments import CorrectionConfig, compare_rankings
 from infl.studies.datasets import load_digits
 from infl.studies.models import mlp
 
@@ -69,12 +69,8 @@ def main() -> None:
         split.train,
         split.test,  # only its mis-predicted digits are corrected
         solver=infl.ConjugateGradient(damping=0.01, max_iter=200),
-        measurement="margin",
-        k=10,
-        lr=0.02,
-        max_steps=50,
+        config=CorrectionConfig(measurement="margin", k=10, lr=0.02, max_steps=50, seed=0),
         heldout=split.test,
-        seed=0,
         progress=False,
     )
     print(

@@ -12,6 +12,7 @@ from torch import nn
 
 import infl
 from infl.errors import InputError
+from infl.experiments import CorrectionConfig
 from infl.experiments.correction import (
     CorrectionResult,
     CorrectionSummary,
@@ -100,15 +101,11 @@ def case() -> Case:
 
 
 def _correct(case: Case, **kwargs: object) -> CorrectionResult:
-    defaults: dict[str, object] = {
-        "solver": None,
-        "k": 2,
-        "lr": 0.05,
-        "max_steps": 20,
-        "heldout": (case.x, case.y),
-        "seed": 0,
-    }
-    defaults.update(kwargs)
+    settings: dict[str, object] = {"k": 2, "lr": 0.05, "max_steps": 20, "seed": 0}
+    defaults: dict[str, object] = {"solver": None, "heldout": (case.x, case.y)}
+    for name, value in kwargs.items():
+        (settings if name in CorrectionConfig.__dataclass_fields__ else defaults)[name] = value
+    defaults["config"] = CorrectionConfig(**settings)  # type: ignore[arg-type]
     if defaults.get("ranking") != "influence":
         defaults.pop("solver")
     else:
@@ -132,11 +129,13 @@ def test_influence_ranks_the_known_culprits(case: Case, measurement: str) -> Non
         (case.x_test, case.y_test),
         ranking="influence",
         solver=infl.ExactHessian(),
-        measurement=measurement,  # type: ignore[arg-type]
-        k=5,
-        lr=0.05,
-        max_steps=20,
-        ascend_harmful=True,
+        config=CorrectionConfig(
+            measurement=measurement,  # type: ignore[arg-type]
+            k=5,
+            lr=0.05,
+            max_steps=20,
+            ascend_harmful=True,
+        ),
     )
     assert set(res.helpful[:2]) == set(case.good)
     assert set(res.harmful) == set(case.bad)
@@ -196,11 +195,8 @@ def test_compare_rankings_summary(case: Case) -> None:
         (case.x, case.y),
         (x_test, y_test),
         solver=infl.ExactHessian(),
-        k=2,
-        lr=0.05,
-        max_steps=20,
+        config=CorrectionConfig(k=2, lr=0.05, max_steps=20, seed=3),
         heldout=(case.x, case.y),
-        seed=3,
         progress=False,
     )
     assert isinstance(summary, CorrectionSummary)
@@ -244,7 +240,7 @@ def test_a_calculator_can_be_reused(case: Case) -> None:
             (case.x, case.y),
             (case.x_test, case.y_test),
             calculator=calc,
-            measurement="loss",
+            config=CorrectionConfig(measurement="loss"),
         )
 
 
@@ -257,8 +253,32 @@ def test_bad_input(case: Case) -> None:
     with pytest.raises(InputError, match="ranking must be one of"):
         correct_prediction(case.model, obj, train, (case.x_test, case.y_test), ranking="best")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="k must be"):
-        correct_prediction(case.model, obj, train, (case.x_test, case.y_test), k=0)
+        correct_prediction(
+            case.model, obj, train, (case.x_test, case.y_test), config=CorrectionConfig(k=0)
+        )
     with pytest.raises(InputError, match="nothing to correct"):
         compare_rankings(case.model, obj, train, (case.x[:3], case.y[:3]), progress=False)
     with pytest.raises(InputError, match="unknown ranking"):
         compare_rankings(case.model, obj, train, train, rankings=["oracle"], progress=False)  # type: ignore[list-item]
+
+
+def test_correction_config_is_validated_and_old_keywords_are_deprecated(case: Case) -> None:
+    for bad, match in [
+        ({"k": 0}, "k must be"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"max_steps": 0}, "max_steps must be"),
+        ({"measurement": "logit"}, "measurement must be"),
+        ({"chunk_size": 0}, "chunk_size must be"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            CorrectionConfig(**bad)  # type: ignore[arg-type]
+    args = (case.model, case.objective, (case.x, case.y), (case.x_test, case.y_test))
+    new = correct_prediction(*args, ranking="random", config=CorrectionConfig(k=2, seed=1))
+    with pytest.warns(DeprecationWarning, match="CorrectionConfig"):
+        old = correct_prediction(*args, ranking="random", k=2, seed=1)
+    assert old.helpful == new.helpful
+    assert old.steps == new.steps
+    with pytest.raises(InputError, match="config= and the settings keywords k"):
+        correct_prediction(*args, config=CorrectionConfig(), k=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'budget'"):
+        compare_rankings(*args, budget=3)

@@ -2,6 +2,7 @@
 mis-predictions by fine-tuning on influential examples (Schioppa et al., 2023)."""
 
 from infl.experiments.correction import (
+    CorrectionConfig,
     CorrectionResult,
     CorrectionSummary,
     compare_rankings,
@@ -10,6 +11,7 @@ from infl.experiments.correction import (
 from infl.experiments.fading import FadingResult, influence_fading, plot_fading
 
 __all__ = [
+    "CorrectionConfig",
     "CorrectionResult",
     "CorrectionSummary",
     "FadingResult",

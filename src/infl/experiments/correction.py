@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -68,6 +69,7 @@ from infl.objective import (
 from infl.solvers import ConjugateGradient, Solver
 
 __all__ = [
+    "CorrectionConfig",
     "CorrectionResult",
     "CorrectionSummary",
     "Ranking",
@@ -342,6 +344,98 @@ class _Ranker:
         raise InputError(f"ranking must be one of {list(RANKINGS)}, got {ranking!r}")
 
 
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """The settings shared by :func:`correct_prediction` and :func:`compare_rankings`.
+
+    One frozen record, validated at construction, so that a study can state its correction
+    protocol once and pass it to both.
+
+    Parameters
+    ----------
+    measurement
+        Without a calculator: ``"margin"`` (default when ``None``, :math:`\\sigma=+1`) or
+        ``"loss"`` (:math:`\\sigma=-1`), the test measurement :math:`f` that the ranking
+        explains.
+    k
+        Size of the helpful set :math:`S_+` (and of the harmful set :math:`S_-`); at most the
+        number of training examples (checked when the data is known).
+    lr
+        SGD step :math:`\\eta` of the fine-tuning.
+    max_steps
+        Step budget per corrected example.
+    ascend_harmful
+        Also ascend on the ``k`` most harmful examples (:math:`a = 1` in the module
+        docstring's :math:`L(\\theta)`).
+    seed
+        Seeds the ``"random"`` ranking (``seed + j`` for the ``j``-th example of
+        :func:`compare_rankings`).
+    chunk_size
+        Examples per chunk for gradients.
+
+    Raises
+    ------
+    InputError
+        A setting out of range (the message names it).
+    """
+
+    measurement: MeasurementName | None = None
+    k: int = 10
+    lr: float = 0.1
+    max_steps: int = 100
+    ascend_harmful: bool = False
+    seed: int = 0
+    chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.measurement not in (None, "margin", "loss"):
+            raise InputError(
+                f"measurement must be None, 'margin' or 'loss', got {self.measurement!r}"
+            )
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise InputError(f"k must be a positive integer, got {self.k}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
+        if isinstance(self.max_steps, bool) or int(self.max_steps) != self.max_steps:
+            raise InputError(f"max_steps must be a positive integer, got {self.max_steps}")
+        if self.max_steps < 1:
+            raise InputError(f"max_steps must be a positive integer, got {self.max_steps}")
+        if isinstance(self.chunk_size, bool) or int(self.chunk_size) != self.chunk_size:
+            raise InputError(f"chunk_size must be a positive integer, got {self.chunk_size}")
+        if self.chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive integer, got {self.chunk_size}")
+        object.__setattr__(self, "lr", float(self.lr))
+
+
+_SETTINGS = tuple(CorrectionConfig.__dataclass_fields__)
+
+
+def _resolve_config(
+    config: CorrectionConfig | None, settings: dict[str, Any], caller: str
+) -> CorrectionConfig:
+    """``config``, or (deprecated) a :class:`CorrectionConfig` built from keywords."""
+    unknown = sorted(set(settings) - set(_SETTINGS))
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    if config is not None and not isinstance(config, CorrectionConfig):
+        raise InputError(f"config must be a CorrectionConfig, got {type(config).__name__}")
+    if not settings:
+        return CorrectionConfig() if config is None else config
+    names = ", ".join(sorted(settings))
+    if config is not None:
+        raise InputError(
+            f"{caller}() got config= and the settings keywords {names}; put them into the "
+            "config (config=CorrectionConfig(...)) or use dataclasses.replace(config, ...)"
+        )
+    warnings.warn(
+        f"passing {names} to {caller}() as keywords is deprecated and will be removed in the "
+        "next release; pass config=infl.experiments.CorrectionConfig(...) instead",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return CorrectionConfig(**settings)
+
+
 def _check_budget(k: int, lr: float, max_steps: int, n: int) -> None:
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
         raise InputError(f"k must be an integer in 1..{n} (the training set size), got {k}")
@@ -435,25 +529,20 @@ def correct_prediction(
     test_example: Any,
     *,
     ranking: Ranking = "influence",
+    config: CorrectionConfig | None = None,
     calculator: InfluenceCalculator | None = None,
     solver: Solver | None = None,
-    measurement: MeasurementName | None = None,
-    k: int = 10,
-    lr: float = 0.1,
-    max_steps: int = 100,
-    ascend_harmful: bool = False,
     heldout: Any = None,
-    seed: int = 0,
-    chunk_size: int = 256,
     progress: bool = False,
+    **settings: Any,
 ) -> CorrectionResult:
     """Fix one mis-predicted test example by fine-tuning on the training examples that help it.
 
     Ranks the ``n`` training examples by helpfulness :math:`h` for the test example (see the
-    module docstring for the sign logic), then takes SGD steps of size :math:`\\eta` = ``lr``
-    on the mean loss of the ``k`` most helpful (minus, with ``ascend_harmful``, the mean loss
-    of the ``k`` most harmful) until the test example is classified correctly or
-    ``max_steps`` steps have been taken.
+    module docstring for the sign logic), then takes SGD steps of size :math:`\\eta` =
+    ``config.lr`` on the mean loss of the ``k`` most helpful (minus, with ``ascend_harmful``,
+    the mean loss of the ``k`` most harmful) until the test example is classified correctly
+    or ``config.max_steps`` steps have been taken.
 
     Parameters
     ----------
@@ -471,31 +560,23 @@ def correct_prediction(
         ``"influence"`` (:math:`h_i = \\sigma\\mathcal I_i`, needs inverse-HVPs),
         ``"gradient_similarity"`` (:math:`h_i = -\\sigma\\cos(\\nabla f,\\nabla\\ell_i)`) or
         ``"random"``.
+    config
+        The correction settings (:class:`CorrectionConfig`: ``measurement``, ``k``, ``lr``,
+        ``max_steps``, ``ascend_harmful``, ``seed``, ``chunk_size``); ``None``: the
+        defaults.
     calculator
         An :class:`~infl.InfluenceCalculator` for this model and training data whose
         measurement is the margin, the target logit or the loss; reused across calls.
     solver
         Otherwise, the inverse-HVP solver of a calculator built here (default
         :class:`~infl.ConjugateGradient`).
-    measurement
-        Without a calculator: ``"margin"`` (default, :math:`\\sigma=+1`) or ``"loss"``
-        (:math:`\\sigma=-1`), the test measurement :math:`f` that the ranking explains.
-    k
-        Size of the helpful (and harmful) set.
-    lr
-        SGD step :math:`\\eta`.
-    max_steps
-        Step budget.
-    ascend_harmful
-        Also ascend on the ``k`` most harmful examples.
     heldout
         Optional ``(inputs, targets)`` data on which to report the accuracy change.
-    seed
-        Seeds the ``"random"`` ranking.
-    chunk_size
-        Examples per chunk for gradients.
     progress
         Show progress bars of the influence computation.
+    **settings
+        Deprecated: the fields of :class:`CorrectionConfig` as keywords. They still work,
+        with a ``DeprecationWarning``, until the next release; not together with ``config``.
 
     Returns
     -------
@@ -516,11 +597,13 @@ def correct_prediction(
     >>> net = nn.Linear(1, 2).double()
     >>> with torch.no_grad():
     ...     _ = net.weight.copy_(torch.tensor([[-1.0], [1.0]])), net.bias.zero_()
-    >>> res = correct_prediction(net, Objective("cross_entropy", 0.1), (x, y),
-    ...                          (x[4:], y[4:]), ranking="gradient_similarity", k=1, lr=1.0)
+    >>> res = correct_prediction(net, Objective("cross_entropy", 0.1), (x, y), (x[4:], y[4:]),
+    ...                          ranking="gradient_similarity",
+    ...                          config=CorrectionConfig(k=1, lr=1.0))
     >>> res.helpful, res.flipped
     ((4,), True)
     """
+    cfg = _resolve_config(config, settings, "correct_prediction")
     train = as_indexed(train_data, "training data")
     test = as_indexed(test_example, "test example")
     if len(test) != 1:
@@ -528,15 +611,15 @@ def correct_prediction(
             f"test_example must be a single example (a batch of one), got {len(test)}; use "
             "compare_rankings for many test examples"
         )
-    _check_budget(k, lr, max_steps, len(train))
+    _check_budget(cfg.k, cfg.lr, cfg.max_steps, len(train))
     ranker = _Ranker(
         model,
         objective,
         train,
         calculator=calculator,
         solver=solver,
-        measurement=measurement,
-        chunk_size=chunk_size,
+        measurement=cfg.measurement,
+        chunk_size=cfg.chunk_size,
         progress=progress,
     )
     batch = test.select([0])
@@ -544,7 +627,7 @@ def correct_prediction(
     held = as_indexed(heldout, "heldout data") if heldout is not None else None
     dtype, device = _dtype_device(model)
     before = _accuracy(model, held, device, dtype) if held is not None else None
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     h = ranker.helpfulness(ranking, test, [gen])[0]
     return _finetune(
         model,
@@ -553,10 +636,10 @@ def correct_prediction(
         batch,
         h,
         ranking=ranking,
-        k=k,
-        lr=lr,
-        max_steps=max_steps,
-        ascend_harmful=ascend_harmful,
+        k=cfg.k,
+        lr=cfg.lr,
+        max_steps=cfg.max_steps,
+        ascend_harmful=cfg.ascend_harmful,
         heldout=held,
         heldout_before=before,
         keep_model=True,
@@ -597,18 +680,13 @@ def compare_rankings(
     test_data: Any,
     *,
     rankings: Sequence[Ranking] = RANKINGS,
+    config: CorrectionConfig | None = None,
     calculator: InfluenceCalculator | None = None,
     solver: Solver | None = None,
-    measurement: MeasurementName | None = None,
-    k: int = 10,
-    lr: float = 0.1,
-    max_steps: int = 100,
-    ascend_harmful: bool = False,
     heldout: Any = None,
-    seed: int = 0,
     max_examples: int | None = None,
-    chunk_size: int = 256,
     progress: bool = True,
+    **settings: Any,
 ) -> CorrectionSummary:
     """Run :func:`correct_prediction` with each ranking on every mis-predicted test example.
 
@@ -616,7 +694,7 @@ def compare_rankings(
     found first; influence scores for all of them come from one call of
     :meth:`~infl.InfluenceCalculator.influence` (one solve, one pass over the training
     data), gradient similarities from one pass of per-example gradients. The ``"random"``
-    ranking of the ``j``-th example is seeded with ``seed + j``.
+    ranking of the ``j``-th example is seeded with ``config.seed + j``.
 
     Parameters
     ----------
@@ -629,7 +707,8 @@ def compare_rankings(
     progress
         A tqdm bar over the test examples (and the influence computation's own bars).
 
-    Other parameters are those of :func:`correct_prediction`.
+    Other parameters (``config``, ``calculator``, ``solver``, ``heldout`` and the deprecated
+    ``**settings``) are those of :func:`correct_prediction`.
 
     Returns
     -------
@@ -641,12 +720,13 @@ def compare_rankings(
     InputError
         If no test example is mis-predicted, or a ranking name is unknown.
     """
+    cfg = _resolve_config(config, settings, "compare_rankings")
     for r in rankings:
         if r not in RANKINGS:
             raise InputError(f"unknown ranking {r!r}; choose from {list(RANKINGS)}")
     train = as_indexed(train_data, "training data")
     test = as_indexed(test_data, "test data")
-    _check_budget(k, lr, max_steps, len(train))
+    _check_budget(cfg.k, cfg.lr, cfg.max_steps, len(train))
     pred, labels = _predictions(model, test)
     wrong = torch.nonzero(pred != labels).reshape(-1)
     if max_examples is not None:
@@ -662,14 +742,14 @@ def compare_rankings(
         train,
         calculator=calculator,
         solver=solver,
-        measurement=measurement,
-        chunk_size=chunk_size,
+        measurement=cfg.measurement,
+        chunk_size=cfg.chunk_size,
         progress=progress,
     )
     held = as_indexed(heldout, "heldout data") if heldout is not None else None
     dtype, device = _dtype_device(model)
     before = _accuracy(model, held, device, dtype) if held is not None else None
-    gens = [torch.Generator().manual_seed(seed + j) for j in range(wrong.numel())]
+    gens = [torch.Generator().manual_seed(cfg.seed + j) for j in range(wrong.numel())]
     scores = {r: ranker.helpfulness(r, subset, gens) for r in rankings}
     out: dict[str, list[CorrectionResult]] = {r: [] for r in rankings}
     bar = tqdm(range(wrong.numel()), desc="correcting", disable=not progress, leave=False)
@@ -684,10 +764,10 @@ def compare_rankings(
                     batch,
                     scores[r][j],
                     ranking=r,
-                    k=k,
-                    lr=lr,
-                    max_steps=max_steps,
-                    ascend_harmful=ascend_harmful,
+                    k=cfg.k,
+                    lr=cfg.lr,
+                    max_steps=cfg.max_steps,
+                    ascend_harmful=cfg.ascend_harmful,
                     heldout=held,
                     heldout_before=before,
                     keep_model=False,

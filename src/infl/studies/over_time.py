@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from infl import ConjugateGradient, ExactHessian, InfluenceCalculator, InflWarning, Objective
-from infl.experiments.correction import CorrectionSummary, compare_rankings
+from infl.experiments.correction import CorrectionConfig, CorrectionSummary, compare_rankings
 from infl.experiments.fading import influence_fading
 from infl.parallel import run_resumable
 from infl.store import Store, write_atomic
@@ -219,9 +219,7 @@ def run_correction_study(
                 split.train,
                 (split.x_test[wrong], split.y_test[wrong]),
                 calculator=calc,
-                k=settings.k,
-                lr=settings.lr,
-                max_steps=settings.max_steps,
+                config=CorrectionConfig(k=settings.k, lr=settings.lr, max_steps=settings.max_steps),
                 heldout=(split.x_test[right], split.y_test[right]),
                 max_examples=settings.max_examples,
                 progress=progress,

@@ -1,0 +1,594 @@
+"""Kronecker factors of the Fisher, per layer, from streamed passes over the training data.
+
+For a layer with weight :math:`W` (``[out, in]``; a bias is an extra column fed a constant 1)
+and an example :math:`i` whose layer input/output at location :math:`t` (a sequence position,
+a convolution patch; one location for a plain ``nn.Linear`` on ``[b, in]``) are :math:`a_{i,t}`
+(``[in]``) and :math:`s_{i,t}` (``[out]``), the per-example gradient is
+
+.. math::
+
+    G_i = \\nabla_W \\ell_i = \\sum_t g_{i,t} a_{i,t}^T, \\qquad
+    g_{i,t} = \\partial \\ell_i / \\partial s_{i,t},
+
+and its Fisher block :math:`F = \\frac1n\\sum_i \\mathrm{vec}(G_i)\\mathrm{vec}(G_i)^T` is
+approximated by :math:`S \\otimes A` (row-major ``vec``, the order of ``W.flatten()``) with
+
+.. math::
+
+    A = \\frac1n\\sum_i \\sum_t a_{i,t}a_{i,t}^T, \\qquad
+    S = \\frac1n\\sum_i \\frac1{T}\\sum_t g_{i,t}g_{i,t}^T
+
+— the *spatial-sum convention* of Grosse & Martens (2016): activations summed over the
+:math:`T` locations, gradients averaged, so that :math:`S\\otimes A = T\\,E_t[gg^T]\\otimes
+E_t[aa^T]`, the Fisher block when derivatives at different locations are uncorrelated and
+statistics do not depend on the location. For a single location it is the plain K-FAC of
+Martens & Grosse (2015). Convolutions use ``unfold`` patches as :math:`a_{i,t}` (``in`` =
+``C·kh·kw`` in the order of ``weight.reshape(out, -1)``) and the output pixels as locations.
+
+Labels: ``fisher="true"`` draws :math:`y \\sim p(y|f(x))` from the model's predictive
+distribution with a seeded generator (so :math:`E[gg^T]` is the Gauss-Newton matrix in
+expectation); ``"empirical"`` uses the data's own labels.
+
+This module only computes; :mod:`infl.solvers.kfac` turns the factors into a solver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
+from infl.errors import InputError, NonFiniteError
+from infl.model import ModelWrapper
+from infl.objective import _LOSSES, SupervisedLoss, _split_supervised
+
+SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
+
+
+@dataclass
+class LayerBlock:
+    """One supported layer: where its parameters sit in the flat vector, and its factors.
+
+    Attributes
+    ----------
+    name
+        The module's name in ``model.named_modules()`` (``"<root>"`` for the model itself).
+    module
+        The layer (used only to register temporary forward hooks).
+    weight, bias
+        Names of its *trainable* weight / bias parameters (``None`` if absent or frozen).
+    weight_slice, bias_slice
+        Their slices of the flat ``[p]`` parameter vector.
+    out_dim, in_dim
+        :math:`W` as a matrix is ``[out_dim, in_dim]`` (``in_dim`` counts the bias column).
+    A, S
+        ``[in_dim, in_dim]`` and ``[out_dim, out_dim]`` factors (set by :func:`collect_factors`).
+    """
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    weight_slice: slice | None
+    bias_slice: slice | None
+    out_dim: int
+    in_dim: int
+    A: torch.Tensor | None = None
+    S: torch.Tensor | None = None
+    eig_A: torch.Tensor | None = None
+    Q_A: torch.Tensor | None = None
+    eig_S: torch.Tensor | None = None
+    Q_S: torch.Tensor | None = None
+    eigen_diag: torch.Tensor | None = None  # EK-FAC's refit, [out_dim, in_dim]
+
+    @property
+    def slices(self) -> list[slice]:
+        """The parameter slices of this block, in flat-vector order."""
+        return [s for s in (self.weight_slice, self.bias_slice) if s is not None]
+
+    def gather(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``[k, p]`` → ``[k, out_dim, in_dim]``: this layer's part as matrices (bias last)."""
+        k = vectors.shape[0]
+        parts = []
+        if self.weight_slice is not None:
+            parts.append(vectors[:, self.weight_slice].reshape(k, self.out_dim, -1))
+        if self.bias_slice is not None:
+            parts.append(vectors[:, self.bias_slice].reshape(k, self.out_dim, 1))
+        return torch.cat(parts, dim=2)
+
+    def scatter(self, matrices: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``[k, out_dim, in_dim]`` back into this layer's slices of ``out`` ``[k, p]``."""
+        k = matrices.shape[0]
+        col = 0
+        if self.weight_slice is not None:
+            width = self.in_dim - (1 if self.bias_slice is not None else 0)
+            out[:, self.weight_slice] = matrices[:, :, :width].reshape(k, -1)
+            col = width
+        if self.bias_slice is not None:
+            out[:, self.bias_slice] = matrices[:, :, col]
+
+    def activations(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The layer input as ``[b, T, in_dim]`` (patches for a convolution, bias column 1)."""
+        b = inputs.shape[0]
+        if isinstance(self.module, nn.Conv2d):
+            conv = self.module
+            patches = F.unfold(
+                inputs,
+                conv.kernel_size,
+                dilation=conv.dilation,
+                padding=_conv_padding(conv),  # type: ignore[arg-type]
+                stride=conv.stride,
+            )  # [b, C*kh*kw, L]
+            acts = patches.transpose(1, 2)
+        else:
+            acts = inputs.reshape(b, -1, inputs.shape[-1])
+        parts = []
+        if self.weight is not None:
+            parts.append(acts)
+        if self.bias is not None:
+            parts.append(torch.ones(*acts.shape[:2], 1, dtype=acts.dtype, device=acts.device))
+        return torch.cat(parts, dim=2)
+
+    def output_grads(self, grads: torch.Tensor) -> torch.Tensor:
+        """:math:`\\partial\\ell/\\partial s` as ``[b, T, out_dim]``."""
+        b = grads.shape[0]
+        if isinstance(self.module, nn.Conv2d):
+            return grads.reshape(b, self.out_dim, -1).transpose(1, 2)
+        return grads.reshape(b, -1, self.out_dim)
+
+
+@dataclass
+class DiagonalBlock:
+    """A parameter outside any supported layer, approximated by its Fisher diagonal."""
+
+    name: str
+    param_slice: slice
+    diag: torch.Tensor | None = None  # [numel]
+
+    @property
+    def slices(self) -> list[slice]:
+        return [self.param_slice]
+
+
+@dataclass
+class Partition:
+    """The flat parameter vector split into Kronecker layers and diagonal leftovers."""
+
+    layers: list[LayerBlock]
+    diagonal: list[DiagonalBlock] = field(default_factory=list)
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Explicit symmetric padding of ``conv``, or ``None`` when unfold cannot express it."""
+    pad = conv.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in totals):
+            return None
+        return (totals[0] // 2, totals[1] // 2)
+    return (int(pad[0]), int(pad[1]))
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r}"
+        if _conv_padding(module) is None:
+            return "Conv2d with asymmetric 'same' padding"
+        return None
+    if isinstance(module, nn.Linear):
+        return None
+    return type(module).__name__
+
+
+def partition(wrapper: ModelWrapper, *, allow_diagonal: bool) -> Partition:
+    """Assign every trainable parameter to a supported layer or, if allowed, a diagonal block.
+
+    Raises
+    ------
+    InputError
+        Naming the trainable parameters outside a supported layer (and their module types)
+        when ``allow_diagonal`` is false.
+    """
+    offsets: dict[str, slice] = {}
+    start = 0
+    for name, numel in zip(wrapper.names, wrapper.numels, strict=True):
+        offsets[name] = slice(start, start + numel)
+        start += numel
+    by_id = {id(p): n for n, p in wrapper.model.named_parameters() if n in offsets}
+    claimed: dict[str, str] = {}
+    layers: list[LayerBlock] = []
+    problems: dict[str, str] = {}
+    for mname, module in wrapper.model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        weight = by_id.get(id(module.weight))
+        bias = by_id.get(id(module.bias)) if module.bias is not None else None
+        if weight is None and bias is None:
+            continue
+        reason = _unsupported_reason(module)
+        label = mname or "<root>"
+        shared = [n for n in (weight, bias) if n is not None and n in claimed]
+        if shared:
+            reason = f"parameter shared with layer {claimed[shared[0]]!r}"
+        if reason is not None:
+            for n in (weight, bias):
+                if n is not None:
+                    problems[n] = f"{label} ({reason})"
+            continue
+        for n in (weight, bias):
+            if n is not None:
+                claimed[n] = label
+        out_dim = module.weight.shape[0]
+        in_dim = (module.weight[0].numel() if weight is not None else 0) + (bias is not None)
+        layers.append(
+            LayerBlock(
+                name=label,
+                module=module,
+                weight=weight,
+                bias=bias,
+                weight_slice=offsets[weight] if weight is not None else None,
+                bias_slice=offsets[bias] if bias is not None else None,
+                out_dim=out_dim,
+                in_dim=in_dim,
+            )
+        )
+    modules = dict(wrapper.model.named_modules())
+    for name in wrapper.names:
+        if name in claimed or name in problems:
+            continue
+        owner = name.rpartition(".")[0]
+        kind = type(modules.get(owner, wrapper.model)).__name__
+        problems[name] = f"{owner or '<root>'} ({kind})"
+    if problems and not allow_diagonal:
+        listed = "; ".join(f"{n!r} in {where}" for n, where in problems.items())
+        raise InputError(
+            f"K-FAC/EK-FAC approximate only trainable parameters of {SUPPORTED} layers; these "
+            f"are outside one: {listed}. Freeze them (requires_grad=False), or pass "
+            "unsupported='diagonal' to approximate them by their Fisher diagonal."
+        )
+    diagonal = [DiagonalBlock(n, offsets[n]) for n in wrapper.names if n in problems]
+    return Partition(layers, diagonal)
+
+
+# ---------------------------------------------------------------------------- streaming
+@dataclass
+class ChunkRecord:
+    """One chunk and one label draw: what every accumulator needs.
+
+    ``acts[name]`` is ``[b, T, in_dim]``, ``grads[name]`` ``[b, T, out_dim]`` (gradients of the
+    per-example losses), ``loss_batch`` the batch with the labels used (sampled or true), and
+    ``weight`` the Monte-Carlo weight of this draw (``1 / mc_samples``) and ``draw`` its
+    index (the activations are the same for every draw of a chunk).
+    """
+
+    size: int
+    acts: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    loss_batch: Batch
+    weight: float
+    draw: int
+
+
+def _sample_labels(name: str, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the predictive distribution that the loss ``name`` is the NLL of."""
+    out = outputs.detach()
+    if name == "cross_entropy":
+        probs = torch.softmax(out, dim=1)
+        flat = probs.movedim(1, -1).reshape(-1, probs.shape[1])
+        draws = torch.multinomial(flat, 1, generator=generator).reshape(-1)
+        return draws.reshape(probs.movedim(1, -1).shape[:-1])
+    if name == "bce_with_logits":
+        u = torch.rand(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+        return (u < torch.sigmoid(out)).to(out.dtype)
+    # mse: sum (f - y)^2 is the NLL of N(f, I/2), so E[grad grad^T] = 2 I = its Hessian in f
+    noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+    return out + noise * (0.5**0.5)
+
+
+def stream(
+    wrapper: ModelWrapper,
+    data: IndexedData,
+    layers: list[LayerBlock],
+    visit: Callable[[ChunkRecord], None],
+    *,
+    fisher: str,
+    chunk_size: int,
+    generator: torch.Generator,
+    mc_samples: int,
+    desc: str,
+    progress: bool,
+) -> None:
+    """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
+
+    Temporary forward hooks on the layers record their inputs and outputs during a
+    ``functional_call`` of the user's module at infl's parameters; they are removed in
+    ``finally``, and the module's own parameters are never touched.
+    """
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {ly.name: [] for ly in layers}
+    active = [False]
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if active[0]:
+                records[name].append((args[0].detach(), output))
+
+        return hook
+
+    handles = [ly.module.register_forward_hook(make_hook(ly.name)) for ly in layers]
+    loss_name = None
+    if fisher == "true":
+        loss_name = wrapper.objective.loss.name  # type: ignore[union-attr]
+    try:
+        params = {n: p.detach().clone().requires_grad_(True) for n, p in wrapper.params.items()}
+        model_fn = _functional(wrapper, params)
+        bar = tqdm(
+            data.chunks(chunk_size),
+            total=data.num_chunks(chunk_size),
+            desc=desc,
+            disable=not progress,
+            leave=False,
+        )
+        for _, raw in bar:
+            batch = wrapper.prepare(raw)
+            b = batch_size(batch)
+            for rec in records.values():
+                rec.clear()
+            draws: list[tuple[torch.Tensor, Batch]] = []
+            with torch.enable_grad():
+                active[0] = True
+                try:
+                    if loss_name is None:
+                        losses = wrapper.objective.per_example_loss(model_fn, batch)
+                        draws.append((losses.sum(), batch))
+                    else:
+                        inputs, _ = _split_supervised(batch)
+                        outputs = model_fn(inputs)
+                        for _ in range(mc_samples):
+                            labels = _sample_labels(loss_name, outputs, generator)
+                            loss = _LOSSES[loss_name](outputs, labels).sum()
+                            draws.append((loss, (inputs, labels)))
+                finally:
+                    active[0] = False
+                _check_calls(layers, records, b)
+                outs = [o for ly in layers for _, o in records[ly.name]]
+                acts = {
+                    ly.name: torch.cat([ly.activations(a) for a, _ in records[ly.name]], dim=1)
+                    for ly in layers
+                }
+                for r, (loss, loss_batch) in enumerate(draws):
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(
+                            "the training loss of a chunk is not finite at the trained "
+                            "parameters; check the inputs for NaN/inf"
+                        )
+                    out_grads = torch.autograd.grad(
+                        loss, outs, retain_graph=r < len(draws) - 1, allow_unused=True
+                    )
+                    pos = 0
+                    grads = {}
+                    for ly in layers:
+                        per_call = []
+                        for _, o in records[ly.name]:
+                            g = out_grads[pos]
+                            pos += 1
+                            per_call.append(
+                                ly.output_grads(torch.zeros_like(o) if g is None else g)
+                            )
+                        grads[ly.name] = torch.cat(per_call, dim=1).detach()
+                    visit(ChunkRecord(b, acts, grads, loss_batch, 1.0 / len(draws), r))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for rec in records.values():
+            rec.clear()
+
+
+def _functional(wrapper: ModelWrapper, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    fixed = wrapper.fixed
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return functional_call(wrapper.model, {**fixed, **params}, args, kwargs)
+
+    return call
+
+
+def _check_calls(
+    layers: list[LayerBlock],
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    b: int,
+) -> None:
+    for ly in layers:
+        calls = records[ly.name]
+        if not calls:
+            raise InputError(
+                f"layer {ly.name!r} ({type(ly.module).__name__}) has trainable parameters but "
+                "was not called in the forward pass (its parameters are used some other way, "
+                "e.g. F.linear(x, layer.weight)); K-FAC needs the layer itself to be called. "
+                "Freeze its parameters or call the layer as a module."
+            )
+        for a, _ in calls:
+            if a.dim() < 2 or a.shape[0] != b:
+                raise InputError(
+                    f"layer {ly.name!r} was called on an input of shape {tuple(a.shape)}, "
+                    f"not on the chunk's {b} examples along dim 0; K-FAC needs every layer "
+                    "to see the batch dimension first"
+                )
+
+
+def diagonal_sq_grads(
+    wrapper: ModelWrapper, blocks: list[DiagonalBlock], loss_batch: Batch, *, empirical: bool
+) -> dict[str, torch.Tensor]:
+    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` over a chunk, for the diagonal blocks."""
+    names = [blk.name for blk in blocks]
+    sub = {n: wrapper.params[n] for n in names}
+    others = {n: p for n, p in wrapper.params.items() if n not in sub}
+    if empirical:
+        loss_fn = wrapper.objective.per_example_loss
+    else:
+        loss_fn = SupervisedLoss(wrapper.objective.loss.name)  # type: ignore[union-attr]
+
+    def single(sub_params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
+        one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
+        return loss_fn(_functional(wrapper, {**others, **sub_params}), one).sum()
+
+    grads = vmap(grad(single), in_dims=(None, 0))(sub, loss_batch)
+    return {n: (grads[n].detach() ** 2).sum(0).reshape(-1) for n in names}
+
+
+def collect_factors(
+    wrapper: ModelWrapper,
+    data: IndexedData,
+    part: Partition,
+    *,
+    fisher: str,
+    chunk_size: int,
+    generator: torch.Generator,
+    mc_samples: int,
+    progress: bool,
+) -> None:
+    """Pass 1: fill ``A``, ``S`` of every layer and ``diag`` of every diagonal block (in place).
+
+    Cost: one forward and ``mc_samples`` backward passes over the data (plus one vmapped
+    per-example gradient of the diagonal blocks' parameters per draw); memory
+    :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors.
+    """
+    dtype, device = wrapper.dtype, wrapper.device
+    A = {
+        ly.name: torch.zeros(ly.in_dim, ly.in_dim, dtype=dtype, device=device) for ly in part.layers
+    }
+    S = {
+        ly.name: torch.zeros(ly.out_dim, ly.out_dim, dtype=dtype, device=device)
+        for ly in part.layers
+    }
+    diag = {
+        blk.name: torch.zeros(
+            blk.param_slice.stop - blk.param_slice.start, dtype=dtype, device=device
+        )
+        for blk in part.diagonal
+    }
+
+    def visit(rec: ChunkRecord) -> None:
+        for ly in part.layers:
+            a = rec.acts[ly.name]
+            g = rec.grads[ly.name]
+            if rec.draw == 0:
+                flat_a = a.reshape(-1, a.shape[-1])
+                A[ly.name] += flat_a.T @ flat_a
+            flat_g = g.reshape(-1, g.shape[-1])
+            S[ly.name] += (flat_g.T @ flat_g) * (rec.weight / g.shape[1])
+        if part.diagonal:
+            sq = diagonal_sq_grads(
+                wrapper, part.diagonal, rec.loss_batch, empirical=fisher != "true"
+            )
+            for name, value in sq.items():
+                diag[name] += value * rec.weight
+
+    stream(
+        wrapper,
+        data,
+        part.layers,
+        visit,
+        fisher=fisher,
+        chunk_size=chunk_size,
+        generator=generator,
+        mc_samples=mc_samples,
+        desc="K-FAC factors",
+        progress=progress,
+    )
+    n = len(data)
+    for ly in part.layers:
+        ly.A = A[ly.name] / n
+        ly.S = S[ly.name] / n
+    for blk in part.diagonal:
+        blk.diag = diag[blk.name] / n
+    _check_finite(part)
+
+
+def eigendecompose(part: Partition) -> None:
+    """Eigendecompose every layer's ``A`` and ``S`` (eigenvalues clamped at 0, in place)."""
+    for ly in part.layers:
+        assert ly.A is not None
+        assert ly.S is not None
+        eig_a, q_a = torch.linalg.eigh((ly.A + ly.A.T) / 2)
+        eig_s, q_s = torch.linalg.eigh((ly.S + ly.S.T) / 2)
+        ly.eig_A, ly.Q_A = eig_a.clamp_min(0), q_a
+        ly.eig_S, ly.Q_S = eig_s.clamp_min(0), q_s
+
+
+def collect_eigen_diagonal(
+    wrapper: ModelWrapper,
+    data: IndexedData,
+    part: Partition,
+    *,
+    fisher: str,
+    chunk_size: int,
+    generator: torch.Generator,
+    mc_samples: int,
+    progress: bool,
+) -> None:
+    """Pass 2 (EK-FAC): :math:`E_i[(Q_S^T G_i Q_A)^2]` per layer, into ``eigen_diag``.
+
+    :math:`G_i = \\sum_t g_{i,t} a_{i,t}^T` is example ``i``'s exact gradient of the layer's
+    weight matrix. With one location per example the square factorises,
+    :math:`(Q_S^T g)^2 ((Q_A^T a)^2)^T`, and the chunk's sum is one matrix product; otherwise
+    the ``[b, out, in]`` per-example gradients of the chunk are formed.
+    """
+    dtype, device = wrapper.dtype, wrapper.device
+    acc = {
+        ly.name: torch.zeros(ly.out_dim, ly.in_dim, dtype=dtype, device=device)
+        for ly in part.layers
+    }
+
+    def visit(rec: ChunkRecord) -> None:
+        for ly in part.layers:
+            assert ly.Q_A is not None
+            assert ly.Q_S is not None
+            a = rec.acts[ly.name] @ ly.Q_A  # [b, T, in]
+            g = rec.grads[ly.name] @ ly.Q_S  # [b, T, out]
+            if a.shape[1] == 1:
+                acc[ly.name] += (g[:, 0] ** 2).T @ (a[:, 0] ** 2) * rec.weight
+            else:
+                rotated = torch.einsum("bto,bti->boi", g, a)
+                acc[ly.name] += (rotated**2).sum(0) * rec.weight
+
+    stream(
+        wrapper,
+        data,
+        part.layers,
+        visit,
+        fisher=fisher,
+        chunk_size=chunk_size,
+        generator=generator,
+        mc_samples=mc_samples,
+        desc="EK-FAC eigenvalues",
+        progress=progress,
+    )
+    n = len(data)
+    for ly in part.layers:
+        ly.eigen_diag = acc[ly.name] / n
+    _check_finite(part)
+
+
+def _check_finite(part: Partition) -> None:
+    for ly in part.layers:
+        for what, t in (("A", ly.A), ("S", ly.S), ("eigenvalues", ly.eigen_diag)):
+            if t is not None and not torch.isfinite(t).all():
+                raise NonFiniteError(
+                    f"the K-FAC factor {what} of layer {ly.name!r} is not finite; the "
+                    "activations or gradients overflow (check the inputs and the loss)"
+                )
+    for blk in part.diagonal:
+        if blk.diag is not None and not torch.isfinite(blk.diag).all():
+            raise NonFiniteError(f"the Fisher diagonal of {blk.name!r} is not finite")

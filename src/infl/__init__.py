@@ -36,11 +36,20 @@ from infl.objective import (
 )
 from infl.operators import DampedOperator, DenseOperator, HessianOperator, LinearOperator
 from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
-from infl.solvers import ConjugateGradient, ExactHessian, FittedSolver, LiSSA, Solver, SolveResult
+from infl.solvers import (
+    Arnoldi,
+    ConjugateGradient,
+    ExactHessian,
+    FittedSolver,
+    LiSSA,
+    Solver,
+    SolveResult,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Arnoldi",
     "ConjugateGradient",
     "DampedOperator",
     "DenseOperator",

@@ -1,8 +1,17 @@
 """Inverse-Hessian-vector-product solvers sharing one interface (see :mod:`infl.solvers.base`)."""
 
+from infl.solvers.arnoldi import Arnoldi
 from infl.solvers.base import FittedSolver, Solver, SolveResult
 from infl.solvers.cg import ConjugateGradient
 from infl.solvers.exact import ExactHessian
 from infl.solvers.lissa import LiSSA
 
-__all__ = ["ConjugateGradient", "ExactHessian", "FittedSolver", "LiSSA", "SolveResult", "Solver"]
+__all__ = [
+    "Arnoldi",
+    "ConjugateGradient",
+    "ExactHessian",
+    "FittedSolver",
+    "LiSSA",
+    "SolveResult",
+    "Solver",
+]

@@ -37,6 +37,11 @@ class LanczosResult:
         :math:`m`, the dimension of the Krylov subspace (= operator applications).
     converged
         Whether every requested Ritz value met the tolerance.
+    largest_vectors, smallest_vectors
+        ``[k, p]`` unit Ritz vectors :math:`y_i = Q_m s_i`, row ``i`` paired with
+        ``largest[i]`` / ``smallest[i]`` (in the operator's dtype and device), orthonormal to
+        working precision; ``None`` unless ``return_vectors=True`` (or that end was not
+        requested).
     """
 
     largest: torch.Tensor
@@ -45,6 +50,8 @@ class LanczosResult:
     smallest_residuals: torch.Tensor
     iterations: int
     converged: bool
+    largest_vectors: torch.Tensor | None = None
+    smallest_vectors: torch.Tensor | None = None
 
 
 def lanczos(
@@ -55,6 +62,7 @@ def lanczos(
     max_iter: int | None = None,
     tol: float = 1e-8,
     seed: int = 0,
+    return_vectors: bool = False,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -85,6 +93,10 @@ def lanczos(
     seed
         Seeds the random start vector :math:`q_1` (a ``torch.Generator``; same seed, same
         result).
+    return_vectors
+        Also return the Ritz vectors :math:`y_i = Q_m s_i` of the returned Ritz values (for
+        low-rank solvers such as :class:`~infl.solvers.arnoldi.Arnoldi`). The Lanczos run is
+        the same either way; this adds :math:`O(m k p)` flops and ``k p`` numbers.
 
     Returns
     -------
@@ -129,6 +141,7 @@ def lanczos(
     betas: list[float] = []
     eps = torch.finfo(operator.dtype).eps
     theta = torch.zeros(0, dtype=torch.float64)
+    vecs = torch.zeros(0, 0, dtype=torch.float64)
     resid = torch.zeros(0, dtype=torch.float64)
     converged = False
     m = 0
@@ -147,14 +160,16 @@ def lanczos(
         beta = float(w.norm())
         alphas.append(alpha)
         m = j + 1
-        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(betas, dtype=torch.float64)
-            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, vecs = torch.linalg.eigh(tri)
-        resid = beta * vecs[-1].abs()
-        scale = float(theta.abs().max()) if m else 0.0
+        if m >= min(k, p) or m == max_iter:
+            theta, vecs, resid = _ritz(alphas, betas, beta)
+            scale = float(theta.abs().max())
+        else:
+            # Nothing to test yet (fewer than k Ritz values): skip the O(m^3) eigensolve and
+            # bound max|theta| <= ||T_m||_inf (Gershgorin) for the breakdown test below.
+            scale = _row_sum_bound(alphas, betas)
         exhausted = beta <= 10 * eps * max(scale, 1e-300)
+        if exhausted and theta.numel() != m:
+            theta, vecs, resid = _ritz(alphas, betas, beta)
         if m >= min(k, p):
             wanted = _wanted(resid, k, which)
             if bool((wanted <= tol * max(scale, 1e-300)).all()) or exhausted or m == p:
@@ -179,6 +194,14 @@ def lanczos(
     want_top = which in ("largest", "both")
     want_bottom = which in ("smallest", "both")
     empty = torch.zeros(0, dtype=torch.float64)
+    top_vectors = bottom_vectors = None
+    if return_vectors:
+        # y_i = Q_m s_i: combine the basis with the eigenvectors of T_m (no operator products)
+        coeffs = vecs.to(device=operator.device, dtype=operator.dtype)
+        if want_top:
+            top_vectors = coeffs[:, -kk:].flip(1).T @ basis[:m]
+        if want_bottom:
+            bottom_vectors = coeffs[:, :kk].T @ basis[:m]
     return LanczosResult(
         largest=theta[-kk:].flip(0) if want_top else empty,
         smallest=theta[:kk] if want_bottom else empty,
@@ -186,7 +209,27 @@ def lanczos(
         smallest_residuals=resid[:kk] if want_bottom else empty,
         iterations=m,
         converged=converged,
+        largest_vectors=top_vectors,
+        smallest_vectors=bottom_vectors,
     )
+
+
+def _ritz(
+    alphas: list[float], betas: list[float], beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenpairs :math:`(\\theta_i, s_i)` of :math:`T_m`, residuals :math:`\\beta_m|s_{m,i}|`."""
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas, dtype=torch.float64)
+        tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+    theta, vecs = torch.linalg.eigh(tri)
+    return theta, vecs, beta * vecs[-1].abs()
+
+
+def _row_sum_bound(alphas: list[float], betas: list[float]) -> float:
+    """:math:`\\|T_m\\|_\\infty \\ge \\max_i|\\theta_i|`."""
+    off = [0.0, *(abs(b) for b in betas), 0.0]
+    return max(abs(a) + off[i] + off[i + 1] for i, a in enumerate(alphas))
 
 
 def _wanted(resid: torch.Tensor, k: int, which: Which) -> torch.Tensor:

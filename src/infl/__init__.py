@@ -37,7 +37,8 @@ from infl.objective import (
 from infl.operators import DampedOperator, DenseOperator, HessianOperator, LinearOperator
 from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
 from infl.solvers import (
-    Arnoldi,
+    EKFAC,
+    KFAC,
     ConjugateGradient,
     ExactHessian,
     FittedSolver,
@@ -49,7 +50,8 @@ from infl.solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Arnoldi",
+    "EKFAC",
+    "KFAC",
     "ConjugateGradient",
     "DampedOperator",
     "DenseOperator",

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -229,15 +229,48 @@ class InfluenceCalculator:
         return result
 
     # ------------------------------------------------------------------ scores
-    def influence(self, test_data: Any) -> torch.Tensor:
+    @overload
+    def influence(self, test_data: Any, *, per_layer: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def influence(self, test_data: Any, *, per_layer: Literal[True]) -> dict[str, torch.Tensor]: ...
+
+    def influence(
+        self, test_data: Any, *, per_layer: bool = False
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """:math:`-\\nabla f(z_j)^T (H+\\lambda I)^{-1} g_i`: ``[m, n]`` (test-major).
+
+        With ``per_layer=True`` and a block-diagonal solver (``KFAC``, ``EKFAC``), the scores
+        split exactly into one term per block, :math:`-\\nabla_l f(z_j)^T (A_l)^{-1} g_{i,l}`:
+        ``{layer name: [m, n]}``, summing to the total; other solvers raise ``InputError``.
 
         Cost: one solve for the ``m`` test gradients and one pass over the training data.
         """
+        if per_layer:
+            return self._per_layer_influence(test_data)
         ihvp = self.inverse_hvp(test_data).value
         scores = torch.empty(ihvp.shape[0], self.num_train, dtype=ihvp.dtype, device=ihvp.device)
         for start, grads in self._iter_train_grads(desc="scoring"):
             scores[:, start : start + grads.shape[0]] = -(ihvp @ grads.T)
+        return scores
+
+    def _per_layer_influence(self, test_data: Any) -> dict[str, torch.Tensor]:
+        """``{block: [m, n]}`` from the fitted solver's parameter blocks (one training pass)."""
+        blocks = self.fitted_solver().blocks()
+        if blocks is None:
+            raise InputError(
+                f"per_layer=True needs a block-diagonal solver (KFAC or EKFAC), whose inverse "
+                f"splits into one block per layer; {type(self.solver).__name__} couples all "
+                "parameters, so its scores have no per-layer split. Use infl.KFAC or infl.EKFAC."
+            )
+        ihvp = self.inverse_hvp(test_data).value
+        m, n = ihvp.shape[0], self.num_train
+        scores = {name: torch.zeros(m, n, dtype=ihvp.dtype, device=ihvp.device) for name in blocks}
+        for start, grads in self._iter_train_grads(desc="scoring per layer"):
+            stop = start + grads.shape[0]
+            for name, slices in blocks.items():
+                for sl in slices:
+                    scores[name][:, start:stop] -= ihvp[:, sl] @ grads[:, sl].T
         return scores
 
     def removal_effect(self, test_data: Any) -> torch.Tensor:

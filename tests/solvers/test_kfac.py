@@ -22,7 +22,14 @@ from infl import (
     Objective,
 )
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for this module's tests only (restored after each)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # ------------------------------------------------------------------ independent references

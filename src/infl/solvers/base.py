@@ -94,14 +94,12 @@ class FittedSolver(ABC):
         refitted: FittedSolver = dataclasses.replace(solver, damping=float(damping)).fit(self.base)
         return refitted
 
-    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The inverse as a low-rank product, when that is exactly what :meth:`solve` applies.
+    def blocks(self) -> dict[str, list[slice]] | None:
+        """Parameter blocks of a block-diagonal solver: ``{name: slices of the flat vector}``.
 
-        Returns ``(U, w)`` with ``U`` ``[r, p]`` (orthonormal rows) and ``w`` ``[r]`` such that
-        ``solve(b).value == (b @ U.T * w) @ U``, i.e. :math:`A^{-1} \\approx U^T
-        \\operatorname{diag}(w) U`, or ``None`` (the default) for solvers that are not of that
-        form. :class:`~infl.InfluenceCalculator` uses it to project training gradients onto
-        the ``r`` directions once (``[n, r]``) and score later test batches without a solve.
+        A solver whose inverse is block-diagonal (K-FAC, EK-FAC: one block per layer) returns
+        the slices of each block, so that scores split exactly into per-block terms that sum
+        to the total; ``None`` (the default) means the solver couples all parameters.
         """
         return None
 

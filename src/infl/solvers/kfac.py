@@ -35,11 +35,11 @@ import torch
 from infl.data import IndexedData
 from infl.errors import InputError, NotPositiveDefiniteError
 from infl.model import ModelWrapper
-from infl.objective import SupervisedLoss
 from infl.operators import LinearOperator
 from infl.solvers.base import FittedSolver, Solver, SolveResult, as_rhs, check_damping
 from infl.solvers.kronecker import (
     Partition,
+    builtin_loss_name,
     collect_eigen_diagonal,
     collect_factors,
     eigendecompose,
@@ -111,7 +111,7 @@ class _Kronecker(Solver):
             curvature the operator applies.
         """
         wrapper, data, chunk = _operator_parts(operator, self.chunk_size)
-        if self.fisher == "true" and not isinstance(wrapper.objective.loss, SupervisedLoss):
+        if self.fisher == "true" and builtin_loss_name(wrapper) is None:
             raise InputError(
                 "fisher='true' samples labels from the model's predictive distribution, which "
                 "needs a built-in loss ('cross_entropy', 'bce_with_logits' or 'mse'); this "

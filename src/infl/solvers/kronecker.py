@@ -281,6 +281,13 @@ class ChunkRecord:
     draw: int
 
 
+def builtin_loss_name(wrapper: ModelWrapper) -> str | None:
+    """The name of the objective's built-in loss (``None`` for a custom callable)."""
+    loss = wrapper.objective.loss
+    name = getattr(loss, "name", None) if isinstance(loss, SupervisedLoss) else None
+    return name if isinstance(name, str) and name in _LOSSES else None
+
+
 def _sample_labels(name: str, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Labels drawn from the predictive distribution that the loss ``name`` is the NLL of."""
     out = outputs.detach()
@@ -327,9 +334,9 @@ def stream(
         return hook
 
     handles = [ly.module.register_forward_hook(make_hook(ly.name)) for ly in layers]
-    loss_name = None
-    if fisher == "true":
-        loss_name = wrapper.objective.loss.name  # type: ignore[union-attr]
+    loss_name = builtin_loss_name(wrapper) if fisher == "true" else None
+    if fisher == "true" and loss_name is None:
+        raise InputError("fisher='true' needs a built-in loss; use fisher='empirical'")
     try:
         params = {n: p.detach().clone().requires_grad_(True) for n, p in wrapper.params.items()}
         model_fn = _functional(wrapper, params)
@@ -437,7 +444,7 @@ def diagonal_sq_grads(
     if empirical:
         loss_fn = wrapper.objective.per_example_loss
     else:
-        loss_fn = SupervisedLoss(wrapper.objective.loss.name)  # type: ignore[union-attr]
+        loss_fn = SupervisedLoss(builtin_loss_name(wrapper))  # type: ignore[arg-type]
 
     def single(sub_params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         one = tree_map_tensors(lambda t: t.unsqueeze(0), example)

@@ -39,6 +39,7 @@ from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retra
 from infl.solvers import (
     EKFAC,
     KFAC,
+    Arnoldi,
     ConjugateGradient,
     ExactHessian,
     FittedSolver,
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EKFAC",
     "KFAC",
+    "Arnoldi",
     "ConjugateGradient",
     "DampedOperator",
     "DenseOperator",

@@ -94,6 +94,17 @@ class FittedSolver(ABC):
         refitted: FittedSolver = dataclasses.replace(solver, damping=float(damping)).fit(self.base)
         return refitted
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The inverse as a low-rank product, when that is exactly what :meth:`solve` applies.
+
+        Returns ``(U, w)`` with ``U`` ``[r, p]`` (orthonormal rows) and ``w`` ``[r]`` such that
+        ``solve(b).value == (b @ U.T * w) @ U``, i.e. :math:`A^{-1} \\approx U^T
+        \\operatorname{diag}(w) U`, or ``None`` (the default) for solvers that are not of that
+        form. :class:`~infl.InfluenceCalculator` uses it to project training gradients onto
+        the ``r`` directions once (``[n, r]``) and score later test batches without a solve.
+        """
+        return None
+
     def blocks(self) -> dict[str, list[slice]] | None:
         """Parameter blocks of a block-diagonal solver: ``{name: slices of the flat vector}``.
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import reference
 from infl import (
+    Arnoldi,
     ConjugateGradient,
     ExactHessian,
     InfluenceCalculator,
@@ -193,3 +194,69 @@ def test_with_solver_shares_gradients_and_gives_that_solvers_scores(logistic):
     torch.testing.assert_close(cg.influence(test), calc.influence(test), rtol=1e-8, atol=1e-10)
     with pytest.raises(InputError, match="solver must be an infl solver"):
         calc.with_solver("cg")
+
+
+# ---------------------------------------------------------------- low-rank (Arnoldi) scoring
+
+
+def test_low_rank_scores_equal_the_dense_low_rank_formula_without_a_solve(logistic):
+    p = logistic
+    test = (p.x_test, p.y_test)
+    calc = _calc(p, Arnoldi(rank=3, damping=0.1))
+    scores = calc.influence(test)
+    basis, weights = calc.fitted_solver().low_rank()
+    g_train = reference.per_example_grads(p.theta, p.x, p.y, p.wd)
+    g_test = reference.per_example_grads(p.theta, p.x_test, p.y_test, 0.0)
+    inverse = basis.T @ torch.diag(weights) @ basis  # A^-1 restricted to the top-3 eigenpairs
+    torch.testing.assert_close(scores, -(g_test @ inverse @ g_train.T))
+    # the cache holds the [n, r] projection, never the [n, p] gradients
+    assert calc._grad_cache.value is None
+    [(key, proj)] = calc._grad_cache.projections
+    assert key is basis
+    assert proj.shape == (p.x.shape[0], 3)
+    # a second test batch: its test gradients and a matrix product, no HVP and no solve
+    hvps = calc.operator.num_matvecs
+    other = (p.x[:4], p.y[:4])
+    second = calc.influence(other)
+    assert calc.operator.num_matvecs == hvps
+    assert len(calc._grad_cache.projections) == 1
+    g_other = reference.per_example_grads(p.theta, p.x[:4], p.y[:4], 0.0)
+    torch.testing.assert_close(second, -(g_other @ inverse @ g_train.T))
+    # removal effects, top-k and self-influence take the same path
+    torch.testing.assert_close(calc.removal_effect(other), -second / p.x.shape[0])
+    idx, top = calc.top_k(other, 5)
+    torch.testing.assert_close(top, second.gather(1, idx))
+    # self-influence: the measurement is the training loss without weight decay
+    g_self = reference.per_example_grads(p.theta, p.x, p.y, 0.0)
+    expected_self = -((g_self @ inverse) * g_train).sum(dim=1)
+    torch.testing.assert_close(calc.self_influence(), expected_self)
+    torch.testing.assert_close(calc.self_influence([2, 7]), expected_self[[2, 7]])
+    assert calc.operator.num_matvecs == hvps
+
+
+def test_low_rank_with_damping_reuses_the_projection(logistic):
+    test = (logistic.x_test, logistic.y_test)
+    calc = _calc(logistic, Arnoldi(rank=2, damping=0.1))
+    calc.influence(test)
+    hvps = calc.operator.num_matvecs
+    [(basis, proj)] = calc._grad_cache.projections
+    stiffer = calc.with_damping(0.6)
+    scores = stiffer.influence(test)
+    assert calc.operator.num_matvecs == hvps  # no Lanczos, no HVP
+    assert stiffer._grad_cache.projection(basis) is proj  # projection shared, not recomputed
+    assert stiffer.fitted_solver().low_rank()[0] is basis
+    fresh = _calc(logistic, Arnoldi(rank=2, damping=0.6)).influence(test)
+    torch.testing.assert_close(scores, fresh)
+
+
+def test_full_rank_arnoldi_scores_equal_the_exact_scores(logistic):
+    test = (logistic.x_test, logistic.y_test)
+    exact = _calc(logistic, ExactHessian(damping=0.05)).influence(test)
+    low_rank = _calc(logistic, Arnoldi(rank=5, damping=0.05)).influence(test)
+    complement = _calc(logistic, Arnoldi(rank=3, damping=0.05, complement=True))
+    torch.testing.assert_close(low_rank, exact, rtol=1e-8, atol=1e-10)
+    # with the complement the inverse is not low-rank: the ordinary solve path
+    assert complement.fitted_solver().low_rank() is None
+    ihvp = complement.inverse_hvp(test).value
+    g_train = complement.train_grads()
+    torch.testing.assert_close(complement.influence(test), -(ihvp @ g_train.T))

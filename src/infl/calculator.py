@@ -244,10 +244,16 @@ class InfluenceCalculator:
         split exactly into one term per block, :math:`-\\nabla_l f(z_j)^T (A_l)^{-1} g_{i,l}`:
         ``{layer name: [m, n]}``, summing to the total; other solvers raise ``InputError``.
 
-        Cost: one solve for the ``m`` test gradients and one pass over the training data.
+        Cost: one solve for the ``m`` test gradients and one pass over the training data. With a
+        low-rank solver (``Arnoldi``), the training gradients are projected onto its ``r``
+        directions once (``[n, r]``, kept) and each test batch then costs its test gradients and
+        an ``[m, r] x [r, n]`` product: no solve and no HVP.
         """
         if per_layer:
             return self._per_layer_influence(test_data)
+        low_rank_scores = self._low_rank_influence(test_data)
+        if low_rank_scores is not None:
+            return low_rank_scores
         ihvp = self.inverse_hvp(test_data).value
         scores = torch.empty(ihvp.shape[0], self.num_train, dtype=ihvp.dtype, device=ihvp.device)
         for start, grads in self._iter_train_grads(desc="scoring"):
@@ -296,9 +302,14 @@ class InfluenceCalculator:
             else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         )
         out = []
+        low = fitted.low_rank()
         starts = range(0, idx.numel(), self.chunk_size)
         for start in tqdm(starts, desc="self-influence", disable=not self.progress, leave=False):
             batch = self.train.select(idx[start : start + self.chunk_size])
+            if low is not None:
+                rows = idx[start : start + self.chunk_size]
+                out.append(self._low_rank_self_influence(low, batch, rows))
+                continue
             ihvp = fitted.solve(self.wrapper.train_grads(batch)).value
             measured = self.wrapper.per_example_grads(self.measurement, batch)
             out.append(-(ihvp * measured).sum(dim=1))
@@ -347,12 +358,75 @@ class InfluenceCalculator:
         idx = key.topk(k, dim=1).indices
         return idx, scores.gather(1, idx)
 
+    # ------------------------------------------------------------------ low-rank scoring
+    def _low_rank_influence(self, test_data: Any) -> torch.Tensor | None:
+        """:math:`-(T U^T) \\operatorname{diag}(w) (G U^T)^T` when the fitted solver is a
+        low-rank inverse :math:`U^T \\operatorname{diag}(w) U` (else ``None``)."""
+        low = self.fitted_solver().low_rank()
+        if low is None:
+            return None
+        basis, weights = low
+        train_proj = self._train_projection(basis)  # [n, r]
+        test_proj = self.test_grads(test_data).to(basis) @ basis.T  # [m, r]
+        return -(test_proj * weights) @ train_proj.T
+
+    def _train_projection(self, basis: torch.Tensor) -> torch.Tensor:
+        """:math:`G U^T`, ``[n, r]``: one streamed pass, cached (``[n, p]`` is never kept)."""
+        cached = self._grad_cache.projection(basis)
+        if cached is not None:
+            return cached
+        proj = torch.empty(self.num_train, basis.shape[0], dtype=basis.dtype, device=basis.device)
+        full = self._grad_cache.value
+        if full is not None:
+            chunks: Any = (
+                (start, full[start : start + self.chunk_size])
+                for start in range(0, self.num_train, self.chunk_size)
+            )
+        else:
+            chunks = tqdm(
+                self.wrapper.iter_train_grads(self.train, self.chunk_size),
+                total=self.train.num_chunks(self.chunk_size),
+                desc="projecting train gradients",
+                disable=not self.progress,
+                leave=False,
+            )
+        for start, grads in chunks:
+            proj[start : start + grads.shape[0]] = grads.to(basis) @ basis.T
+        self._grad_cache.add_projection(basis, proj)
+        return proj
+
+    def _low_rank_self_influence(
+        self, low: tuple[torch.Tensor, torch.Tensor], batch: Any, rows: torch.Tensor
+    ) -> torch.Tensor:
+        basis, weights = low
+        cached = self._grad_cache.projection(basis)
+        if cached is not None:
+            train_proj = cached[rows.to(cached.device)]
+        else:
+            train_proj = self.wrapper.train_grads(batch).to(basis) @ basis.T
+        measured = self.wrapper.per_example_grads(self.measurement, batch).to(basis) @ basis.T
+        return -(measured * weights * train_proj).sum(dim=1)
+
 
 class _TrainGradCache:
-    """The ``[n, p]`` training gradients once computed, shared by derived calculators."""
+    """The ``[n, p]`` training gradients once computed, shared by derived calculators.
+
+    Also holds their ``[n, r]`` projections onto low-rank bases (keyed by the basis tensor
+    itself, so a ``with_damping`` calculator, whose fitted solver keeps the basis, reuses them).
+    """
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
+        self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def projection(self, basis: torch.Tensor) -> torch.Tensor | None:
+        for key, proj in self.projections:
+            if key is basis:
+                return proj
+        return None
+
+    def add_projection(self, basis: torch.Tensor, proj: torch.Tensor) -> None:
+        self.projections = [*self.projections[-3:], (basis, proj)]  # the 4 latest bases
 
 
 def _same_but_damping(old: Solver, new: Solver) -> bool:

@@ -12,9 +12,9 @@ from torch import nn
 
 import infl
 import reference
-from conftest import LogisticProblem, make_logistic_problem
 from infl.errors import InputError
 from infl.experiments.fading import FadingResult, influence_fading, plot_fading
+from problems import LogisticProblem, make_logistic_problem
 
 REMOVALS = list(range(0, 60, 3))  # 20 leave-one-out removals
 

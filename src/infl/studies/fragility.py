@@ -360,7 +360,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # constant norms (dead units) give NaN correlations
         gap = taylor_gap(predicted_norms, truth.param_change_norm.numpy())
 
-    lissa = _iris_lissa(exact, test, info, preset, pred_sel, actual, chosen)
+    lissa = _iris_lissa(exact, test, info, preset, actual, chosen)
     return {
         "experiment": "iris",
         **asdict(cell),
@@ -394,7 +394,6 @@ def _iris_lissa(
     test: tuple[torch.Tensor, torch.Tensor],
     info: dict[str, Any],
     preset: FragilityPreset,
-    exact_selected: np.ndarray,
     actual: np.ndarray,
     chosen: np.ndarray,
 ) -> dict[str, Any]:

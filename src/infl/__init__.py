@@ -34,7 +34,13 @@ from infl.objective import (
     margin_measurement,
     supervised_loss,
 )
-from infl.operators import DampedOperator, DenseOperator, HessianOperator, LinearOperator
+from infl.operators import (
+    DampedOperator,
+    DenseOperator,
+    GaussNewtonOperator,
+    HessianOperator,
+    LinearOperator,
+)
 from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
 from infl.solvers import (
     EKFAC,
@@ -59,6 +65,7 @@ __all__ = [
     "DenseOperator",
     "ExactHessian",
     "FittedSolver",
+    "GaussNewtonOperator",
     "GroundTruth",
     "HessianOperator",
     "IndexedData",

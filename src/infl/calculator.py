@@ -21,10 +21,16 @@ from infl.data import IndexedData, as_indexed, tensor_leaves
 from infl.errors import InputError
 from infl.model import ModelWrapper
 from infl.objective import Objective, PerExampleFn, loss_measurement
-from infl.operators import HessianOperator
+from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
 from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
 
 DEFAULT_CACHE_BYTES = 1 << 30
+
+CURVATURES: dict[str, type[TrainingDataOperator]] = {
+    "hessian": HessianOperator,
+    "gauss_newton": GaussNewtonOperator,
+}
+"""``curvature=`` names of :class:`InfluenceCalculator` and the operators they build."""
 
 
 class InfluenceCalculator:
@@ -61,6 +67,12 @@ class InfluenceCalculator:
         bytes (default 1 GiB); otherwise stream it chunk by chunk on every call.
     progress
         Show tqdm progress bars over data and solver iterations.
+    curvature
+        The curvature :math:`H` in :math:`A = H + \\lambda I`: ``"hessian"`` (default, the
+        Hessian of the objective) or ``"gauss_newton"`` (the generalised Gauss-Newton matrix
+        :math:`G`, positive semi-definite for the built-in losses; it needs a loss with an
+        output-space Hessian, see :func:`~infl.objective.supervised_loss`). Both include
+        :math:`\\lambda_{wd} I`.
 
     Examples
     --------
@@ -88,6 +100,7 @@ class InfluenceCalculator:
         chunk_size: int = 256,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         progress: bool = True,
+        curvature: str = "hessian",
     ) -> None:
         if not isinstance(objective, Objective):
             raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
@@ -95,6 +108,12 @@ class InfluenceCalculator:
             raise InputError(f"solver must be an infl solver, got {type(solver).__name__}")
         if chunk_size < 1:
             raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+        if not isinstance(curvature, str) or curvature not in CURVATURES:
+            raise InputError(
+                f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}: 'hessian' "
+                "for the Hessian of the objective, 'gauss_newton' for the generalised "
+                "Gauss-Newton matrix (positive semi-definite)"
+            )
         self.wrapper = ModelWrapper(model, objective)
         self.objective = objective
         self.train = as_indexed(train_data, "training data")
@@ -103,7 +122,10 @@ class InfluenceCalculator:
         self.chunk_size = chunk_size
         self.cache_bytes = cache_bytes
         self.progress = progress
-        self.operator = HessianOperator(self.wrapper, self.train, chunk_size)
+        self.curvature = curvature
+        self.operator: TrainingDataOperator = CURVATURES[curvature](
+            self.wrapper, self.train, chunk_size
+        )
         self._fitted: FittedSolver | None = None
         self._grad_cache = _TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()

@@ -1,4 +1,4 @@
-"""A functional view of a trained model: flat parameters, per-example gradients, HVPs.
+"""A functional view of a trained model: flat parameters, per-example gradients, HVPs, GGN-VPs.
 
 Everything here goes through :mod:`torch.func` (``functional_call``, ``vmap``, ``grad``,
 ``jvp``) and never mutates the user's module: the parameters are detached copies, so training
@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InputError, ModelStateError, NonFiniteError
-from infl.objective import Objective, PerExampleFn
+from infl.objective import Objective, PerExampleFn, output_hessian_loss
 
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
@@ -233,11 +233,7 @@ class ModelWrapper:
         chunk_size
             Examples per chunk: peak memory grows with ``chunk_size * k``.
         """
-        if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
-            raise InputError(
-                f"HVP right-hand sides must have shape [k, p={self.num_params}], "
-                f"got {tuple(vectors.shape)}"
-            )
+        self._check_vectors(vectors, "HVP")
         loss = self.objective.per_example_loss
 
         def summed(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -252,6 +248,79 @@ class ModelWrapper:
 
             return vmap(hv)(vectors)
 
+        return self._curvature_products(
+            data, vectors, chunk_size, one_chunk, "a Hessian-vector product"
+        )
+
+    def ggn_vp(
+        self, data: IndexedData | Batch, vectors: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
+        """Generalised Gauss-Newton products :math:`G V^T`: ``[k, p]``.
+
+        :math:`G = \\frac1n\\sum_i J_i^T H_{out,i} J_i + \\lambda_{wd} I`, where
+        :math:`J_i = \\partial f(x_i;\\theta)/\\partial\\theta` is the Jacobian of the model's
+        output for example ``i`` and :math:`H_{out,i} = \\partial^2\\ell/\\partial f^2` the
+        output-space Hessian of its loss. Per chunk: one forward pass, then for each vector
+        ``jvp`` through the model (:math:`J v`), the output Hessian, and ``vjp`` back
+        (:math:`J^T \\cdot`), ``vmap``-ed over the ``k`` vectors; :math:`J` is never formed.
+        :math:`G` is positive semi-definite when every :math:`H_{out,i}` is (all built-in
+        losses: they are convex in the outputs).
+
+        Parameters
+        ----------
+        data
+            The examples defining :math:`G` (an :class:`IndexedData`, or a single batch).
+        vectors
+            ``[k, p]``.
+        chunk_size
+            Examples per chunk: peak memory grows with ``chunk_size * k`` (activations and
+            their tangents).
+
+        Raises
+        ------
+        InputError
+            If the objective's loss has no output-space Hessian (see
+            :func:`~infl.objective.output_hessian_loss`).
+        """
+        self._check_vectors(vectors, "GGN-vector product")
+        loss = output_hessian_loss(self.objective.per_example_loss)
+
+        def one_chunk(batch: Batch) -> torch.Tensor:
+            inputs, targets = loss.split(batch)
+
+            def forward(params: dict[str, torch.Tensor]) -> Any:
+                return self.functional_model(params)(inputs)
+
+            primal = vjp(forward, self.params)
+            outputs, pullback = primal[0], primal[1]
+
+            def gv(v: torch.Tensor) -> torch.Tensor:
+                jv = jvp(forward, (self.params,), (self.unflatten(v),))[1]
+                (jt,) = pullback(loss.output_hessian_product(outputs, targets, jv))
+                return self.flatten(jt)
+
+            return vmap(gv)(vectors)
+
+        return self._curvature_products(
+            data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product"
+        )
+
+    def _check_vectors(self, vectors: torch.Tensor, what: str) -> None:
+        if vectors.dim() != 2 or vectors.shape[1] != self.num_params:
+            raise InputError(
+                f"{what} right-hand sides must have shape [k, p={self.num_params}], "
+                f"got {tuple(vectors.shape)}"
+            )
+
+    def _curvature_products(
+        self,
+        data: IndexedData | Batch,
+        vectors: torch.Tensor,
+        chunk_size: int,
+        one_chunk: Callable[[Batch], torch.Tensor],
+        what: str,
+    ) -> torch.Tensor:
+        """Mean over the examples of ``one_chunk``'s summed products, plus weight decay."""
         if isinstance(data, IndexedData):
             out = torch.zeros_like(vectors)
             for _, batch in data.chunks(chunk_size):
@@ -266,7 +335,7 @@ class ModelWrapper:
             out = out + self.objective.weight_decay * vectors
         if not torch.isfinite(out).all():
             raise NonFiniteError(
-                "a Hessian-vector product is not finite; the loss or its curvature overflows "
+                f"{what} is not finite; the loss or its curvature overflows "
                 "at the trained parameters (check for exploding logits or NaN inputs)"
             )
         return out

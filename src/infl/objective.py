@@ -18,6 +18,12 @@ defines the test gradients.
 Both are given as callables ``(model, batch) -> Tensor[b]`` returning one value per example,
 where ``model`` is called like the user's module (it is the module evaluated at infl's
 parameters) and ``batch`` is whatever the data holds for ``b`` examples.
+
+A loss of the model's outputs, :math:`\\ell(z_i;\\theta) = L(f(x_i;\\theta), y_i)`, is a
+:class:`SupervisedLoss` (built-in by name, or your own through :func:`supervised_loss`); it can
+also apply :math:`\\partial^2 L/\\partial f^2` to a vector, which the generalised Gauss-Newton
+curvature :math:`G = \\frac1n\\sum_i J_i^T (\\partial^2 L_i/\\partial f^2) J_i + \\lambda_{wd} I`
+needs (:class:`~infl.operators.GaussNewtonOperator`).
 """
 
 from __future__ import annotations
@@ -50,13 +56,42 @@ def _split_supervised(batch: Any) -> tuple[Any, Any]:
     )
 
 
+OutputLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(outputs, targets) -> Tensor[b]``: a per-example loss of the model's outputs."""
+
+OutputHessianFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(outputs, targets, u) -> H_out u``: the output-space Hessian of a per-example loss applied
+to ``u`` (shaped like ``outputs``), example by example."""
+
+IGNORE_INDEX = -100
+"""``F.cross_entropy``'s default ``ignore_index``: such targets have zero loss and curvature."""
+
+
 def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _cross_entropy_hessian(
+    outputs: torch.Tensor, targets: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    # d^2/df^2 of -sum_c t_c log softmax(f)_c is (sum_c t_c) (diag(p) - p p^T)
+    p = torch.softmax(outputs, dim=1)
+    hu = p * u - p * (p * u).sum(dim=1, keepdim=True)
+    if targets.is_floating_point():  # class probabilities [b, C]
+        weight = targets.reshape(outputs.shape).sum(dim=1)
+    else:  # class indices [b]
+        weight = (targets.reshape(-1) != IGNORE_INDEX).to(outputs.dtype)
+    return hu * weight.reshape(-1, *([1] * (outputs.dim() - 1)))
 
 
 def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     diff = (outputs - targets.reshape(outputs.shape).to(outputs.dtype)) ** 2
     return diff.reshape(diff.shape[0], -1).sum(dim=1)
+
+
+def _mse_hessian(outputs: torch.Tensor, targets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # sum over output dimensions of (f - y)^2: the Hessian is 2I
+    return 2 * u
 
 
 def _bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,39 +100,194 @@ def _bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out, tgt, reduction="none").sum(dim=1)
 
 
-_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _bce_hessian(outputs: torch.Tensor, targets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # sum over outputs of softplus(f) - t f: the Hessian is diag(sigma(f)(1 - sigma(f)))
+    s = torch.sigmoid(outputs)
+    return s * (1 - s) * u
+
+
+_LOSSES: dict[str, OutputLossFn] = {
     "cross_entropy": _cross_entropy,
     "mse": _mse,
     "bce_with_logits": _bce,
 }
 
+_OUTPUT_HESSIANS: dict[str, OutputHessianFn] = {
+    "cross_entropy": _cross_entropy_hessian,
+    "mse": _mse_hessian,
+    "bce_with_logits": _bce_hessian,
+}
 
-@dataclass(frozen=True)
+
+def _autograd_output_hessian(fn: OutputLossFn) -> OutputHessianFn:
+    """``H_out u`` by forward-over-reverse autodiff of ``fn`` in its outputs argument."""
+
+    def product(outputs: torch.Tensor, targets: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        def grad_out(out: torch.Tensor) -> torch.Tensor:
+            return torch.func.grad(lambda o: fn(o, targets).sum())(out)
+
+        return torch.func.jvp(grad_out, (outputs,), (u,))[1]
+
+    return product
+
+
+def _describe_callable(fn: Any) -> str:
+    module = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{qual}"
+
+
+@dataclass(frozen=True, repr=False)
 class SupervisedLoss:
-    """A built-in per-example loss for ``(inputs, targets)`` batches (picklable).
+    """A per-example loss of the model's outputs, for ``(inputs, targets)`` batches (picklable).
+
+    :math:`\\ell(z_i;\\theta) = L(f(x_i;\\theta), y_i)` with :math:`f` the model and ``loss``
+    = :math:`L`. Besides being a loss callable ``(model, batch) -> Tensor[b]`` it exposes the
+    structure the Gauss-Newton curvature needs: :meth:`split` and
+    :meth:`output_hessian_product` (:math:`\\partial^2 L/\\partial f^2` applied to a vector).
 
     Parameters
     ----------
-    name
-        ``"cross_entropy"`` (logits ``[b, C]``, integer targets ``[b]``), ``"mse"`` (squared
-        error summed over output dimensions) or ``"bce_with_logits"`` (binary targets).
+    loss
+        A built-in name — ``"cross_entropy"`` (logits ``[b, C]``, integer targets ``[b]`` or
+        class probabilities ``[b, C]``), ``"mse"`` (squared error *summed* over output
+        dimensions, no 1/2: output Hessian ``2I``) or ``"bce_with_logits"`` (binary targets,
+        summed over outputs: output Hessian ``diag(σ(1-σ))``) — or a callable
+        ``(outputs, targets) -> Tensor[b]``, one loss per example (no reduction).
+    output_hessian
+        For a callable ``loss`` only (built-ins have theirs): ``(outputs, targets, u) -> H u``
+        where, example by example, :math:`(Hu)_i = \\partial^2 L(f_i, y_i)/\\partial f_i^2 \\,
+        u_i` and ``u`` is shaped like ``outputs``; or ``"autograd"`` to differentiate ``loss``
+        twice; or ``None`` (the Gauss-Newton curvature is then unavailable).
     """
 
-    name: LossName
+    loss: LossName | OutputLossFn
+    output_hessian: OutputHessianFn | Literal["autograd"] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in _LOSSES:
-            raise InputError(f"unknown loss {self.name!r}; choose one of {sorted(_LOSSES)}")
+        if isinstance(self.loss, str):
+            if self.loss not in _LOSSES:
+                raise InputError(f"unknown loss {self.loss!r}; choose one of {sorted(_LOSSES)}")
+            if self.output_hessian is not None:
+                raise InputError(
+                    f"the built-in loss {self.loss!r} has its own exact output Hessian; "
+                    "output_hessian is for losses given as callables (outputs, targets) -> "
+                    "Tensor[b]"
+                )
+        elif not callable(self.loss):
+            raise InputError(
+                "loss must be a built-in name or a callable (outputs, targets) -> Tensor[b], "
+                f"got {type(self.loss).__name__}"
+            )
+        if not (
+            self.output_hessian is None
+            or self.output_hessian == "autograd"
+            or callable(self.output_hessian)
+        ):
+            raise InputError(
+                "output_hessian must be a callable (outputs, targets, u) -> H_out u, "
+                f"'autograd' or None, got {self.output_hessian!r}"
+            )
+
+    @property
+    def name(self) -> str | None:
+        """The built-in loss's name (``None`` for a callable)."""
+        return self.loss if isinstance(self.loss, str) else None
+
+    def split(self, batch: Any) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of a batch; the model's outputs are ``model(inputs)``."""
+        return _split_supervised(batch)
+
+    def loss_of_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:math:`L(f_i, y_i)` for each example: ``[b]``."""
+        fn = _LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+        return fn(outputs, targets)
 
     def __call__(self, model: Callable[..., Any], batch: Any) -> torch.Tensor:
         """``(model, batch) -> Tensor[b]``."""
-        inputs, targets = _split_supervised(batch)
-        return _LOSSES[self.name](model(inputs), targets)
+        inputs, targets = self.split(batch)
+        return self.loss_of_outputs(model(inputs), targets)
+
+    @property
+    def has_output_hessian(self) -> bool:
+        """Whether :meth:`output_hessian_product` is available (always, for built-ins)."""
+        return isinstance(self.loss, str) or self.output_hessian is not None
+
+    def output_hessian_product(
+        self, outputs: torch.Tensor, targets: torch.Tensor, u: torch.Tensor
+    ) -> torch.Tensor:
+        """:math:`\\partial^2 L/\\partial f^2\\, u`, example by example (shaped like ``u``).
+
+        Raises
+        ------
+        InputError
+            If the loss is a callable given without ``output_hessian``.
+        """
+        if isinstance(self.loss, str):
+            return _OUTPUT_HESSIANS[self.loss](outputs, targets, u)
+        if self.output_hessian == "autograd":
+            return _autograd_output_hessian(self.loss)(outputs, targets, u)
+        if self.output_hessian is None:
+            raise InputError(_no_output_hessian_message(self))
+        return self.output_hessian(outputs, targets, u)
+
+    def __repr__(self) -> str:
+        # stable across processes (results stores fingerprint the loss by its repr)
+        if isinstance(self.loss, str):
+            return f"SupervisedLoss(name={self.loss!r})"
+        hess = self.output_hessian
+        hess_repr = (
+            repr(hess) if hess is None or isinstance(hess, str) else _describe_callable(hess)
+        )
+        return f"SupervisedLoss(loss={_describe_callable(self.loss)}, output_hessian={hess_repr})"
 
 
-def supervised_loss(name: LossName) -> PerExampleFn:
-    """The built-in loss ``name`` as a callable ``(model, batch) -> Tensor[b]``."""
-    return SupervisedLoss(name)
+def supervised_loss(
+    loss: LossName | OutputLossFn,
+    *,
+    output_hessian: OutputHessianFn | Literal["autograd"] | None = None,
+) -> SupervisedLoss:
+    """A loss of the model's outputs as a callable ``(model, batch) -> Tensor[b]``.
+
+    ``loss`` is a built-in name or a callable ``(outputs, targets) -> Tensor[b]``; batches are
+    ``(inputs, targets)`` or ``{"inputs": ..., "targets": ...}`` and ``outputs =
+    model(inputs)``. ``output_hessian`` (callables only) makes the Gauss-Newton curvature
+    available; see :class:`SupervisedLoss`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> def half_sq(out, y):
+    ...     return 0.5 * ((out - y) ** 2).sum(dim=1)
+    >>> loss = supervised_loss(half_sq, output_hessian=lambda out, y, u: u)
+    >>> loss.has_output_hessian
+    True
+    """
+    return SupervisedLoss(loss, output_hessian)
+
+
+def output_hessian_loss(loss: PerExampleFn) -> SupervisedLoss:
+    """``loss`` if it provides an output-space Hessian (the Gauss-Newton curvature needs one).
+
+    Raises
+    ------
+    InputError
+        If ``loss`` is a plain ``(model, batch)`` callable, or a :class:`SupervisedLoss` of a
+        callable without ``output_hessian``; the message names the fixes.
+    """
+    if isinstance(loss, SupervisedLoss) and loss.has_output_hessian:
+        return loss
+    raise InputError(_no_output_hessian_message(loss))
+
+
+def _no_output_hessian_message(loss: Any) -> str:
+    return (
+        f"the Gauss-Newton curvature needs the loss's Hessian in the model's outputs, and the "
+        f"loss {loss!r} does not provide one. Either use curvature='hessian', or give the loss "
+        "as infl.supervised_loss(fn, output_hessian=...) with fn(outputs, targets) -> Tensor[b] "
+        "and output_hessian(outputs, targets, u) -> H_out u (or output_hessian='autograd'), or "
+        "use a built-in loss ('cross_entropy', 'mse', 'bce_with_logits')"
+    )
 
 
 @dataclass(frozen=True)
@@ -110,8 +300,12 @@ class Objective:
     ----------
     loss
         :math:`\\ell`: the name of a built-in loss for ``(inputs, targets)`` batches
-        (``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``) or a callable
-        ``(model, batch) -> Tensor[b]`` giving one loss per example (no reduction).
+        (``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``), a
+        :func:`supervised_loss` of your own loss of the outputs, or any callable
+        ``(model, batch) -> Tensor[b]`` giving one loss per example (no reduction). The
+        Gauss-Newton curvature (``InfluenceCalculator(..., curvature="gauss_newton")``) needs
+        the loss's Hessian in the model's outputs: the built-ins have it, a
+        ``supervised_loss(fn, output_hessian=...)`` supplies it, a plain callable does not.
     weight_decay
         :math:`\\lambda_{wd} \\ge 0`, as in ``torch.optim.SGD(weight_decay=...)``; it applies to
         every trainable parameter.

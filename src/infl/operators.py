@@ -1,4 +1,7 @@
-"""Symmetric linear operators on the parameter space: the Hessian and its damped forms.
+"""Symmetric linear operators on the parameter space: the curvature and its damped forms.
+
+The curvature is the Hessian (:class:`HessianOperator`) or the generalised Gauss-Newton matrix
+(:class:`GaussNewtonOperator`), both streamed over the training data.
 
 Every operator acts on row-stacked vectors: :meth:`LinearOperator.matmat` maps ``[k, p]`` to
 ``[k, p]`` (row ``j`` of the output is :math:`A v_j`). Dense and matrix-free operators share this
@@ -9,12 +12,16 @@ interface, so a solver never knows which it has. Damping is operator algebra:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
 import torch
 
 from infl.data import Batch, IndexedData
 from infl.errors import InputError
 from infl.model import ModelWrapper
+from infl.objective import output_hessian_loss
+
+_T = TypeVar("_T", bound="TrainingDataOperator")
 
 
 class LinearOperator(ABC):
@@ -90,7 +97,7 @@ class LinearOperator(ABC):
         raise InputError(
             f"{type(self).__name__} cannot be subsampled: minibatch solvers such as "
             "LiSSA(batch_size=...) need a curvature operator over training data "
-            "(HessianOperator); use batch_size=None for this operator"
+            "(HessianOperator or GaussNewtonOperator); use batch_size=None for this operator"
         )
 
 
@@ -134,7 +141,55 @@ class DampedOperator(LinearOperator):
         return self.base.subsample(batch_size, generator).damped(self.damping)
 
 
-class HessianOperator(LinearOperator):
+class TrainingDataOperator(LinearOperator):
+    """A curvature operator streamed over training data: the mean of per-example terms.
+
+    The shared base of :class:`HessianOperator` and :class:`GaussNewtonOperator`: it holds the
+    model's functional view, the data and the chunk size, and draws minibatch versions of
+    itself (:meth:`subsample`). Subclasses give the per-chunk product in :meth:`_matmat`.
+
+    Parameters
+    ----------
+    wrapper
+        The model's functional view (parameters, objective).
+    data
+        The training data (all of it: the operator is the full-data mean), or one batch.
+    chunk_size
+        Examples per chunk; memory grows with ``chunk_size * k`` for ``k`` vectors.
+    """
+
+    def __init__(
+        self, wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int = 256
+    ) -> None:
+        super().__init__(wrapper.num_params, wrapper.dtype, wrapper.device)
+        if chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.wrapper = wrapper
+        self.data = data
+        self.chunk_size = chunk_size
+
+    @property
+    def supports_subsample(self) -> bool:
+        return isinstance(self.data, IndexedData)
+
+    def subsample(self: _T, batch_size: int, generator: torch.Generator) -> _T:
+        """The same operator on a random minibatch of ``batch_size`` training examples.
+
+        Drawn without replacement using ``generator``; an unbiased estimate of the full-data
+        operator (weight decay included once, as in the full operator).
+        """
+        if not isinstance(self.data, IndexedData):
+            raise InputError(
+                f"subsampling {type(self).__name__} needs the training data as an IndexedData, "
+                "not a single batch; build the operator on IndexedData(train_data)"
+            )
+        n = len(self.data)
+        size = min(batch_size, n)
+        idx = torch.randperm(n, generator=generator)[:size].sort().values
+        return type(self)(self.wrapper, self.data.select(idx), self.chunk_size)
+
+
+class HessianOperator(TrainingDataOperator):
     """:math:`H = \\nabla^2 J(\\theta)`, matrix-free, streamed over the training data.
 
     :math:`H v = \\frac1n\\sum_i \\nabla^2\\ell(z_i) v + \\lambda_{wd} v`, computed with
@@ -155,31 +210,52 @@ class HessianOperator(LinearOperator):
     Hessian-vector products per chunk.
     """
 
-    def __init__(
-        self, wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int = 256
-    ) -> None:
-        super().__init__(wrapper.num_params, wrapper.dtype, wrapper.device)
-        if chunk_size < 1:
-            raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
-        self.wrapper = wrapper
-        self.data = data
-        self.chunk_size = chunk_size
-
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.wrapper.hvp(self.data, vectors, self.chunk_size)
 
-    @property
-    def supports_subsample(self) -> bool:
-        return isinstance(self.data, IndexedData)
 
-    def subsample(self, batch_size: int, generator: torch.Generator) -> HessianOperator:
-        """The Hessian of a random minibatch of ``batch_size`` training examples.
+class GaussNewtonOperator(TrainingDataOperator):
+    """The generalised Gauss-Newton matrix :math:`G`, matrix-free, streamed over the data.
 
-        Drawn without replacement using ``generator``; an unbiased estimate of :math:`H`.
-        """
-        if not isinstance(self.data, IndexedData):
-            raise InputError("subsampling needs the training data as an IndexedData")
-        n = len(self.data)
-        size = min(batch_size, n)
-        idx = torch.randperm(n, generator=generator)[:size].sort().values
-        return HessianOperator(self.wrapper, self.data.select(idx), self.chunk_size)
+    .. math::
+
+        G = \\frac1n\\sum_i J_i^T H_{out,i} J_i + \\lambda_{wd} I,
+
+    with :math:`J_i = \\partial f(x_i;\\theta)/\\partial\\theta` the Jacobian of the model's
+    output for example ``i`` and :math:`H_{out,i} = \\partial^2\\ell/\\partial f^2` the Hessian
+    of its loss in the outputs (for cross-entropy :math:`\\mathrm{diag}(p) - pp^T`). It drops
+    the term of :math:`H` that carries the model's own second derivatives, so it is positive
+    semi-definite whenever the loss is convex in the outputs (every built-in loss), even where
+    :math:`H` is indefinite; for a model linear in :math:`\\theta` the two are equal.
+
+    Parameters
+    ----------
+    wrapper
+        The model's functional view; its objective's loss must have an output-space Hessian
+        (a built-in loss, or :func:`~infl.objective.supervised_loss` with ``output_hessian``).
+    data
+        The training data (all of it: :math:`G` is the full-data mean), or one batch of
+        ``(inputs, targets)``.
+    chunk_size
+        Examples per chunk; memory grows with ``chunk_size * k`` for ``k`` vectors.
+
+    Raises
+    ------
+    InputError
+        If the loss has no output-space Hessian (the message names the fixes).
+
+    Notes
+    -----
+    Cost: one ``matmat`` of ``k`` vectors is one pass over the data: per chunk one forward
+    pass and, vmapped over the ``k`` vectors, one ``jvp`` (:math:`J v`) and one ``vjp``
+    (:math:`J^T u`) through the model; :math:`J` is never formed.
+    """
+
+    def __init__(
+        self, wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int = 256
+    ) -> None:
+        output_hessian_loss(wrapper.objective.per_example_loss)  # refuses early, naming the fix
+        super().__init__(wrapper, data, chunk_size)
+
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size)

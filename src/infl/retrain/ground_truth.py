@@ -49,7 +49,7 @@ from infl.errors import InflWarning, InputError
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.parallel import pickle_payload, run_tasks
 from infl.retrain.config import RetrainConfig
-from infl.retrain.fingerprint import removal_key, store_settings
+from infl.retrain.fingerprint import open_store, removal_key
 from infl.retrain.grouped import DEFAULT_GROUP, grouped_retrain
 from infl.retrain.records import GroundTruth, Outcome, SubsetRetrain
 from infl.retrain.removals import normalize_removals
@@ -101,6 +101,7 @@ def _load(store: Store, removal: tuple[int, ...]) -> Outcome | None:
         float(rec["param_change_norm"]),
         float(rec["grad_norm"]),
         int(rec["steps"]),
+        rec.get("stop", "max_steps"),
     )
 
 
@@ -113,6 +114,7 @@ def _save(store: Store | None, outcome: Outcome) -> None:
         "param_change_norm": outcome.param_change_norm,
         "grad_norm": outcome.grad_norm,
         "steps": outcome.steps,
+        "stop": outcome.stop,
     }
     store.save_tensors(removal_key(outcome.removal), record)
 
@@ -161,6 +163,43 @@ def _run_all(
         yield outcome
 
 
+def _unconverged_messages(outcomes: list[Outcome], control: Outcome, job: RetrainJob) -> list[str]:
+    """One message per reason why retrains stopped above ``grad_tol``, with its fix."""
+    cfg = job.config
+    tol = cfg.grad_tol
+    assert tol is not None
+    messages = []
+    for reason in ("max_steps", "stalled"):
+        runs = [o for o in outcomes if o.grad_norm > tol and o.stop == reason]
+        with_control = control.grad_norm > tol and control.stop == reason
+        if not runs and not with_control:
+            continue
+        worst = max([o.grad_norm for o in runs] + ([control.grad_norm] if with_control else []))
+        who = (
+            f"{len(runs)} of {len(outcomes)} retrains (control run: "
+            f"{'also' if with_control else 'not'} affected)"
+        )
+        if reason == "max_steps":
+            messages.append(
+                f"{who} used the whole step budget, max_steps={cfg.max_steps}, and stopped with "
+                f"||grad J|| up to {worst:.3g} > grad_tol={tol:g}: the budget ran out before "
+                "the tolerance was reached; raise max_steps or lr, or loosen grad_tol"
+            )
+        else:
+            steps = sorted({o.steps for o in runs} | ({control.steps} if with_control else set()))
+            at = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+            messages.append(
+                f"{who} stopped early, at {at} of max_steps={cfg.max_steps}, with ||grad J|| "
+                f"up to {worst:.3g} > grad_tol={tol:g}: L-BFGS's line search and tolerance "
+                "tests, then the gradient-only polish, could make no more progress in "
+                f"{str(job.dtype).removeprefix('torch.')} precision (the step budget was not "
+                f"the limit, so raising max_steps will not help); loosen grad_tol to about "
+                f"{2 * worst:.1g}, retrain in float64, or check that the trained model is near "
+                "a minimum of this objective (same weight_decay)"
+            )
+    return messages
+
+
 def _ground_truth(
     model: nn.Module,
     objective: Objective,
@@ -196,7 +235,7 @@ def _ground_truth(
         pickle_payload(job, _PAYLOAD)  # fail fast, before any work, if it cannot be sent to workers
 
     base = job.measure(job.model).detach().cpu()
-    st = Store(store, store_settings(job)) if store is not None else None
+    st = open_store(store, job) if store is not None else None
 
     wanted = [(), *dict.fromkeys(groups)]  # control run first, duplicates computed once
     done: dict[tuple[int, ...], Outcome] = {}
@@ -221,17 +260,8 @@ def _ground_truth(
     control_change = control.measurement - base
     grad_norms = torch.tensor([done[g].grad_norm for g in groups], dtype=torch.float64)
     if config.grad_tol is not None:
-        bad = grad_norms > config.grad_tol
-        if bool(bad.any()) or control.grad_norm > config.grad_tol:
-            warnings.warn(
-                f"{int(bad.sum())} of {len(groups)} retrains (control run: "
-                f"{'not ' if control.grad_norm > config.grad_tol else ''}converged) stopped at "
-                f"max_steps={config.max_steps} with ||grad J|| up to "
-                f"{max(float(grad_norms.max()), control.grad_norm):.3g} > grad_tol="
-                f"{config.grad_tol:g}; raise max_steps or lr, or loosen grad_tol",
-                InflWarning,
-                stacklevel=3,
-            )
+        for message in _unconverged_messages([done[g] for g in groups], control, job):
+            warnings.warn(message, InflWarning, stacklevel=3)
     return GroundTruth(
         removals=tuple(groups),
         base_measurement=base,

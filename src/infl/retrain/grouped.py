@@ -139,8 +139,16 @@ class GroupedRetrain:
         outcomes = []
         for r, removal in enumerate(group):
             measured = self.job.measure(engine.module(flat[r])).detach().cpu()
+            converged = tol is not None and float(gnorm[r]) <= tol
             outcomes.append(
-                Outcome(removal, measured, float(delta[r]), float(gnorm[r]), int(steps[r]))
+                Outcome(
+                    removal,
+                    measured,
+                    float(delta[r]),
+                    float(gnorm[r]),
+                    int(steps[r]),
+                    "converged" if converged else "max_steps",
+                )
             )
         engine.module(engine.start)
         return outcomes

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from infl.retrain.config import RetrainConfig
 
-__all__ = ["GroundTruth", "Outcome", "SubsetRetrain"]
+__all__ = ["GroundTruth", "Outcome", "StopReason", "SubsetRetrain"]
+
+StopReason = Literal["converged", "max_steps", "stalled"]
+"""Why a retrain stopped: ``"converged"`` (``||grad J|| <= grad_tol``), ``"max_steps"`` (the
+step budget ran out) or ``"stalled"`` (L-BFGS stopped on its own before ``max_steps``: its line
+search or curvature test could make no more progress, and the gradient-only polish could not
+lower ``||grad J||`` further in the floating-point precision)."""
 
 
 @dataclass
@@ -20,6 +27,7 @@ class Outcome:
     param_change_norm: float
     grad_norm: float
     steps: int
+    stop: StopReason = "max_steps"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from infl.data import IndexedData, batch_to, tensor_leaves
 from infl.errors import InputError, NonFiniteError
 from infl.objective import Objective, PerExampleFn
 from infl.retrain.config import RetrainConfig
-from infl.retrain.records import Outcome
+from infl.retrain.records import Outcome, StopReason
 
 __all__ = ["EVAL_CHUNK", "RetrainJob", "flat_params", "run_one", "trainable"]
 
@@ -130,11 +130,22 @@ class RetrainJob:
                 if n in frozen:
                     p.copy_(frozen[n])
 
-    def failure(self, removal: tuple[int, ...], step: int, value: float) -> NonFiniteError:
+    def failure(
+        self, removal: tuple[int, ...], step: int, value: float, *, where: str = ""
+    ) -> NonFiniteError:
+        """The error of a retrain whose objective or gradient became ``value`` (non-finite)."""
         what = f"removal {list(removal)}" if removal else "the control run"
+        lr = self.config.learning_rate
+        if self.config.optimizer == "lbfgs":
+            fix = (
+                f"lower lr (now {lr}, L-BFGS's first step length), retrain in float64, or "
+                "check that the loss is finite at the trained parameters"
+            )
+        else:
+            fix = f"lower lr (now {lr}) or use optimizer='lbfgs'"
         return NonFiniteError(
-            f"retraining for {what} diverged at step {step} (objective or gradient {value}); "
-            f"lower lr (now {self.config.learning_rate}) or use optimizer='lbfgs'"
+            f"retraining for {what} stopped at step {step}: the objective or its gradient became "
+            f"non-finite ({value}){where}, so it diverged; {fix}"
         )
 
     # -- the retrain ----------------------------------------------------------------------
@@ -148,9 +159,10 @@ class RetrainJob:
         wd = self.objective.weight_decay
         tol = cfg.grad_tol
         steps = 0
+        stalled = False
 
         if cfg.optimizer == "lbfgs":
-            steps = self._run_lbfgs(net, params, data, removal)
+            steps, stalled = self._run_lbfgs(net, params, data, removal)
         elif cfg.batch_size is None:
             opt = self._first_order(params)
             while steps < cfg.max_steps:
@@ -195,8 +207,15 @@ class RetrainJob:
             p.grad = None
         if not math.isfinite(gnorm):
             raise self.failure(removal, steps, gnorm)
+        stop: StopReason
+        if tol is not None and gnorm <= tol:
+            stop = "converged"
+        elif stalled and steps < cfg.max_steps:
+            stop = "stalled"
+        else:
+            stop = "max_steps"
         delta = float(torch.linalg.vector_norm(flat_params(params) - self.theta_star))
-        return Outcome(removal, self.measure(net).detach().cpu(), delta, gnorm, steps)
+        return Outcome(removal, self.measure(net).detach().cpu(), delta, gnorm, steps, stop)
 
     def _first_order(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         lr = self.config.learning_rate
@@ -210,7 +229,8 @@ class RetrainJob:
         params: list[torch.Tensor],
         data: IndexedData,
         removal: tuple[int, ...],
-    ) -> int:
+    ) -> tuple[int, bool]:
+        """L-BFGS to ``grad_tol``: the steps taken and whether it stalled before ``max_steps``."""
         cfg = self.config
         tol = cfg.grad_tol
         # L-BFGS's own stopping test is on max|g|; max|g| <= tol/sqrt(p) implies ||g|| <= tol.
@@ -235,7 +255,15 @@ class RetrainJob:
             for group in opt.param_groups:
                 group["max_iter"] = min(20, cfg.max_steps - steps)
                 group["max_eval"] = group["max_iter"] * 5 // 4 * 2
-            value = float(opt.step(closure))
+            try:
+                value = float(opt.step(closure))
+            except IndexError as err:
+                # torch's strong-Wolfe search fails this way when J is NaN at a trial point
+                if not _in_line_search(err):
+                    raise
+                raise self.failure(
+                    removal, steps, math.nan, where=" in L-BFGS's line search"
+                ) from err
             if not math.isfinite(value):
                 raise self.failure(removal, steps, value)
             state = opt.state[opt._params[0]]
@@ -255,8 +283,8 @@ class RetrainJob:
                 # look only at gradients.
                 if tol is not None:
                     steps = self._polish(net, params, data, removal, steps)
-                break
-        return steps
+                return steps, True
+        return steps, False
 
     def _polish(
         self,
@@ -319,6 +347,16 @@ class RetrainJob:
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(x, params)
         return steps
+
+
+def _in_line_search(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside torch's strong-Wolfe line search."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("_strong_wolfe", "_cubic_interpolate"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def run_one(removal: tuple[int, ...], job: RetrainJob) -> Outcome:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,32 @@ def test_python_dash_m_infl_runs_the_cli():
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("infl ")
+
+
+def test_correct_writes_its_figure_and_says_where(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(Path(__file__).parent / "studies"))
+    from test_over_time import CORRECTION_ROWS, stored_correction
+
+    from infl.studies.over_time import CorrectionSettings
+
+    stored_correction(tmp_path, CorrectionSettings(k=10, lr=0.02, max_steps=50), CORRECTION_ROWS)
+    assert main(["correct", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/figures/correction.png" in out
+    assert (tmp_path / "figures" / "correction.png").stat().st_size > 0
+    assert (
+        "![success rate and median steps per ranking]" in (tmp_path / "correction.md").read_text()
+    )
+
+
+def test_correct_no_figures_skips_the_png(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent / "studies"))
+    from test_over_time import CORRECTION_ROWS, stored_correction
+
+    from infl.studies.over_time import CorrectionSettings
+
+    stored_correction(tmp_path, CorrectionSettings(k=10, lr=0.02, max_steps=50), CORRECTION_ROWS)
+    assert main(["correct", "--out", str(tmp_path), "--no-figures", "--no-progress"]) == 0
+    assert "correction.png" not in capsys.readouterr().out
+    assert not (tmp_path / "figures").exists()

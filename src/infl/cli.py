@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     corr.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate")
     corr.add_argument("--max-steps", type=_positive_int, default=50, help="step budget")
     corr.add_argument("--max-examples", type=_positive_int, help="cap on test points")
+    corr.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="skip figures/correction.png (success rate and median steps per ranking)",
+    )
     corr.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -208,9 +213,12 @@ def _correct(args: argparse.Namespace) -> int:
     settings = CorrectionSettings(
         k=args.k, lr=args.lr, max_steps=args.max_steps, max_examples=args.max_examples
     )
-    result = run_correction_study(args.out, settings, progress=not args.no_progress)
+    result = run_correction_study(
+        args.out, settings, progress=not args.no_progress, figures=not args.no_figures
+    )
     print(result["table"])
-    print(f"\nresults in {args.out}")
+    figures = "".join(f", {args.out}/{name}" for name in result["figures"])
+    print(f"\nresults in {args.out}: correction.md, correction.csv{figures}")
     return 0
 
 

@@ -49,3 +49,87 @@ def test_correction_study_reports_every_ranking(tmp_path):
     assert "mis-predicted" in report
     assert f"damping {result['damping']:g}" in report
     assert (tmp_path / "correction.csv").read_text().startswith("ranking,")
+
+
+def stored_correction(out, settings, rows):
+    """A finished correction study in ``out`` (what a run leaves in its store)."""
+    from dataclasses import asdict
+
+    from infl.store import Store
+
+    store = Store(out, {"study": "correction", **asdict(settings)}, records="cells")
+    store.save_json(
+        "correction",
+        {
+            "rows": rows,
+            "table": "the table",
+            "damping": 0.01,
+            "num_mispredicted": 9,
+            "num_test": 40,
+        },
+    )
+
+
+CORRECTION_ROWS = [
+    {
+        "ranking": "influence",
+        "attempts": 9,
+        "success_rate": 7 / 9,
+        "median_steps": 4.0,
+        "mean_heldout_change": -0.01,
+    },
+    {
+        "ranking": "gradient_similarity",
+        "attempts": 9,
+        "success_rate": 3 / 9,
+        "median_steps": 20.0,
+        "mean_heldout_change": -0.02,
+    },
+    {
+        "ranking": "random",
+        "attempts": 9,
+        "success_rate": 0.0,
+        "median_steps": float("nan"),
+        "mean_heldout_change": 0.0,
+    },
+]
+
+
+def test_correction_figure_shows_success_rate_and_median_steps_per_ranking():
+    pytest.importorskip("matplotlib")
+    from matplotlib.container import ErrorbarContainer
+
+    fig = over_time.correction_figure(CORRECTION_ROWS, max_steps=50, k=10)
+    rates, steps = fig.axes
+    assert [p.get_height() for p in rates.patches] == pytest.approx([700 / 9, 300 / 9, 0.0])
+    assert [t.get_text() for t in rates.get_xticklabels()] == [
+        "influence",
+        "gradient similarity",
+        "random",
+    ]
+    assert [p.get_height() for p in steps.patches] == [4.0, 20.0, 0.0]
+    texts = [t.get_text() for t in steps.texts]
+    assert "no success" in texts
+    assert "budget: 50 steps" in texts
+    assert "78% of 9" in [t.get_text() for t in rates.texts]
+    # the 95% Wilson interval of 0/9 reaches above 0 (a rate of 0 is not certainty)
+    (bars,) = [c for c in rates.containers if isinstance(c, ErrorbarContainer)]
+    whisker = bars.lines[2][0].get_segments()[2]  # the random ranking's interval
+    assert whisker[0][1] == pytest.approx(0.0)
+    assert whisker[1][1] > 20
+
+
+def test_correction_study_writes_and_lists_its_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    settings = CorrectionSettings(k=5, max_steps=50)
+    stored_correction(tmp_path, settings, CORRECTION_ROWS)
+    result = run_correction_study(str(tmp_path), settings, progress=False)
+    assert result["figures"] == ["figures/correction.png"]
+    assert (tmp_path / "figures" / "correction.png").stat().st_size > 0
+    report = (tmp_path / "correction.md").read_text()
+    assert "(figures/correction.png)" in report
+    assert "figures" not in json.loads((tmp_path / "correction.json").read_text())
+    stored_correction(tmp_path / "b", settings, CORRECTION_ROWS)
+    without = run_correction_study(str(tmp_path / "b"), settings, progress=False, figures=False)
+    assert without["figures"] == []
+    assert "correction.png" not in (tmp_path / "b" / "correction.md").read_text()

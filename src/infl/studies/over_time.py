@@ -9,6 +9,7 @@ removals, and writes tables and figures, resumably (one stored result per model)
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from infl.store import Store, write_atomic
 from infl.studies.datasets import Split, load_digits, load_iris
 from infl.studies.fragility import retry_with_more_damping, train_full_batch, train_minibatch
 from infl.studies.models import mlp, small_cnn
+from infl.studies.report import trend_figure
 
 WEIGHT_DECAY = 1e-3
 
@@ -159,20 +161,117 @@ def run_fading_study(
 
 def _fading_figure(result: dict[str, Any], path: Path) -> None:
     try:
-        from infl.plotting import plot_correlation_trend
+        import matplotlib  # noqa: F401
     except ImportError:  # pragma: no cover - matplotlib is optional
         return
     rows = result["rows"]
-    fig = plot_correlation_trend(
+    none = [math.nan] * len(rows)
+    fig = trend_figure(
         [r["horizon"] for r in rows],
-        {"pearson": [r["pearson"] for r in rows], "spearman": [r["spearman"] for r in rows]},
-        xlabel="training steps after the removal (T)",
-        ylabel="correlation with influence",
-        title=f"Influence fading: {result['model']}",
+        {
+            "Pearson r: predicted vs. actual effect of each removal": (
+                [r["pearson"] for r in rows],
+                none,
+            ),
+            "Spearman ρ: the same, by rank": ([r["spearman"] for r in rows], none),
+        },
+        xlabel="training steps T after the removal (log scale)",
+        ylabel="correlation (predicted vs. actual)",
+        title=f"Influence fading: {result['model']} (one training seed)",
+        note="actual effect: removal run minus control run, both trained T more steps",
+        log_x=True,
     )
-    fig.axes[0].set_xscale("log")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate ``successes / n``."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def correction_figure(rows: list[dict[str, Any]], *, max_steps: int, k: int) -> Any:
+    """Success rate and median steps to success, per ranking (two panels).
+
+    Parameters
+    ----------
+    rows
+        :meth:`CorrectionSummary.to_rows <infl.experiments.correction.CorrectionSummary.to_rows>`:
+        one row per ranking with ``attempts``, ``success_rate`` and ``median_steps``.
+    max_steps, k
+        The fine-tuning budget and the examples fine-tuned on (for the labels).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Left: the fraction of mis-predicted test points corrected within ``max_steps``, with
+        95% Wilson intervals; right: the median steps of the successful corrections (none
+        drawn, and "no success" written, for a ranking that never succeeded).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    names = [r["ranking"].replace("_", " ") for r in rows]
+    xs = list(range(len(rows)))
+    colors = [f"C{i}" for i in xs]
+    rates = [100 * r["success_rate"] for r in rows]
+    bounds = [_wilson(r["success_rate"] * r["attempts"], r["attempts"]) for r in rows]
+    err = [
+        [max(0.0, rate - 100 * lo) for rate, (lo, _) in zip(rates, bounds, strict=True)],
+        [max(0.0, 100 * hi - rate) for rate, (_, hi) in zip(rates, bounds, strict=True)],
+    ]
+    left.bar(xs, rates, color=colors, yerr=err, capsize=4)
+    for x, rate, r, (_, hi) in zip(xs, rates, rows, bounds, strict=True):
+        top = rate if math.isnan(hi) else max(rate, 100 * hi)
+        left.annotate(
+            f"{rate:.0f}% of {r['attempts']}",
+            (x, top),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    left.set_xticks(xs, names)
+    left.set_ylim(0, 115)
+    left.set_ylabel("test points corrected (%)")
+    left.set_title(f"success within {max_steps} steps (bars: 95% interval)", fontsize=9)
+    medians = [r["median_steps"] for r in rows]
+    right.bar(xs, [0 if math.isnan(m) else m for m in medians], color=colors)
+    for x, m in zip(xs, medians, strict=True):
+        text = "no success" if math.isnan(m) else f"{m:g}"
+        right.annotate(
+            text,
+            (x, 0 if math.isnan(m) else m),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    right.axhline(max_steps, color="0.5", linestyle="--", linewidth=0.8)
+    right.annotate(
+        f"budget: {max_steps} steps",
+        (xs[-1] if xs else 0, max_steps),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="right",
+        fontsize=8,
+        color="0.4",
+    )
+    right.set_ylim(0, max_steps * 1.15)
+    right.set_xticks(xs, names)
+    right.set_ylabel("fine-tuning steps (median over successes)")
+    right.set_title("steps to correct", fontsize=9)
+    fig.suptitle(
+        f"Correcting mis-predicted digits by fine-tuning on the top {k} examples per ranking",
+        fontsize=10,
+    )
+    return fig
 
 
 @dataclass(frozen=True)
@@ -187,12 +286,14 @@ class CorrectionSettings:
 
 
 def run_correction_study(
-    out_dir: str, settings: CorrectionSettings, *, progress: bool = True
+    out_dir: str, settings: CorrectionSettings, *, progress: bool = True, figures: bool = True
 ) -> dict[str, Any]:
     """Correct every mis-predicted test digit of the digits CNN with each ranking.
 
     Writes ``correction.json`` (resumable: a finished study is loaded, not rerun),
-    ``correction.csv`` and ``correction.md``; returns the summary rows.
+    ``correction.csv``, ``correction.md`` and (with ``figures`` and matplotlib installed)
+    ``figures/correction.png``, the success rate and median steps per ranking; returns the
+    stored summary with ``"figures"``, the figure files written (relative to ``out_dir``).
     """
     out = Path(out_dir)
     store = Store(out, {"study": "correction", **asdict(settings)}, records="cells")
@@ -241,6 +342,17 @@ def run_correction_study(
         out / "correction.csv",
         "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n",
     )
+    names: list[str] = []
+    if figures and rows:
+        try:
+            fig = correction_figure(rows, max_steps=settings.max_steps, k=settings.k)
+        except ImportError:  # pragma: no cover - matplotlib is optional
+            pass
+        else:
+            (out / "figures").mkdir(parents=True, exist_ok=True)
+            fig.savefig(out / "figures" / "correction.png", dpi=110)
+            names.append("figures/correction.png")
+    listing = "".join(f"\n![success rate and median steps per ranking]({n})\n" for n in names)
     write_atomic(
         out / "correction.md",
         (
@@ -249,8 +361,8 @@ def run_correction_study(
             f"mis-predicted; influence by conjugate gradient with damping {stored['damping']:g}; "
             f"fine-tuning on the top {settings.k} examples per ranking, "
             f"lr {settings.lr}, at most {settings.max_steps} steps.\n\n```\n"
-            f"{stored['table']}\n```\n"
+            f"{stored['table']}\n```\n{listing}"
         ),
     )
     write_atomic(out / "correction.json", json.dumps(stored, indent=1))
-    return stored
+    return {**stored, "figures": names}

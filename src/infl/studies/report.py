@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +86,42 @@ def group_rows(
 
 
 # ---------------------------------------------------------------------------------- verdicts
+INCONCLUSIVE = "inconclusive"
+"""Prefix of a verdict whose seed spread is too wide to support or contradict the paper."""
+
+
+def is_inconclusive(verdict: str) -> bool:
+    """Whether ``verdict`` is an *inconclusive* one (see :func:`verdict_trend`)."""
+    return verdict.startswith(INCONCLUSIVE)
+
+
+def difference(first: Stat, last: Stat) -> Stat:
+    """``last - first`` with the seed spread of a difference, :math:`\\sqrt{s_1^2 + s_2^2}`."""
+    return Stat(
+        last.mean - first.mean, math.hypot(first.std, last.std), min(first.count, last.count)
+    )
+
+
+def _covers_zero(diff: Stat) -> bool:
+    """Whether ``mean ± std`` contains 0 (never for a zero spread: one seed says nothing)."""
+    return diff.std > 0 and abs(diff.mean) <= diff.std
+
+
 def verdict_value(ours: Stat, paper: float, tolerance: float = 0.1) -> str:
-    """Agree when the paper's value lies within max(tolerance, 2 std) of our mean."""
+    """Compare our mean ± std with the paper's value.
+
+    *Inconclusive* when our spread covers 0 (``|mean| <= std``) while the paper's value is
+    farther than ``tolerance`` from 0: a sign we cannot establish cannot agree with one.
+    Otherwise it *agrees* when the paper's value lies within max(tolerance, 2 std) of our
+    mean, and *differs* beyond that.
+    """
     if ours.count == 0:
         return "no usable runs"
+    if _covers_zero(ours) and abs(paper) > tolerance:
+        return (
+            f"{INCONCLUSIVE} (spread covers 0: ours is {ours.mean:+.2f} ± {ours.std:.2f}, "
+            f"the paper {paper:g})"
+        )
     slack = max(tolerance, 2 * ours.std)
     diff = ours.mean - paper
     if abs(diff) <= slack:
@@ -97,11 +129,33 @@ def verdict_value(ours: Stat, paper: float, tolerance: float = 0.1) -> str:
     return f"differs: ours is {'higher' if diff > 0 else 'lower'} by {abs(diff):.2f}"
 
 
+def verdict_difference(diff: Stat, margin: float = 0.05) -> str:
+    """A difference the paper found positive: agrees when ``mean > margin``.
+
+    *Inconclusive* when its spread covers 0 (``|mean| <= std``, ``std`` the spread of the
+    difference from :func:`difference`).
+    """
+    if diff.count == 0:
+        return "no usable runs"
+    if _covers_zero(diff):
+        return f"{INCONCLUSIVE} (spread covers 0: {diff.mean:+.2f} ± {diff.std:.2f})"
+    return "agrees" if diff.mean > margin else f"differs: no clear gain ({diff.mean:+.2f})"
+
+
 def verdict_trend(first: Stat, last: Stat, expected: str, margin: float = 0.05) -> str:
-    """Compare the direction from ``first`` to ``last`` with ``expected`` (falls/grows)."""
+    """Compare the direction from ``first`` to ``last`` with ``expected`` (falls/grows).
+
+    The change ``last - first`` has the seed spread :math:`\\sqrt{s_1^2 + s_2^2}`. When that
+    spread covers 0 (``|change| <= spread``) the verdict is *inconclusive*: more seeds could
+    show either direction. Otherwise the trend *falls* or *grows* when the change exceeds
+    ``margin`` (else it is *flat*), and *agrees* when that is ``expected``.
+    """
     if first.count == 0 or last.count == 0:
         return "no usable runs"
-    change = last.mean - first.mean
+    diff = difference(first, last)
+    change = diff.mean
+    if _covers_zero(diff):
+        return f"{INCONCLUSIVE} (spread covers 0: change {change:+.2f} ± {diff.std:.2f})"
     if change < -margin:
         ours = "falls"
     elif change > margin:
@@ -167,14 +221,14 @@ def iris_comparisons(rows: Sequence[dict[str, Any]], wd: float) -> list[Comparis
                 )
             )
     if with_wd is not None and without is not None:
-        a, b = with_wd.stat("spearman"), without.stat("spearman")
+        gain = difference(without.stat("spearman"), with_wd.stat("spearman"))
         out.append(
             Comparison(
                 "weight decay",
                 "Spearman with minus without weight decay",
-                f"{a.mean - b.mean:+.3f}",
+                f"{gain.mean:+.3f} ± {gain.std:.3f}" if gain.std > 0 else f"{gain.mean:+.3f}",
                 "with > without (+0.46)",
-                "agrees" if a.mean - b.mean > 0.05 else "differs: no clear gain",
+                verdict_difference(gain),
             )
         )
     for act in sorted({r["activation"] for r in rows}):
@@ -326,6 +380,89 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+SERIES_LABELS: dict[str, str] = {
+    "pearson": "Pearson r: predicted vs. retrained change of the test loss",
+    "spearman": "Spearman ρ: the same, by rank",
+    "top_eigenvalue": "λ_max, the top eigenvalue of the Hessian of J",
+    "lissa_vs_exact_spearman": "Spearman ρ: LiSSA vs. exact influence",
+    "taylor_gap_spearman": "Spearman ρ: predicted vs. retrained ‖Δθ‖ (Taylor gap)",
+    "spearman_top": "Spearman ρ at the highest-influence training points",
+    "spearman_percentile": "Spearman ρ at the 30th-percentile training points",
+}
+"""What each line of a trend figure is (the legend entry of each metric)."""
+
+
+def trend_figure(
+    x: Sequence[float],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    note: str | None = None,
+    correlation: bool = True,
+    categorical: bool = False,
+    log_x: bool = False,
+) -> Any:
+    """Lines of mean ± std against a swept setting, with the legend under the axes.
+
+    Parameters
+    ----------
+    x
+        The swept values (depth, width, weight decay, horizon, ...).
+    series
+        Legend label → ``(means, stds)``, aligned with ``x``; a zero or NaN std draws no bar.
+        The series are nudged sideways a little so that their error bars do not overlap.
+    xlabel, ylabel, title
+        Axis labels (with units) and the title.
+    note
+        The legend's title, e.g. what the error bars are.
+    correlation
+        The y axis is a correlation: fixed limits around [-1, 1] and a line at 0.
+    categorical
+        Place the ``x`` values at equal spacing, labelled with their values (for sweeps such
+        as weight decay ``0, 0.001, 0.01, 0.1`` that no numeric axis shows well).
+    log_x
+        A logarithmic x axis (ignored when ``categorical``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    xs = np.arange(len(x), dtype=float) if categorical else np.asarray(x, dtype=float)
+    if categorical:
+        ax.set_xticks(xs, [f"{v:g}" for v in x])
+    elif log_x:
+        ax.set_xscale("log")
+    k = len(series)
+    span = 1.0 if categorical or len(xs) < 2 else float(xs.max() - xs.min())
+    lows = [-0.05]
+    for i, (label, (means, stds)) in enumerate(series.items()):
+        offset = (i - (k - 1) / 2) * (0.06 if categorical else 0.015)
+        px = xs * 10**offset if log_x and not categorical else xs + offset * span
+        ys = np.asarray(means, dtype=float)
+        err = np.nan_to_num(np.asarray(stds, dtype=float), nan=0.0)
+        if err.any():
+            ax.errorbar(px, ys, yerr=err, marker="o", markersize=4, capsize=3, label=label)
+        else:
+            ax.plot(px, ys, marker="o", markersize=4, label=label)
+        if np.isfinite(ys).any():
+            lows.append(float(np.nanmin(ys - err)))
+    if correlation:
+        ax.set_ylim(max(-1.1, min(lows) - 0.05), 1.1)
+        ax.axhline(0.0, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", fontsize=8, title=note, title_fontsize=8, frameon=False)
+    return fig
+
+
 def _trend_figure(
     rows: Sequence[dict[str, Any]],
     x_key: str,
@@ -334,9 +471,9 @@ def _trend_figure(
     xlabel: str,
     ylabel: str,
     title: str,
+    correlation: bool = True,
+    categorical: bool = False,
 ) -> Any:
-    from infl.plotting import plot_correlation_trend
-
     groups = group_rows(
         [r for r in rows if all(r[k] == v for k, v in fixed.items())],
         (x_key,),
@@ -345,15 +482,31 @@ def _trend_figure(
     xs = sorted(groups)
     if len(xs) < 2:
         return None
-    series = {m: [groups[x].stat(m).mean for x in xs] for m in metrics}
-    return plot_correlation_trend(
-        [x[0] for x in xs], series, xlabel=xlabel, ylabel=ylabel, title=title
+    series = {}
+    counts = []
+    for m in metrics:
+        stats = [groups[x].stat(m) for x in xs]
+        counts += [s.count for s in stats if s.count]
+        series[SERIES_LABELS.get(m, m)] = ([s.mean for s in stats], [s.std for s in stats])
+    lo, hi = (min(counts), max(counts)) if counts else (0, 0)
+    seeds = f"{lo}" if lo == hi else f"{lo}–{hi}"
+    return trend_figure(
+        [x[0] for x in xs],
+        series,
+        xlabel=xlabel,
+        ylabel=ylabel,
+        title=title,
+        note=f"points: mean over {seeds} seeds; bars: ± 1 std (collapsed runs excluded)",
+        correlation=correlation,
+        categorical=categorical,
     )
 
 
 def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> list[str]:
     """The analogues of the paper's Figs 1–3; returns the file names written."""
     try:
+        import matplotlib  # noqa: F401
+
         from infl.plotting import plot_predicted_vs_actual
     except ImportError:  # pragma: no cover - matplotlib is optional
         return []
@@ -378,13 +531,13 @@ def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> 
         depth_sweep = {
             "rows": iris,
             "x_key": "depth",
-            "xlabel": "depth",
+            "xlabel": "depth (hidden layers)",
             "fixed": {"activation": act, "weight_decay": iris_wd, "width": 5},
         }
         width_sweep = {
             "rows": iris,
             "x_key": "width",
-            "xlabel": "width",
+            "xlabel": "width (units per hidden layer)",
             "fixed": {"activation": act, "weight_decay": iris_wd, "depth": 1},
         }
         specs += [
@@ -393,8 +546,8 @@ def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> 
                 {
                     **depth_sweep,
                     "metrics": ("pearson", "spearman"),
-                    "ylabel": "correlation with retraining",
-                    "title": f"Iris {act}, width 5: influence vs depth",
+                    "ylabel": "correlation (predicted vs. retrained)",
+                    "title": f"Iris {act}, width 5: influence vs. retraining, by depth",
                 },
             ),
             (
@@ -402,8 +555,8 @@ def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> 
                 {
                     **width_sweep,
                     "metrics": ("pearson", "spearman"),
-                    "ylabel": "correlation with retraining",
-                    "title": f"Iris {act}, depth 1: influence vs width",
+                    "ylabel": "correlation (predicted vs. retrained)",
+                    "title": f"Iris {act}, depth 1: influence vs. retraining, by width",
                 },
             ),
             (
@@ -411,8 +564,9 @@ def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> 
                 {
                     **depth_sweep,
                     "metrics": ("top_eigenvalue",),
-                    "ylabel": "top Hessian eigenvalue",
-                    "title": f"Iris {act}: curvature vs depth",
+                    "ylabel": "λ_max (loss per unit parameter²)",
+                    "title": f"Iris {act}, width 5: curvature by depth",
+                    "correlation": False,
                 },
             ),
             (
@@ -420,8 +574,8 @@ def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> 
                 {
                     **depth_sweep,
                     "metrics": ("lissa_vs_exact_spearman", "taylor_gap_spearman"),
-                    "ylabel": "Spearman",
-                    "title": f"Iris {act}: LiSSA vs exact, and the Taylor gap",
+                    "ylabel": "Spearman ρ",
+                    "title": f"Iris {act}, width 5: LiSSA vs. exact, and the Taylor gap",
                 },
             ),
         ]
@@ -434,9 +588,10 @@ def write_figures(rows: Sequence[dict[str, Any]], out: Path, iris_wd: float) -> 
                     "x_key": "weight_decay",
                     "fixed": {},
                     "metrics": ("spearman_top", "spearman_percentile"),
-                    "xlabel": "weight decay",
-                    "ylabel": "Spearman with retraining",
-                    "title": "CNN: influence vs weight decay",
+                    "xlabel": "weight decay λ (as in torch.optim.SGD)",
+                    "ylabel": "Spearman ρ (predicted vs. retrained)",
+                    "title": "CNN: influence vs. retraining, by weight decay",
+                    "categorical": True,
                 },
             )
         )
@@ -463,6 +618,7 @@ def render_markdown(
     """The report: our numbers beside the paper's, section by section, and a plain verdict."""
     agree = sum(c.verdict == "agrees" for c in comparisons)
     judged = sum(c.verdict != "measured only" for c in comparisons)
+    unclear = sum(is_inconclusive(c.verdict) for c in comparisons)
     lines = [
         "# Influence functions in deep learning are fragile — our rerun",
         "",
@@ -471,7 +627,8 @@ def render_markdown(
         "computed by this run (mean ± std over seeds; runs that collapsed to chance accuracy "
         "are excluded and counted in `summary.csv`).",
         "",
-        f"**{agree} of {judged} comparisons agree with the paper.**",
+        f"**{agree} of {judged} comparisons agree with the paper**"
+        + (f"; {unclear} inconclusive (the seed spread covers 0)." if unclear else "."),
         "",
     ]
     if cnn_dataset == "digits":
@@ -499,7 +656,12 @@ def render_markdown(
         "## How to read the verdicts",
         "",
         "A number *agrees* when the paper's value lies within max(0.1, 2 std) of our mean; a "
-        "trend agrees when ours moves the same way by more than 0.05. Differences are expected "
+        "trend agrees when ours moves the same way by more than 0.05. A verdict is "
+        "*inconclusive* when the seed spread covers 0: for a trend or a difference, when "
+        "|change| ≤ √(std₁² + std₂²), the spread of the difference of two means; for a number, "
+        "when |mean| ≤ std while the paper's value is more than 0.1 from 0. Such a result "
+        "neither supports nor contradicts the paper; more seeds can decide it. Differences "
+        "are expected "
         "where our protocol is smaller than the paper's (fewer steps in the quick preset, the "
         "digits stand-in for MNIST) and, as Epifano et al. (2023) found, from seed variance.",
     ]

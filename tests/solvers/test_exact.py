@@ -36,3 +36,31 @@ def test_exact_refuses_too_many_parameters():
     op = DenseOperator(torch.eye(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="max_params=4"):
         ExactHessian(max_params=4).fit(op)
+
+
+def test_exact_refuses_half_precision_naming_double_and_cg():
+    for dtype in (torch.bfloat16, torch.float16):
+        op = DenseOperator(torch.eye(3, dtype=dtype))
+        with pytest.raises(ValueError, match=r"float32 or float64.*model\.double\(\).*Conjugate"):
+            ExactHessian().fit(op)
+
+
+def test_round_off_eigenvalues_are_not_counted_as_negative():
+    from infl.diagnostics.spectrum import zero_threshold
+
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    evals = torch.tensor([-3.7e-13, 0.0, 0.5, 1.0, 2.0, 400.0], dtype=torch.float64)
+    op = DenseOperator(q @ torch.diag(evals) @ q.T)
+    fitted = ExactHessian(damping=0.1).fit(op)
+    assert fitted.info["num_negative"] == 0
+    assert fitted.info["num_near_zero"] == 2
+    # the threshold is the spectrum's own, shared, not a copy
+    eigs = torch.linalg.eigvalsh(op.to_dense())
+    assert fitted.info["zero_threshold"] == zero_threshold(eigs, torch.float64, 6)
+    # undamped, the refusal says singular, not negative
+    with pytest.raises(NotPositiveDefiniteError, match=r"none negative: 2 of 6 are zero") as err:
+        ExactHessian().fit(DenseOperator(torch.diag(evals)))
+    assert "negative)" not in str(err.value)
+    # a real negative eigenvalue is still counted
+    real = DenseOperator(torch.diag(torch.tensor([-1e-3, 1.0], dtype=torch.float64)))
+    assert ExactHessian(damping=0.01).fit(real).info["num_negative"] == 1

@@ -192,9 +192,25 @@ class Spectrum:
         )
 
 
-def _threshold(
-    values: torch.Tensor, dtype: torch.dtype, size: int, zero_rtol: float | None
+def zero_threshold(
+    values: torch.Tensor, dtype: torch.dtype, size: int, zero_rtol: float | None = None
 ) -> float:
+    """The magnitude below which an eigenvalue of a ``size x size`` operator counts as zero.
+
+    :math:`\\tau = r\\cdot\\max_i|\\mu_i|` with :math:`r` = ``zero_rtol``, by default
+    :math:`10\\sqrt p\\,\\varepsilon` (:math:`\\varepsilon` the machine epsilon of
+    ``dtype``, the dtype the operator was computed in): the round-off of an eigendecomposition
+    of a ``p x p`` matrix, so that exact zeros that round-off puts below 0 (for example
+    -3.7e-13 on a positive semi-definite problem in float64) are not counted as negative.
+    Shared by :class:`Spectrum` and :class:`~infl.solvers.ExactHessian`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mu = torch.tensor([-3.7e-13, 1e-3, 2.0], dtype=torch.float64)
+    >>> bool(mu[0] < -zero_threshold(mu, torch.float64, 100))
+    False
+    """
     if zero_rtol is None:
         zero_rtol = 10 * math.sqrt(size) * torch.finfo(dtype).eps
     scale = float(values.abs().max()) if values.numel() else 0.0
@@ -285,7 +301,7 @@ def hessian_spectrum(
         method=chosen,
         num_matvecs=op.num_matvecs - before,
         converged=converged,
-        zero_threshold=_threshold(values, operator.dtype, op.size, zero_rtol),
+        zero_threshold=zero_threshold(values, operator.dtype, op.size, zero_rtol),
     )
 
 
@@ -297,4 +313,5 @@ __all__ = [
     "estimate_extreme_eigenvalues",
     "hessian_spectrum",
     "lanczos",
+    "zero_threshold",
 ]

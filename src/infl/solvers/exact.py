@@ -35,7 +35,12 @@ class ExactHessian(Solver):
     -----
     Cost: ``fit`` takes ``p`` Hessian-vector products and an :math:`O(p^3)` eigendecomposition;
     each ``solve`` of ``k`` right-hand sides is :math:`O(k p^2)`. The fitted solver reports the
-    spectrum of :math:`H` (smallest, largest, number of negative eigenvalues) in ``info``.
+    spectrum of :math:`H` (smallest, largest, number of negative eigenvalues) in ``info``;
+    eigenvalues within round-off of zero (:math:`|\\mu| \\le 10\\sqrt p\\,\\varepsilon
+    \\max|\\mu|`, the threshold of
+    :func:`infl.diagnostics.spectrum.zero_threshold`) are counted as
+    zero (``num_near_zero``), not negative. Half precision (``float16``, ``bfloat16``) is
+    refused: the eigendecomposition needs ``float32`` or ``float64``.
 
     Examples
     --------
@@ -63,6 +68,13 @@ class ExactHessian(Solver):
                 f"max_params={self.max_params}. Use ConjugateGradient or LiSSA, or raise "
                 f"max_params if {operator.size}^2 numbers fit in memory."
             )
+        if operator.dtype in (torch.float16, torch.bfloat16):
+            raise InputError(
+                f"ExactHessian needs the eigendecomposition of the dense Hessian, which PyTorch "
+                f"computes in float32 or float64 only, and this operator is {operator.dtype}. "
+                "Convert the model with model.double() (or model.float()) before building the "
+                "calculator, or use ConjugateGradient, which needs only Hessian-vector products."
+            )
         dense = operator.to_dense()
         evals, evecs = torch.linalg.eigh(dense)
         return FittedExact(self, operator, evals, evecs)
@@ -82,12 +94,18 @@ class FittedExact(FittedSolver):
         self.solver: ExactHessian = solver
         self.eigenvalues = eigenvalues
         self.eigenvectors = eigenvectors
+        # imported here: diagnostics sits above the solvers (and imports solvers.base)
+        from infl.diagnostics.spectrum import zero_threshold
+
         damped = eigenvalues + solver.damping
         smallest_h = float(eigenvalues[0])
+        tiny = zero_threshold(eigenvalues, operator.dtype, eigenvalues.numel())
         self._info: dict[str, Any] = {
             "min_eigenvalue": smallest_h,
             "max_eigenvalue": float(eigenvalues[-1]),
-            "num_negative": int((eigenvalues < 0).sum()),
+            "num_negative": int((eigenvalues < -tiny).sum()),
+            "num_near_zero": int((eigenvalues.abs() <= tiny).sum()),
+            "zero_threshold": tiny,
             "damped_min_eigenvalue": float(damped[0]),
         }
         if solver.pseudo_inverse:
@@ -99,10 +117,18 @@ class FittedExact(FittedSolver):
             if float(damped[0]) <= 0:
                 fix = max(-smallest_h, 0.0)
                 suggestion = fix + max(1e-3 * abs(float(eigenvalues[-1])), 1e-8)
+                negative = self._info["num_negative"]
+                found = (
+                    f"{negative} of {eigenvalues.numel()} negative"
+                    if negative
+                    else f"none negative: {self._info['num_near_zero']} of "
+                    f"{eigenvalues.numel()} are zero up to round-off (|mu| <= {tiny:.2g}), so "
+                    "H is singular"
+                )
                 raise NotPositiveDefiniteError(
                     f"H + damping*I is not positive definite: the smallest eigenvalue of H is "
-                    f"{smallest_h:.4g} ({self._info['num_negative']} of {eigenvalues.numel()} "
-                    f"negative), so with damping={solver.damping:g} the smallest of H + "
+                    f"{smallest_h:.4g} ({found}), so with damping={solver.damping:g} the "
+                    "smallest of H + "
                     f"damping*I is {float(damped[0]):.4g}. Use damping > {fix:.4g} (for "
                     f"example {suggestion:.3g}), or ExactHessian(pseudo_inverse=True). "
                     "infl.diagnostics.advise(operator) gives the matching LiSSA/CG settings."

@@ -260,3 +260,66 @@ def test_full_rank_arnoldi_scores_equal_the_exact_scores(logistic):
     ihvp = complement.inverse_hvp(test).value
     g_train = complement.train_grads()
     torch.testing.assert_close(complement.influence(test), -(ihvp @ g_train.T))
+
+
+# ---------------------------------------------------------------- is the model at a minimum?
+def _minimum_calc(problem, wd, **kwargs):
+    import warnings
+
+    from infl import InflWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calc = InfluenceCalculator(
+            problem.model,
+            Objective("bce_with_logits", weight_decay=wd),
+            (problem.x, problem.y),
+            ExactHessian(),
+            progress=False,
+            **kwargs,
+        )
+    return calc, [str(w.message) for w in caught if issubclass(w.category, InflWarning)]
+
+
+def test_converged_model_passes_the_minimum_check_from_the_cached_gradients(logistic):
+    calc, warned = _minimum_calc(logistic, logistic.wd)
+    assert warned == []
+    s = calc.stationarity
+    assert s.is_minimum
+    assert s.drift_ratio < 1e-6
+    # the numbers: grad J = mean of the training gradients, scale = their RMS norm
+    g = reference.per_example_grads(logistic.theta, logistic.x, logistic.y, logistic.wd)
+    assert s.grad_norm == pytest.approx(float(g.mean(dim=0).norm()), abs=1e-12)
+    assert s.grad_scale == pytest.approx(float(g.pow(2).sum(dim=1).mean().sqrt()))
+    # one pass, kept: the gradients scoring needs are already cached
+    assert calc._grad_cache.value is not None
+    torch.testing.assert_close(calc._grad_cache.value, g)
+
+
+def test_unconverged_model_warns_with_what_it_does_to_the_scores(logistic):
+    import dataclasses
+
+    model = nn.Linear(4, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(logistic.theta[:4].reshape(1, 4) * 0.5)  # halfway to the minimum
+        model.bias.copy_(logistic.theta[4:])
+    problem = dataclasses.replace(logistic, model=model)
+    calc, warned = _minimum_calc(problem, logistic.wd)
+    assert not calc.stationarity.is_minimum
+    [message] = warned
+    for words in ("not at a minimum", "drift", "Retrain longer", "weight_decay",
+                  "control-corrected", "check_minimum=False"):  # fmt: skip
+        assert words in message
+    assert "looks trained with weight_decay" not in message  # not a weight-decay mix-up
+    off, none = _minimum_calc(problem, logistic.wd, check_minimum=False)
+    assert none == []
+    assert off.stationarity is None
+
+
+def test_converged_model_checked_with_the_wrong_weight_decay_warns(logistic):
+    calc, warned = _minimum_calc(logistic, 0.5)
+    [message] = warned
+    assert "not at a minimum" in message
+    assert "looks trained with weight_decay ~ 0.05" in message
+    assert calc.stationarity.wrong_weight_decay
+    assert calc.stationarity.implied_weight_decay == pytest.approx(logistic.wd, rel=1e-6)

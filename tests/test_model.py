@@ -106,3 +106,68 @@ def test_data_forms_give_identical_gradients(form):
     indexed = IndexedData(data)
     got = torch.cat([wrapper.train_grads(b) for _, b in indexed.chunks(4)])
     torch.testing.assert_close(got, wrapper.train_grads((x, y)))
+
+
+class _SquareWithoutJvp(torch.autograd.Function):
+    """x**2 with a backward written in torch ops (twice differentiable) but no jvp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _NoForwardAD(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(_SquareWithoutJvp.apply(self.a(x)))
+
+
+def test_missing_forward_ad_falls_back_to_reverse_over_reverse_once():
+    import warnings
+
+    from infl import InflWarning, ModelStateError
+
+    model = _NoForwardAD().double().eval()
+    reference_model = _NoForwardAD().double().eval()  # the same weights, squared by hand
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    objective = Objective(weight_decay=0.1)
+    wrapper = ModelWrapper(model, objective)
+    vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    assert wrapper.second_order == "forward-over-reverse"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hv = wrapper.hvp((x, y), vectors, chunk_size=4)
+        again = wrapper.hvp((x, y), vectors, chunk_size=4)
+        gv = wrapper.ggn_vp((x, y), vectors, chunk_size=4)
+    ours = [w for w in caught if issubclass(w.category, InflWarning)]
+    assert len(ours) == 1  # one switch, recorded, not repeated
+    assert "reverse-over-reverse" in str(ours[0].message)
+    assert "autograd.Function" in str(ours[0].message)
+    assert wrapper.second_order == "reverse-over-reverse"
+    torch.testing.assert_close(hv, again)
+    # a dense reference of the same function (x * x instead of the custom op)
+    reference_model.forward = lambda inp: reference_model.b(reference_model.a(inp) ** 2)
+    plain = ModelWrapper(reference_model, objective)
+    dense = HessianOperator(plain, IndexedData((x, y)), chunk_size=6).to_dense()
+    torch.testing.assert_close(hv, vectors @ dense)
+    torch.testing.assert_close(gv, plain.ggn_vp((x, y), vectors, chunk_size=6))
+    strict = ModelWrapper(model, objective, second_order="forward-over-reverse")
+    with pytest.raises(ModelStateError, match=r"forward-mode derivative.*second_order='auto'"):
+        strict.hvp((x, y), vectors, chunk_size=4)
+    with pytest.raises(ValueError, match="second_order must be"):
+        ModelWrapper(model, objective, second_order="backward")  # type: ignore[arg-type]

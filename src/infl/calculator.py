@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from infl.data import IndexedData, as_indexed, tensor_leaves
 from infl.errors import InputError
-from infl.model import ModelWrapper
+from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
+from infl.solvers.arnoldi import Arnoldi
 from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -73,6 +74,24 @@ class InfluenceCalculator:
         :math:`G`, positive semi-definite for the built-in losses; it needs a loss with an
         output-space Hessian, see :func:`~infl.objective.supervised_loss`). Both include
         :math:`\\lambda_{wd} I`.
+    check_minimum
+        Check at construction that the model is at a minimum of the objective (default
+        ``True``): one pass of training gradients (the ones the calculator caches when they
+        fit in ``cache_bytes``, so no extra pass then) gives :math:`\\|\\nabla J(\\theta)\\|`
+        and the RMS per-example gradient norm, stored in :attr:`stationarity`; an
+        :class:`~infl.errors.InflWarning` says what a non-minimum does to the scores.
+
+    Attributes
+    ----------
+    stationarity : Stationarity or None
+        The result of the minimum check (``None`` with ``check_minimum=False``).
+
+    Notes
+    -----
+    Construction also evaluates the first few training examples once (two small forward
+    passes) and refuses, naming the example and the fix, data the model or the loss cannot
+    take (feature width, integer inputs, ``[b, 1]`` or out-of-range labels, ``-100`` labels)
+    and a random forward pass (functional dropout); see :meth:`ModelWrapper.check_data`.
 
     Examples
     --------
@@ -101,6 +120,7 @@ class InfluenceCalculator:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         progress: bool = True,
         curvature: str = "hessian",
+        check_minimum: bool = True,
     ) -> None:
         if not isinstance(objective, Objective):
             raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
@@ -116,7 +136,8 @@ class InfluenceCalculator:
             )
         self.wrapper = ModelWrapper(model, objective)
         self.objective = objective
-        self.train = as_indexed(train_data, "training data")
+        self.train = as_training_data(train_data, "training data")
+        self.wrapper.check_data(self.train)
         self.solver = solver
         self.measurement = measurement if measurement is not None else loss_measurement(objective)
         self.chunk_size = chunk_size
@@ -129,6 +150,18 @@ class InfluenceCalculator:
         self._fitted: FittedSolver | None = None
         self._grad_cache = _TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
+        self.stationarity: Stationarity | None = None
+        if check_minimum:
+            # the pass fills the [n, p] gradient cache (when it fits) that scoring reuses; a
+            # low-rank Arnoldi inverse scores from [n, r] projections and never keeps [n, p]
+            low_rank = isinstance(solver, Arnoldi) and not solver.complement
+            grads = (
+                self.wrapper.iter_train_grads(self.train, chunk_size)
+                if low_rank
+                else self._iter_train_grads(desc="checking the minimum")
+            )
+            self.stationarity = self.wrapper.check_stationarity(grads, self.num_train)
+            self.stationarity.warn_if_not_minimum(stacklevel=2)
 
     @property
     def num_train(self) -> int:

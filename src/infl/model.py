@@ -3,40 +3,158 @@
 Everything here goes through :mod:`torch.func` (``functional_call``, ``vmap``, ``grad``,
 ``jvp``) and never mutates the user's module: the parameters are detached copies, so training
 can continue on the module without changing what infl computes.
+
+Every evaluation runs inside :func:`functional_evaluation`: PyTorch's math attention kernel
+(the fused CPU/GPU kernels have neither forward-mode nor second derivatives) and no
+``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` "fast path" (a fused kernel taken
+in eval mode when no gradient is recorded, which has no forward-mode derivative and handles
+padding masks differently from the differentiable path). Second-order products are
+forward-over-reverse by default and switch to reverse-over-reverse, once and with an
+:class:`~infl.errors.InflWarning`, on a model with an operation that has no forward-mode
+derivative (:attr:`ModelWrapper.second_order`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
-from infl.errors import InputError, ModelStateError, NonFiniteError
-from infl.objective import Objective, PerExampleFn, output_hessian_loss
+from infl.data import Batch, IndexedData, batch_size, batch_to, tensor_leaves, tree_map_tensors
+from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
+from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
 
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+SecondOrder = Literal["auto", "forward-over-reverse", "reverse-over-reverse"]
+"""How :class:`ModelWrapper` differentiates twice (see :attr:`ModelWrapper.second_order`)."""
+
+CHECK_EXAMPLES = 4
+"""Examples of the first chunk that :meth:`ModelWrapper.check_data` evaluates."""
+
+
+@contextlib.contextmanager
+def functional_evaluation() -> Iterator[None]:
+    """The settings every infl evaluation of the model runs under (restored on exit).
+
+    * ``sdpa_kernel(SDPBackend.MATH)``: scaled dot-product attention is computed from
+      matmuls and a softmax, which have forward-mode and second derivatives and batching
+      rules; the fused flash/memory-efficient kernels have none of these.
+    * ``torch.backends.mha.set_fastpath_enabled(False)``: ``nn.MultiheadAttention`` and
+      ``nn.TransformerEncoderLayer`` never take their fused eval-mode "fast path"
+      (``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``), which is chosen
+      when no gradient is recorded (so under ``torch.no_grad`` and inside ``jvp``), has no
+      forward-mode derivative, and returns zeros at padded positions where the
+      differentiable path does not: values and gradients must come from one function.
+
+    The fast-path switch is a process-wide PyTorch flag; it is set only for the duration of
+    the ``with`` block.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _missing_forward_ad(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch saying an operation has no forward-mode derivative."""
+    text = str(err)
+    return isinstance(err, (NotImplementedError, RuntimeError)) and (
+        "forward AD" in text or "forward mode AD" in text
+    )
+
+
+def _operation_named(err: BaseException) -> str:
+    """The operation PyTorch names in a missing-derivative error (best effort)."""
+    text = str(err)
+    for marker in ("forward AD with ", "derivative for "):
+        if marker in text:
+            return text.split(marker, 1)[1].split(" ", 1)[0]
+    if "custom autograd.Function" in text:
+        return "a custom autograd.Function without a jvp"
+    return "an operation of the model"
 
 
 def check_eval_mode(model: nn.Module) -> None:
     """Refuse a model whose output depends on train/eval mode and that is in train mode.
 
+    Dropout and batch-norm layers, and ``nn.MultiheadAttention`` with attention dropout
+    (``dropout > 0``, also inside ``nn.TransformerEncoderLayer`` / ``DecoderLayer``), are
+    checked. Dropout written as ``F.dropout(x, training=True)`` in a custom ``forward`` is
+    invisible here; :meth:`ModelWrapper.check_data` catches it by evaluating twice.
+
     Raises
     ------
     ModelStateError
-        Naming the first dropout or batch-norm submodule found in training mode.
+        Naming the first such submodule found in training mode.
     """
     for name, module in model.named_modules():
-        if isinstance(module, _MODE_DEPENDENT) and module.training:
+        if not module.training:
+            continue
+        where = name or "<root>"
+        if isinstance(module, _MODE_DEPENDENT):
             kind = type(module).__name__
             raise ModelStateError(
-                f"submodule {name or '<root>'!r} ({kind}) is in training mode, so its output is "
+                f"submodule {where!r} ({kind}) is in training mode, so its output is "
                 "random or depends on the batch and influence scores would be meaningless. "
                 "Call model.eval() before building the influence calculator."
             )
+        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            raise ModelStateError(
+                f"submodule {where!r} (MultiheadAttention) is in training mode with attention "
+                f"dropout {module.dropout:g}, so its attention weights are randomly dropped on "
+                "every call and influence scores would be meaningless. Call model.eval() "
+                "before building the influence calculator."
+            )
+
+
+def as_training_data(data: Any, name: str = "training data") -> IndexedData:
+    """``data`` as :class:`IndexedData`, refusing a Python list of per-example pairs.
+
+    A list of ``(x_i, y_i)`` pairs (one tuple per example) is not a batch: infl needs the
+    examples stacked along a leading dimension, ``(X, y)``, or a ``Dataset``.
+
+    Raises
+    ------
+    InputError
+        For a list of per-example tuples (saying to stack them or use a Dataset), or
+        whatever :class:`IndexedData` refuses.
+    """
+    pairs = (
+        isinstance(data, (list, tuple))
+        and len(data) > 0
+        and all(isinstance(e, (tuple, list)) and len(e) > 0 for e in data)
+        and len({len(e) for e in data}) == 1
+    )
+    if pairs and (isinstance(data, list) or len(data) > 2):
+        width = len(data[0])
+        raise InputError(
+            f"{name} is a {type(data).__name__} of {len(data)} tuples of {width} items, one per "
+            "example; infl needs the examples stacked along a leading dimension. Stack them, "
+            "e.g. X = torch.stack([x for x, _ in pairs]); y = torch.stack([y for _, y in "
+            "pairs]) (or torch.tensor(labels)) and pass (X, y), or wrap them in a "
+            "torch.utils.data.Dataset whose items are the (x, y) pairs."
+        )
+    try:
+        return data if isinstance(data, IndexedData) else IndexedData(data, name=name)
+    except InputError as err:
+        if pairs:
+            raise InputError(
+                f"{err} — {name} looks like a sequence of per-example (x, y) pairs: stack them "
+                "into (X, y) tensors with torch.stack, or wrap them in a Dataset."
+            ) from err
+        raise
 
 
 class ModelWrapper:
@@ -49,6 +167,15 @@ class ModelWrapper:
         in the parameter space, in ``named_parameters()`` order; buffers stay fixed.
     objective
         The training objective (per-example loss and weight decay).
+    second_order
+        How Hessian-vector products (and the Jacobian products of the Gauss-Newton product)
+        are differentiated. ``"auto"`` (default): forward-over-reverse (``jvp`` of ``grad``,
+        no second backward graph is kept), switching to reverse-over-reverse (``vjp`` of
+        ``grad``) with a one-time :class:`~infl.errors.InflWarning` the first time the model
+        hits an operation without a forward-mode derivative. ``"forward-over-reverse"`` or
+        ``"reverse-over-reverse"`` fix the mode (the former then raises
+        :class:`~infl.errors.ModelStateError` on such an operation). Both give the same
+        products up to round-off.
 
     Attributes
     ----------
@@ -58,6 +185,8 @@ class ModelWrapper:
         ``p``, the dimension of the parameter space.
     device, dtype
         Those of the parameters; data is moved to them (floating tensors are cast to ``dtype``).
+    second_order : str
+        The mode in use now: ``"forward-over-reverse"`` or ``"reverse-over-reverse"``.
 
     Examples
     --------
@@ -69,9 +198,16 @@ class ModelWrapper:
     8
     """
 
-    def __init__(self, model: nn.Module, objective: Objective) -> None:
+    def __init__(
+        self, model: nn.Module, objective: Objective, *, second_order: SecondOrder = "auto"
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if second_order not in ("auto", "forward-over-reverse", "reverse-over-reverse"):
+            raise InputError(
+                "second_order must be 'auto', 'forward-over-reverse' or 'reverse-over-reverse', "
+                f"got {second_order!r}"
+            )
         check_eval_mode(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -104,6 +240,9 @@ class ModelWrapper:
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.fixed = {**frozen, **{n: b.detach() for n, b in model.named_buffers()}}
         self.flat_params = self.flatten(self.params)
+        self.requested_second_order: SecondOrder = second_order
+        self.second_order: str = "forward-over-reverse" if second_order == "auto" else second_order
+        self._output_shape: tuple[int, ...] | None = None
 
     # ---------------------------------------------------------------- flat <-> dict
     def flatten(self, tensors: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
@@ -154,7 +293,7 @@ class ModelWrapper:
     def values(self, fn: PerExampleFn, batch: Batch) -> torch.Tensor:
         """``fn`` evaluated on every example of ``batch`` at the wrapper's parameters: ``[b]``."""
         batch = self.prepare(batch)
-        with torch.no_grad():
+        with torch.no_grad(), functional_evaluation():
             return self._batch_value(fn, self.params, batch).detach()
 
     def per_example_grads(
@@ -180,7 +319,8 @@ class ModelWrapper:
             one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
             return self._batch_value(fn, params, one).sum()
 
-        grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
+        with functional_evaluation():
+            grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
         flat = self.flatten(grads, batch_dims=1)
         if add_weight_decay and self.objective.weight_decay:
             flat = flat + self.objective.weight_decay * self.flat_params
@@ -199,8 +339,13 @@ class ModelWrapper:
     def iter_train_grads(
         self, data: IndexedData, chunk_size: int
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, g[start:start+b])`` over the training data in chunks."""
+        """Yield ``(start, g[start:start+b])`` over the training data in chunks.
+
+        Each chunk's targets are checked first (:meth:`check_targets`), so a bad label
+        anywhere in the data is named by its index before any gradient is taken.
+        """
         for start, batch in data.chunks(chunk_size):
+            self.check_targets(batch, offset=start, what=data.name)
             yield start, self.train_grads(batch)
 
     def objective_grad(self, data: IndexedData, chunk_size: int) -> torch.Tensor:
@@ -211,8 +356,9 @@ class ModelWrapper:
         def summed(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
             return self._batch_value(loss, params, batch).sum()
 
-        for _, batch in data.chunks(chunk_size):
-            total += self.flatten(grad(summed)(self.params, self.prepare(batch)))
+        with functional_evaluation():
+            for _, batch in data.chunks(chunk_size):
+                total += self.flatten(grad(summed)(self.params, self.prepare(batch)))
         return total / len(data) + self.objective.weight_decay * self.flat_params
 
     def hvp(
@@ -220,9 +366,11 @@ class ModelWrapper:
     ) -> torch.Tensor:
         """Hessian-vector products :math:`H V^T` with :math:`H = \\nabla^2 J`: ``[k, p]``.
 
-        Forward-over-reverse (``jvp`` of ``grad``), ``vmap``-ed over the ``k`` vectors and
-        summed over chunks of the data; :math:`H` is the Hessian of the *mean* loss plus
-        :math:`\\lambda_{wd} I`.
+        Forward-over-reverse (``jvp`` of ``grad``) or, when the model needs it,
+        reverse-over-reverse (``vjp`` of ``grad``; see :attr:`second_order`), ``vmap``-ed over
+        the ``k`` vectors and summed over chunks of the data; :math:`H` is the Hessian of the
+        *mean* loss plus :math:`\\lambda_{wd} I`. Cost per chunk: about two forward and two
+        backward passes batched over ``k``.
 
         Parameters
         ----------
@@ -242,9 +390,20 @@ class ModelWrapper:
         def one_chunk(batch: Batch) -> torch.Tensor:
             grad_fn = grad(summed)
 
-            def hv(v: torch.Tensor) -> torch.Tensor:
-                out = jvp(lambda p: grad_fn(p, batch), (self.params,), (self.unflatten(v),))
-                return self.flatten(out[1])
+            def grad_at(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return grad_fn(p, batch)
+
+            if self.second_order == "reverse-over-reverse":
+                # H is symmetric, so the vector-Jacobian product of the gradient is H v
+                pullback = vjp(grad_at, self.params)[1]
+
+                def hv(v: torch.Tensor) -> torch.Tensor:
+                    return self.flatten(pullback(self.unflatten(v))[0])
+
+            else:
+
+                def hv(v: torch.Tensor) -> torch.Tensor:
+                    return self.flatten(jvp(grad_at, (self.params,), (self.unflatten(v),))[1])
 
             return vmap(hv)(vectors)
 
@@ -263,6 +422,8 @@ class ModelWrapper:
         output-space Hessian of its loss. Per chunk: one forward pass, then for each vector
         ``jvp`` through the model (:math:`J v`), the output Hessian, and ``vjp`` back
         (:math:`J^T \\cdot`), ``vmap``-ed over the ``k`` vectors; :math:`J` is never formed.
+        In reverse-over-reverse mode (:attr:`second_order`) :math:`J v` is the ``vjp`` of the
+        linear map :math:`u \\mapsto J^T u` instead of a ``jvp``.
         :math:`G` is positive semi-definite when every :math:`H_{out,i}` is (all built-in
         losses: they are convex in the outputs).
 
@@ -294,8 +455,23 @@ class ModelWrapper:
             primal = vjp(forward, self.params)
             outputs, pullback = primal[0], primal[1]
 
+            if self.second_order == "reverse-over-reverse":
+                # u -> J^T u is linear, so its vector-Jacobian product at any u is J v
+                def transpose(u: torch.Tensor) -> dict[str, torch.Tensor]:
+                    return vjp(forward, self.params)[1](u)[0]
+
+                linear = vjp(transpose, torch.zeros_like(outputs))[1]
+
+                def jacobian_product(v: torch.Tensor) -> torch.Tensor:
+                    return linear(self.unflatten(v))[0]
+
+            else:
+
+                def jacobian_product(v: torch.Tensor) -> torch.Tensor:
+                    return jvp(forward, (self.params,), (self.unflatten(v),))[1]
+
             def gv(v: torch.Tensor) -> torch.Tensor:
-                jv = jvp(forward, (self.params,), (self.unflatten(v),))[1]
+                jv = jacobian_product(v)
                 (jt,) = pullback(loss.output_hessian_product(outputs, targets, jv))
                 return self.flatten(jt)
 
@@ -303,6 +479,180 @@ class ModelWrapper:
 
         return self._curvature_products(
             data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product"
+        )
+
+    def _second_order_call(
+        self, one_chunk: Callable[[Batch], torch.Tensor], batch: Batch, what: str
+    ) -> torch.Tensor:
+        """``one_chunk(batch)``, switching to reverse-over-reverse once if forward AD is missing."""
+        try:
+            with functional_evaluation():
+                return one_chunk(batch)
+        except (NotImplementedError, RuntimeError) as err:
+            if not (_missing_forward_ad(err) and self.second_order == "forward-over-reverse"):
+                raise _second_derivative_error(err, what) from err
+            op = _operation_named(err)
+            if self.requested_second_order != "auto":
+                raise ModelStateError(
+                    f"{what} needs the forward-mode derivative of {op}, which PyTorch does not "
+                    "implement, and second_order='forward-over-reverse' was asked for. Use "
+                    "second_order='auto' or 'reverse-over-reverse'."
+                ) from err
+            self.second_order = "reverse-over-reverse"
+            warnings.warn(
+                f"the model uses {op}, which has no forward-mode derivative in PyTorch, so "
+                "infl computes its second-order products reverse-over-reverse from now on "
+                "(vjp of grad instead of jvp of grad: the same products, with the backward "
+                "graph of the gradient kept in memory). ModelWrapper.second_order records the "
+                "mode; pass second_order='reverse-over-reverse' to start there.",
+                InflWarning,
+                stacklevel=4,
+            )
+        try:
+            with functional_evaluation():
+                return one_chunk(batch)
+        except (NotImplementedError, RuntimeError) as err:
+            raise _second_derivative_error(err, what) from err
+
+    # ---------------------------------------------------------------- checks
+    def check_data(self, data: IndexedData) -> None:
+        """Evaluate the first few examples of ``data`` once, turning PyTorch's errors into ours.
+
+        Runs the model on the first :data:`CHECK_EXAMPLES` examples (twice: two small forward
+        passes, no gradient) where the data first meets the model, so that a mismatch is
+        reported at construction, naming the example and the fix, rather than deep inside a
+        vmapped gradient:
+
+        * the forward pass fails: integer inputs to a floating-point model, a feature width
+          that is not the first layer's ``in_features``, or any other error (wrapped with
+          the data's shape and dtype);
+        * targets the built-in loss cannot use (see
+          :meth:`~infl.objective.SupervisedLoss.check_targets`): ``[b, 1]`` class indices,
+          labels outside ``0..C-1``, ``ignore_index`` labels, float class indices;
+        * the two evaluations differ: the forward pass is random (functional dropout).
+
+        Raises
+        ------
+        InputError
+            For a data/model mismatch.
+        ModelStateError
+            For a random forward pass.
+        """
+        k = min(len(data), CHECK_EXAMPLES)
+        batch = self.prepare(data.select(range(k)))
+        loss = self.objective.per_example_loss
+        model = self.functional_model(self.params)
+        with torch.no_grad(), functional_evaluation():
+            if isinstance(loss, SupervisedLoss):
+                inputs, targets = loss.split(batch)
+                loss.check_targets(targets, None, what=data.name)
+                first = self._explained(lambda: model(inputs), inputs, data.name, k)
+                if isinstance(first, torch.Tensor):
+                    self._output_shape = tuple(first.shape[1:])
+                    loss.check_targets(targets, self._output_shape, what=data.name)
+                self._explained(lambda: loss.loss_of_outputs(first, targets), inputs, data.name, k)
+                second = model(inputs)
+            else:
+                first = self._explained(
+                    lambda: self._batch_value(loss, self.params, batch), batch, data.name, k
+                )
+                second = self._batch_value(loss, self.params, batch)
+        _check_deterministic(first, second, k, data.name)
+
+    def _explained(self, run: Callable[[], Any], inputs: Batch, name: str, k: int) -> Any:
+        try:
+            return run()
+        except InflError:
+            raise
+        except (RuntimeError, IndexError, TypeError, ValueError) as err:
+            raise self._forward_error(err, inputs, name, k) from err
+
+    def _forward_error(self, err: BaseException, inputs: Batch, name: str, k: int) -> InputError:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        leaves = tensor_leaves(inputs)
+        said = f"PyTorch said: {type(err).__name__}: {text}"
+        integer = [
+            t
+            for t in leaves
+            if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        ]
+        if integer and any(w in text for w in ("dtype", "scalar type", "Long", "Int")):
+            kinds = sorted({str(t.dtype) for t in integer})
+            return InputError(
+                f"{name}: the inputs are integer tensors ({', '.join(kinds)}) but the model "
+                f"computes in {self.dtype}, and its first layer cannot take them. Convert the "
+                f"inputs to floating point, e.g. X.to({self.dtype}) (or X.float() for a float32 "
+                "model); integer inputs are right only for layers that take indices, such as "
+                f"nn.Embedding. {said}"
+            )
+        first = next(
+            ((n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)), None
+        )
+        if "cannot be multiplied" in text and first is not None and leaves:
+            layer, linear = first
+            width = int(leaves[0].shape[-1]) if leaves[0].dim() else 0
+            if width != linear.in_features:
+                return InputError(
+                    f"{name}: the model's first linear layer {layer!r} expects "
+                    f"{linear.in_features} features per example, but the data has {width} "
+                    f"(inputs of shape {tuple(leaves[0].shape)}). Pass the columns the model "
+                    "was trained on (the same preprocessing and feature order), or the model "
+                    f"trained on this data. {said}"
+                )
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in leaves) or "no tensors"
+        return InputError(
+            f"{name}: evaluating the model on its first {k} examples failed (inputs: "
+            f"{shapes}). Check that the inputs have the shape and dtype the model was trained "
+            f"on and that the batch is in the form the loss expects. {said}"
+        )
+
+    def check_targets(self, batch: Batch, *, offset: int = 0, what: str = "data") -> None:
+        """Check a batch's targets for a built-in loss (no-op before :meth:`check_data`).
+
+        Cheap (comparisons on the targets, no forward pass); ``offset`` is the index of the
+        batch's first example in the data, so that errors name the example's own index.
+        """
+        loss = self.objective.per_example_loss
+        if not isinstance(loss, SupervisedLoss) or self._output_shape is None:
+            return
+        _, targets = loss.split(batch)
+        loss.check_targets(targets, self._output_shape, offset=offset, what=what)
+
+    def check_stationarity(
+        self, train_grads: Iterable[tuple[int, torch.Tensor]], num_train: int
+    ) -> Stationarity:
+        """How far :math:`\\theta` is from a minimum of :math:`J`, from one pass of gradients.
+
+        With the training gradients :math:`g_i = \\nabla\\ell(z_i) + \\lambda_{wd}\\theta`
+        (``train_grads`` yields ``(start, g[start:start+b])`` chunks, e.g. the ones the
+        calculator caches), :math:`\\nabla J = \\frac1n\\sum_i g_i` and the gradient scale
+        :math:`s = (\\frac1n\\sum_i\\|g_i\\|^2)^{1/2}`. Cost: :math:`O(np)` on top of the
+        gradients, :math:`O(p)` memory. The result warns nothing; see
+        :meth:`Stationarity.warn_if_not_minimum`.
+        """
+        total = torch.zeros(self.num_params, dtype=torch.float64, device=self.device)
+        squares = 0.0
+        for _, grads in train_grads:
+            g = grads.to(torch.float64)
+            total += g.sum(dim=0)
+            squares += float((g * g).sum())
+        grad_j = total / num_train
+        theta = self.flat_params.to(torch.float64)
+        wd = self.objective.weight_decay
+        loss_grad = grad_j - wd * theta
+        theta_sq = float(theta @ theta)
+        implied: float | None = None
+        residual = math.nan
+        if theta_sq > 0:
+            implied = -float(loss_grad @ theta) / theta_sq
+            residual = float(torch.linalg.vector_norm(loss_grad + implied * theta))
+        return Stationarity(
+            grad_norm=float(torch.linalg.vector_norm(grad_j)),
+            grad_scale=math.sqrt(squares / num_train),
+            num_train=num_train,
+            weight_decay=wd,
+            implied_weight_decay=implied,
+            implied_residual=residual,
         )
 
     def _check_vectors(self, vectors: torch.Tensor, what: str) -> None:
@@ -324,12 +674,12 @@ class ModelWrapper:
         if isinstance(data, IndexedData):
             out = torch.zeros_like(vectors)
             for _, batch in data.chunks(chunk_size):
-                out += one_chunk(self.prepare(batch))
+                out += self._second_order_call(one_chunk, self.prepare(batch), what)
             n = len(data)
         else:
             batch = self.prepare(data)
             n = batch_size(batch)
-            out = one_chunk(batch)
+            out = self._second_order_call(one_chunk, batch, what)
         out = out / n
         if self.objective.weight_decay:
             out = out + self.objective.weight_decay * vectors
@@ -339,3 +689,137 @@ class ModelWrapper:
                 "at the trained parameters (check for exploding logits or NaN inputs)"
             )
         return out
+
+
+def _second_derivative_error(err: BaseException, what: str) -> BaseException:
+    """A missing second derivative as a ModelStateError; any other error unchanged."""
+    text = str(err)
+    if "derivative for" in text and "not implemented" in text:
+        return ModelStateError(
+            f"{what} needs the second derivative of {_operation_named(err)}, which PyTorch "
+            "does not implement. Use a solver that needs only per-example gradients "
+            "(infl.KFAC or infl.EKFAC), or replace that operation in the model."
+        )
+    return err
+
+
+def _check_deterministic(first: Any, second: Any, k: int, name: str) -> None:
+    """Refuse a forward pass that gives different values on the same examples."""
+    worst = 0.0
+    for a, b in zip(tensor_leaves(first), tensor_leaves(second), strict=True):
+        if not a.is_floating_point() or a.shape != b.shape:
+            continue
+        tol = 1e3 * torch.finfo(a.dtype).eps * max(float(a.abs().max()) if a.numel() else 0.0, 1.0)
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        if diff > tol:
+            worst = max(worst, diff)
+    if worst > 0:
+        raise ModelStateError(
+            f"two evaluations of the same {k} examples of {name} at the same parameters gave "
+            f"different values (largest difference {worst:.3g}): the model's forward pass is "
+            "random, so its gradients and Hessian are too and influence scores would be "
+            "meaningless. The usual cause is dropout that ignores eval mode in a custom "
+            "forward: F.dropout(x, p, training=True), or F.dropout(x, p) whose default is "
+            "training=True. Write F.dropout(x, p, training=self.training) and call "
+            "model.eval(); switch other random operations (noise, sampling) off the same way."
+        )
+
+
+@dataclass(frozen=True)
+class Stationarity:
+    """How close the trained parameters are to a minimum of the objective :math:`J`.
+
+    Influence functions assume :math:`\\nabla J(\\theta^*) = 0`. Away from a minimum,
+    retraining without an example also moves :math:`\\theta` by the drift
+    :math:`-A^{-1}\\nabla J` that continued training causes, and measured removal effects
+    include it. The drift is compared with a typical single-example removal,
+    :math:`A^{-1}g_i/n`: their size ratio is about ``drift_ratio``
+    :math:`= n\\,\\|\\nabla J\\| / s`.
+
+    Attributes
+    ----------
+    grad_norm
+        :math:`\\|\\nabla J(\\theta)\\|_2`, with :math:`\\nabla J = \\frac1n\\sum_i g_i`.
+    grad_scale
+        :math:`s = (\\frac1n\\sum_i \\|g_i\\|_2^2)^{1/2}`, the RMS training-gradient norm.
+    num_train
+        :math:`n`.
+    weight_decay
+        The :math:`\\lambda_{wd}` of the objective checked.
+    implied_weight_decay
+        :math:`\\hat\\lambda = -\\langle \\nabla L, \\theta\\rangle / \\|\\theta\\|^2`
+        (:math:`\\nabla L` the mean loss gradient): the weight decay that best cancels the
+        loss gradient; ``None`` when :math:`\\theta = 0`.
+    implied_residual
+        :math:`\\|\\nabla L + \\hat\\lambda\\theta\\|`, what is left of the gradient at
+        :math:`\\hat\\lambda`.
+    """
+
+    grad_norm: float
+    grad_scale: float
+    num_train: int
+    weight_decay: float
+    implied_weight_decay: float | None
+    implied_residual: float
+
+    @property
+    def relative(self) -> float:
+        """:math:`\\|\\nabla J\\| / s`."""
+        if self.grad_scale > 0:
+            return self.grad_norm / self.grad_scale
+        return 0.0 if self.grad_norm == 0 else math.inf
+
+    @property
+    def drift_ratio(self) -> float:
+        """:math:`n\\,\\|\\nabla J\\| / s`: the drift in units of a typical removal effect."""
+        return self.num_train * self.relative
+
+    @property
+    def is_minimum(self) -> bool:
+        """``drift_ratio <= 1``: the gradient left is below one example's share of it."""
+        return self.drift_ratio <= 1.0
+
+    @property
+    def wrong_weight_decay(self) -> bool:
+        """Whether another weight decay (``implied_weight_decay``) would make it a minimum."""
+        if self.is_minimum or self.implied_weight_decay is None or self.grad_scale <= 0:
+            return False
+        return (
+            self.implied_weight_decay >= 0
+            and self.num_train * self.implied_residual / self.grad_scale <= 1.0
+        )
+
+    def summary(self) -> str:
+        """One sentence with the numbers."""
+        return (
+            f"||grad J(theta)|| = {self.grad_norm:.3g} with weight_decay={self.weight_decay:g}; "
+            f"RMS per-example gradient norm {self.grad_scale:.3g}, n = {self.num_train}: "
+            f"relative {self.relative:.3g}, drift ratio n*relative = {self.drift_ratio:.3g} "
+            f"({'at' if self.is_minimum else 'not at'} a minimum)"
+        )
+
+    def warn_if_not_minimum(self, stacklevel: int = 2) -> None:
+        """Issue an :class:`~infl.errors.InflWarning` unless :attr:`is_minimum`."""
+        if self.is_minimum:
+            return
+        cause = (
+            f" The model looks trained with weight_decay ~ {self.implied_weight_decay:.3g}, not "
+            f"{self.weight_decay:g}: with that value the gradient nearly vanishes. Pass the "
+            "weight_decay the model was trained with."
+            if self.wrong_weight_decay
+            else ""
+        )
+        warnings.warn(
+            f"the model is not at a minimum of the objective: {self.summary()}. Influence "
+            "functions assume grad J(theta) = 0; here retraining without an example would also "
+            "move theta by the drift that continued training causes (about "
+            f"{self.drift_ratio:.3g} times a typical single-example removal effect), so "
+            "measured removal effects include that drift and will disagree with the scores."
+            f"{cause} Retrain longer (to a smaller gradient), check that weight_decay is the one "
+            "the model was trained with (a different weight decay leaves grad J != 0 even at "
+            "the trained minimum), or compare with control-corrected ground truth "
+            "(GroundTruth.corrected_change from infl.retrain_ground_truth). "
+            "InfluenceCalculator(check_minimum=False) turns this check off.",
+            InflWarning,
+            stacklevel=stacklevel + 1,
+        )

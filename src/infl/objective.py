@@ -208,6 +208,82 @@ class SupervisedLoss:
         inputs, targets = self.split(batch)
         return self.loss_of_outputs(model(inputs), targets)
 
+    def check_targets(
+        self,
+        targets: Any,
+        output_shape: tuple[int, ...] | None,
+        *,
+        offset: int = 0,
+        what: str = "data",
+    ) -> None:
+        """Refuse targets the built-in ``"cross_entropy"`` cannot use, naming the example.
+
+        Class indices must be a 1-d integer tensor ``[b]`` with values in ``0..C-1``, where
+        ``C = output_shape[0]`` is the number of logits (``None``: the range is not checked).
+        ``ignore_index`` targets (-100) are refused: their loss is 0, but
+        ``F.cross_entropy(reduction="mean")`` divides by the number of the *other* examples,
+        so the model was trained on those alone; drop them from the data. Class probabilities
+        ``[b, C]`` (floating point) are accepted. Other losses are not checked. Cost: a few
+        comparisons on ``b`` targets.
+
+        Parameters
+        ----------
+        targets
+            The targets of ``b`` examples.
+        output_shape
+            The shape of one example's output (without the batch dimension).
+        offset
+            Index of the first of these examples in the data (errors name ``offset + i``).
+        what
+            The data's name in messages.
+
+        Raises
+        ------
+        InputError
+            ``[b, 1]`` class indices, float class indices ``[b]``, labels out of range,
+            ``ignore_index`` labels.
+        """
+        if self.loss != "cross_entropy" or not isinstance(targets, torch.Tensor):
+            return
+        if targets.is_floating_point():
+            if targets.dim() == 1:
+                raise InputError(
+                    f"{what}: cross_entropy targets of shape {tuple(targets.shape)} are "
+                    f"{targets.dtype}; class indices must be integers. Pass y.long() (or class "
+                    "probabilities of shape [b, C])."
+                )
+            return
+        if targets.dim() == 2 and targets.shape[1] == 1:
+            raise InputError(
+                f"{what}: cross_entropy targets have shape {tuple(targets.shape)}; class "
+                "indices must be one per example, shape [b]. Pass y.squeeze(1) (or y.view(-1))."
+            )
+        if targets.dim() != 1:
+            return
+        ignored = torch.nonzero(targets == IGNORE_INDEX).reshape(-1)
+        if ignored.numel():
+            shown = ", ".join(str(offset + int(i)) for i in ignored[:5])
+            more = f" (and {ignored.numel() - 5} more in this chunk)" if ignored.numel() > 5 else ""
+            raise InputError(
+                f"{what}: examples {shown}{more} have the ignore_index label {IGNORE_INDEX}. "
+                "Their loss is 0, and F.cross_entropy(reduction='mean') divides by the number "
+                "of the other examples, so the model was trained on the others alone; infl "
+                "refuses them rather than count them in n. Drop them from the data, e.g. "
+                f"keep = y != {IGNORE_INDEX}; (X[keep], y[keep])."
+            )
+        if output_shape is None or len(output_shape) < 1:
+            return
+        classes = int(output_shape[0])
+        bad = torch.nonzero((targets < 0) | (targets >= classes)).reshape(-1)
+        if bad.numel():
+            first = int(bad[0])
+            raise InputError(
+                f"{what}: example {offset + first} has label {int(targets[first])}, but the "
+                f"model outputs {classes} classes (labels must be in 0..{classes - 1}); "
+                f"{bad.numel()} label(s) of this chunk are out of range. Check the label "
+                "encoding (0-based?) and that the model's last layer has one output per class."
+            )
+
     @property
     def has_output_hessian(self) -> bool:
         """Whether :meth:`output_hessian_product` is available (always, for built-ins)."""

@@ -226,7 +226,11 @@ def iris_comparisons(rows: Sequence[dict[str, Any]], wd: float) -> list[Comparis
             Comparison(
                 "weight decay",
                 "Spearman with minus without weight decay",
-                f"{gain.mean:+.3f} ± {gain.std:.3f}" if gain.std > 0 else f"{gain.mean:+.3f}",
+                # the spread with two decimals, as in the verdicts: it is derived, not a
+                # per-configuration number of summary.csv
+                f"{gain.mean:+.3f} (spread ± {gain.std:.2f})"
+                if gain.std > 0
+                else f"{gain.mean:+.3f}",
                 "with > without (+0.46)",
                 verdict_difference(gain),
             )

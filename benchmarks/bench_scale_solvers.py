@@ -13,6 +13,9 @@ scores with those of converged conjugate gradient on the same damped Hessian.
 Sections: ``kfac`` (K-FAC and EK-FAC, true Fisher; at the heuristic damping and, reusing the
 factors through ``with_damping``, at CG's damping; compared with CG on the Gauss-Newton matrix,
 which is what they approximate, and with CG on H when that converged).
+``arnoldi`` (Arnoldi at rank 10/50/200 with low-rank scoring, and the time to rescore at
+another damping from the same projection; CG preconditioned by Arnoldi at rank 50, with its
+iteration count against the reference CG's; ``--quick``: ranks 5/10/20).
 
 Run:  python benchmarks/bench_scale_solvers.py [--quick] [--sections kfac] [--json out.json]
 """
@@ -204,7 +207,98 @@ def kfac_section(kind: str, quick: bool, state: Any, train: Any, test: Any, ref:
     return rows
 
 
-SECTIONS: dict[str, Callable[..., list]] = {"kfac": kfac_section}
+# ---------------------------------------------------------------------------- section: arnoldi
+def arnoldi_ranks(quick: bool) -> tuple[int, ...]:
+    return (5, 10, 20) if quick else (10, 50, 200)
+
+
+def run_arnoldi(
+    kind: str, quick: bool, state: Any, train: Any, test: Any, rank: int, queue: mp.Queue
+) -> None:
+    """Arnoldi(rank): Lanczos fit, then low-rank scoring ([n, r] projection, no solve)."""
+    torch.set_num_threads(2)
+    calc = calculator(kind, quick, state, train, infl.Arnoldi(rank=rank, damping=DAMPING))
+    start = time.perf_counter()
+    fitted = calc.fitted_solver()
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = calc.influence(test)  # projects the training gradients once
+    score_s = time.perf_counter() - start
+    hvps = calc.operator.num_matvecs
+    start = time.perf_counter()
+    calc.with_damping(10 * DAMPING).influence(test)  # new weights, same projection
+    rescore_s = time.perf_counter() - start
+    info = fitted.info
+    queue.put(
+        {
+            "model": kind,
+            "solver": f"arnoldi_r{rank}",
+            "params": calc.num_params,
+            "fit_seconds": round(fit_s, 2),
+            "score_seconds": round(score_s, 2),
+            "rescore_other_damping_seconds": round(rescore_s, 2),
+            "rescore_hvps": calc.operator.num_matvecs - hvps,
+            "fit_hvps": info["num_hvps"],
+            "rank_kept": info["rank"],
+            "negatives_dropped": info["num_negative_dropped"],
+            "eigenvalue_range": [info["min_eigenvalue"], info["max_eigenvalue"]],
+            "ritz_residual_rel_max": info["ritz_residual_rel_max"],
+            "peak_mb": round(peak_mb()),
+            "scores": scores,
+        }
+    )
+
+
+def run_pcg(
+    kind: str, quick: bool, state: Any, train: Any, test: Any, rank: int, queue: mp.Queue
+) -> None:
+    """CG preconditioned by Arnoldi(rank), to the reference CG's tolerance."""
+    torch.set_num_threads(2)
+    solver = infl.ConjugateGradient(
+        damping=DAMPING,
+        rtol=1e-8,
+        max_iter=sizes(quick)["cg_iter"],
+        preconditioner=infl.Arnoldi(rank=rank),
+    )
+    calc = calculator(kind, quick, state, train, solver)
+    start = time.perf_counter()
+    calc.fitted_solver()
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", infl.InflWarning)
+        scores = calc.influence(test)
+    score_s = time.perf_counter() - start
+    result = calc.inverse_hvp(test)
+    queue.put(
+        {
+            "model": kind,
+            "solver": f"pcg_arnoldi_r{rank}",
+            "params": calc.num_params,
+            "fit_seconds": round(fit_s, 2),
+            "score_seconds": round(score_s, 2),
+            "iterations": result.iterations,
+            "max_residual": float(result.residual_norms.max()),
+            "peak_mb": round(peak_mb()),
+            "scores": scores,
+        }
+    )
+
+
+def arnoldi_section(kind: str, quick: bool, state: Any, train: Any, test: Any, ref: Any) -> list:
+    rows = []
+    ranks = arnoldi_ranks(quick)
+    jobs = [(run_arnoldi, rank) for rank in ranks] + [(run_pcg, ranks[1])]
+    for fn, rank in jobs:
+        row = in_fresh_process(fn, kind, quick, state, train, test, rank)
+        scores = row.pop("scores", None)
+        if scores is not None and ref is not None:  # ref is None when the reference CG failed
+            row["vs_cg"] = agreement(scores, ref)
+        rows.append(row)
+    return rows
+
+
+SECTIONS: dict[str, Callable[..., list]] = {"kfac": kfac_section, "arnoldi": arnoldi_section}
 
 
 # ---------------------------------------------------------------------------- driver

@@ -22,7 +22,6 @@ from infl.errors import InputError
 from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
-from infl.solvers.arnoldi import Arnoldi
 from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -153,11 +152,10 @@ class InfluenceCalculator:
         self.stationarity: Stationarity | None = None
         if check_minimum:
             # the pass fills the [n, p] gradient cache (when it fits) that scoring reuses; a
-            # low-rank Arnoldi inverse scores from [n, r] projections and never keeps [n, p]
-            low_rank = isinstance(solver, Arnoldi) and not solver.complement
+            # low-rank inverse scores from [n, r] projections and never keeps [n, p]
             grads = (
                 self.wrapper.iter_train_grads(self.train, chunk_size)
-                if low_rank
+                if solver.low_rank_scoring
                 else self._iter_train_grads(desc="checking the minimum")
             )
             self.stationarity = self.wrapper.check_stationarity(grads, self.num_train)

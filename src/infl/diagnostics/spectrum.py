@@ -19,6 +19,7 @@ import torch
 
 from infl.errors import InputError, NonFiniteError
 from infl.operators import LinearOperator
+from infl.spectral.advice import zero_threshold
 from infl.spectral.lanczos import LanczosResult, Which, estimate_extreme_eigenvalues, lanczos
 
 Method = Literal["auto", "dense", "lanczos", "eigsh"]
@@ -190,31 +191,6 @@ class Spectrum:
             f"lambda_min = {self.lambda_min:.6g}, negative eigenvalues: {neg}, negative mass "
             f"{self.negative_mass:.4g}{frac}, condition number ~ {self.condition_number:.4g}."
         )
-
-
-def zero_threshold(
-    values: torch.Tensor, dtype: torch.dtype, size: int, zero_rtol: float | None = None
-) -> float:
-    """The magnitude below which an eigenvalue of a ``size x size`` operator counts as zero.
-
-    :math:`\\tau = r\\cdot\\max_i|\\mu_i|` with :math:`r` = ``zero_rtol``, by default
-    :math:`10\\sqrt p\\,\\varepsilon` (:math:`\\varepsilon` the machine epsilon of
-    ``dtype``, the dtype the operator was computed in): the round-off of an eigendecomposition
-    of a ``p x p`` matrix, so that exact zeros that round-off puts below 0 (for example
-    -3.7e-13 on a positive semi-definite problem in float64) are not counted as negative.
-    Shared by :class:`Spectrum` and :class:`~infl.solvers.ExactHessian`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> mu = torch.tensor([-3.7e-13, 1e-3, 2.0], dtype=torch.float64)
-    >>> bool(mu[0] < -zero_threshold(mu, torch.float64, 100))
-    False
-    """
-    if zero_rtol is None:
-        zero_rtol = 10 * math.sqrt(size) * torch.finfo(dtype).eps
-    scale = float(values.abs().max()) if values.numel() else 0.0
-    return zero_rtol * scale
 
 
 def hessian_spectrum(

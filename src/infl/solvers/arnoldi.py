@@ -133,6 +133,10 @@ class Arnoldi(Solver):
                 "damping=0). Set damping > 0, or complement=False for the plain low-rank inverse."
             )
 
+    @property
+    def low_rank_scoring(self) -> bool:
+        return not self.complement
+
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedArnoldi:
         """Run Lanczos on the undamped ``operator`` and keep the top ``rank`` eigenpairs.
 

@@ -124,6 +124,15 @@ class Solver(ABC):
 
     damping: float
 
+    @property
+    def low_rank_scoring(self) -> bool:
+        """Whether the fitted solver will be a low-rank inverse (see :meth:`FittedSolver.low_rank`).
+
+        Known before fitting, so that the calculator never builds the ``[n, p]`` training
+        gradients for a solver that scores from ``[n, r]`` projections.
+        """
+        return False
+
     @abstractmethod
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedSolver:
         """Prepare to solve with ``operator + damping * I`` (``operator`` is undamped)."""

@@ -10,6 +10,7 @@ import torch
 from infl.errors import InputError, NotPositiveDefiniteError
 from infl.operators import LinearOperator
 from infl.solvers.base import FittedSolver, Solver, SolveResult, as_rhs, check_damping
+from infl.spectral import zero_threshold
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ExactHessian(Solver):
     spectrum of :math:`H` (smallest, largest, number of negative eigenvalues) in ``info``;
     eigenvalues within round-off of zero (:math:`|\\mu| \\le 10\\sqrt p\\,\\varepsilon
     \\max|\\mu|`, the threshold of
-    :func:`infl.diagnostics.spectrum.zero_threshold`) are counted as
+    :func:`infl.spectral.zero_threshold`) are counted as
     zero (``num_near_zero``), not negative. Half precision (``float16``, ``bfloat16``) is
     refused: the eigendecomposition needs ``float32`` or ``float64``.
 
@@ -94,9 +95,6 @@ class FittedExact(FittedSolver):
         self.solver: ExactHessian = solver
         self.eigenvalues = eigenvalues
         self.eigenvectors = eigenvectors
-        # imported here: diagnostics sits above the solvers (and imports solvers.base)
-        from infl.diagnostics.spectrum import zero_threshold
-
         damped = eigenvalues + solver.damping
         smallest_h = float(eigenvalues[0])
         tiny = zero_threshold(eigenvalues, operator.dtype, eigenvalues.numel())

@@ -15,6 +15,7 @@ from infl.spectral.advice import (
     advice_from_extremes,
     lissa_contraction,
     lissa_depth,
+    zero_threshold,
 )
 from infl.spectral.lanczos import LanczosResult, estimate_extreme_eigenvalues, lanczos
 
@@ -28,4 +29,5 @@ __all__ = [
     "lanczos",
     "lissa_contraction",
     "lissa_depth",
+    "zero_threshold",
 ]

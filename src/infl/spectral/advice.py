@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 SCALE_MARGIN = 1.2
 """The one LiSSA scale margin: the advised (and ``scale="auto"``) :math:`\\sigma` is this
 multiple of :math:`\\mu_{\\max}`; at least 1 keeps every factor :math:`1-\\mu_i/\\sigma` in
@@ -180,6 +182,31 @@ def advice_from_extremes(
     )
 
 
+def zero_threshold(
+    values: torch.Tensor, dtype: torch.dtype, size: int, zero_rtol: float | None = None
+) -> float:
+    """The magnitude below which an eigenvalue of a ``size x size`` operator counts as zero.
+
+    :math:`\\tau = r\\cdot\\max_i|\\mu_i|` with :math:`r` = ``zero_rtol``, by default
+    :math:`10\\sqrt p\\,\\varepsilon` (:math:`\\varepsilon` the machine epsilon of
+    ``dtype``, the dtype the operator was computed in): the round-off of an eigendecomposition
+    of a ``p x p`` matrix, so that exact zeros that round-off puts below 0 (for example
+    -3.7e-13 on a positive semi-definite problem in float64) are not counted as negative.
+    Shared by :class:`~infl.diagnostics.Spectrum` and :class:`~infl.solvers.ExactHessian`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mu = torch.tensor([-3.7e-13, 1e-3, 2.0], dtype=torch.float64)
+    >>> bool(mu[0] < -zero_threshold(mu, torch.float64, 100))
+    False
+    """
+    if zero_rtol is None:
+        zero_rtol = 10 * math.sqrt(size) * torch.finfo(dtype).eps
+    scale = float(values.abs().max()) if values.numel() else 0.0
+    return zero_rtol * scale
+
+
 __all__ = [
     "DAMPING_RTOL",
     "SCALE_MARGIN",
@@ -187,4 +214,5 @@ __all__ = [
     "advice_from_extremes",
     "lissa_contraction",
     "lissa_depth",
+    "zero_threshold",
 ]

@@ -20,6 +20,8 @@ from infl.solvers.base import (
     check_positive,
     relative_residuals,
 )
+from infl.spectral.advice import DAMPING_RTOL
+from infl.spectral.damping import AutoDamping, auto_damping_exact, auto_damping_from_ritz
 from infl.spectral.lanczos import lanczos
 
 Keep = Literal["positive", "magnitude"]
@@ -57,7 +59,12 @@ class Arnoldi(Solver):
         Larger :math:`m` makes the top :math:`r` Ritz pairs more accurate.
     damping
         :math:`\\lambda \\ge 0`, applied at solve time: :meth:`FittedArnoldi.with_damping`
-        reuses the eigenpairs (no HVP).
+        reuses the eigenpairs (no HVP). Or ``"auto"``: read off the smallest and largest Ritz
+        values of the fit's own Lanczos run (no extra HVP) by the rule of
+        :mod:`infl.spectral.damping`, :math:`\\lambda = -(1+c)(\\theta_{\\min} - r_{\\min}) +
+        10^{-3}|\\theta_{\\max}|` (0 when :math:`H` looks safely positive definite; at least
+        :math:`10^{-3}|\\theta_{\\max}|` with ``complement=True``). The run targets the top of
+        the spectrum, so :math:`\\theta_{\\min}` is a rough upper bound on :math:`\\lambda_{\\min}`.
     keep
         ``"positive"`` (default): the :math:`r` largest *positive* Ritz values; negative ones
         never take a slot and ``info["num_negative_dropped"]`` counts those that the
@@ -102,14 +109,14 @@ class Arnoldi(Solver):
 
     rank: int
     krylov_dim: int | None = None
-    damping: float = 0.0
+    damping: float | Literal["auto"] = 0.0
     keep: Keep = "positive"
     complement: bool = False
     seed: int = 0
     check_residuals: bool = False
 
     def __post_init__(self) -> None:
-        check_damping(self.damping)
+        check_damping(self.damping, allow_auto=True)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int):
             raise InputError(f"rank must be a positive integer, got {self.rank!r}")
         check_positive("rank", self.rank, integer=True)
@@ -201,6 +208,10 @@ class Arnoldi(Solver):
             "num_negative_dropped": num_negative_dropped,
             "ritz_residual_max": float(resid[chosen].max()),
             "ritz_residual_rel_max": float((resid[chosen] / eigenvalues.abs()).max()),
+            "lanczos_max_ritz": float(theta[0]),
+            "lanczos_min_ritz": float(theta[-1]),
+            "lanczos_min_ritz_residual": float(resid[-1]),
+            "lanczos_exhausted": res.iterations >= p,
         }
         return FittedArnoldi(self, operator, eigenvalues, vectors[chosen].contiguous(), facts)
 
@@ -226,17 +237,17 @@ class FittedArnoldi(FittedSolver):
         basis: torch.Tensor,
         facts: dict[str, Any],
     ) -> None:
-        super().__init__(solver, operator)
+        super().__init__(solver, operator, auto_damping=_auto_from_facts(solver, facts))
         self.solver: Arnoldi = solver
         self.eigenvalues = eigenvalues
         self.basis = basis
         self._facts = facts
-        damped = eigenvalues + solver.damping
+        damped = eigenvalues + self.damping
         tiny = 1e3 * torch.finfo(basis.dtype).eps * max(float(eigenvalues.abs().max()), 1.0)
         if bool((damped.abs() <= tiny).any()):
             bad = float(eigenvalues[damped.abs().argmin()])
             raise NotPositiveDefiniteError(
-                f"Arnoldi kept the eigenvalue {bad:.6g} of H and damping={solver.damping:g} "
+                f"Arnoldi kept the eigenvalue {bad:.6g} of H and damping={self.damping:g} "
                 f"cancels it (mu + damping = 0), so the low-rank inverse does not exist. Change "
                 "damping, or use keep='positive'."
             )
@@ -273,7 +284,7 @@ class FittedArnoldi(FittedSolver):
         coeffs = rhs @ self.basis.T  # [k, r]
         value = (coeffs * self.weights) @ self.basis
         if self.solver.complement:
-            value = value + (rhs - coeffs @ self.basis) / self.solver.damping
+            value = value + (rhs - coeffs @ self.basis) / self.damping
         return value
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
@@ -286,3 +297,24 @@ class FittedArnoldi(FittedSolver):
         return SolveResult(
             value=value, converged=True, iterations=0, residual_norms=residuals, info=self.info
         )
+
+
+def _auto_from_facts(solver: Arnoldi, facts: dict[str, Any]) -> AutoDamping | None:
+    """``damping="auto"`` from the extreme Ritz values of the fit's Lanczos run (no HVP)."""
+    if solver.damping != "auto":
+        return None
+    missing = [k for k in ("lanczos_max_ritz", "lanczos_min_ritz") if k not in facts]
+    if missing:
+        raise InputError(
+            f"Arnoldi(damping='auto') needs the extreme Ritz values of its fit, and the fit's "
+            f"facts lack {missing} (a state saved by an older infl). Refit the solver."
+        )
+    top, bottom = float(facts["lanczos_max_ritz"]), float(facts["lanczos_min_ritz"])
+    if facts.get("lanczos_exhausted", False):
+        auto = auto_damping_exact(top, bottom)
+    else:
+        residual = float(facts.get("lanczos_min_ritz_residual", 0.0))
+        auto = auto_damping_from_ritz(top, bottom, residual, int(facts["lanczos_iterations"]))
+    if solver.complement:
+        auto = auto.at_least(DAMPING_RTOL * abs(top))
+    return auto

@@ -14,12 +14,13 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from infl.errors import InputError, NonFiniteError
 from infl.operators import LinearOperator
+from infl.spectral.damping import AutoDamping
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,29 @@ class FittedSolver(ABC):
         :math:`H`, the undamped operator it was fitted to.
     operator
         :math:`A = H + \\lambda I`, the operator every ``solve`` inverts.
+    auto_damping
+        With ``solver.damping == "auto"``: the :class:`~infl.spectral.AutoDamping` record of how
+        :math:`\\lambda` was chosen (``None`` for an explicit damping).
     """
 
-    def __init__(self, solver: Solver, base: LinearOperator) -> None:
+    def __init__(
+        self, solver: Solver, base: LinearOperator, *, auto_damping: AutoDamping | None = None
+    ) -> None:
+        if solver.damping == "auto" and auto_damping is None:
+            raise InputError(
+                f"{type(solver).__name__}(damping='auto') must resolve the damping at fit time; "
+                "fit the solver with solver.fit(operator) instead of building a FittedSolver"
+            )
         self.solver = solver
         self.base = base
-        self.operator = base.damped(solver.damping)
+        self.auto_damping = auto_damping if solver.damping == "auto" else None
+        self.operator = base.damped(self.damping)
 
     @property
     def damping(self) -> float:
-        """:math:`\\lambda`."""
+        """:math:`\\lambda`, always a number (the resolved one for ``damping="auto"``)."""
+        if self.auto_damping is not None:
+            return float(self.auto_damping.damping)
         return float(self.solver.damping)
 
     @property
@@ -79,8 +93,15 @@ class FittedSolver(ABC):
         """Facts about the fit, as plain numbers and strings (damping, spectrum estimates, ...).
 
         Solvers add their own keys; every ``SolveResult.info`` starts from this dictionary.
+        With ``damping="auto"`` it holds the resolved ``damping``, ``damping_auto=True``, the
+        eigenvalue estimates, the margin and the rule (:meth:`AutoDamping.facts`).
         """
-        return {"solver": type(self.solver).__name__, "damping": self.damping}
+        out: dict[str, Any] = {"solver": type(self.solver).__name__, "damping": self.damping}
+        if self.auto_damping is not None:
+            out.update(self.auto_damping.facts())
+        else:
+            out["damping_auto"] = False
+        return out
 
     def with_damping(self, damping: float) -> FittedSolver:
         """The same solver at another :math:`\\lambda`, reusing whatever the fit computed.
@@ -122,7 +143,7 @@ class FittedSolver(ABC):
 class Solver(ABC):
     """Base class of the inverse-HVP solvers (frozen dataclasses with a ``damping`` field)."""
 
-    damping: float
+    damping: float | Literal["auto"]
 
     @property
     def low_rank_scoring(self) -> bool:
@@ -144,9 +165,32 @@ class Solver(ABC):
         return self.fit(operator, progress=progress).solve(rhs, progress=progress)
 
 
-def check_damping(damping: float) -> None:
+def check_damping(damping: Any, *, allow_auto: bool = False) -> None:
+    """Refuse a damping that is not a finite number >= 0 (or ``"auto"`` where allowed).
+
+    Raises
+    ------
+    InputError
+        Naming the value found and the fix (``damping="auto"`` for a misspelt string).
+    """
+    accepted = "a finite number >= 0" + (" or 'auto'" if allow_auto else "")
+    if isinstance(damping, str):
+        if allow_auto and damping == "auto":
+            return
+        hint = (
+            " (damping='auto' chooses it from a Lanczos estimate of lambda_min(H) at fit time)"
+            if allow_auto
+            else "; for a solver that supports it, damping='auto' chooses one at fit time"
+        )
+        raise InputError(f"damping must be {accepted}, got {damping!r}{hint}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise InputError(f"damping must be {accepted}, got {type(damping).__name__} {damping!r}")
     if not math.isfinite(damping) or damping < 0:
-        raise InputError(f"damping must be a finite number >= 0, got {damping}")
+        raise InputError(
+            f"damping must be {accepted}, got {damping}: H + damping*I is made positive "
+            "definite by raising damping, never by a negative one"
+            + (" (or use damping='auto')" if allow_auto else "")
+        )
 
 
 def check_positive(name: str, value: float, *, integer: bool = False) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +22,8 @@ from infl.solvers.base import (
     check_positive,
 )
 from infl.solvers.lissa import LiSSA
+from infl.spectral.advice import DAMPING_RTOL
+from infl.spectral.damping import AUTO_DAMPING_RETRIES, AutoDamping, auto_damping
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,16 @@ class ConjugateGradient(Solver):
     Parameters
     ----------
     damping
-        :math:`\\lambda \\ge 0`.
+        :math:`\\lambda \\ge 0`, or ``"auto"``: at ``fit``, one Lanczos run on :math:`H`
+        (at most :data:`~infl.spectral.AUTO_DAMPING_LANCZOS_STEPS` = 60 HVPs) estimates
+        :math:`\\theta_{\\min} \\ge \\lambda_{\\min}(H)` and :math:`\\theta_{\\max}`, and
+        :math:`\\lambda = -(1+c)(\\theta_{\\min} - r_{\\min}) + 10^{-3}|\\theta_{\\max}|`
+        (:math:`c = 0.5`, :math:`r_{\\min}` the Ritz residual; 0 when :math:`H` is safely positive
+        definite) — the rule of :mod:`infl.spectral.damping`. Because :math:`\\theta_{\\min}` is
+        only an upper bound on :math:`\\lambda_{\\min}(H)`, a solve can still meet negative
+        curvature: ``"auto"`` then raises :math:`\\lambda` (see Notes) instead of failing.
+        ``info`` records the resolved ``damping``, ``damping_auto=True``, the estimates, the
+        margin, the rule and every attempt (``damping_attempts``).
     rtol, atol
         Stop system ``j`` when :math:`\\|r_j\\| \\le \\max(\\text{rtol}\\|b_j\\|, \\text{atol})`
         (the true residual :math:`b_j - A x_j`, with or without a preconditioner).
@@ -72,6 +83,17 @@ class ConjugateGradient(Solver):
     :class:`~infl.errors.NotPositiveDefiniteError` (so does :math:`r^T M^{-1} r \\le 0`, an
     indefinite preconditioner). Reaching ``max_iter`` without meeting the tolerance gives
     ``converged=False`` and an :class:`~infl.errors.InflWarning`.
+
+    With ``damping="auto"``, negative curvature :math:`\\rho = p^T(H+\\lambda I)p/p^Tp \\le 0`
+    instead raises the damping and restarts the solve, at most
+    :data:`~infl.spectral.AUTO_DAMPING_RETRIES` (4) times: :math:`\\lambda_{\\min}(H) \\le
+    \\rho - \\lambda`, so the new :math:`\\lambda` is the same rule applied to
+    :math:`\\min(\\theta_{\\min} - r_{\\min}, \\rho - \\lambda)`, and at least :math:`2\\lambda`
+    (:meth:`AutoDamping.raised <infl.spectral.AutoDamping.raised>`). Each raise warns
+    (:class:`~infl.errors.InflWarning`), is recorded in ``info["damping_attempts"]`` and
+    *stays*: the fitted solver (and a calculator holding it) solves every later right-hand side
+    at the raised :math:`\\lambda`, so all scores share one damping. If the retries run out the
+    error names the damping to pass explicitly.
     Cost: at most ``max_iter`` operator applications of ``k`` vectors, plus the
     preconditioner's fit (Arnoldi: ``krylov_dim`` HVPs, once) and one :math:`M^{-1}` per
     iteration (Arnoldi: :math:`O(k r p)`, no HVP); memory ``O(k p)`` plus the preconditioner's
@@ -92,14 +114,14 @@ class ConjugateGradient(Solver):
     'Arnoldi'
     """
 
-    damping: float = 0.0
+    damping: float | Literal["auto"] = 0.0
     rtol: float = 1e-6
     atol: float = 0.0
     max_iter: int = 100
     preconditioner: Solver | None = None
 
     def __post_init__(self) -> None:
-        check_damping(self.damping)
+        check_damping(self.damping, allow_auto=True)
         check_positive("max_iter", self.max_iter, integer=True)
         if self.rtol < 0 or self.atol < 0 or (self.rtol == 0 and self.atol == 0):
             raise InputError(
@@ -129,10 +151,19 @@ class ConjugateGradient(Solver):
             )
 
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedCG:
-        """Bind to ``operator``; with a preconditioner, fit it (its fit's cost, once)."""
+        """Bind to ``operator``; with a preconditioner, fit it (its fit's cost, once).
+
+        With ``damping="auto"``, first resolve :math:`\\lambda` (one Lanczos run, at most 60
+        HVPs); a preconditioner that needs :math:`\\lambda > 0` (Arnoldi) gets at least
+        :math:`10^{-3}|\\theta_{\\max}|`.
+        """
+        auto = auto_damping(operator) if self.damping == "auto" else None
         if self.preconditioner is None:
-            return FittedCG(self, operator)
-        changes: dict[str, Any] = {"damping": self.damping}
+            return FittedCG(self, operator, auto_damping=auto)
+        if auto is not None and isinstance(self.preconditioner, Arnoldi):
+            auto = auto.at_least(DAMPING_RTOL * abs(auto.hessian_max))
+        lam = auto.damping if auto is not None else float(self.damping)
+        changes: dict[str, Any] = {"damping": lam}
         if isinstance(self.preconditioner, Arnoldi):
             changes.update(complement=True, check_residuals=False)
         pre_solver: Any = self.preconditioner  # a frozen dataclass, as every Solver is
@@ -143,7 +174,17 @@ class ConjugateGradient(Solver):
                 "(singular) inverse; PCG needs a positive definite one. Use a solver that "
                 "inverts the whole space."
             )
-        return FittedCG(self, operator, fitted)
+        return FittedCG(self, operator, fitted, auto_damping=auto)
+
+
+class _NegativeCurvature(Exception):
+    """A search direction with :math:`p^T A p \\le 0` (internal: turned into an error or a retry)."""
+
+    def __init__(self, iteration: int, rhs_index: int, rayleigh: float) -> None:
+        super().__init__(iteration, rhs_index, rayleigh)
+        self.iteration = iteration
+        self.rhs_index = rhs_index
+        self.rayleigh = rayleigh
 
 
 class FittedCG(FittedSolver):
@@ -158,8 +199,10 @@ class FittedCG(FittedSolver):
         solver: ConjugateGradient,
         operator: LinearOperator,
         preconditioner: FittedSolver | None = None,
+        *,
+        auto_damping: AutoDamping | None = None,
     ) -> None:
-        super().__init__(solver, operator)
+        super().__init__(solver, operator, auto_damping=auto_damping)
         self.solver: ConjugateGradient = solver
         self.preconditioner = preconditioner
 
@@ -182,6 +225,55 @@ class FittedCG(FittedSolver):
         pre = None if self.preconditioner is None else self.preconditioner.with_damping(damping)
         return FittedCG(solver, self.base, pre)
 
+    def _raise_damping(self, event: _NegativeCurvature) -> None:
+        """``damping="auto"``: move to the next :math:`\\lambda` (in place, with a warning)."""
+        assert self.auto_damping is not None
+        old = self.damping
+        self.auto_damping = self.auto_damping.raised(event.rayleigh, event.iteration)
+        self.operator = self.base.damped(self.damping)
+        if self.preconditioner is not None:
+            self.preconditioner = self.preconditioner.with_damping(self.damping)
+        warnings.warn(
+            f"CG (damping='auto') met negative curvature at iteration {event.iteration} with "
+            f"damping={old:.4g} (Rayleigh quotient {event.rayleigh:.4g} of H + damping*I): the "
+            f"Lanczos estimate of lambda_min(H) was too optimistic. Raised damping to "
+            f"{self.damping:.4g} (attempt {len(self.auto_damping.attempts)} of "
+            f"{AUTO_DAMPING_RETRIES}); every later solve uses it. info['damping_attempts'] "
+            "lists the attempts.",
+            InflWarning,
+            stacklevel=3,
+        )
+
+    def _negative_curvature_error(self, event: _NegativeCurvature) -> NotPositiveDefiniteError:
+        rayleigh, lam = event.rayleigh, self.damping
+        head = (
+            f"CG found negative curvature at iteration {event.iteration} (right-hand side "
+            f"{event.rhs_index}): a direction p with p^T (H + damping*I) p / p^T p = "
+            f"{rayleigh:.4g} <= 0, so with damping={lam:.4g} H + damping*I is not positive "
+            "definite. This Rayleigh quotient is only an UPPER bound on lambda_min(H + damping*I) "
+            "(CG saw one direction, not the smallest eigenvector), so damping + |rayleigh| = "
+            f"{lam + abs(rayleigh):.4g} is only a LOWER bound on the damping needed; the damping "
+            "needed may be much larger."
+        )
+        if self.auto_damping is not None:
+            tried = ", ".join(f"{a['damping']:.4g}" for a in self.auto_damping.attempts)
+            nxt = self.auto_damping.raised(rayleigh, event.iteration).damping
+            return NotPositiveDefiniteError(
+                f"{head} damping='auto' already raised the damping {AUTO_DAMPING_RETRIES} times "
+                f"(tried {tried}, {lam:.4g}). Next step: run calc.advise() (or "
+                "infl.diagnostics.advise(operator)) with a longer Lanczos run, e.g. "
+                "infl.diagnostics.hessian_spectrum(operator, k=20, max_iter=300), and pass "
+                f"damping > -lambda_min explicitly (at least {nxt:.4g}); or use "
+                "ExactHessian(pseudo_inverse=True) on a small model."
+            )
+        return NotPositiveDefiniteError(
+            f"{head} To get the real one: run calc.advise() (or "
+            "infl.diagnostics.advise(operator)), whose Lanczos estimate of lambda_min(H) gives "
+            "min_damping and suggested_damping, or construct the solver with damping='auto', "
+            "which estimates lambda_min(H) at fit time and raises the damping on negative "
+            "curvature. On a small model ExactHessian(pseudo_inverse=True) needs no damping."
+        )
+
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
         if self.preconditioner is None:
             return r.clone()
@@ -199,8 +291,18 @@ class FittedCG(FittedSolver):
             )
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
-        cfg = self.solver
         b = as_rhs(rhs, self.operator)
+        while True:
+            try:
+                return self._solve(b, progress)
+            except _NegativeCurvature as event:
+                auto = self.auto_damping
+                if auto is None or len(auto.attempts) >= AUTO_DAMPING_RETRIES:
+                    raise self._negative_curvature_error(event) from None
+                self._raise_damping(event)
+
+    def _solve(self, b: torch.Tensor, progress: bool) -> SolveResult:
+        cfg = self.solver
         k = b.shape[0]
         bnorm = torch.linalg.vector_norm(b, dim=1)
         threshold = torch.clamp(cfg.rtol * bnorm, min=cfg.atol)
@@ -233,14 +335,8 @@ class FittedCG(FittedSolver):
                 bad = int((curvature <= 0).nonzero()[0])
                 j = int(idx[bad])
                 rayleigh = float(curvature[bad] / (d[j] * d[j]).sum())
-                raise NotPositiveDefiniteError(
-                    f"CG found negative curvature at iteration {iterations + 1} (right-hand side "
-                    f"{j}): a direction p with p^T (H + damping*I) p / p^T p = {rayleigh:.4g}, "
-                    f"so with damping={cfg.damping:g} the operator is not positive definite and "
-                    f"its smallest eigenvalue is at most {rayleigh:.4g}. Increase damping by more "
-                    f"than {-rayleigh:.4g} (infl.diagnostics estimates the most negative "
-                    "eigenvalue), or use ExactHessian(pseudo_inverse=True) on a small model."
-                )
+                bar.close()
+                raise _NegativeCurvature(iterations + 1, j, rayleigh)
             alpha = rz[idx] / curvature
             x[idx] += alpha[:, None] * d[idx]
             r[idx] -= alpha[:, None] * ad
@@ -269,7 +365,7 @@ class FittedCG(FittedSolver):
                 "iterations, kappa the condition number of H + damping*I: "
                 "infl.diagnostics.advise(operator, damping=...) estimates both.",
                 InflWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return SolveResult(
             value=x,

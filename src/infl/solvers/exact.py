@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -11,6 +11,7 @@ from infl.errors import InputError, NotPositiveDefiniteError
 from infl.operators import LinearOperator
 from infl.solvers.base import FittedSolver, Solver, SolveResult, as_rhs, check_damping
 from infl.spectral import zero_threshold
+from infl.spectral.damping import auto_damping_exact
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,11 @@ class ExactHessian(Solver):
     Parameters
     ----------
     damping
-        :math:`\\lambda \\ge 0`, added to every eigenvalue.
+        :math:`\\lambda \\ge 0`, added to every eigenvalue, or ``"auto"``: read off the exact
+        spectrum the fit computes anyway (no extra HVP), :math:`\\lambda = -\\lambda_{\\min}(H)
+        + 10^{-3}|\\lambda_{\\max}(H)|` when :math:`\\lambda_{\\min}(H) \\le
+        10^{-3}|\\lambda_{\\max}(H)|`, else 0 (:mod:`infl.spectral.damping`, no margin: the
+        eigenvalues are exact). ``info`` records it (``damping_auto``, ``damping_rule``, ...).
     pseudo_inverse
         If ``False`` (default), a damped Hessian with an eigenvalue :math:`\\le 0` is refused
         with the damping that would fix it. If ``True``, invert only eigenvalues with
@@ -52,13 +57,13 @@ class ExactHessian(Solver):
     tensor([[1., 1.]], dtype=torch.float64)
     """
 
-    damping: float = 0.0
+    damping: float | Literal["auto"] = 0.0
     pseudo_inverse: bool = False
     rcond: float = 1e-10
     max_params: int = 20_000
 
     def __post_init__(self) -> None:
-        check_damping(self.damping)
+        check_damping(self.damping, allow_auto=True)
         if not 0 <= self.rcond < 1:
             raise InputError(f"rcond must be in [0, 1), got {self.rcond}")
 
@@ -91,11 +96,14 @@ class FittedExact(FittedSolver):
         eigenvalues: torch.Tensor,
         eigenvectors: torch.Tensor,
     ) -> None:
-        super().__init__(solver, operator)
+        auto = None
+        if solver.damping == "auto":
+            auto = auto_damping_exact(float(eigenvalues[-1]), float(eigenvalues[0]))
+        super().__init__(solver, operator, auto_damping=auto)
         self.solver: ExactHessian = solver
         self.eigenvalues = eigenvalues
         self.eigenvectors = eigenvectors
-        damped = eigenvalues + solver.damping
+        damped = eigenvalues + self.damping
         smallest_h = float(eigenvalues[0])
         tiny = zero_threshold(eigenvalues, operator.dtype, eigenvalues.numel())
         self._info: dict[str, Any] = {
@@ -125,7 +133,7 @@ class FittedExact(FittedSolver):
                 )
                 raise NotPositiveDefiniteError(
                     f"H + damping*I is not positive definite: the smallest eigenvalue of H is "
-                    f"{smallest_h:.4g} ({found}), so with damping={solver.damping:g} the "
+                    f"{smallest_h:.4g} ({found}), so with damping={self.damping:g} the "
                     "smallest of H + "
                     f"damping*I is {float(damped[0]):.4g}. Use damping > {fix:.4g} (for "
                     f"example {suggestion:.3g}), or ExactHessian(pseudo_inverse=True). "
@@ -147,7 +155,7 @@ class FittedExact(FittedSolver):
         b = as_rhs(rhs, self.operator)
         q = self.eigenvectors
         value = ((b @ q) * self.inverse_eigenvalues) @ q.T
-        damped = self.eigenvalues + self.solver.damping
+        damped = self.eigenvalues + self.damping
         residual = ((value @ q) * damped) @ q.T - b
         bnorm = torch.linalg.vector_norm(b, dim=1)
         rel = torch.linalg.vector_norm(residual, dim=1) / bnorm.clamp_min(torch.finfo(b.dtype).tiny)

@@ -53,6 +53,14 @@ HEURISTIC_FACTOR = 0.1
 
 def _check_kronecker_damping(damping: Any) -> None:
     if isinstance(damping, str):
+        if damping == "auto":
+            raise InputError(
+                "damping='auto' is not available for K-FAC/EK-FAC: it chooses lambda above "
+                "-lambda_min(H) from a Lanczos estimate, but the (EK-)FAC curvature is positive "
+                "semi-definite by construction, so that rule would give 0. Use "
+                "damping='heuristic' (0.1 x the mean eigenvalue of the K-FAC curvature) or a "
+                "number >= 0."
+            )
         if damping != "heuristic":
             raise InputError(
                 f"damping must be a number >= 0 or 'heuristic' (0.1 x the mean eigenvalue of "

@@ -5,7 +5,9 @@ Solvers, diagnostics and low-rank methods all import from here; nothing here imp
 * :mod:`~infl.spectral.lanczos` — Lanczos with full reorthogonalisation (extreme Ritz values,
   quick extreme-eigenvalue estimates);
 * :mod:`~infl.spectral.advice` — damping, LiSSA scale and depth, CG iterations from the
-  extreme eigenvalues, with the one scale margin :data:`SCALE_MARGIN`.
+  extreme eigenvalues, with the one scale margin :data:`SCALE_MARGIN`;
+* :mod:`~infl.spectral.damping` — ``damping="auto"``: the rule that reads :math:`\\lambda` off a
+  Lanczos (or exact) :math:`\\lambda_{\\min}`, with its margin :data:`AUTO_DAMPING_MARGIN`.
 """
 
 from infl.spectral.advice import (
@@ -17,9 +19,27 @@ from infl.spectral.advice import (
     lissa_depth,
     zero_threshold,
 )
+from infl.spectral.damping import (
+    AUTO_DAMPING_LANCZOS_STEPS,
+    AUTO_DAMPING_MARGIN,
+    AUTO_DAMPING_RETRIES,
+    AutoDamping,
+    auto_damping,
+    auto_damping_exact,
+    auto_damping_from_ritz,
+    damping_from_extremes,
+)
 from infl.spectral.lanczos import LanczosResult, estimate_extreme_eigenvalues, lanczos
 
 __all__ = [
+    "AUTO_DAMPING_LANCZOS_STEPS",
+    "AUTO_DAMPING_MARGIN",
+    "AUTO_DAMPING_RETRIES",
+    "AutoDamping",
+    "auto_damping",
+    "auto_damping_exact",
+    "auto_damping_from_ritz",
+    "damping_from_extremes",
     "DAMPING_RTOL",
     "SCALE_MARGIN",
     "LanczosResult",

@@ -162,3 +162,152 @@ def test_supervised_losses_pickle_and_compare_equal():
     ):
         assert pickle.loads(pickle.dumps(loss)) == loss
     assert Objective("mse") == Objective(supervised_loss("mse"))
+
+
+# ---------------------------------------------------------------- weight decay per parameter
+_GROUPS = {"default": 1e-2, "no_decay": ["bias", "norm"]}
+
+
+def _net() -> nn.Module:
+    net = nn.Sequential()
+    net.add_module("fc", nn.Linear(3, 4))
+    net.add_module("norm", nn.LayerNorm(4))
+    net.add_module("head", nn.Linear(4, 2))
+    return net
+
+
+def _names(net: nn.Module) -> list[str]:
+    return [n for n, p in net.named_parameters() if p.requires_grad]
+
+
+def test_name_matching_rule():
+    from infl.objective import name_matches
+
+    assert name_matches("bias", "fc.bias")
+    assert name_matches("bias", "bias")
+    assert not name_matches("bias", "fc.bias_ih")  # whole dotted parts only
+    assert name_matches("norm", "blocks.0.norm.weight")
+    assert not name_matches("norm", "blocks.0.layer_norm.weight")
+    assert name_matches("*norm*", "blocks.0.layer_norm.weight")  # globs match the whole name
+    assert name_matches("LayerNorm.weight", "encoder.LayerNorm.weight")
+    assert not name_matches("fc.weight", "fc.weight_g")
+
+
+def test_groups_give_each_parameter_its_decay_and_a_float_is_unchanged():
+    names = _names(_net())  # fc.weight fc.bias norm.weight norm.bias head.weight head.bias
+    obj = Objective("cross_entropy", weight_decay={**_GROUPS, "overrides": {"head.weight": 1e-3}})
+    assert obj.decay_values(names) == [1e-2, 0.0, 0.0, 0.0, 1e-3, 0.0]
+    assert obj.uniform_weight_decay is None
+    assert obj.decay_groups is not None
+    vec = obj.decay_vector(names, [12, 4, 4, 4, 8, 2])
+    assert vec.shape == (34,)
+    assert vec.dtype == torch.float64
+    assert torch.equal(vec[:12], torch.full((12,), 1e-2, dtype=torch.float64))
+    assert float(vec[12:24].abs().sum()) == 0
+    assert torch.equal(vec[24:32], torch.full((8,), 1e-3, dtype=torch.float64))
+    flat = Objective("cross_entropy", weight_decay=0.5)
+    assert flat.weight_decay == 0.5
+    assert flat.uniform_weight_decay == 0.5
+    assert flat.decay_values(names) == [0.5] * 6
+    assert flat.decay_settings() == 0.5
+    # a mapping with nothing but a default is that number
+    assert Objective("mse", weight_decay={"default": 0.5}) == flat.__class__("mse", 0.5)
+    assert Objective("mse", weight_decay={"default": 0.5}).weight_decay == 0.5
+
+
+def test_groups_objective_is_hashable_picklable_with_stable_repr():
+    a = Objective("cross_entropy", weight_decay=_GROUPS)
+    b = Objective("cross_entropy", weight_decay={"no_decay": ("norm", "bias"), "default": 0.01})
+    assert a == b
+    assert hash(a) == hash(b)
+    assert pickle.loads(pickle.dumps(a)) == a
+    assert repr(a) == (
+        "Objective(loss=SupervisedLoss(name='cross_entropy'), weight_decay=WeightDecayGroups("
+        "default=0.01, no_decay=('bias', 'norm'), overrides=()))"
+    )
+    assert a.decay_settings() == {"default": 0.01, "no_decay": ["bias", "norm"], "overrides": {}}
+    assert a != Objective("cross_entropy", weight_decay=0.01)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"no_decay": ["bias"]}, "needs 'default'"),
+        ({"default": 0.1, "nodecay": ["bias"]}, "unknown key"),
+        ({"default": -0.1}, "finite number >= 0"),
+        ({"default": 0.1, "no_decay": "bias"}, "list of name patterns"),
+        ({"default": 0.1, "no_decay": [""]}, "non-empty strings"),
+        ({"default": 0.1, "overrides": {"fc.weight": float("nan")}}, "overrides"),
+        ({"default": 0.1, "overrides": [("fc.weight", 0.1)]}, "must be a mapping"),
+    ],
+)
+def test_bad_weight_decay_mappings_are_refused(spec, words):
+    with pytest.raises(InputError, match=words):
+        Objective("cross_entropy", weight_decay=spec)
+
+
+def test_a_rule_that_matches_no_parameter_is_refused_naming_it():
+    names = _names(_net())
+    typo = Objective("cross_entropy", weight_decay={"default": 0.1, "no_decay": ["bais"]})
+    with pytest.raises(InputError, match=r"\['bais'\] match no trainable.*'fc.bias'"):
+        typo.decay_values(names)
+    gone = Objective("cross_entropy", weight_decay={"default": 0.1, "overrides": {"fc": 0.0}})
+    with pytest.raises(InputError, match=r"\['fc'\] are not trainable parameters"):
+        gone.decay_values(names)
+
+
+def _sgd_two_groups(net: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for n, p in net.named_parameters() if not n.endswith("bias") and "norm" not in n]
+    rest = [p for n, p in net.named_parameters() if n.endswith("bias") or "norm" in n]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": 1e-2}, {"params": rest, "weight_decay": 0.0}], lr=0.1
+    )
+
+
+def test_from_optimizer_equals_the_mapping_form():
+    net = _net()
+    names = _names(net)
+    got = Objective.from_optimizer("cross_entropy", _sgd_two_groups(net), net)
+    want = Objective("cross_entropy", weight_decay=_GROUPS)
+    assert got.decay_values(names) == want.decay_values(names) == [1e-2, 0, 0, 0, 1e-2, 0]
+    assert pickle.loads(pickle.dumps(got)) == got
+    one = torch.optim.Adam(net.parameters(), lr=0.1, weight_decay=3e-3)
+    assert Objective.from_optimizer("cross_entropy", one, net).weight_decay == 3e-3
+    assert Objective.from_optimizer("cross_entropy", torch.optim.Rprop(net.parameters()), net) == (
+        Objective("cross_entropy", 0.0)
+    )
+
+
+def test_from_optimizer_refuses_decoupled_decay_unless_asked():
+    net = _net()
+    adamw = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+    with pytest.raises(InputError, match=r"AdamW param_groups\[0\] uses decoupled.*as_l2"):
+        Objective.from_optimizer("cross_entropy", adamw, net)
+    assert Objective.from_optimizer("mse", adamw, net, decoupled="as_l2").weight_decay == 0.05
+    adam = torch.optim.Adam(net.parameters(), weight_decay=0.05, decoupled_weight_decay=True)
+    with pytest.raises(InputError, match="decoupled"):
+        Objective.from_optimizer("cross_entropy", adam, net)
+    # AdamW without decay (the no_decay group) is fine: nothing is decoupled
+    free = torch.optim.AdamW(net.parameters(), weight_decay=0.0)
+    assert Objective.from_optimizer("cross_entropy", free, net).weight_decay == 0.0
+
+
+def test_from_optimizer_refuses_orphans_foreign_params_and_unknown_optimizers():
+    net = _net()
+    partial = torch.optim.SGD([net.fc.weight, net.fc.bias], lr=0.1, weight_decay=0.1)
+    with pytest.raises(InputError, match=r"\['norm.weight', 'norm.bias', 'head.weight'.*freeze"):
+        Objective.from_optimizer("cross_entropy", partial, net)
+    net.norm.requires_grad_(False)
+    net.head.requires_grad_(False)
+    assert Objective.from_optimizer("cross_entropy", partial, net).weight_decay == 0.1
+    other = torch.optim.SGD(_net().parameters(), lr=0.1)
+    with pytest.raises(InputError, match="not parameters of the model"):
+        Objective.from_optimizer("cross_entropy", other, net)
+
+    class Custom(torch.optim.SGD):
+        pass
+
+    with pytest.raises(InputError, match="weight_decay means is unknown"):
+        Objective.from_optimizer("cross_entropy", Custom(net.parameters(), lr=0.1), net)
+    with pytest.raises(InputError, match="decoupled must be"):
+        Objective.from_optimizer("cross_entropy", partial, net, decoupled="convert")  # type: ignore[arg-type]

@@ -30,7 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from infl.data import Batch, IndexedData, batch_size, batch_to, tensor_leaves, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
-from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
+from infl.objective import (
+    Objective,
+    PerExampleFn,
+    SupervisedLoss,
+    WeightDecayGroups,
+    describe_weight_decay,
+    output_hessian_loss,
+)
 
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
@@ -183,6 +190,12 @@ class ModelWrapper:
         Names of the trainable parameters.
     num_params : int
         ``p``, the dimension of the parameter space.
+    decays : list[float]
+        :math:`\\lambda_j`, the weight decay of each trainable parameter
+        (:meth:`~infl.objective.Objective.decay_values`).
+    decay : Tensor ``[p]``
+        The diagonal of :math:`\\Lambda` on the flat space: every use of weight decay
+        (training gradients, HVP, GGN, stationarity) goes through it.
     device, dtype
         Those of the parameters; data is moved to them (floating tensors are cast to ``dtype``).
     second_order : str
@@ -240,6 +253,12 @@ class ModelWrapper:
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.fixed = {**frozen, **{n: b.detach() for n, b in model.named_buffers()}}
         self.flat_params = self.flatten(self.params)
+        # the diagonal of Lambda (weight decay per parameter): the one place it is resolved
+        self.decays: list[float] = objective.decay_values(self.names)
+        self.decay: torch.Tensor = objective.decay_vector(
+            self.names, self.numels, dtype=self.dtype, device=self.device
+        )
+        self.has_decay = any(v > 0 for v in self.decays)
         self.requested_second_order: SecondOrder = second_order
         self.second_order: str = "forward-over-reverse" if second_order == "auto" else second_order
         self._output_shape: tuple[int, ...] | None = None
@@ -309,8 +328,8 @@ class ModelWrapper:
         batch
             ``b`` examples.
         add_weight_decay
-            Add :math:`\\lambda_{wd}\\theta` to each row (the training-gradient convention of
-            :class:`~infl.objective.Objective`).
+            Add :math:`\\Lambda\\theta` to each row (:math:`\\Lambda` = :attr:`decay`, the
+            training-gradient convention of :class:`~infl.objective.Objective`).
         """
         batch = self.prepare(batch)
         b = batch_size(batch)
@@ -322,8 +341,8 @@ class ModelWrapper:
         with functional_evaluation():
             grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
         flat = self.flatten(grads, batch_dims=1)
-        if add_weight_decay and self.objective.weight_decay:
-            flat = flat + self.objective.weight_decay * self.flat_params
+        if add_weight_decay and self.has_decay:
+            flat = flat + self.decay * self.flat_params
         if not torch.isfinite(flat).all():
             bad = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0])
             raise NonFiniteError(
@@ -333,7 +352,7 @@ class ModelWrapper:
         return flat
 
     def train_grads(self, batch: Batch) -> torch.Tensor:
-        """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\lambda_{wd}\\theta`: ``[b, p]``."""
+        """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``."""
         return self.per_example_grads(self.objective.per_example_loss, batch, add_weight_decay=True)
 
     def iter_train_grads(
@@ -359,7 +378,7 @@ class ModelWrapper:
         with functional_evaluation():
             for _, batch in data.chunks(chunk_size):
                 total += self.flatten(grad(summed)(self.params, self.prepare(batch)))
-        return total / len(data) + self.objective.weight_decay * self.flat_params
+        return total / len(data) + self.decay * self.flat_params
 
     def hvp(
         self, data: IndexedData | Batch, vectors: torch.Tensor, chunk_size: int
@@ -369,8 +388,8 @@ class ModelWrapper:
         Forward-over-reverse (``jvp`` of ``grad``) or, when the model needs it,
         reverse-over-reverse (``vjp`` of ``grad``; see :attr:`second_order`), ``vmap``-ed over
         the ``k`` vectors and summed over chunks of the data; :math:`H` is the Hessian of the
-        *mean* loss plus :math:`\\lambda_{wd} I`. Cost per chunk: about two forward and two
-        backward passes batched over ``k``.
+        *mean* loss plus :math:`\\Lambda` (the weight decay, :attr:`decay`). Cost per chunk:
+        about two forward and two backward passes batched over ``k``.
 
         Parameters
         ----------
@@ -416,7 +435,7 @@ class ModelWrapper:
     ) -> torch.Tensor:
         """Generalised Gauss-Newton products :math:`G V^T`: ``[k, p]``.
 
-        :math:`G = \\frac1n\\sum_i J_i^T H_{out,i} J_i + \\lambda_{wd} I`, where
+        :math:`G = \\frac1n\\sum_i J_i^T H_{out,i} J_i + \\Lambda`, where
         :math:`J_i = \\partial f(x_i;\\theta)/\\partial\\theta` is the Jacobian of the model's
         output for example ``i`` and :math:`H_{out,i} = \\partial^2\\ell/\\partial f^2` the
         output-space Hessian of its loss. Per chunk: one forward pass, then for each vector
@@ -623,7 +642,7 @@ class ModelWrapper:
     ) -> Stationarity:
         """How far :math:`\\theta` is from a minimum of :math:`J`, from one pass of gradients.
 
-        With the training gradients :math:`g_i = \\nabla\\ell(z_i) + \\lambda_{wd}\\theta`
+        With the training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`
         (``train_grads`` yields ``(start, g[start:start+b])`` chunks, e.g. the ones the
         calculator caches), :math:`\\nabla J = \\frac1n\\sum_i g_i` and the gradient scale
         :math:`s = (\\frac1n\\sum_i\\|g_i\\|^2)^{1/2}`. Cost: :math:`O(np)` on top of the
@@ -638,14 +657,29 @@ class ModelWrapper:
             squares += float((g * g).sum())
         grad_j = total / num_train
         theta = self.flat_params.to(torch.float64)
-        wd = self.objective.weight_decay
-        loss_grad = grad_j - wd * theta
+        groups = self.objective.decay_groups
+        wd = groups if groups is not None else float(self.objective.uniform_weight_decay or 0.0)
+        loss_grad = grad_j - self.decay.to(torch.float64) * theta
         theta_sq = float(theta @ theta)
         implied: float | None = None
         residual = math.nan
         if theta_sq > 0:
             implied = -float(loss_grad @ theta) / theta_sq
             residual = float(torch.linalg.vector_norm(loss_grad + implied * theta))
+        # one implied decay per parameter tensor: catches a bias/norm trained without decay
+        per_param: list[tuple[str, float]] = []
+        left = []
+        for name, lg, th in zip(
+            self.names,
+            torch.split(loss_grad, self.numels),
+            torch.split(theta, self.numels),
+            strict=True,
+        ):
+            sq = float(th @ th)
+            value = -float(lg @ th) / sq if sq > 0 else 0.0
+            if sq > 0:
+                per_param.append((name, value))
+            left.append(lg + value * th)
         return Stationarity(
             grad_norm=float(torch.linalg.vector_norm(grad_j)),
             grad_scale=math.sqrt(squares / num_train),
@@ -653,6 +687,8 @@ class ModelWrapper:
             weight_decay=wd,
             implied_weight_decay=implied,
             implied_residual=residual,
+            implied_by_parameter=tuple(per_param),
+            implied_by_parameter_residual=float(torch.linalg.vector_norm(torch.cat(left))),
         )
 
     def _check_vectors(self, vectors: torch.Tensor, what: str) -> None:
@@ -681,8 +717,8 @@ class ModelWrapper:
             n = batch_size(batch)
             out = self._second_order_call(one_chunk, batch, what)
         out = out / n
-        if self.objective.weight_decay:
-            out = out + self.objective.weight_decay * vectors
+        if self.has_decay:
+            out = out + self.decay * vectors
         if not torch.isfinite(out).all():
             raise NonFiniteError(
                 f"{what} is not finite; the loss or its curvature overflows "
@@ -745,7 +781,8 @@ class Stationarity:
     num_train
         :math:`n`.
     weight_decay
-        The :math:`\\lambda_{wd}` of the objective checked.
+        The objective's ``weight_decay`` (a number, or its
+        :class:`~infl.objective.WeightDecayGroups`).
     implied_weight_decay
         :math:`\\hat\\lambda = -\\langle \\nabla L, \\theta\\rangle / \\|\\theta\\|^2`
         (:math:`\\nabla L` the mean loss gradient): the weight decay that best cancels the
@@ -753,14 +790,23 @@ class Stationarity:
     implied_residual
         :math:`\\|\\nabla L + \\hat\\lambda\\theta\\|`, what is left of the gradient at
         :math:`\\hat\\lambda`.
+    implied_by_parameter
+        ``((name, λ̂_j), ...)``: :math:`\\hat\\lambda_j = -\\langle \\nabla_j L,
+        \\theta_j\\rangle / \\|\\theta_j\\|^2` for each parameter tensor with
+        :math:`\\theta_j \\ne 0`: the weight decay per parameter (e.g. none on biases) that
+        best cancels the loss gradient.
+    implied_by_parameter_residual
+        What is left of the loss gradient with those per-parameter values.
     """
 
     grad_norm: float
     grad_scale: float
     num_train: int
-    weight_decay: float
+    weight_decay: float | WeightDecayGroups
     implied_weight_decay: float | None
     implied_residual: float
+    implied_by_parameter: tuple[tuple[str, float], ...] = ()
+    implied_by_parameter_residual: float = math.nan
 
     @property
     def relative(self) -> float:
@@ -787,12 +833,34 @@ class Stationarity:
         return (
             self.implied_weight_decay >= 0
             and self.num_train * self.implied_residual / self.grad_scale <= 1.0
+        ) or self.wrong_decay_groups
+
+    @property
+    def wrong_decay_groups(self) -> bool:
+        """Whether weight decay *per parameter* (``implied_by_parameter``) makes it a minimum.
+
+        Needs every :math:`\\hat\\lambda_j \\ge 0` (up to round-off) and the gradient left
+        below one example's share; checked only when the single number does not fit.
+        """
+        if self.is_minimum or self.grad_scale <= 0 or not self.implied_by_parameter:
+            return False
+        if self.implied_weight_decay is not None and (
+            self.implied_weight_decay >= 0
+            and self.num_train * self.implied_residual / self.grad_scale <= 1.0
+        ):
+            return False
+        values = [v for _, v in self.implied_by_parameter]
+        floor = -1e-6 * max(1.0, max(abs(v) for v in values))
+        return (
+            min(values) >= floor
+            and self.num_train * self.implied_by_parameter_residual / self.grad_scale <= 1.0
         )
 
     def summary(self) -> str:
         """One sentence with the numbers."""
         return (
-            f"||grad J(theta)|| = {self.grad_norm:.3g} with weight_decay={self.weight_decay:g}; "
+            f"||grad J(theta)|| = {self.grad_norm:.3g} with weight_decay="
+            f"{describe_weight_decay(self.weight_decay)}; "
             f"RMS per-example gradient norm {self.grad_scale:.3g}, n = {self.num_train}: "
             f"relative {self.relative:.3g}, drift ratio n*relative = {self.drift_ratio:.3g} "
             f"({'at' if self.is_minimum else 'not at'} a minimum)"
@@ -802,13 +870,22 @@ class Stationarity:
         """Issue an :class:`~infl.errors.InflWarning` unless :attr:`is_minimum`."""
         if self.is_minimum:
             return
-        cause = (
-            f" The model looks trained with weight_decay ~ {self.implied_weight_decay:.3g}, not "
-            f"{self.weight_decay:g}: with that value the gradient nearly vanishes. Pass the "
-            "weight_decay the model was trained with."
-            if self.wrong_weight_decay
-            else ""
-        )
+        given = describe_weight_decay(self.weight_decay)
+        cause = ""
+        if self.wrong_decay_groups:
+            shown = ", ".join(f"{n} ~ {max(v, 0.0):.3g}" for n, v in self.implied_by_parameter)
+            cause = (
+                f" The model looks trained with a weight decay per parameter ({shown}), not "
+                f"{given}: with those values the gradient nearly vanishes. Pass the groups the "
+                "model was trained with: Objective(loss, weight_decay={'default': ..., "
+                "'no_decay': ['bias', ...]}) or Objective.from_optimizer(loss, optimizer, model)."
+            )
+        elif self.wrong_weight_decay:
+            cause = (
+                f" The model looks trained with weight_decay ~ {self.implied_weight_decay:.3g}, "
+                f"not {given}: with that value the gradient nearly vanishes. Pass the "
+                "weight_decay the model was trained with."
+            )
         warnings.warn(
             f"the model is not at a minimum of the objective: {self.summary()}. Influence "
             "functions assume grad J(theta) = 0; here retraining without an example would also "

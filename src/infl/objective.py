@@ -28,8 +28,9 @@ needs (:class:`~infl.operators.GaussNewtonOperator`).
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -366,11 +367,202 @@ def _no_output_hessian_message(loss: Any) -> str:
     )
 
 
+def _check_decay(value: Any, what: str) -> float:
+    try:
+        if isinstance(value, (bool, str)):
+            raise TypeError
+        wd = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(wd) or wd < 0:
+        raise InputError(f"{what} must be a finite number >= 0, got {value!r}")
+    return wd
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether a ``no_decay`` pattern matches a parameter name (the one rule infl uses).
+
+    A pattern with a glob character (``*``, ``?``, ``[``) matches when
+    ``fnmatch.fnmatchcase(name, pattern)`` does (the whole name, case-sensitive). Any other
+    pattern matches when it is a run of whole dot-separated components of the name:
+    ``"bias"`` matches ``"fc.bias"`` and ``"fc.bias_ih"`` does not; ``"norm"`` matches
+    ``"blocks.0.norm.weight"`` but not ``"blocks.0.layer_norm.weight"`` (write ``"*norm*"``
+    for that); ``"LayerNorm.weight"`` matches ``"encoder.LayerNorm.weight"``.
+
+    Examples
+    --------
+    >>> name_matches("bias", "layers.0.bias"), name_matches("norm", "ln_norm.weight")
+    (True, False)
+    >>> name_matches("*norm*", "ln_norm.weight")
+    True
+    """
+    if _GLOB_CHARS & set(pattern):
+        return fnmatch.fnmatchcase(name, pattern)
+    return f".{pattern}." in f".{name}."
+
+
+@dataclass(frozen=True)
+class WeightDecayGroups:
+    """Weight decay that differs between parameters (picklable, hashable, stable repr).
+
+    Parameter :math:`\\theta_j` (a named tensor) gets the coefficient :math:`\\lambda_j`:
+
+    1. ``overrides[name]`` when its *full* name is a key of ``overrides``;
+    2. else ``0`` when a ``no_decay`` pattern matches the name (:func:`name_matches`);
+    3. else ``default``.
+
+    Build it from a mapping through :class:`Objective` (``weight_decay={"default": 1e-2,
+    "no_decay": ["bias", "norm"]}``) or from an optimizer (:meth:`Objective.from_optimizer`).
+
+    Parameters
+    ----------
+    default
+        :math:`\\lambda` of every parameter that no rule below names.
+    no_decay
+        Patterns of parameters without weight decay (biases, normalisation layers).
+    overrides
+        ``((full parameter name, λ), ...)``, sorted by name: exact names, no patterns.
+    """
+
+    default: float = 0.0
+    no_decay: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, spec: Mapping[str, Any]) -> WeightDecayGroups:
+        """Validate ``{"default": λ, "no_decay": [patterns], "overrides": {name: λ}}``.
+
+        Raises
+        ------
+        InputError
+            Unknown keys, a missing ``default``, negative or non-finite values, patterns that
+            are not non-empty strings.
+        """
+        unknown = sorted(set(spec) - {"default", "no_decay", "overrides"})
+        if unknown:
+            raise InputError(
+                f"weight_decay mapping has unknown key(s) {unknown}; the keys are 'default' "
+                "(a number), 'no_decay' (a list of name patterns) and 'overrides' ({full "
+                "parameter name: number})"
+            )
+        if "default" not in spec:
+            raise InputError(
+                "weight_decay mapping needs 'default' (the weight decay of every parameter "
+                "no other rule names), e.g. {'default': 1e-2, 'no_decay': ['bias']}"
+            )
+        default = _check_decay(spec["default"], "weight_decay['default']")
+        raw = spec.get("no_decay", ())
+        if isinstance(raw, str) or not isinstance(raw, (list, tuple, set, frozenset)):
+            raise InputError(
+                "weight_decay['no_decay'] must be a list of name patterns, e.g. ['bias', "
+                f"'norm'], got {raw!r}"
+            )
+        for pat in raw:
+            if not isinstance(pat, str) or not pat:
+                raise InputError(
+                    f"weight_decay['no_decay'] patterns must be non-empty strings, got {pat!r}"
+                )
+        overrides = spec.get("overrides", {})
+        if not isinstance(overrides, Mapping):
+            raise InputError(
+                "weight_decay['overrides'] must be a mapping {full parameter name: number}, "
+                f"got {type(overrides).__name__}"
+            )
+        pairs = []
+        for name, value in overrides.items():
+            if not isinstance(name, str) or not name:
+                raise InputError(f"weight_decay['overrides'] keys must be names, got {name!r}")
+            pairs.append((name, _check_decay(value, f"weight_decay['overrides'][{name!r}]")))
+        return cls(default, tuple(sorted(set(raw))), tuple(sorted(pairs)))
+
+    def values(self, names: Sequence[str]) -> list[float]:
+        """:math:`\\lambda_j` for each of ``names`` (the trainable parameters, in order).
+
+        Raises
+        ------
+        InputError
+            A ``no_decay`` pattern or an ``overrides`` name that matches none of ``names``
+            (a typo would otherwise silently decay what it meant to exempt).
+        """
+        overrides = dict(self.overrides)
+        missing = [n for n in overrides if n not in names]
+        unmatched = [pat for pat in self.no_decay if not any(name_matches(pat, n) for n in names)]
+        if missing or unmatched:
+            shown = ", ".join(repr(n) for n in list(names)[:12])
+            more = f" (and {len(names) - 12} more)" if len(names) > 12 else ""
+            what = []
+            if unmatched:
+                what.append(f"no_decay pattern(s) {unmatched} match no trainable parameter")
+            if missing:
+                what.append(f"overrides name(s) {missing} are not trainable parameters")
+            raise InputError(
+                f"weight_decay: {'; '.join(what)}. The trainable parameters are {shown}{more}. "
+                "A pattern matches whole dot-separated parts of a name ('bias' matches "
+                "'fc.bias') or, with * ? [, the whole name as a glob ('*norm*'); overrides "
+                "take full names. Fix or remove the pattern."
+            )
+        out = []
+        for n in names:
+            if n in overrides:
+                out.append(overrides[n])
+            elif any(name_matches(pat, n) for pat in self.no_decay):
+                out.append(0.0)
+            else:
+                out.append(self.default)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        """A JSON-serialisable record (stores key their results by it)."""
+        return {
+            "default": self.default,
+            "no_decay": list(self.no_decay),
+            "overrides": dict(self.overrides),
+        }
+
+
+def describe_weight_decay(weight_decay: float | WeightDecayGroups) -> str:
+    """A short text for messages: ``0.01`` or ``{'default': 0.01, 'no_decay': ['bias']}``."""
+    if not isinstance(weight_decay, WeightDecayGroups):
+        return f"{float(weight_decay):g}"
+    parts = [f"'default': {weight_decay.default:g}"]
+    if weight_decay.no_decay:
+        parts.append(f"'no_decay': {list(weight_decay.no_decay)}")
+    if weight_decay.overrides:
+        shown = ", ".join(f"{n!r}: {v:g}" for n, v in weight_decay.overrides[:6])
+        more = ", ..." if len(weight_decay.overrides) > 6 else ""
+        parts.append(f"'overrides': {{{shown}{more}}}")
+    return "{" + ", ".join(parts) + "}"
+
+
+WeightDecay = float | WeightDecayGroups | Mapping[str, Any]
+"""What ``Objective(weight_decay=...)`` accepts: one λ, a mapping, or :class:`WeightDecayGroups`."""
+
+_COUPLED_OPTIMIZERS = (
+    "SGD",
+    "Adam",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "ASGD",
+    "Rprop",
+    "LBFGS",
+    "SparseAdam",
+)
+
+
 @dataclass(frozen=True)
 class Objective:
     """The objective the model was trained to minimise.
 
-    :math:`J(\\theta) = \\frac1n\\sum_i \\ell(z_i;\\theta) + \\frac{\\lambda_{wd}}2\\|\\theta\\|^2`.
+    :math:`J(\\theta) = \\frac1n\\sum_i \\ell(z_i;\\theta) + \\frac12\\theta^T\\Lambda\\theta`,
+    :math:`\\Lambda = \\mathrm{diag}(\\lambda_j)` with one :math:`\\lambda_j` per named
+    parameter tensor (all equal, :math:`\\Lambda = \\lambda_{wd}I`, for a single number).
 
     Parameters
     ----------
@@ -383,13 +575,24 @@ class Objective:
         the loss's Hessian in the model's outputs: the built-ins have it, a
         ``supervised_loss(fn, output_hessian=...)`` supplies it, a plain callable does not.
     weight_decay
-        :math:`\\lambda_{wd} \\ge 0`, as in ``torch.optim.SGD(weight_decay=...)``; it applies to
-        every trainable parameter.
+        :math:`\\lambda_{wd} \\ge 0`, as in ``torch.optim.SGD(weight_decay=...)``, for every
+        trainable parameter; or parameter groups as a mapping ``{"default": λ, "no_decay":
+        [patterns], "overrides": {full name: λ}}`` (see :class:`WeightDecayGroups` and
+        :func:`name_matches` for the matching rule), or a :class:`WeightDecayGroups`; or use
+        :meth:`from_optimizer` to read the groups of the optimizer you trained with. A
+        mapping without ``no_decay``/``overrides`` is the single number ``default``.
+
+    Attributes
+    ----------
+    weight_decay : float or WeightDecayGroups
+        What was given, normalised. Code that needs :math:`\\Lambda` must not read it: use
+        :meth:`decay_values` / :meth:`decay_vector` (one accessor for every use), or
+        :attr:`uniform_weight_decay` where only a single number makes sense.
 
     Notes
     -----
     The *training gradient* of example ``i`` is the gradient of its term of the objective,
-    :math:`g_i = \\nabla\\ell(z_i) + \\lambda_{wd}\\theta`, so that removing ``i`` and
+    :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`, so that removing ``i`` and
     retraining with the same ``weight_decay`` minimises the mean of the other terms; at a
     minimum, :math:`\\sum_i g_i = 0`. Without weight decay this is the plain loss gradient.
 
@@ -398,25 +601,204 @@ class Objective:
     >>> obj = Objective("cross_entropy", weight_decay=1e-3)
     >>> obj.weight_decay
     0.001
+    >>> groups = Objective("cross_entropy", weight_decay={"default": 1e-2, "no_decay": ["bias"]})
+    >>> groups.decay_values(["fc.weight", "fc.bias"])
+    [0.01, 0.0]
     """
 
     loss: LossName | PerExampleFn = "cross_entropy"
-    weight_decay: float = 0.0
+    weight_decay: WeightDecay = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, str):
             object.__setattr__(self, "loss", supervised_loss(self.loss))
         elif not callable(self.loss):
             raise InputError(f"loss must be a name or a callable, got {type(self.loss).__name__}")
-        wd = float(self.weight_decay)
-        if not math.isfinite(wd) or wd < 0:
-            raise InputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
-        object.__setattr__(self, "weight_decay", wd)
+        wd = self.weight_decay
+        groups: WeightDecayGroups | None = None
+        if isinstance(wd, WeightDecayGroups):
+            groups = WeightDecayGroups.from_mapping(wd.settings())
+        elif isinstance(wd, Mapping):
+            groups = WeightDecayGroups.from_mapping(wd)
+        if groups is None:
+            object.__setattr__(self, "weight_decay", _check_decay(wd, "weight_decay"))
+        elif not groups.no_decay and not groups.overrides:
+            object.__setattr__(self, "weight_decay", groups.default)
+        else:
+            object.__setattr__(self, "weight_decay", groups)
 
     @property
     def per_example_loss(self) -> PerExampleFn:
         """:math:`\\ell` as a callable ``(model, batch) -> Tensor[b]``."""
         return self.loss  # type: ignore[return-value]
+
+    @property
+    def uniform_weight_decay(self) -> float | None:
+        """The single :math:`\\lambda_{wd}` when every parameter has it, else ``None``."""
+        return self.weight_decay if isinstance(self.weight_decay, float) else None
+
+    @property
+    def decay_groups(self) -> WeightDecayGroups | None:
+        """The parameter groups, or ``None`` for a single number."""
+        return self.weight_decay if isinstance(self.weight_decay, WeightDecayGroups) else None
+
+    def decay_values(self, names: Sequence[str]) -> list[float]:
+        """:math:`\\lambda_j` of each named trainable parameter, in the order given.
+
+        Raises
+        ------
+        InputError
+            A group rule that names no trainable parameter (see
+            :meth:`WeightDecayGroups.values`).
+        """
+        groups = self.decay_groups
+        if groups is None:
+            return [float(self.weight_decay)] * len(names)  # type: ignore[arg-type]
+        return groups.values(names)
+
+    def decay_vector(
+        self,
+        names: Sequence[str],
+        numels: Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """The diagonal of :math:`\\Lambda` on the flat parameter space: ``[p]``.
+
+        ``names`` and ``numels`` are the trainable parameters and their sizes, in the order
+        of the flat vector (``p = sum(numels)``).
+        """
+        values = torch.tensor(self.decay_values(names), dtype=dtype, device=device)
+        counts = torch.tensor(list(numels), dtype=torch.long, device=values.device)
+        return torch.repeat_interleave(values, counts)
+
+    def decay_settings(self) -> float | dict[str, Any]:
+        """The weight decay as a JSON-serialisable record (a float stays a float)."""
+        groups = self.decay_groups
+        return float(self.weight_decay) if groups is None else groups.settings()  # type: ignore[arg-type]
+
+    @classmethod
+    def from_optimizer(
+        cls,
+        loss: LossName | PerExampleFn,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        *,
+        decoupled: Literal["refuse", "as_l2"] = "refuse",
+    ) -> Objective:
+        """The objective with the weight decay of each of ``optimizer``'s parameter groups.
+
+        Each trainable parameter of ``model`` (``named_parameters()``, ``requires_grad``) is
+        found in the optimizer's groups by identity and gets that group's ``weight_decay``
+        (0 for optimizers without one: Rprop, L-BFGS). ``torch.optim.SGD``, ``Adam``,
+        ``Adamax``, ``NAdam``, ``RAdam``, ``RMSprop``, ``Adagrad``, ``Adadelta``, ``ASGD`` add
+        :math:`\\lambda\\theta` to the gradient (L2), the meaning infl uses.
+
+        Decoupled decay (``AdamW``, or ``decoupled_weight_decay=True``) shrinks the weights
+        directly, :math:`\\theta \\leftarrow (1-\\eta\\beta)\\theta - \\eta u` with update
+        :math:`u`. Its fixed point solves :math:`u = -\\beta\\theta`: for a plain gradient
+        update (:math:`u = \\nabla L`) that is the minimum of :math:`L +
+        \\frac\\beta2\\|\\theta\\|^2`, L2 coefficient :math:`\\beta` (a decay *not* scaled by
+        :math:`\\eta`, :math:`\\theta \\leftarrow (1-\\beta)\\theta - \\eta\\nabla L`, would
+        give :math:`\\beta/\\eta`); for Adam's preconditioned update
+        :math:`u = \\hat m/(\\sqrt{\\hat v}+\\epsilon)` it is no L2 minimum at all (the
+        coefficient would be :math:`\\beta(\\sqrt{\\hat v_j}+\\epsilon)`, per coordinate). So
+        ``decoupled="refuse"`` (default) refuses; ``decoupled="as_l2"`` takes
+        :math:`\\beta` as the L2 coefficient, exact for an SGD-like update and an
+        approximation for AdamW: check ``InfluenceCalculator``'s stationarity warning.
+
+        Parameters
+        ----------
+        loss
+            :math:`\\ell`, as for :class:`Objective`.
+        optimizer
+            The optimizer the model was trained with (its ``param_groups`` are read).
+        model
+            The trained model whose parameters the optimizer holds.
+        decoupled
+            ``"refuse"`` or ``"as_l2"`` for decoupled weight decay (see above).
+
+        Raises
+        ------
+        InputError
+            A trainable parameter in no group (named); a parameter the optimizer holds that
+            is not one of the model's; decoupled decay with ``decoupled="refuse"``; an
+            optimizer outside ``torch.optim`` (its ``weight_decay`` may mean anything: pass
+            the mapping form).
+
+        Examples
+        --------
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2)
+        >>> opt = torch.optim.SGD([{"params": [net.weight], "weight_decay": 1e-2},
+        ...                        {"params": [net.bias], "weight_decay": 0.0}], lr=0.1)
+        >>> Objective.from_optimizer("cross_entropy", opt, net).decay_values(["weight", "bias"])
+        [0.01, 0.0]
+        """
+        if decoupled not in ("refuse", "as_l2"):
+            raise InputError(f"decoupled must be 'refuse' or 'as_l2', got {decoupled!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InputError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        kind = type(optimizer).__name__
+        is_adamw = isinstance(optimizer, torch.optim.AdamW)
+        if not is_adamw and (
+            type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]
+            or kind not in _COUPLED_OPTIMIZERS
+        ):
+            raise InputError(
+                f"optimizer {type(optimizer).__module__}.{kind} is not one of torch.optim's "
+                f"L2-decay optimizers {list(_COUPLED_OPTIMIZERS)}, so what its weight_decay "
+                "means is unknown to infl. Pass the decay explicitly: Objective(loss, "
+                "weight_decay={'default': ..., 'no_decay': [...], 'overrides': {...}})"
+            )
+        by_id: dict[int, float] = {}
+        for index, group in enumerate(optimizer.param_groups):
+            wd = _check_decay(group.get("weight_decay", 0.0), f"param_groups[{index}].weight_decay")
+            is_decoupled = is_adamw or bool(group.get("decoupled_weight_decay", False))
+            if is_decoupled and wd > 0 and decoupled == "refuse":
+                raise InputError(
+                    f"{kind} param_groups[{index}] uses decoupled weight decay ({wd:g}): it "
+                    "shrinks the weights directly instead of adding the gradient of "
+                    "(weight_decay/2)||theta||^2, and with Adam's preconditioning the trained "
+                    "weights minimise no L2-regularised objective. Pass decoupled='as_l2' to "
+                    "take the coefficient as an L2 weight decay (exact for SGD-like updates, an "
+                    "approximation for AdamW: check the stationarity warning), or give the "
+                    "weight_decay mapping explicitly"
+                )
+            for param in group["params"]:
+                by_id[id(param)] = wd
+        named = list(model.named_parameters())
+        known = {id(p) for _, p in named}
+        foreign = [i for i in by_id if i not in known]
+        if foreign:
+            raise InputError(
+                f"the optimizer holds {len(foreign)} parameter(s) that are not parameters of "
+                "the model given; pass the model this optimizer trained"
+            )
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        orphans = [n for n, p in trainable if id(p) not in by_id]
+        if orphans:
+            raise InputError(
+                f"trainable parameter(s) {orphans} are in none of the optimizer's param_groups, "
+                "so their weight decay is unknown (and they were not trained by it). Add them "
+                "to a group, or freeze them (requires_grad_(False)) before building infl's "
+                "objects"
+            )
+        names = [n for n, _ in trainable]
+        decays = [by_id[id(p)] for _, p in trainable]
+        if len(set(decays)) <= 1:
+            return cls(loss, decays[0] if decays else 0.0)
+        sizes: dict[float, int] = {}
+        for (_, p), v in zip(trainable, decays, strict=True):
+            sizes[v] = sizes.get(v, 0) + p.numel()
+        default = max(sizes, key=lambda v: sizes[v])
+        overrides = {n: v for n, v in zip(names, decays, strict=True) if v != default}
+        return cls(
+            loss, WeightDecayGroups.from_mapping({"default": default, "overrides": overrides})
+        )
 
 
 def loss_measurement(objective: Objective) -> PerExampleFn:

@@ -364,7 +364,7 @@ def influence_fading(
     runs = BatchedSGD(
         model,
         objective.per_example_loss,
-        objective.weight_decay,
+        wrapper.decays,
         train,
         lr=lr,
         momentum=momentum,

@@ -8,7 +8,9 @@ full-batch step), and minimises on each
 .. math::
 
     J_r^B(\\theta_r) = \\frac1{|B|}\\sum_{i\\in B} w_{ri}\\,\\ell(z_i;\\theta_r)
-    + \\frac{\\lambda_{wd}}2\\|\\theta_r\\|^2 .
+    + \\frac12\\theta_r^T\\Lambda\\theta_r ,
+
+:math:`\\Lambda` the weight decay, one :math:`\\lambda_j` per parameter tensor.
 
 With :math:`w_{ri} = n/(n-|R_r|)` for kept examples and :math:`0` for the removed set
 :math:`R_r`, the full-batch :math:`J_r` is exactly :math:`J_{-R_r}`, and a minibatch gradient
@@ -26,6 +28,7 @@ Plain autograd only: nothing here imports :mod:`infl.calculator` or :mod:`infl.m
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -64,7 +67,8 @@ class BatchedSGD:
     loss
         Per-example loss ``(model, batch) -> Tensor[b]``, :math:`\\ell`.
     weight_decay
-        :math:`\\lambda_{wd}` of the objective.
+        :math:`\\lambda_{wd}` of the objective, or one :math:`\\lambda_j` per trainable
+        parameter in ``named_parameters()`` order (``Objective.decay_values(names)``).
     train
         The ``n`` training examples, in the order of the columns of the weights.
     lr, momentum
@@ -86,7 +90,7 @@ class BatchedSGD:
         self,
         model: nn.Module,
         loss: PerExampleFn,
-        weight_decay: float,
+        weight_decay: float | Sequence[float],
         train: IndexedData,
         *,
         lr: float,
@@ -106,7 +110,21 @@ class BatchedSGD:
         self.start = flat_params(params)
         self.dtype = self.start.dtype
         self.device = self.start.device
-        self.weight_decay = float(weight_decay)
+        if isinstance(weight_decay, (int, float)):
+            decays = [float(weight_decay)] * len(params)
+        else:
+            decays = [float(v) for v in weight_decay]
+        if len(decays) != len(params):
+            raise InputError(
+                f"weight_decay has {len(decays)} values for {len(params)} trainable parameters "
+                f"{names}; give one per parameter (Objective.decay_values(names)) or a number"
+            )
+        self.decays = decays
+        self.decay = torch.repeat_interleave(
+            torch.tensor(decays, dtype=self.dtype, device=self.device),
+            torch.tensor(self.sizes, device=self.device),
+        )
+        self.has_decay = any(v > 0 for v in decays)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.chunk_size = int(chunk_size)
@@ -188,10 +206,9 @@ class BatchedSGD:
             value += v.detach()
         grad = grad / count
         value = value / count
-        wd = self.weight_decay
-        if wd:
-            grad = grad + wd * theta
-            value = value + 0.5 * wd * (theta * theta).sum(dim=1)
+        if self.has_decay:
+            grad = grad + self.decay * theta
+            value = value + 0.5 * (self.decay * theta * theta).sum(dim=1)
         return grad, value, torch.linalg.vector_norm(grad, dim=1)
 
     def step(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> None:

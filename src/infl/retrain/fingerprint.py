@@ -83,7 +83,7 @@ def store_settings(job: RetrainJob) -> dict[str, Any]:
     return {
         "format": STORE_FORMAT,
         **cfg,
-        "weight_decay": job.objective.weight_decay,
+        "weight_decay": job.objective.decay_settings(),
         **{name: fp.key() for name, fp in _callables(job).items()},
         "model": _fingerprint_model(job.model),
         "dtype": str(job.dtype),

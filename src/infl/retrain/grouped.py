@@ -44,7 +44,7 @@ class GroupedRetrain:
         self.engine = BatchedSGD(
             net,
             job.objective.per_example_loss,
-            job.objective.weight_decay,
+            job.decays,
             job.train,
             lr=cfg.learning_rate,
             momentum=cfg.momentum,

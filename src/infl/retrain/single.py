@@ -10,11 +10,12 @@ minimise
 .. math::
 
     J_{-R}(\\theta) = \\frac1{n-|R|}\\sum_{i\\notin R}\\ell(z_i;\\theta)
-    + \\frac{\\lambda_{wd}}2\\|\\theta\\|^2
+    + \\frac12\\sum_j \\lambda_j\\|\\theta_j\\|^2
 
-with the weight-decay term added to the loss explicitly (the optimizers' own ``weight_decay``
-is not used). Plain autograd only: nothing here imports :mod:`infl.calculator` or
-:mod:`infl.model`.
+with the weight-decay term (one :math:`\\lambda_j` per parameter tensor, from
+:meth:`~infl.objective.Objective.decay_values`) added to the loss explicitly (the optimizers'
+own ``weight_decay`` is not used). Plain autograd only: nothing here imports
+:mod:`infl.calculator` or :mod:`infl.model`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class RetrainJob:
         self.config = config
         params = trainable(model)
         self.dtype = params[0].dtype
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.decays: list[float] = objective.decay_values(names)
         self.device = params[0].device
         self.theta_star = flat_params(params)
 
@@ -99,10 +102,8 @@ class RetrainJob:
             part = losses.sum() / n
             part.backward()
             total = total + part.detach()
-        wd = self.objective.weight_decay
-        if wd > 0:
-            reg = 0.5 * wd * sum((p * p).sum() for p in params)
-            assert isinstance(reg, torch.Tensor)
+        reg = self.decay_term(params)
+        if reg is not None:
             reg.backward()
             total = total + reg.detach()
         return total
@@ -123,6 +124,13 @@ class RetrainJob:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
+    def decay_term(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """:math:`\\frac12\\sum_j\\lambda_j\\|\\theta_j\\|^2` (``None`` without decay)."""
+        terms = [0.5 * wd * (p * p).sum() for p, wd in zip(params, self.decays, strict=True) if wd]
+        if not terms:
+            return None
+        return torch.stack(terms).sum()
+
             for m in resettable:
                 m.reset_parameters()  # type: ignore[operator]
         with torch.no_grad():
@@ -156,7 +164,6 @@ class RetrainJob:
             self.reinit(net)
         params = trainable(net)
         data = self.train.without(list(removal)) if removal else self.train
-        wd = self.objective.weight_decay
         tol = cfg.grad_tol
         steps = 0
         stalled = False
@@ -187,8 +194,9 @@ class RetrainJob:
                     for p in params:
                         p.grad = None
                     loss = self.objective.per_example_loss(net, batch).mean()
-                    if wd > 0:
-                        loss = loss + 0.5 * wd * sum((p * p).sum() for p in params)
+                    reg = self.decay_term(params)
+                    if reg is not None:
+                        loss = loss + reg
                     if not torch.isfinite(loss):
                         raise self.failure(removal, steps, float(loss))
                     loss.backward()

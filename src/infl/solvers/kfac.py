@@ -20,13 +20,23 @@ part :math:`V` (``[out, in]``) of a vector is
     Q_S\\,\\big[(Q_S^T V Q_A) \\oslash (\\Lambda + \\lambda_{wd} + \\lambda)\\big]\\,Q_A^T,
 
 matrix products only: no Kronecker product is ever formed.
+
+**Weight decay per parameter** (:class:`~infl.objective.WeightDecayGroups`): the decay term
+:math:`\\Lambda` is diagonal, and when a layer's weight and bias share :math:`\\lambda_j` it
+is a constant added to every eigenvalue, as above. When they differ (e.g. no decay on the
+bias), in the eigenbasis the decay of that block is :math:`\\lambda_W I + \\delta\\, q q^T`
+on each output row, with :math:`\\delta = \\lambda_b - \\lambda_W` and :math:`q = Q_A^T
+e_{bias}` (the bias row of :math:`Q_A`): a rank-one correction, inverted *exactly* by
+Sherman-Morrison at :math:`O(out\\cdot in)` per vector. So the decay term is never
+approximated: K-FAC/EK-FAC approximate only the Fisher. ``info["weight_decay"]`` is the number,
+or ``{parameter name: λ_j}`` with groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -141,9 +151,13 @@ class _Kronecker(Solver):
             gen = torch.Generator(device=wrapper.device).manual_seed(self.seed + 1)
             collect_eigen_diagonal(wrapper, data, part, generator=gen, **common)
             passes = 2
-        return FittedKronecker(
-            self, operator, part, wrapper.objective.weight_decay, passes, len(data)
+        uniform = wrapper.objective.uniform_weight_decay
+        decay = (
+            uniform
+            if uniform is not None
+            else dict(zip(wrapper.names, wrapper.decays, strict=True))
         )
+        return FittedKronecker(self, operator, part, decay, passes, len(data))
 
 
 @dataclass(frozen=True)
@@ -248,8 +262,9 @@ class KroneckerCurvature(LinearOperator):
         self.fitted = fitted
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        wd = self.fitted.weight_decay
-        return self.fitted.apply_spectral(vectors, lambda ev: ev + wd)
+        fitted = self.fitted
+        # exact for any per-parameter decay: the decay term is diagonal in parameter space
+        return fitted.apply_spectral(vectors, lambda ev: ev) + fitted.decay_vector() * vectors
 
 
 class FittedKronecker(FittedSolver):
@@ -262,7 +277,9 @@ class FittedKronecker(FittedSolver):
     eigenvalues
         ``{layer: [out, in]}``: :math:`\\Lambda` of each layer (without weight decay).
     weight_decay
-        :math:`\\lambda_{wd}`, added to every eigenvalue.
+        :math:`\\lambda_{wd}`, added to every eigenvalue; or ``{parameter name: λ_j}`` for
+        weight decay per parameter (a layer whose weight and bias differ gets an exact
+        rank-one correction, see the module docstring).
     """
 
     def __init__(
@@ -270,13 +287,17 @@ class FittedKronecker(FittedSolver):
         solver: _Kronecker,
         base: LinearOperator,
         part: Partition,
-        weight_decay: float,
+        weight_decay: float | Mapping[str, float],
         data_passes: int,
         num_examples: int,
         eigenvalues: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.partition = part
-        self.weight_decay = float(weight_decay)
+        self.weight_decay: float | dict[str, float] = (
+            {n: float(v) for n, v in weight_decay.items()}
+            if isinstance(weight_decay, Mapping)
+            else float(weight_decay)
+        )
         self.data_passes = data_passes
         self.num_examples = num_examples
         if eigenvalues is None:
@@ -303,11 +324,12 @@ class FittedKronecker(FittedSolver):
         )
         super().__init__(dataclasses.replace(solver, damping=value), base)
         self.solver: _Kronecker = self.solver
-        smallest = self._min_eig + self.weight_decay + value
+        least_decay = min(self._decays().values(), default=0.0)
+        smallest = self._min_eig + least_decay + value  # a lower bound with groups
         if not smallest > 0:
             raise NotPositiveDefiniteError(
                 f"the {type(solver).__name__} curvature has eigenvalue {self._min_eig:.4g} and "
-                f"weight decay {self.weight_decay:g}, so with damping={value:g} it is singular "
+                f"weight decay {least_decay:g}, so with damping={value:g} it is singular "
                 "(smallest eigenvalue of the damped curvature "
                 f"{smallest:.4g}). Use damping > 0, for example damping='heuristic' "
                 f"({HEURISTIC_FACTOR * self._mean_eig:.3g} here)."
@@ -337,14 +359,59 @@ class FittedKronecker(FittedSolver):
             out[:, blk.param_slice] = vectors[:, blk.param_slice] * fn(blk.diag)
         return out
 
+    def _decays(self) -> dict[str, float]:
+        """:math:`\\lambda_j` of every parameter of the blocks."""
+        names = [n for ly in self.partition.layers for n in (ly.weight, ly.bias) if n]
+        names += [blk.name for blk in self.partition.diagonal]
+        wd = self.weight_decay
+        return {n: (wd[n] if isinstance(wd, dict) else wd) for n in names}
+
+    def decay_vector(self) -> torch.Tensor:
+        """The diagonal of :math:`\\Lambda` on the flat parameter space: ``[p]``."""
+        decays = self._decays()
+        out = torch.zeros(self.base.size, dtype=self.base.dtype, device=self.base.device)
+        for ly in self.partition.layers:
+            for name, sl in ((ly.weight, ly.weight_slice), (ly.bias, ly.bias_slice)):
+                if name is not None and sl is not None:
+                    out[sl] = decays[name]
+        for blk in self.partition.diagonal:
+            out[blk.param_slice] = decays[blk.name]
+        return out
+
+    def _inverse(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
+        """:math:`(\\hat F + \\Lambda + \\lambda I)^{-1}` per block, exactly in the decay."""
+        decays = self._decays()
+        out = torch.empty_like(vectors)
+        for ly in self.partition.layers:
+            assert ly.Q_A is not None
+            assert ly.Q_S is not None
+            wd_w = decays[ly.weight] if ly.weight else None
+            wd_b = decays[ly.bias] if ly.bias else None
+            base = wd_w if wd_w is not None else wd_b
+            assert base is not None
+            d = self.eigenvalues[ly.name] + (base + damping)  # [out, in]
+            y = (ly.Q_S.T @ ly.gather(vectors) @ ly.Q_A) / d
+            if wd_w is not None and wd_b is not None and wd_b != wd_w:
+                # rows o: (diag(d_o) + delta q q^T)^{-1}, Sherman-Morrison
+                delta = wd_b - wd_w
+                q = ly.Q_A[-1]  # the bias row: Q_A^T e_bias
+                qd = q / d
+                den = 1.0 + delta * (q * qd).sum(dim=-1, keepdim=True)  # [out, 1]
+                y = y - delta * (y * q).sum(dim=-1, keepdim=True) / den * qd
+            ly.scatter(ly.Q_S @ y @ ly.Q_A.T, out)
+        for blk in self.partition.diagonal:
+            assert blk.diag is not None
+            shift = decays[blk.name] + damping
+            out[:, blk.param_slice] = vectors[:, blk.param_slice] / (blk.diag + shift)
+        return out
+
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
-        """:math:`(\\hat F + \\lambda_{wd} I + \\lambda I)^{-1}` applied to each row of ``rhs``.
+        """:math:`(\\hat F + \\Lambda + \\lambda I)^{-1}` applied to each row of ``rhs``.
 
         No data pass; ``residual_norms`` are NaN (see :class:`KFAC`).
         """
         b = as_rhs(rhs, self.operator)
-        shift = self.weight_decay + self.damping
-        value = self.apply_spectral(b, lambda ev: 1.0 / (ev + shift))
+        value = self._inverse(b, self.damping)
         nan = torch.full((b.shape[0],), math.nan, dtype=b.dtype, device=b.device)
         return SolveResult(
             value=value, converged=True, iterations=0, residual_norms=nan, info=self.info

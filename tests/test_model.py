@@ -171,3 +171,116 @@ def test_missing_forward_ad_falls_back_to_reverse_over_reverse_once():
         strict.hvp((x, y), vectors, chunk_size=4)
     with pytest.raises(ValueError, match="second_order must be"):
         ModelWrapper(model, objective, second_order="backward")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- weight decay per parameter
+_GROUP_DECAY = {"default": 0.05, "no_decay": ["bias"], "overrides": {"2.weight": 0.01}}
+_DECAYS = [0.05, 0.0, 0.01, 0.0]  # 0.weight 0.bias 2.weight 2.bias
+
+
+class _Regularised(nn.Module):
+    """The hand-built objective's model: outputs and 1/2 sum_j lambda_j ||theta_j||^2."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p for _, p in self.net.named_parameters()]
+        reg = sum(0.5 * wd * (p * p).sum() for p, wd in zip(params, _DECAYS, strict=True))
+        return self.net(x), reg
+
+
+def _hand_loss(model, batch) -> torch.Tensor:
+    out, reg = model(batch[0])
+    return torch.nn.functional.cross_entropy(out, batch[1], reduction="none") + reg
+
+
+def _hand_measure(model, batch) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(batch[0])[0], batch[1], reduction="none")
+
+
+def _group_problem():
+    net = _mlp()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    groups = ModelWrapper(net, Objective("cross_entropy", weight_decay=_GROUP_DECAY))
+    hand = ModelWrapper(_Regularised(net).eval(), Objective(_hand_loss, weight_decay=0.0))
+    return net, groups, hand, (x, y)
+
+
+def test_group_decay_equals_a_hand_built_objective_for_grads_hvps_and_ggn():
+    from infl import GaussNewtonOperator
+
+    net, groups, hand, data = _group_problem()
+    assert groups.decays == _DECAYS
+    sizes = [15, 5, 15, 3]
+    expected = torch.cat(
+        [torch.full((s,), wd, dtype=torch.float64) for s, wd in zip(sizes, _DECAYS, strict=True)]
+    )
+    torch.testing.assert_close(groups.decay, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        groups.train_grads(data), hand.train_grads(data), rtol=1e-10, atol=1e-12
+    )
+    indexed = IndexedData(data)
+    dense = HessianOperator(groups, indexed, chunk_size=5).to_dense()
+    torch.testing.assert_close(
+        dense, HessianOperator(hand, indexed).to_dense(), rtol=1e-10, atol=1e-12
+    )
+    plain = ModelWrapper(net, Objective("cross_entropy", weight_decay=0.0))
+    ggn = GaussNewtonOperator(groups, indexed).to_dense()
+    ggn0 = GaussNewtonOperator(plain, indexed).to_dense()
+    torch.testing.assert_close(ggn, ggn0 + torch.diag(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_group_decay_influence_equals_the_hand_built_objective():
+    from infl import ExactHessian, InfluenceCalculator
+
+    net, _, _, data = _group_problem()
+    test = (data[0][:4], data[1][:4])
+    kw = {"progress": False, "check_minimum": False}
+    got = InfluenceCalculator(
+        net,
+        Objective("cross_entropy", weight_decay=_GROUP_DECAY),
+        data,
+        ExactHessian(damping=1.0),
+        **kw,
+    ).influence(test)
+    want = InfluenceCalculator(
+        _Regularised(net).eval(),
+        Objective(_hand_loss, 0.0),
+        data,
+        ExactHessian(damping=1.0),
+        measurement=_hand_measure,
+        **kw,
+    ).influence(test)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_stationarity_names_the_per_parameter_decay_the_model_was_trained_with():
+    import reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    y = (torch.rand(40, generator=gen, dtype=torch.float64) < torch.sigmoid(x[:, 0] + 1)).double()
+    decay = torch.tensor([0.05, 0.05, 0.05, 0.0], dtype=torch.float64)
+    theta = torch.zeros(4, dtype=torch.float64)
+    for _ in range(40):
+        g = reference.per_example_grads(theta, x, y, 0.0).mean(0) + decay * theta
+        h = reference.hessian(theta, x, y, 0.0) + torch.diag(decay)
+        theta = theta - torch.linalg.solve(h, g)
+    model = reference.load_into(nn.Linear(3, 1).double().eval(), theta)
+    data = IndexedData((x, y))
+
+    def check(objective: Objective):
+        w = ModelWrapper(model, objective)
+        return w.check_stationarity(w.iter_train_grads(data, 16), len(data))
+
+    assert check(Objective("bce_with_logits", {"default": 0.05, "no_decay": ["bias"]})).is_minimum
+    wrong = check(Objective("bce_with_logits", 0.05))
+    assert not wrong.is_minimum
+    assert wrong.wrong_decay_groups
+    assert dict(wrong.implied_by_parameter)["weight"] == pytest.approx(0.05, rel=1e-6)
+    with pytest.warns(Warning, match=r"weight decay per parameter \(weight ~ 0.05, bias ~ 0\)"):
+        wrong.warn_if_not_minimum()

@@ -396,3 +396,38 @@ def test_bad_operator_loss_and_with_damping():
     fitted = KFAC(fisher="empirical").fit(op)
     with pytest.raises(InputError, match="damping"):
         fitted.with_damping(-1.0)
+
+
+@pytest.mark.parametrize("solver_cls", [KFAC, EKFAC])
+def test_group_weight_decay_is_exact_in_the_curvature_and_its_inverse(solver_cls):
+    # weight and bias of one Kronecker block with different decay: the decay term is added
+    # exactly (rank-one Sherman-Morrison correction), so only the Fisher is approximated
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    data = IndexedData((x, torch.randint(0, 2, (20,))))
+    groups = {"default": 0.3, "no_decay": ["bias"], "overrides": {"2.weight": 0.05}}
+    solver = solver_cls(damping=0.1, fisher="empirical")
+    fitted = solver.fit(
+        HessianOperator(ModelWrapper(net, Objective("cross_entropy", groups)), data)
+    )
+    plain = solver.fit(HessianOperator(ModelWrapper(net, Objective("cross_entropy", 0.0)), data))
+    decay = torch.tensor([0.3] * 12 + [0.0] * 4 + [0.05] * 8 + [0.0] * 2, dtype=torch.float64)
+    dense = plain.curvature.to_dense() + torch.diag(decay)
+    torch.testing.assert_close(fitted.curvature.to_dense(), dense, rtol=1e-10, atol=1e-12)
+    rhs = torch.randn(3, 26, dtype=torch.float64)
+    want = torch.linalg.solve(dense + 0.1 * torch.eye(26, dtype=torch.float64), rhs.T).T
+    torch.testing.assert_close(fitted.solve(rhs).value, want, rtol=1e-9, atol=1e-11)
+    assert fitted.info["weight_decay"] == {
+        "0.weight": 0.3,
+        "0.bias": 0.0,
+        "2.weight": 0.05,
+        "2.bias": 0.0,
+    }
+    # a uniform decay goes on the eigenvalues, as before
+    same = solver.fit(HessianOperator(ModelWrapper(net, Objective("cross_entropy", 0.3)), data))
+    assert same.info["weight_decay"] == 0.3
+    torch.testing.assert_close(
+        same.curvature.to_dense(),
+        plain.curvature.to_dense() + 0.3 * torch.eye(26, dtype=torch.float64),
+    )

@@ -8,10 +8,11 @@ from typing import Literal
 
 from infl.errors import InputError
 
-__all__ = ["InitName", "OptimizerName", "RetrainConfig"]
+__all__ = ["InitName", "OptimizerName", "RetrainConfig", "TargetName"]
 
 InitName = Literal["warm", "scratch"]
 OptimizerName = Literal["sgd", "adam", "lbfgs"]
+TargetName = Literal["loo", "pbrf"]
 
 _DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adam": 1e-3, "lbfgs": 1.0}
 
@@ -47,6 +48,18 @@ class RetrainConfig:
         SGD momentum.
     seed
         Seeds the scratch initialisation and the minibatch order.
+    target
+        What each retrain minimises. ``"loo"`` (default): the objective without the removed
+        examples, :math:`J_{-R}`. ``"pbrf"``: the proximal Bregman response function of Bae et
+        al. (2022), :math:`J^{PBRF}_R` (see :mod:`infl.retrain.pbrf`), which is what damped
+        Gauss-Newton influence approximates in deep networks. PBRF needs a loss of the model's
+        outputs (a built-in name or :func:`~infl.objective.supervised_loss`), full batches
+        (``batch_size=None``) and a warm start (``init="warm"``: it is defined around
+        :math:`\\theta^*`).
+    proximity
+        :math:`\\lambda \\ge 0` of the PBRF's proximity term
+        :math:`\\frac\\lambda2\\|\\theta-\\theta^*\\|^2`: the damping of the influence it is
+        compared with. Only for ``target="pbrf"`` (must stay 0 for ``"loo"``).
     """
 
     init: InitName = "warm"
@@ -57,6 +70,8 @@ class RetrainConfig:
     batch_size: int | None = None
     momentum: float = 0.0
     seed: int = 0
+    target: TargetName = "loo"
+    proximity: float = 0.0
 
     def __post_init__(self) -> None:
         if self.init not in ("warm", "scratch"):
@@ -83,6 +98,37 @@ class RetrainConfig:
                 )
         if not 0 <= self.momentum < 1:
             raise InputError(f"momentum must be in [0, 1), got {self.momentum}")
+        self._check_target()
+
+    def _check_target(self) -> None:
+        if self.target not in ("loo", "pbrf"):
+            raise InputError(
+                f"target must be 'loo' (leave-one-out retraining) or 'pbrf' (the proximal "
+                f"Bregman response function), got {self.target!r}"
+            )
+        try:
+            proximity = float(self.proximity)
+        except (TypeError, ValueError):
+            proximity = math.nan
+        if not (math.isfinite(proximity) and proximity >= 0):
+            raise InputError(f"proximity must be a finite number >= 0, got {self.proximity!r}")
+        object.__setattr__(self, "proximity", proximity)
+        if self.target == "loo" and proximity != 0:
+            raise InputError(
+                f"proximity={proximity} is the PBRF's damping term; leave-one-out retraining "
+                "has none. Use target='pbrf' with it, or drop proximity"
+            )
+        if self.target == "pbrf":
+            if self.batch_size is not None:
+                raise InputError(
+                    "target='pbrf' retrains with full batches (the PBRF's Bregman term is over "
+                    f"all n examples); use batch_size=None, got batch_size={self.batch_size}"
+                )
+            if self.init != "warm":
+                raise InputError(
+                    "target='pbrf' is defined around the trained parameters and starts there; "
+                    f"use init='warm', got init={self.init!r}"
+                )
 
     @property
     def learning_rate(self) -> float:

@@ -80,6 +80,11 @@ def _callables(job: RetrainJob) -> dict[str, Fingerprint]:
 def store_settings(job: RetrainJob) -> dict[str, Any]:
     """The settings record of a store of ``job``'s retrains (JSON-serialisable)."""
     cfg = dataclasses.asdict(job.config)
+    # leave-one-out stores keep the keys they had before PBRF existed (they still resume); a
+    # PBRF store records its target as one key, so a store of the other target names "target"
+    target, proximity = cfg.pop("target"), cfg.pop("proximity")
+    if target != "loo":
+        cfg["target"] = {"name": target, "proximity": proximity}
     return {
         "format": STORE_FORMAT,
         **cfg,

@@ -314,6 +314,15 @@ def retrain_ground_truth(
     (nothing removed, same protocol) and the control-corrected change
     :math:`f(z_j;\\theta_{-R_r}) - f(z_j;\\theta_c)`.
 
+    With ``config=RetrainConfig(target="pbrf", proximity=λ)`` each retrain instead minimises
+    the proximal Bregman response function of Bae et al. (2022) around :math:`\\theta^*`
+    (:mod:`infl.retrain.pbrf`: the Bregman divergence of the output-space loss over all ``n``
+    examples, minus :math:`\\frac1n` times the removed examples' terms, plus
+    :math:`\\frac{\\lambda}2\\|\\theta-\\theta^*\\|^2`), the quantity that
+    ``InfluenceCalculator(..., curvature="gauss_newton")`` at ``damping=λ`` approximates;
+    results are reported in the same units, and the control run returns :math:`\\theta^*`.
+    PBRF retrains run one by one (never batched by ``parallel_runs``).
+
     Parameters
     ----------
     model

@@ -161,6 +161,8 @@ def grouped_retrain(
     cfg = job.config
     if cfg.optimizer != "sgd" or cfg.batch_size is not None or parallel_runs < 2:
         return None
+    if cfg.target != "loo":  # the batched engine minimises J_{-R} only
+        return None
     try:
         grouped = GroupedRetrain(job, parallel_runs)
         if grouped.probe(min(parallel_runs, num_runs, _PROBE_RUNS), check_speed=check_speed):

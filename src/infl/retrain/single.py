@@ -31,6 +31,7 @@ from infl.data import IndexedData, batch_to, tensor_leaves
 from infl.errors import InputError, NonFiniteError
 from infl.objective import Objective, PerExampleFn
 from infl.retrain.config import RetrainConfig
+from infl.retrain.pbrf import PBRFObjective
 from infl.retrain.records import Outcome, StopReason
 
 __all__ = ["EVAL_CHUNK", "RetrainJob", "flat_params", "run_one", "trainable"]
@@ -71,6 +72,11 @@ class RetrainJob:
         self.decays: list[float] = objective.decay_values(names)
         self.device = params[0].device
         self.theta_star = flat_params(params)
+        self.pbrf: PBRFObjective | None = None
+        if config.target == "pbrf":
+            self.pbrf = PBRFObjective(
+                model, objective, train, config.proximity, EVAL_CHUNK, self.device, self.dtype
+            )
 
     # -- pieces ---------------------------------------------------------------------------
     def measure(self, net: nn.Module) -> torch.Tensor:
@@ -90,9 +96,19 @@ class RetrainJob:
         return torch.cat(out)
 
     def objective_backward(
-        self, net: nn.Module, params: list[torch.Tensor], data: IndexedData
+        self,
+        net: nn.Module,
+        params: list[torch.Tensor],
+        data: IndexedData,
+        removal: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """Accumulate :math:`\\nabla J` into ``.grad`` (zeroed first); return :math:`J` (0-d)."""
+        """Accumulate :math:`\\nabla J` into ``.grad`` (zeroed first); return :math:`J` (0-d).
+
+        For ``target="pbrf"`` the objective is :math:`J^{PBRF}_R` of ``removal`` (over all the
+        training data, :mod:`infl.retrain.pbrf`) and ``data`` is not used.
+        """
+        if self.pbrf is not None:
+            return self.pbrf.backward(net, params, removal)
         for p in params:
             p.grad = None
         n = len(data)
@@ -163,7 +179,8 @@ class RetrainJob:
         if cfg.init == "scratch":
             self.reinit(net)
         params = trainable(net)
-        data = self.train.without(list(removal)) if removal else self.train
+        pbrf = self.pbrf is not None  # the PBRF runs over all n examples
+        data = self.train.without(list(removal)) if removal and not pbrf else self.train
         tol = cfg.grad_tol
         steps = 0
         stalled = False
@@ -173,7 +190,7 @@ class RetrainJob:
         elif cfg.batch_size is None:
             opt = self._first_order(params)
             while steps < cfg.max_steps:
-                value = float(self.objective_backward(net, params, data))
+                value = float(self.objective_backward(net, params, data, removal))
                 gnorm = self.grad_norm_of(params)
                 if not (math.isfinite(value) and math.isfinite(gnorm)):
                     raise self.failure(removal, steps, value if not math.isfinite(value) else gnorm)
@@ -206,10 +223,10 @@ class RetrainJob:
                         done = True
                         break
                 if not done and tol is not None:
-                    self.objective_backward(net, params, data)
+                    self.objective_backward(net, params, data, removal)
                     done = self.grad_norm_of(params) <= tol
 
-        self.objective_backward(net, params, data)
+        self.objective_backward(net, params, data, removal)
         gnorm = self.grad_norm_of(params)
         for p in params:
             p.grad = None
@@ -255,7 +272,7 @@ class RetrainJob:
         )
 
         def closure() -> torch.Tensor:
-            return self.objective_backward(net, params, data)
+            return self.objective_backward(net, params, data, removal)
 
         steps = 0
         prev = math.inf
@@ -276,7 +293,7 @@ class RetrainJob:
                 raise self.failure(removal, steps, value)
             state = opt.state[opt._params[0]]
             new_steps = int(state.get("n_iter", 0))
-            self.objective_backward(net, params, data)
+            self.objective_backward(net, params, data, removal)
             gnorm = self.grad_norm_of(params)
             if not math.isfinite(gnorm):
                 raise self.failure(removal, new_steps, gnorm)
@@ -313,7 +330,7 @@ class RetrainJob:
         def grad_at(x: torch.Tensor) -> tuple[torch.Tensor, float]:
             with torch.no_grad():
                 torch.nn.utils.vector_to_parameters(x, params)
-            self.objective_backward(net, params, data)
+            self.objective_backward(net, params, data, removal)
             g = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
             return g, float(torch.linalg.vector_norm(g))
 

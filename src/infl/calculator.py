@@ -341,6 +341,115 @@ class InfluenceCalculator:
         """
         return -self.influence(test_data) / self.num_train
 
+    def group_removal_effect(self, test_data: Any, groups: Any, *, order: int = 1) -> torch.Tensor:
+        """Predicted change of each test measurement when a whole group is removed.
+
+        For a group :math:`U` of :math:`u` training examples (:math:`p_U = u/n`), retraining
+        without it minimises :math:`J_{-U} = \\frac1{n-u}\\sum_{i\\notin U} r_i` with
+        :math:`r_i(\\theta) = \\ell(z_i;\\theta) + \\frac{\\lambda_{wd}}2\\|\\theta\\|^2`, i.e.
+        :math:`F_U(\\theta) = J(\\theta) - \\frac1n\\sum_{i\\in U} r_i(\\theta)` up to the factor
+        :math:`1/(1-p_U)`, which does not move the minimiser. Expanding
+        :math:`\\nabla F_U(\\theta^*+\\Delta_U) = 0` in powers of :math:`p_U` (Basu, You & Feizi
+        2020), with :math:`A = H + \\lambda I` in place of :math:`H`:
+
+        .. math::
+
+            \\Delta_U \\approx \\underbrace{\\frac1n A^{-1} s_U}_{\\text{order 1}}
+            + \\underbrace{p_U\\, A^{-1} H_U\\, \\frac1n A^{-1} s_U}_{\\text{order 2}},
+            \\qquad s_U = \\sum_{i\\in U} g_i,\\quad
+            H_U = \\frac1u\\sum_{i\\in U}\\nabla^2\\ell(z_i) + \\lambda_{wd} I,
+
+        and ``group_removal_effect(test, groups)[j, g]`` :math:`= \\nabla f(z_j)^T\\Delta_{U_g}`
+        (:math:`\\approx f(z_j;\\theta_{-U_g}) - f(z_j;\\theta^*)`, the units of
+        :meth:`removal_effect` and of :func:`infl.retrain_ground_truth` with
+        ``removals=groups``). Order 1 is exactly the sum of the members' :meth:`removal_effect`.
+        Order 2 adds the group's own share of the curvature, :math:`p_U H_U`: the first two
+        terms of the Neumann series of :math:`(A - p_U H_U)^{-1}\\frac1n s_U`, one Newton step on
+        the remaining objective (:math:`nF_U`'s Hessian is :math:`\\sum_{i\\notin U}
+        \\nabla^2 r_i`). For a quadratic objective (least squares, ``damping=0``) the series is
+        exact, so order 2 is off by :math:`O(p_U^3)` where order 1 is off by
+        :math:`O(p_U^2)`; otherwise the third derivative of :math:`J` and the measurement's own
+        curvature :math:`\\frac12\\Delta^T\\nabla^2 f\\Delta` also enter at :math:`O(p_U^2)` and
+        are *not* included (as in Basu et al.). :math:`H_U` is the calculator's curvature on
+        the group's examples: the Hessian (``curvature="hessian"``) or the Gauss-Newton matrix
+        (``"gauss_newton"``), each with :math:`\\lambda_{wd} I`; the damping :math:`\\lambda`
+        is not part of any example's term and stays in :math:`A` only.
+
+        Parameters
+        ----------
+        test_data
+            The ``m`` test examples.
+        groups
+            A list of ``G`` groups, each a list (or 1-d tensor) of distinct training indices;
+            or a label array ``[n]`` (tensor, array or flat list), each distinct label one
+            group, in sorted label order (``numpy.unique``).
+        order
+            ``1`` (sum of the members' removal effects) or ``2`` (with the group-curvature
+            correction).
+
+        Returns
+        -------
+        Tensor ``[m, G]``
+            Positive: removing the group increases :math:`f(z_j)`.
+
+        Raises
+        ------
+        InputError
+            An empty group, a non-integer or out-of-range index, an index repeated within a
+            group, a group of all ``n`` examples, a label array whose length is not ``n``, or
+            ``order`` not 1 or 2 (the message names the group, index or value).
+
+        Notes
+        -----
+        Cost, order 1: the test inverse-HVP (one solve, cached, shared with :meth:`influence`)
+        and the training gradients of the group members (from the cache when it is filled).
+        Order 2 adds one solve with ``G`` right-hand sides (:math:`A^{-1}s_U/n`) and one
+        curvature-vector product per group over its :math:`u_g` examples (about two forward
+        and two backward passes per member); memory ``[G, p]``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from infl import ExactHessian, InfluenceCalculator, Objective
+        >>> X, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+        >>> calc = InfluenceCalculator(nn.Linear(3, 2), Objective("cross_entropy", 0.1), (X, y),
+        ...                            ExactHessian(), progress=False, check_minimum=False)
+        >>> calc.group_removal_effect((X[:4], y[:4]), [[0, 1, 2], [5, 6]], order=2).shape
+        torch.Size([4, 2])
+        """
+        if isinstance(order, bool) or order not in (1, 2):
+            raise InputError(f"order must be 1 or 2, got {order!r}")
+        members = _normalize_groups(groups, self.num_train)
+        n = self.num_train
+        ihvp = self.inverse_hvp(test_data).value  # A^{-1} grad f: [m, p]
+        sums = torch.stack([self._grad_sum(idx) for idx in members]).to(ihvp)  # s_U: [G, p]
+        effect = ihvp @ sums.T / n
+        if order == 1:
+            return effect
+        shifts = self.fitted_solver().solve(sums / n, progress=self.progress).value  # [G, p]
+        corrections = []
+        for g, idx in enumerate(members):
+            data = IndexedData(self.train.select(idx), name=f"group {g}")
+            product = (
+                self.wrapper.ggn_vp(data, shifts[g : g + 1], self.chunk_size)
+                if self.curvature == "gauss_newton"
+                else self.wrapper.hvp(data, shifts[g : g + 1], self.chunk_size)
+            )
+            corrections.append(product[0] * (idx.numel() / n))  # p_U H_U A^{-1} s_U / n
+        return effect + ihvp @ torch.stack(corrections).to(ihvp).T
+
+    def _grad_sum(self, idx: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum_{i\\in U} g_i` (``[p]``), from the gradient cache when it is filled."""
+        cached = self._grad_cache.value
+        if cached is not None:
+            return cached[idx.to(cached.device)].sum(dim=0)
+        total = torch.zeros(self.num_params, dtype=self.wrapper.dtype, device=self.wrapper.device)
+        for start in range(0, idx.numel(), self.chunk_size):
+            batch = self.train.select(idx[start : start + self.chunk_size])
+            total += self.wrapper.train_grads(batch).sum(dim=0)
+        return total
+
     def self_influence(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Influence of each training example on its own measurement.
 
@@ -480,6 +589,83 @@ class _TrainGradCache:
 
     def add_projection(self, basis: torch.Tensor, proj: torch.Tensor) -> None:
         self.projections = [*self.projections[-3:], (basis, proj)]  # the 4 latest bases
+
+
+def _normalize_groups(groups: Any, n: int) -> list[torch.Tensor]:
+    """Groups of training indices (``list[LongTensor]``) from index lists or a label array."""
+    import numpy as np
+
+    if isinstance(groups, (torch.Tensor, np.ndarray)):
+        arr = np.asarray(groups.detach().cpu() if isinstance(groups, torch.Tensor) else groups)
+        if arr.ndim != 1:
+            raise InputError(
+                f"groups as an array must be a label array of shape [n={n}], got shape "
+                f"{arr.shape}; give several groups as a list of index lists"
+            )
+        return _label_groups(arr, n)
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise InputError(
+            "groups must be a list of index lists or a label array [n], got "
+            f"{type(groups).__name__}"
+        )
+    items = list(groups)
+    if not items:
+        raise InputError("groups is empty: give at least one group of training indices")
+    if all(_is_index(v) for v in items):
+        return _label_groups(np.asarray(items), n)
+    out = []
+    for g, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            item = item.reshape(-1).tolist()
+        if _is_index(item) or isinstance(item, (str, bytes)) or not isinstance(item, Sequence):
+            raise InputError(
+                f"group {g} is {item!r}; every group must be a list of training indices (a "
+                "label array [n] must be all labels, not a mix of labels and lists)"
+            )
+        if not item:
+            raise InputError(f"group {g} is empty; every group needs at least one index")
+        for v in item:
+            if not _is_index(v):
+                raise InputError(f"group {g} contains {v!r}, which is not an integer index")
+            if not 0 <= int(v) < n:
+                raise InputError(
+                    f"group {g} contains index {int(v)}, out of range for {n} training "
+                    f"examples (valid: 0..{n - 1})"
+                )
+        ints = [int(v) for v in item]
+        if len(set(ints)) != len(ints):
+            dup = next(v for v in ints if ints.count(v) > 1)
+            raise InputError(f"group {g} lists index {dup} more than once")
+        if len(ints) >= n:
+            raise InputError(f"group {g} holds all {n} training examples; nothing would be left")
+        out.append(torch.tensor(sorted(ints), dtype=torch.long))
+    return out
+
+
+def _label_groups(labels: Any, n: int) -> list[torch.Tensor]:
+    import numpy as np
+
+    if labels.shape[0] != n:
+        raise InputError(
+            f"a label array must have one label per training example, length n={n}; got "
+            f"length {labels.shape[0]}. To give explicit groups, pass a list of index lists "
+            "(one group: [[i, j, ...]])"
+        )
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise InputError("the label array contains NaN or infinite labels; label every example")
+    values = np.unique(labels)
+    if len(values) == 1:
+        raise InputError(
+            f"the label array has one label ({values[0]!r}) for all {n} examples: that group "
+            "would remove everything"
+        )
+    return [torch.as_tensor(np.nonzero(labels == v)[0], dtype=torch.long) for v in values]
+
+
+def _is_index(v: Any) -> bool:
+    import numpy as np
+
+    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer))
 
 
 def _same_but_damping(old: Solver, new: Solver) -> bool:

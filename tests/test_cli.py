@@ -22,6 +22,8 @@ from infl.cli import main
         (["fading", "--horizons", "100,10"], "strictly increasing"),
         (["fading", "--horizons", "ten"], "comma-separated step counts"),
         (["correct", "--k", "-3"], "expected a positive integer"),
+        (["benchmark", "--bad-arg"], "unrecognized arguments: --bad-arg"),
+        (["benchmark", "--quick", "--full"], "not allowed with argument"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -43,6 +45,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, words, capsys):
         (["fragility", "--parts", "iris,imagenet"], "--parts takes iris and/or cnn"),
         (["fading", "--models", "gpt"], "--models takes iris and/or digits"),
         (["correct", "--lr", "-1"], "--lr must be positive"),
+        (["benchmark", "--models", "resnet"], "--models takes logreg and/or mlp"),
     ],
 )
 def test_inconsistent_arguments_exit_1_with_one_line(argv, words, capsys, tmp_path):

@@ -4,7 +4,8 @@ Subcommands:
 
 * ``infl fragility`` — rerun Basu et al. (ICLR 2021) and compare with the paper;
 * ``infl fading`` — how influence fades with training time (Schioppa et al. 2023);
-* ``infl correct`` — correct mis-predicted digits with influence, against two controls.
+* ``infl correct`` — correct mis-predicted digits with influence, against two controls;
+* ``infl benchmark`` — every solver and attribution baseline on digits: time, LDS, LOO, AUC.
 
 Every subcommand writes to an output directory and resumes from it when rerun.
 """
@@ -148,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip figures/correction.png (success rate and median steps per ranking)",
     )
     corr.add_argument("--no-progress", action="store_true")
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="every solver and attribution baseline on digits: time, LDS, LOO, mislabel AUC",
+        description="Train softmax regression and a small MLP on digits with flipped labels, "
+        "run every inverse-HVP solver and attribution baseline, and write benchmark.md/.csv/"
+        ".json and figures: time, LDS, correlation with leave-one-out (and PBRF) retraining, "
+        "mislabel-detection AUC. Presets: quick (~2 min on 2 CPU cores, default), full.",
+    )
+    bench_preset = bench.add_mutually_exclusive_group()
+    for name, text in (("quick", "the quick preset (default)"), ("full", "the full preset")):
+        bench_preset.add_argument(
+            f"--{name}", action="store_const", const=name, dest="preset", help=text
+        )
+    bench.add_argument("--out", help="results directory (default: results/benchmark-PRESET)")
+    bench.add_argument(
+        "--models", default="logreg,mlp", help="comma-separated: logreg, mlp (default both)"
+    )
+    bench.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -222,10 +243,36 @@ def _correct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from infl.studies.benchmark import MODELS, PRESETS, run_benchmark
+
+    name = args.preset or "quick"
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models or set(models) - set(MODELS):
+        raise InflError(f"--models takes logreg and/or mlp, got {args.models!r}")
+    out = args.out or f"results/benchmark-{name}"
+    preset = PRESETS[name]
+    print(
+        f"infl benchmark: preset {name} (expected ~{preset.expected_minutes:g} min on 2 CPU "
+        f"cores), results in {out}"
+    )
+    run = run_benchmark(
+        preset, out, models=models, progress=not args.no_progress, figures=not args.no_figures
+    )
+    print(run.table)
+    print(f"\ndone in {run.seconds:.0f} s: {out}/benchmark.md, benchmark.csv, benchmark.json")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infl`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handlers = {"fragility": _fragility, "fading": _fading, "correct": _correct}
+    handlers = {
+        "fragility": _fragility,
+        "fading": _fading,
+        "correct": _correct,
+        "benchmark": _benchmark,
+    }
     try:
         return handlers[args.command](args)
     except InflError as err:

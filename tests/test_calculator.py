@@ -323,3 +323,50 @@ def test_converged_model_checked_with_the_wrong_weight_decay_warns(logistic):
     assert "looks trained with weight_decay ~ 0.05" in message
     assert calc.stationarity.wrong_weight_decay
     assert calc.stationarity.implied_weight_decay == pytest.approx(logistic.wd, rel=1e-6)
+
+
+# ---------------------------------------------------------------- spectrum, advice, damping="auto"
+
+
+def test_calc_spectrum_on_logistic_regression_equals_the_dense_eigenvalues(logistic):
+    p = logistic
+    calc = _calc(p, check_minimum=False)
+    spectrum = calc.spectrum(k=3)
+    dense = torch.linalg.eigvalsh(reference.hessian(p.theta, p.x, p.y, p.wd))
+    assert spectrum.full
+    torch.testing.assert_close(spectrum.eigenvalues.to(dense), dense)
+    assert spectrum.lambda_min == pytest.approx(float(dense[0]))
+
+
+def test_calc_advise_equals_diagnostics_advise_on_the_calculators_operator(logistic):
+    from infl.diagnostics import advise
+
+    calc = _calc(logistic, ConjugateGradient(), check_minimum=False)
+    assert calc.advise(tol=1e-4) == advise(calc.operator, tol=1e-4)
+    assert calc.advise(damping=0.3) == advise(calc.operator, damping=0.3)
+
+
+def test_calc_advise_uses_the_gauss_newton_operator_when_asked(logistic):
+    from infl.diagnostics import advise
+    from infl.operators import GaussNewtonOperator
+
+    calc = _calc(logistic, ConjugateGradient(), check_minimum=False, curvature="gauss_newton")
+    assert isinstance(calc.operator, GaussNewtonOperator)
+    assert calc.advise() == advise(calc.operator)
+
+
+def test_auto_damping_through_the_calculator_resolves_to_a_number(logistic):
+    calc = _calc(logistic, ExactHessian(damping="auto"), check_minimum=False)
+    fitted = calc.fitted_solver()
+    assert isinstance(fitted.damping, float)
+    assert fitted.info["damping_auto"]
+    explicit = calc.with_damping(0.5)  # reuses the eigendecomposition
+    assert explicit.fitted_solver() is not fitted
+    assert explicit.fitted_solver().damping == 0.5
+    again = explicit.with_damping("auto")
+    assert again.solver.damping == "auto"
+    assert again.fitted_solver().damping == fitted.damping
+    with pytest.raises(InputError, match=r"got 'automatic'.*damping='auto'"):
+        calc.with_damping("automatic")
+    with pytest.raises(InputError, match=r">= 0 or 'auto', got -1"):
+        calc.with_damping(-1.0)

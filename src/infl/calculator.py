@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
 from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
+
+if TYPE_CHECKING:
+    from infl.diagnostics import Spectrum
+    from infl.spectral import SolverAdvice
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -188,12 +192,20 @@ class InfluenceCalculator:
         other.solver = solver
         other._ihvp_cache = OrderedDict()
         other._fitted = None
-        if self._fitted is not None and _same_but_damping(self.solver, solver):
+        if (
+            self._fitted is not None
+            and _same_but_damping(self.solver, solver)
+            and not isinstance(solver.damping, str)  # "auto" is resolved by a new fit
+        ):
             other._fitted = self._fitted.with_damping(solver.damping)
         return other
 
-    def with_damping(self, damping: float) -> InfluenceCalculator:
+    def with_damping(self, damping: float | Literal["auto"]) -> InfluenceCalculator:
         """The same calculator at damping :math:`\\lambda` = ``damping`` (see :meth:`with_solver`).
+
+        ``"auto"`` (solvers that support it) refits, choosing :math:`\\lambda` from the
+        spectrum; a number reuses the fit. ``calc.fitted_solver().damping`` is always the
+        number in use.
 
         Examples
         --------
@@ -207,9 +219,70 @@ class InfluenceCalculator:
         >>> stiffer.solver.damping
         1.0
         """
-        check_damping(damping)
+        check_damping(damping, allow_auto=True)
+        value: float | str = damping if isinstance(damping, str) else float(damping)
         solver: Any = self.solver  # every solver is a frozen dataclass with a damping field
-        return self.with_solver(dataclasses.replace(solver, damping=float(damping)))
+        return self.with_solver(dataclasses.replace(solver, damping=value))
+
+    # ------------------------------------------------------------------ curvature
+    def spectrum(self, k: int = 10, **kwargs: Any) -> Spectrum:
+        """Eigenvalues of this calculator's curvature :math:`H` (``curvature=``: the Hessian or
+        the Gauss-Newton matrix, weight decay included, undamped unless ``damping=`` is given).
+
+        A thin wrapper: ``infl.diagnostics.hessian_spectrum(calc.operator, k=k, **kwargs)``
+        (dense and exact for ``p <= 2000``, else Lanczos for the ``k`` extreme eigenvalues at
+        each end; ``method``, ``max_iter``, ``tol``, ``seed``, ``damping`` are passed through).
+
+        Cost: ``p`` HVPs (dense) or one Lanczos run (about ``max(80, 8k)`` HVPs at most).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from infl import ConjugateGradient, InfluenceCalculator, Objective
+        >>> X, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+        >>> calc = InfluenceCalculator(nn.Linear(3, 2), Objective("cross_entropy", 0.1),
+        ...                            (X, y), ConjugateGradient(), progress=False,
+        ...                            check_minimum=False)
+        >>> s = calc.spectrum(k=3)
+        >>> s.full, s.lambda_min > 0   # p = 8: the whole spectrum; L2 makes it positive
+        (True, True)
+        """
+        from infl.diagnostics import hessian_spectrum
+
+        return hessian_spectrum(self.operator, k=k, **kwargs)
+
+    def advise(
+        self, tol: float = 1e-3, damping: float | None = None, **kwargs: Any
+    ) -> SolverAdvice:
+        """Damping, LiSSA scale/depth and CG iterations for this calculator's curvature.
+
+        A thin wrapper: ``infl.diagnostics.advise(calc.operator, tol=tol, damping=damping,
+        **kwargs)``. ``advice.min_damping`` / ``suggested_damping`` is the damping that makes
+        :math:`H + \\lambda I` positive definite (from a Lanczos estimate of
+        :math:`\\lambda_{\\min}(H)` for large ``p``: an upper bound, so the damping is a lower
+        bound; ``damping="auto"`` on the solver adds a margin); ``advice.summary()`` says it in
+        words.
+
+        Cost: as :meth:`spectrum` (``k=5``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from infl import ConjugateGradient, InfluenceCalculator, Objective
+        >>> X, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+        >>> calc = InfluenceCalculator(nn.Linear(3, 2), Objective("cross_entropy", 0.1),
+        ...                            (X, y), ConjugateGradient(), progress=False,
+        ...                            check_minimum=False)
+        >>> a = calc.advise(tol=1e-6)
+        >>> a.positive_definite, a.min_damping
+        (True, 0.0)
+        >>> calc = calc.with_damping(a.suggested_damping)
+        """
+        from infl.diagnostics import advise
+
+        return advise(self.operator, tol=tol, damping=damping, **kwargs)
 
     # ------------------------------------------------------------------ building blocks
     def fitted_solver(self) -> FittedSolver:
@@ -275,7 +348,11 @@ class InfluenceCalculator:
         if key in self._ihvp_cache:
             self._ihvp_cache.move_to_end(key)
             return self._ihvp_cache[key]
-        result = self.fitted_solver().solve(self.test_grads(test_data), progress=self.progress)
+        fitted = self.fitted_solver()
+        before = fitted.damping
+        result = fitted.solve(self.test_grads(test_data), progress=self.progress)
+        if fitted.damping != before:  # damping="auto" raised it: older results are stale
+            self._ihvp_cache.clear()
         self._ihvp_cache[key] = result
         while len(self._ihvp_cache) > 8:
             self._ihvp_cache.popitem(last=False)

@@ -229,3 +229,26 @@ def test_a_negative_definite_operator_has_nothing_positive_to_keep():
     op, _ = planted(-torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     with pytest.raises(NotPositiveDefiniteError, match="keep='magnitude'"):
         Arnoldi(rank=2).fit(op)
+
+
+def test_auto_damping_reads_the_fit_s_own_ritz_values_at_no_extra_hvp():
+    mu = torch.cat([torch.tensor([-0.8]), torch.linspace(0.1, 10.0, 79)]).double()
+    op, _ = planted(mu)
+    fitted = Arnoldi(rank=5, krylov_dim=60, damping="auto").fit(op)
+    assert fitted.info["num_hvps"] == 60  # the one Lanczos run of the fit
+    assert fitted.damping > 0.8  # above -lambda_min(H): H + damping*I positive definite
+    info = fitted.info
+    assert info["damping_auto"]
+    assert info["damping_min_eigenvalue"] >= float(mu.min()) - 1e-8
+    assert info["damping_max_eigenvalue"] == pytest.approx(10.0, rel=1e-6)
+    b = torch.randn(3, 80, dtype=torch.float64)
+    coeffs = b @ fitted.basis.T
+    torch.testing.assert_close(
+        fitted.solve(b).value, (coeffs / (fitted.eigenvalues + fitted.damping)) @ fitted.basis
+    )
+
+
+def test_auto_damping_with_complement_is_positive_on_a_positive_definite_hessian():
+    op, _ = planted(torch.linspace(1.0, 2.0, 30).double())
+    fitted = Arnoldi(rank=3, damping="auto", complement=True).fit(op)
+    assert fitted.damping == pytest.approx(1e-3 * 2.0, rel=1e-6)  # the floor: complement needs > 0

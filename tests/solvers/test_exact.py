@@ -64,3 +64,28 @@ def test_round_off_eigenvalues_are_not_counted_as_negative():
     # a real negative eigenvalue is still counted
     real = DenseOperator(torch.diag(torch.tensor([-1e-3, 1.0], dtype=torch.float64)))
     assert ExactHessian(damping=0.01).fit(real).info["num_negative"] == 1
+
+
+def test_auto_damping_uses_the_exact_smallest_eigenvalue():
+    mu = torch.tensor([-0.5, 0.2, 1.0, 10.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).double())
+    op = DenseOperator((q * mu) @ q.T)
+    fitted = ExactHessian(damping="auto").fit(op)
+    assert fitted.damping == pytest.approx(0.5 + 1e-3 * 10.0, rel=1e-12)  # -lambda_min + eps*max
+    info = fitted.info
+    assert info["damping_auto"]
+    assert info["damping_eigenvalues_exact"]
+    assert info["damping_margin"] == 0.0
+    assert "exact spectrum" in info["damping_rule"]
+    assert info["damping_min_eigenvalue"] == pytest.approx(-0.5)
+    rhs = torch.randn(2, 4, dtype=torch.float64)
+    expected = torch.linalg.solve(op.matrix + fitted.damping * torch.eye(4).double(), rhs.T).T
+    torch.testing.assert_close(fitted.solve(rhs).value, expected)
+    explicit = fitted.with_damping(1.0)  # no refit; an explicit damping from now on
+    assert explicit.damping == 1.0
+    assert explicit.info["damping_auto"] is False
+
+
+def test_auto_damping_is_zero_on_a_well_conditioned_positive_definite_hessian():
+    op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)))
+    assert ExactHessian(damping="auto").fit(op).damping == 0.0

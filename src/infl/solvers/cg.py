@@ -178,7 +178,7 @@ class ConjugateGradient(Solver):
 
 
 class _NegativeCurvature(Exception):
-    """A search direction with :math:`p^T A p \\le 0` (internal: turned into an error or a retry)."""
+    """A direction with :math:`p^T A p \\le 0` (internal: turned into an error or a retry)."""
 
     def __init__(self, iteration: int, rhs_index: int, rayleigh: float) -> None:
         super().__init__(iteration, rhs_index, rayleigh)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from infl.data import IndexedData
 from infl.errors import (
     InflError,
     InflWarning,
@@ -18,7 +19,7 @@ from infl.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from infl.operators import LinearOperator
+from infl.operators import DampedOperator, LinearOperator
 from infl.solvers.base import (
     FittedSolver,
     Solver,
@@ -35,9 +36,29 @@ from infl.spectral import (
     estimate_extreme_eigenvalues,
     lissa_depth,
 )
+from infl.spectral.damping import AutoDamping, auto_damping
+from infl.spectral.lanczos import lanczos
 
 AUTO_SCALE_LANCZOS_STEPS = 30
 """At most this many HVPs for the ``scale="auto"`` estimate of :math:`\\mu_{\\max}`."""
+
+MINIBATCH_SCALE_SAMPLES = 4
+"""With minibatches and ``scale="auto"``, the top eigenvalue is also estimated on this many
+random minibatch operators (each by :data:`MINIBATCH_LANCZOS_STEPS` HVPs of ``batch_size``
+examples); the scale covers the largest."""
+
+MINIBATCH_LANCZOS_STEPS = 20
+"""Lanczos steps per minibatch top-eigenvalue estimate."""
+
+DEFAULT_MAX_DEPTH = 10_000
+"""``depth=None`` takes the advised depth for ``rtol``, capped at ``max_depth`` (this default)."""
+
+AUTO_BATCH_MIN_EXAMPLES = 2048
+"""``batch_size="auto"`` uses full-data steps up to this many training examples, above it
+minibatches of :data:`AUTO_BATCH_SIZE`."""
+
+AUTO_BATCH_SIZE = 256
+"""The minibatch size ``batch_size="auto"`` picks for large data."""
 
 DIVERGENCE_FACTOR = 100.0
 """An increment larger than this multiple of ``||b||`` counts as divergence: in a convergent
@@ -63,7 +84,10 @@ class LiSSA(Solver):
     Parameters
     ----------
     damping
-        :math:`\\lambda \\ge 0`. Koh & Liang's code writes the recursion as
+        :math:`\\lambda \\ge 0`, or ``"auto"`` (one Lanczos run on :math:`H`, at most 60 HVPs,
+        also used for ``scale`` and ``depth``; the rule of :mod:`infl.spectral.damping`:
+        :math:`\\lambda = -(1+c)(\\theta_{\\min} - r_{\\min}) + 10^{-3}|\\theta_{\\max}|`, 0 when
+        :math:`H` looks safely positive definite). Koh & Liang's code writes the recursion as
         :math:`x \\leftarrow b + (1 - d)x - Hx/\\sigma`; their :math:`d` is
         :math:`\\lambda/\\sigma` here, so that ``damping`` means :math:`H + \\lambda I` for every
         infl solver.
@@ -71,19 +95,44 @@ class LiSSA(Solver):
         :math:`\\sigma`, or ``"auto"``: :data:`infl.spectral.SCALE_MARGIN` (1.2) times a
         Lanczos estimate of the largest eigenvalue :math:`\\mu_{\\max}` of :math:`A` (costs up
         to 30 extra HVPs; see :func:`infl.diagnostics.advise`, which also gives the depth for a
-        tolerance).
+        tolerance). With minibatches the estimate also covers minibatch curvature: the top
+        eigenvalue of :data:`MINIBATCH_SCALE_SAMPLES` (4) random minibatch operators is
+        estimated (20 HVPs of ``batch_size`` examples each) and
+        :math:`\\sigma = 1.2\\,(\\max(\\theta_{\\max}, \\max_b \\theta^{(b)}_{\\max}) + \\lambda)`:
+        a minibatch's top eigenvalue exceeds the full-data one, and a step with
+        :math:`\\mu > 2\\sigma` amplifies the error.
     depth
-        :math:`T`, recursion steps per repeat.
+        :math:`T`, recursion steps per repeat, or ``None`` (default): the advised depth for
+        ``rtol``, :math:`T = \\lceil \\ln(1/\\text{rtol}) / -\\ln\\rho \\rceil` with
+        :math:`\\rho = \\max|1 - \\mu/\\sigma|` over the Lanczos estimates, where the smallest
+        is taken pessimistically as :math:`\\theta_{\\min} - r_{\\min} + \\lambda` (or half of
+        :math:`\\theta_{\\min} + \\lambda` when that is not positive); capped at ``max_depth``
+        with an :class:`~infl.errors.InflWarning` that states the cap and the depth (HVPs) it
+        would take.
     repeats
         :math:`R`, independent repeats averaged (useful only with ``batch_size``).
     batch_size
-        Training examples per stochastic HVP; ``None`` uses the full data (deterministic).
+        Training examples per stochastic HVP; ``None`` uses the full data (deterministic);
+        ``"auto"`` (default): full data up to :data:`AUTO_BATCH_MIN_EXAMPLES` (2048) training
+        examples (or when the operator cannot be subsampled), else minibatches of
+        :data:`AUTO_BATCH_SIZE` (256).
     seed
         Seeds the minibatch draws.
     rtol
         Tolerance on the relative residual :math:`\\|A x - b\\|/\\|b\\|` for ``converged``; in
         full-data mode the recursion also stops early once every system meets it (its residual
         is exactly the latest increment, so the check is free).
+    max_depth
+        The cap on the advised depth when ``depth=None``.
+
+    Notes
+    -----
+    Cost: ``fit`` spends at most 30 HVPs (60 with ``damping="auto"``) on the spectrum estimate
+    when any of ``damping``, ``scale``, ``depth`` is automatic, plus 4 x 20 minibatch HVPs for an
+    automatic scale with minibatches; each ``solve`` of ``k`` right-hand sides is
+    ``repeats * depth`` operator applications of ``k`` vectors on ``batch_size`` examples (fewer
+    when a full-data run meets ``rtol`` early) and ``k`` full-data HVPs for the final residual.
+    ``info`` reports ``scale``, ``depth``, ``depth_advised``, ``batch_size`` and the estimates.
 
     Raises
     ------
@@ -96,28 +145,37 @@ class LiSSA(Solver):
     >>> import torch
     >>> from infl.operators import DenseOperator
     >>> A = DenseOperator(torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
-    >>> r = LiSSA(scale=3.0, depth=200).solve(A, torch.tensor([1.0, 1.0]))
+    >>> r = LiSSA(scale=3.0, depth=200, rtol=1e-8).solve(A, torch.tensor([1.0, 1.0]))
     >>> r.value.round(decimals=4)
     tensor([[1.0000, 0.5000]], dtype=torch.float64)
     """
 
-    damping: float = 0.0
+    damping: float | Literal["auto"] = 0.0
     scale: float | Literal["auto"] = "auto"
-    depth: int = 1000
+    depth: int | None = None
     repeats: int = 1
-    batch_size: int | None = None
+    batch_size: int | Literal["auto"] | None = "auto"
     seed: int = 0
     rtol: float = 1e-3
+    max_depth: int = DEFAULT_MAX_DEPTH
 
     def __post_init__(self) -> None:
-        check_damping(self.damping)
+        check_damping(self.damping, allow_auto=True)
         if self.scale != "auto":
             if isinstance(self.scale, str):
                 raise InputError(f"scale must be a positive number or 'auto', got {self.scale!r}")
             check_positive("scale", self.scale)
-        check_positive("depth", self.depth, integer=True)
+        if self.depth is not None:
+            check_positive("depth", self.depth, integer=True)
+        check_positive("max_depth", self.max_depth, integer=True)
         check_positive("repeats", self.repeats, integer=True)
-        if self.batch_size is not None:
+        if isinstance(self.batch_size, str):
+            if self.batch_size != "auto":
+                raise InputError(
+                    f"batch_size must be a positive integer, None (full data) or 'auto', got "
+                    f"{self.batch_size!r}"
+                )
+        elif self.batch_size is not None:
             check_positive("batch_size", self.batch_size, integer=True)
         check_positive("rtol", self.rtol)
 
@@ -148,14 +206,86 @@ class LiSSA(Solver):
         return cls(**kwargs)
 
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedLiSSA:
-        if self.batch_size is not None and not operator.supports_subsample:
-            operator.subsample(self.batch_size, torch.Generator())  # raises, naming the fix
-        if self.scale != "auto":
-            return FittedLiSSA(self, operator, float(self.scale))
-        top, bottom = estimate_extreme_eigenvalues(
-            operator, max_iter=AUTO_SCALE_LANCZOS_STEPS, seed=self.seed
+        """Resolve the automatic settings (one Lanczos run on :math:`H` when any is automatic,
+        plus minibatch estimates for an automatic scale with minibatches)."""
+        batch = resolve_batch_size(self.batch_size, operator)
+        if batch is not None and not operator.supports_subsample:
+            operator.subsample(batch, torch.Generator())  # raises, naming the fix
+        auto: AutoDamping | None = None
+        if self.damping == "auto":
+            auto = auto_damping(operator, seed=self.seed)
+            extremes: tuple[float, float] | None = (auto.hessian_max, auto.hessian_min)
+            residual = auto.min_residual
+        elif self.scale == "auto" or self.depth is None:
+            top, bottom, residual = _extremes(operator, AUTO_SCALE_LANCZOS_STEPS, self.seed)
+            extremes = (top, bottom)
+        else:
+            extremes, residual = None, 0.0
+        minibatch_max = None
+        if batch is not None and self.scale == "auto":
+            minibatch_max = minibatch_top_eigenvalue(operator, batch, seed=self.seed)
+        scale = None if self.scale == "auto" else float(self.scale)
+        return FittedLiSSA(
+            self,
+            operator,
+            scale,
+            hessian_extremes=extremes,
+            min_residual=residual,
+            minibatch_max=minibatch_max,
+            batch_size=batch,
+            auto_damping=auto,
         )
-        return FittedLiSSA(self, operator, None, hessian_extremes=(top, bottom))
+
+
+def resolve_batch_size(batch_size: int | str | None, operator: LinearOperator) -> int | None:
+    """``batch_size="auto"``: ``None`` (full data) for at most 2048 examples or an operator that
+    cannot be subsampled, else :data:`AUTO_BATCH_SIZE`; other values pass through."""
+    if batch_size != "auto":
+        return None if batch_size is None else int(batch_size)
+    n = _num_examples(operator)
+    if n is None or n <= AUTO_BATCH_MIN_EXAMPLES or not operator.supports_subsample:
+        return None
+    return min(n, AUTO_BATCH_SIZE)
+
+
+def _num_examples(operator: LinearOperator) -> int | None:
+    """The number of training examples behind ``operator`` (``None`` if it has none)."""
+    while isinstance(operator, DampedOperator):
+        operator = operator.base
+    data = getattr(operator, "data", None)
+    return len(data) if isinstance(data, IndexedData) else None
+
+
+def _extremes(operator: LinearOperator, steps: int, seed: int) -> tuple[float, float, float]:
+    """Lanczos :math:`(\\theta_{\\max}, \\theta_{\\min}, r_{\\min})` (residual 0 when exact)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InflWarning)
+        res = lanczos(operator, 1, which="both", max_iter=steps, tol=1e-4, seed=seed)
+    exact = res.iterations >= operator.size
+    residual = 0.0 if exact else float(res.smallest_residuals[0])
+    return float(res.largest[0]), float(res.smallest[0]), residual
+
+
+def minibatch_top_eigenvalue(
+    operator: LinearOperator,
+    batch_size: int,
+    *,
+    samples: int = MINIBATCH_SCALE_SAMPLES,
+    steps: int = MINIBATCH_LANCZOS_STEPS,
+    seed: int = 0,
+) -> float:
+    """:math:`\\max_b \\theta_{\\max}(H_b)` over ``samples`` random minibatch operators.
+
+    Each :math:`H_b` = ``operator.subsample(batch_size, ...)`` (undamped), its top eigenvalue
+    estimated by ``steps`` Lanczos steps (a lower bound on it). Cost: ``samples * steps`` HVPs
+    of ``batch_size`` examples.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
+    tops = []
+    for _ in range(samples):
+        sub = operator.subsample(batch_size, gen)
+        tops.append(estimate_extreme_eigenvalues(sub, max_iter=steps, seed=seed)[0])
+    return max(tops)
 
 
 class FittedLiSSA(FittedSolver):
@@ -172,44 +302,122 @@ class FittedLiSSA(FittedSolver):
         scale: float | None,
         *,
         hessian_extremes: tuple[float, float] | None = None,
+        min_residual: float = 0.0,
+        minibatch_max: float | None = None,
+        batch_size: int | str | None = "solver",
+        auto_damping: AutoDamping | None = None,
     ) -> None:
-        super().__init__(solver, operator)
+        super().__init__(solver, operator, auto_damping=auto_damping)
         self.solver: LiSSA = solver
         self.hessian_extremes = hessian_extremes
+        self.min_residual = min_residual
+        self.minibatch_max = minibatch_max
+        self.batch_size = (
+            resolve_batch_size(solver.batch_size, operator)
+            if batch_size == "solver"
+            else resolve_batch_size(batch_size, operator)
+        )
+        lam = self.damping
         if scale is None:
             if hessian_extremes is None:
                 raise InputError("FittedLiSSA needs a scale or the Hessian's extreme eigenvalues")
-            top, bottom = (v + solver.damping for v in hessian_extremes)
+            top, bottom = (v + lam for v in hessian_extremes)
             if top == 0.0 and bottom == 0.0:
                 raise InputError("scale='auto': the operator is zero, nothing to invert")
             if top <= 0.0:
                 raise NotPositiveDefiniteError(
                     f"scale='auto': H + damping*I has no positive eigenvalue (largest ~= "
-                    f"{top:.4g}, smallest ~= {bottom:.4g}) with damping={solver.damping:g}, "
-                    f"so no LiSSA scale converges. Use damping > {solver.damping - bottom:.4g}."
+                    f"{top:.4g}, smallest ~= {bottom:.4g}) with damping={lam:g}, "
+                    f"so no LiSSA scale converges. Use damping > {lam - bottom:.4g}."
                 )
+            if minibatch_max is not None:
+                top = max(top, minibatch_max + lam)
             scale = SCALE_MARGIN * top
         self.scale = scale
+        self.depth_advised: int | None = None
+        if solver.depth is not None:
+            self.depth = int(solver.depth)
+        else:
+            self.depth = self._default_depth()
+
+    def _default_depth(self) -> int:
+        """The advised depth for ``rtol`` from the estimates, capped at ``max_depth`` (warned)."""
+        cfg = self.solver
+        if self.hessian_extremes is None:
+            raise InputError(
+                "LiSSA(depth=None) chooses the depth from a spectrum estimate that this fitted "
+                "solver does not have; refit it (solver.fit(operator)) or give depth explicitly"
+            )
+        lam = self.damping
+        top, bottom = self.hessian_extremes
+        mu_max = max(top + lam, (self.minibatch_max or -math.inf) + lam)
+        mu_min = bottom - self.min_residual + lam
+        if mu_min <= 0:
+            mu_min = (bottom + lam) / 2
+        if mu_min <= 0:
+            raise NotPositiveDefiniteError(
+                f"LiSSA(depth=None): Lanczos estimates lambda_min(H + damping*I) ~= "
+                f"{bottom + lam:.4g} <= 0 with damping={lam:.4g}, so no depth converges. Use "
+                f"damping > {-bottom:.4g}, or damping='auto'."
+            )
+        need = lissa_depth(mu_min, mu_max, self.scale, cfg.rtol)
+        self.depth_advised = need
+        if need is None:
+            raise SolverDivergedError(
+                f"LiSSA(depth=None): with scale={self.scale:.4g} the recursion does not "
+                f"converge for the estimated spectrum [{mu_min:.4g}, {mu_max:.4g}] of H + "
+                "damping*I (every eigenvalue must lie in (0, 2*scale)); use scale='auto'."
+            )
+        if need <= cfg.max_depth:
+            return need
+        per_step = "full-data" if self.batch_size is None else f"{self.batch_size}-example"
+        warnings.warn(
+            f"LiSSA: reaching rtol={cfg.rtol:g} needs depth ~{need} (estimated spectrum of H + "
+            f"damping*I in [{mu_min:.4g}, {mu_max:.4g}], scale={self.scale:.4g}); capped at "
+            f"max_depth={cfg.max_depth}. Uncapped it would cost {need * cfg.repeats} {per_step} "
+            f"HVPs of k vectors per solve instead of {cfg.max_depth * cfg.repeats}. Raise "
+            "max_depth to pay that, add damping (condition number ~ scale/lambda_min), or use "
+            "ConjugateGradient (about sqrt of the condition number iterations).",
+            InflWarning,
+            stacklevel=4,
+        )
+        return int(cfg.max_depth)
 
     @property
     def info(self) -> dict[str, Any]:
-        facts = {**super().info, "scale": self.scale, "scale_auto": self.solver.scale == "auto"}
+        cfg = self.solver
+        facts = {**super().info, "scale": self.scale, "scale_auto": cfg.scale == "auto"}
+        facts.update(
+            depth=self.depth,
+            depth_auto=cfg.depth is None,
+            depth_advised=self.depth_advised,
+            batch_size=self.batch_size,
+            batch_size_auto=cfg.batch_size == "auto",
+            minibatch_max_eigenvalue=self.minibatch_max,
+        )
         if self.hessian_extremes is not None:
             facts["lanczos_max_eigenvalue"], facts["lanczos_min_eigenvalue"] = self.hessian_extremes
+            facts["lanczos_min_residual"] = self.min_residual
         return facts
 
     def with_damping(self, damping: float) -> FittedLiSSA:
         """Another :math:`\\lambda`; an automatic scale moves with it, with no new Lanczos run."""
         check_damping(damping)
         solver = replace(self.solver, damping=float(damping))
-        if self.solver.scale == "auto":
-            return FittedLiSSA(solver, self.base, None, hessian_extremes=self.hessian_extremes)
-        return FittedLiSSA(solver, self.base, self.scale)
+        return FittedLiSSA(
+            solver,
+            self.base,
+            None if self.solver.scale == "auto" else self.scale,
+            hessian_extremes=self.hessian_extremes,
+            min_residual=self.min_residual,
+            minibatch_max=self.minibatch_max,
+            batch_size=self.batch_size,
+        )
 
     def _step_operator(self, generator: torch.Generator) -> LinearOperator:
-        if self.solver.batch_size is None:
+        if self.batch_size is None:
             return self.operator
-        return self.operator.subsample(self.solver.batch_size, generator)
+        return self.operator.subsample(self.batch_size, generator)
 
     def _advice(self) -> SolverAdvice | None:
         """Spectrum-based advice for this operator (about 50 HVPs), or None if unavailable."""
@@ -219,7 +427,7 @@ class FittedLiSSA(FittedSolver):
             )
         except InflError:
             return None
-        lam = self.solver.damping
+        lam = self.damping
         return advice_from_extremes(top - lam, bottom - lam, damping=lam, tol=self.solver.rtol)
 
     def _diverged(self, step: int, repeat: int, increment: float) -> SolverDivergedError:
@@ -288,11 +496,11 @@ class FittedLiSSA(FittedSolver):
         total = torch.zeros_like(b)
         history: list[torch.Tensor] = []
         steps = 0
-        deterministic = cfg.batch_size is None
-        bar = tqdm(total=cfg.depth * cfg.repeats, desc="LiSSA", disable=not progress, leave=False)
+        deterministic = self.batch_size is None
+        bar = tqdm(total=self.depth * cfg.repeats, desc="LiSSA", disable=not progress, leave=False)
         for repeat in range(cfg.repeats):
             x = b.clone()
-            for step in range(1, cfg.depth + 1):
+            for step in range(1, self.depth + 1):
                 ax = self._step_operator(generator).matmat(x)
                 increment = b - ax / self.scale
                 x = x + increment
@@ -315,7 +523,7 @@ class FittedLiSSA(FittedSolver):
         converged = bool((residuals <= cfg.rtol).all())
         if not converged:
             warnings.warn(
-                f"LiSSA finished depth={cfg.depth} with relative residual up to "
+                f"LiSSA finished depth={self.depth} with relative residual up to "
                 f"{float(residuals.max()):.3g} > rtol={cfg.rtol:g}. The error shrinks like "
                 f"(1 - lambda_min/scale)^depth: increase depth, add damping, or (for stochastic "
                 f"runs) increase batch_size or repeats. {self._depth_text()}".rstrip(),

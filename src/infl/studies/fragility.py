@@ -476,7 +476,7 @@ def retry_with_more_damping(
         except NotPositiveDefiniteError:
             if attempt == max_attempts:
                 raise
-            calc = calc.with_damping(2 * calc.solver.damping)
+            calc = calc.with_damping(2 * calc.fitted_solver().damping)
     raise AssertionError("unreachable")
 
 
@@ -521,7 +521,7 @@ def run_cnn_cell(cell: CnnCell, preset: FragilityPreset) -> dict[str, Any]:
     predicted, calc, attempts = retry_with_more_damping(
         lambda c: _quiet_removal_effect(c, test), calc
     )
-    damping = calc.solver.damping
+    damping = calc.fitted_solver().damping  # the number in use, also for damping="auto"
     sets: list[tuple[np.ndarray, np.ndarray]] = []
     for row in predicted.numpy():
         top = top_k_influence(row, preset.cnn_top)

@@ -327,7 +327,7 @@ def run_correction_study(
             )
 
         summary, calc, _ = retry_with_more_damping(rank_and_correct, calc)
-        damping = calc.solver.damping
+        damping = calc.fitted_solver().damping  # the number in use, also for damping="auto"
         stored = {
             "rows": summary.to_rows(),
             "table": summary.table(),

@@ -122,8 +122,10 @@ def grad_cosine(
     Cost: that of :func:`grad_dot` (the norms come from the same pass). Use it when gradient
     magnitudes vary wildly across training examples (Barshan et al. 2020's relative
     influence and Pruthi et al.'s cosine variant of TracIn follow the same idea): it ranks
-    by direction only, so it cannot flag outliers by their size — its self-scores are all
-    :math:`-1`, useless for mislabel detection.
+    by direction only. Its self-scores :math:`-\\cos(\\nabla\\ell_i, \\nabla\\ell_i +
+    \\lambda_{wd}\\theta)` are :math:`-1` without weight decay; with it they depend on how far
+    the decay term tilts small gradients, so any mislabel-detection power they show comes
+    from the gradient norm leaking through that term.
     """
     check_chunk_size(chunk_size)
     wrapper, train_data, test_data, fn = setup(model, objective, train, test, measurement)

@@ -19,6 +19,7 @@ from infl.solvers.base import (
     check_damping,
     check_positive,
     relative_residuals,
+    state_tensor,
 )
 from infl.spectral.advice import DAMPING_RTOL
 from infl.spectral.damping import AutoDamping, auto_damping_exact, auto_damping_from_ritz
@@ -215,6 +216,19 @@ class Arnoldi(Solver):
         }
         return FittedArnoldi(self, operator, eigenvalues, vectors[chosen].contiguous(), facts)
 
+    def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedArnoldi:
+        """:class:`FittedArnoldi` from saved eigenpairs and facts (no HVP)."""
+        eigenvalues = state_tensor(state, "eigenvalues", operator)
+        r = eigenvalues.numel()
+        basis = state_tensor(state, "basis", operator, (r, operator.size))
+        facts = state.get("facts")
+        if not isinstance(facts, dict):
+            raise InputError(
+                "the saved Arnoldi state has no 'facts' dict: it was written by another "
+                "version of infl. Refit the solver and save it again."
+            )
+        return FittedArnoldi(self, operator, eigenvalues, basis, dict(facts))
+
 
 class FittedArnoldi(FittedSolver):
     """:class:`Arnoldi` with the top eigenpairs :math:`(\\mu_i, u_i)` of :math:`H` found.
@@ -265,6 +279,10 @@ class FittedArnoldi(FittedSolver):
             "keep": self.solver.keep,
             "complement": self.solver.complement,
         }
+
+    def state(self) -> dict[str, Any]:
+        """The kept eigenpairs (``[r]`` eigenvalues, ``[r, p]`` basis) and the fit's facts."""
+        return {"eigenvalues": self.eigenvalues, "basis": self.basis, "facts": dict(self._facts)}
 
     def with_damping(self, damping: float) -> FittedArnoldi:
         """Another :math:`\\lambda` from the same eigenpairs: no HVP, :math:`O(r)`."""

@@ -135,6 +135,21 @@ class FittedSolver(ABC):
         """
         return None
 
+    def state(self) -> dict[str, Any]:
+        """What the fit learned, as a dict of tensors and plain values (for saving).
+
+        Together with the solver's hyperparameters it rebuilds this fitted solver on the same
+        operator through :meth:`Solver.restore`, at no HVP and no data pass. Nested dicts,
+        lists, strings, numbers, ``None`` and tensors only, so that
+        ``torch.load(weights_only=True)`` reads it back. Solvers that cannot be saved keep
+        this default, which raises :class:`~infl.errors.InputError`.
+        """
+        raise InputError(
+            f"{type(self.solver).__name__} does not support saving its fitted state; refit it "
+            "after loading instead (fit it on the same operator), or use one of the built-in "
+            "solvers, which all can be saved"
+        )
+
     @abstractmethod
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
         """Solve for ``rhs`` of shape ``[k, p]`` (or ``[p]``, treated as ``k = 1``)."""
@@ -163,6 +178,93 @@ class Solver(ABC):
     ) -> SolveResult:
         """:math:`(A + \\lambda I)^{-1}` applied to each row of ``rhs``: fit, then solve."""
         return self.fit(operator, progress=progress).solve(rhs, progress=progress)
+
+    def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedSolver:
+        """The fitted solver that :meth:`FittedSolver.state` described, rebuilt on ``operator``.
+
+        ``operator`` is the undamped curvature the state was fitted to; no HVP is spent (the
+        calculator checks that model and data are the same before calling this). Solvers that
+        cannot be saved keep this default, which raises :class:`~infl.errors.InputError`.
+        """
+        raise InputError(
+            f"{type(self).__name__} cannot restore a saved fitted state; fit it instead "
+            "(solver.fit(operator))"
+        )
+
+
+def state_tensor(
+    state: dict[str, Any], key: str, operator: LinearOperator, shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """``state[key]`` as a tensor on the operator's device, checked (for :meth:`Solver.restore`).
+
+    Raises
+    ------
+    InputError
+        The entry is missing, not a tensor, or not of ``shape`` (a state of another model).
+    """
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise InputError(
+            f"the saved solver state has no tensor {key!r} ({found}): the file was written by "
+            "another solver or another version of infl. Refit the solver and save it again."
+        )
+    if shape is not None and tuple(value.shape) != shape:
+        raise InputError(
+            f"the saved solver state's {key!r} has shape {tuple(value.shape)}, expected {shape} "
+            "for this model: it was fitted to another model. Refit the solver and save it again."
+        )
+    return value.to(device=operator.device)
+
+
+def solver_spec(solver: Solver) -> dict[str, Any]:
+    """A solver's class name and hyperparameters as plain JSON values (nested solvers too)."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(solver):  # type: ignore[arg-type]
+        value = getattr(solver, f.name)
+        fields[f.name] = solver_spec(value) if isinstance(value, Solver) else value
+    return {"solver": type(solver).__name__, "fields": fields}
+
+
+def _solver_classes() -> dict[str, type[Solver]]:
+    found: dict[str, type[Solver]] = {}
+    todo: list[type[Any]] = [Solver]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            found.setdefault(sub.__name__, sub)
+            todo.append(sub)
+    return found
+
+
+def solver_from_spec(spec: Any) -> Solver:
+    """The solver that :func:`solver_spec` described (validated by its constructor).
+
+    Raises
+    ------
+    InputError
+        ``spec`` is not such a description, or names a solver class that is not defined.
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("fields"), dict):
+        raise InputError(f"not a solver description (expected {{solver, fields}}): {spec!r}")
+    classes = _solver_classes()
+    cls = classes.get(str(spec.get("solver")))
+    if cls is None:
+        raise InputError(
+            f"the saved solver {spec.get('solver')!r} is not defined here (known: "
+            f"{sorted(classes)}); import the module that defines it before loading"
+        )
+    fields = {
+        key: solver_from_spec(value) if isinstance(value, dict) and "solver" in value else value
+        for key, value in spec["fields"].items()
+    }
+    try:
+        return cls(**fields)
+    except TypeError as err:
+        raise InputError(
+            f"cannot rebuild {cls.__name__} from the saved hyperparameters {fields} ({err}): "
+            "the file was written by another version of infl. Refit and save again."
+        ) from err
 
 
 def check_damping(damping: Any, *, allow_auto: bool = False) -> None:

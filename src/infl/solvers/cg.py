@@ -20,6 +20,8 @@ from infl.solvers.base import (
     as_rhs,
     check_damping,
     check_positive,
+    solver_from_spec,
+    solver_spec,
 )
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
@@ -176,6 +178,25 @@ class ConjugateGradient(Solver):
             )
         return FittedCG(self, operator, fitted, auto_damping=auto)
 
+    def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedCG:
+        """:class:`FittedCG` from a saved state: nothing, or the preconditioner's (no HVP)."""
+        saved = state.get("preconditioner")
+        if (saved is None) != (self.preconditioner is None):
+            raise InputError(
+                f"the saved ConjugateGradient state {'has no' if saved is None else 'has a'} "
+                f"preconditioner and this solver {'has one' if saved is None else 'has none'}: "
+                "it was saved with other settings. Refit the solver and save it again."
+            )
+        if saved is None:
+            return FittedCG(self, operator)
+        if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+            raise InputError(
+                "the saved PCG preconditioner state is not a {solver, state} dict: it was "
+                "written by another version of infl. Refit the solver and save it again."
+            )
+        pre = solver_from_spec(saved.get("solver")).restore(operator, saved["state"])
+        return FittedCG(self, operator, pre)
+
 
 class _NegativeCurvature(Exception):
     """A direction with :math:`p^T A p \\le 0` (internal: turned into an error or a retry)."""
@@ -216,6 +237,13 @@ class FittedCG(FittedSolver):
                 if key not in ("solver", "damping"):
                     out[f"preconditioner_{key}"] = value
         return out
+
+    def state(self) -> dict[str, Any]:
+        """Nothing for plain CG; the fitted preconditioner's solver and state for PCG."""
+        pre = self.preconditioner
+        if pre is None:
+            return {"preconditioner": None}
+        return {"preconditioner": {"solver": solver_spec(pre.solver), "state": pre.state()}}
 
     def with_damping(self, damping: float) -> FittedCG:
         """The same solver at another :math:`\\lambda`; the preconditioner is re-damped by its

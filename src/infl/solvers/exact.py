@@ -9,7 +9,14 @@ import torch
 
 from infl.errors import InputError, NotPositiveDefiniteError
 from infl.operators import LinearOperator
-from infl.solvers.base import FittedSolver, Solver, SolveResult, as_rhs, check_damping
+from infl.solvers.base import (
+    FittedSolver,
+    Solver,
+    SolveResult,
+    as_rhs,
+    check_damping,
+    state_tensor,
+)
 from infl.spectral import zero_threshold
 from infl.spectral.damping import auto_damping_exact
 
@@ -85,6 +92,13 @@ class ExactHessian(Solver):
         evals, evecs = torch.linalg.eigh(dense)
         return FittedExact(self, operator, evals, evecs)
 
+    def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedExact:
+        """:class:`FittedExact` from a saved eigendecomposition (no HVP, no eigensolve)."""
+        p = operator.size
+        evals = state_tensor(state, "eigenvalues", operator, (p,))
+        evecs = state_tensor(state, "eigenvectors", operator, (p, p))
+        return FittedExact(self, operator, evals, evecs)
+
 
 class FittedExact(FittedSolver):
     """:class:`ExactHessian` with the eigendecomposition of :math:`H` done."""
@@ -144,6 +158,10 @@ class FittedExact(FittedSolver):
     @property
     def info(self) -> dict[str, Any]:
         return {**super().info, **self._info}
+
+    def state(self) -> dict[str, Any]:
+        """The eigendecomposition of :math:`H` (``[p]`` eigenvalues, ``[p, p]`` eigenvectors)."""
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
 
     def with_damping(self, damping: float) -> FittedExact:
         """Another :math:`\\lambda` from the same eigendecomposition: no HVP, :math:`O(p)`."""

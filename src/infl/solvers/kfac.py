@@ -46,7 +46,14 @@ from infl.data import IndexedData
 from infl.errors import InputError, NotPositiveDefiniteError
 from infl.model import ModelWrapper
 from infl.operators import LinearOperator
-from infl.solvers.base import FittedSolver, Solver, SolveResult, as_rhs, check_damping
+from infl.solvers.base import (
+    FittedSolver,
+    Solver,
+    SolveResult,
+    as_rhs,
+    check_damping,
+    state_tensor,
+)
 from infl.solvers.kronecker import (
     Partition,
     builtin_loss_name,
@@ -158,6 +165,52 @@ class _Kronecker(Solver):
             else dict(zip(wrapper.names, wrapper.decays, strict=True))
         )
         return FittedKronecker(self, operator, part, decay, passes, len(data))
+
+    def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedKronecker:
+        """:class:`FittedKronecker` from saved factors and eigenbases: no data pass.
+
+        The layers are found again in the operator's model (:func:`partition`, no forward
+        pass) and must be the ones the state was saved for.
+        """
+        wrapper, _, _ = _operator_parts(operator, self.chunk_size)
+        part = partition(wrapper, allow_diagonal=self.unsupported == "diagonal")
+        layers, diagonal = state.get("layers"), state.get("diagonal")
+        if not isinstance(layers, dict) or not isinstance(diagonal, dict):
+            raise InputError(
+                "the saved K-FAC/EK-FAC state has no 'layers'/'diagonal' dicts: it was written "
+                "by another version of infl. Refit the solver and save it again."
+            )
+        saved_names = (sorted(layers), sorted(diagonal))
+        names = (sorted(ly.name for ly in part.layers), sorted(blk.name for blk in part.diagonal))
+        if saved_names != names:
+            raise InputError(
+                f"the saved K-FAC/EK-FAC state has (layers, diagonal blocks) {saved_names}, this "
+                f"model {names}: it was fitted to another model. Refit and save again."
+            )
+        eigenvalues: dict[str, torch.Tensor] = {}
+        for ly in part.layers:
+            saved = layers[ly.name]
+            shapes = {"A": (ly.in_dim,) * 2, "S": (ly.out_dim,) * 2, "eig_A": (ly.in_dim,),
+                      "Q_A": (ly.in_dim,) * 2, "eig_S": (ly.out_dim,), "Q_S": (ly.out_dim,) * 2,
+                      "eigenvalues": (ly.out_dim, ly.in_dim)}  # fmt: skip
+            values = {key: state_tensor(saved, key, operator, sh) for key, sh in shapes.items()}
+            ly.A, ly.S, ly.eig_A, ly.Q_A = values["A"], values["S"], values["eig_A"], values["Q_A"]
+            ly.eig_S, ly.Q_S = values["eig_S"], values["Q_S"]
+            if saved.get("eigen_diag") is not None:
+                ly.eigen_diag = state_tensor(saved, "eigen_diag", operator, shapes["eigenvalues"])
+            eigenvalues[ly.name] = values["eigenvalues"]
+        for blk in part.diagonal:
+            numel = blk.param_slice.stop - blk.param_slice.start
+            blk.diag = state_tensor(diagonal, blk.name, operator, (numel,))
+        return FittedKronecker(
+            self,
+            operator,
+            part,
+            float(state.get("weight_decay", 0.0)),
+            int(state.get("data_passes", 0)),
+            int(state.get("num_examples", len(getattr(operator, "data", ())))),
+            eigenvalues,
+        )
 
 
 @dataclass(frozen=True)
@@ -431,6 +484,24 @@ class FittedKronecker(FittedSolver):
             self.num_examples,
             self.eigenvalues,
         )
+
+    def state(self) -> dict[str, Any]:
+        """Per layer the factors, their eigenpairs and :math:`\\Lambda`; per diagonal block its
+        Fisher diagonal; the weight decay and the fit's counts."""
+        layers: dict[str, Any] = {}
+        for ly in self.partition.layers:
+            layers[ly.name] = {
+                "A": ly.A, "S": ly.S, "eig_A": ly.eig_A, "Q_A": ly.Q_A, "eig_S": ly.eig_S,
+                "Q_S": ly.Q_S, "eigen_diag": ly.eigen_diag,
+                "eigenvalues": self.eigenvalues[ly.name],
+            }  # fmt: skip
+        return {
+            "layers": layers,
+            "diagonal": {blk.name: blk.diag for blk in self.partition.diagonal},
+            "weight_decay": self.weight_decay,
+            "data_passes": self.data_passes,
+            "num_examples": self.num_examples,
+        }
 
     def blocks(self) -> dict[str, list[slice]]:
         """``{layer or parameter name: slices of the flat parameter vector}`` per block."""

@@ -236,6 +236,35 @@ class LiSSA(Solver):
             auto_damping=auto,
         )
 
+    def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedLiSSA:
+        """:class:`FittedLiSSA` from a saved scale / spectrum estimate (no Lanczos run).
+
+        ``damping`` must be a number (the calculator restores ``damping="auto"`` at the
+        damping the saved fit resolved).
+        """
+        extremes = state.get("hessian_extremes")
+        if extremes is not None and (not isinstance(extremes, (list, tuple)) or len(extremes) != 2):
+            raise InputError(
+                f"the saved LiSSA state's 'hessian_extremes' is {extremes!r}, not a pair: it "
+                "was written by another version of infl. Refit the solver and save it again."
+            )
+        if extremes is None and (self.scale == "auto" or self.depth is None):
+            raise InputError(
+                "the saved LiSSA state has no 'hessian_extremes' pair, which scale='auto' and "
+                "depth=None need: it was written with a fixed scale and depth or by another "
+                "version of infl. Refit the solver and save it again."
+            )
+        top_minibatch = state.get("minibatch_max")
+        return FittedLiSSA(
+            self,
+            operator,
+            None if self.scale == "auto" else float(self.scale),
+            hessian_extremes=None if extremes is None else (float(extremes[0]), float(extremes[1])),
+            min_residual=float(state.get("min_residual", 0.0)),
+            minibatch_max=None if top_minibatch is None else float(top_minibatch),
+            batch_size=state.get("batch_size"),
+        )
+
 
 def resolve_batch_size(batch_size: int | str | None, operator: LinearOperator) -> int | None:
     """``batch_size="auto"``: ``None`` (full data) for at most 2048 examples or an operator that
@@ -399,6 +428,18 @@ class FittedLiSSA(FittedSolver):
             facts["lanczos_max_eigenvalue"], facts["lanczos_min_eigenvalue"] = self.hessian_extremes
             facts["lanczos_min_residual"] = self.min_residual
         return facts
+
+    def state(self) -> dict[str, Any]:
+        """The scale, the Lanczos spectrum estimates of H (automatic scale, depth or damping),
+        and the resolved minibatch size."""
+        extremes = None if self.hessian_extremes is None else list(self.hessian_extremes)
+        return {
+            "scale": self.scale,
+            "hessian_extremes": extremes,
+            "min_residual": self.min_residual,
+            "minibatch_max": self.minibatch_max,
+            "batch_size": self.batch_size,
+        }
 
     def with_damping(self, damping: float) -> FittedLiSSA:
         """Another :math:`\\lambda`; an automatic scale moves with it, with no new Lanczos run."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -19,12 +21,23 @@ from tqdm.auto import tqdm
 
 from infl.data import IndexedData, as_indexed, tensor_leaves
 from infl.errors import InputError
+from infl.export import Ids, check_same, read_fitted_state, scores_to_frame, write_fitted_state
+from infl.fingerprint import fingerprint
 from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
-from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
+from infl.solvers.base import (
+    FittedSolver,
+    Solver,
+    SolveResult,
+    check_damping,
+    solver_from_spec,
+    solver_spec,
+)
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from infl.diagnostics import Spectrum
     from infl.spectral import SolverAdvice
 
@@ -370,9 +383,13 @@ class InfluenceCalculator:
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """:math:`-\\nabla f(z_j)^T (H+\\lambda I)^{-1} g_i`: ``[m, n]`` (test-major).
 
+        Sign (loss measurement): negative = training example ``i`` is *helpful* to test example
+        ``j`` (up-weighting it lowers the test loss), positive = *harmful*.
+
         With ``per_layer=True`` and a block-diagonal solver (``KFAC``, ``EKFAC``), the scores
         split exactly into one term per block, :math:`-\\nabla_l f(z_j)^T (A_l)^{-1} g_{i,l}`:
-        ``{layer name: [m, n]}``, summing to the total; other solvers raise ``InputError``.
+        ``{layer name: [m, n]}``, summing to the total (same sign convention: negative =
+        helpful through that layer); other solvers raise ``InputError``.
 
         Cost: one solve for the ``m`` test gradients and one pass over the training data. With a
         low-rank solver (``Arnoldi``), the training gradients are projected onto its ``r``
@@ -531,8 +548,15 @@ class InfluenceCalculator:
         """Influence of each training example on its own measurement.
 
         :math:`-\\nabla f(z_i)^T (H+\\lambda I)^{-1} g_i`, the diagonal of
-        ``influence(train_data)``. Returns ``[k]`` for ``indices`` (all ``n`` if ``None``).
+        ``influence(train_data)`` (Koh & Liang's :math:`\\mathcal I_{up,loss}(z_i, z_i)`).
+        Returns ``[k]`` for ``indices`` (all ``n`` if ``None``).
         Cost: one inverse-HVP per training example, solved ``chunk_size`` at a time.
+
+        Sign (loss measurement, positive definite :math:`A`): negative; *more negative* = more
+        unusual. Without weight decay it is :math:`-g_i^T A^{-1} g_i \\le 0` exactly; with
+        weight decay :math:`g_i` carries :math:`\\lambda_{wd}\\theta` and well-fit examples
+        can score slightly above 0. For the positive "higher = more likely mislabelled" score
+        that Captum, pyDVL and TracIn report, use :meth:`self_influence_score`.
         """
         fitted = self.fitted_solver()
         idx = (
@@ -553,6 +577,29 @@ class InfluenceCalculator:
             measured = self.wrapper.per_example_grads(self.measurement, batch)
             out.append(-(ihvp * measured).sum(dim=1))
         return torch.cat(out)
+
+    def self_influence_score(
+        self, indices: Sequence[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-influence as an outlier score: :math:`\\nabla f(z_i)^T (H+\\lambda I)^{-1} g_i`.
+
+        Equal to ``-self_influence(indices)`` (same cost, same low-rank path), ``[k]``.
+
+        Sign (loss measurement, positive definite :math:`A`): positive (exactly
+        :math:`g_i^T A^{-1} g_i \\ge 0` without weight decay); *higher* = more unusual / more
+        likely mislabelled — rank by it, descending, to inspect labels.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from infl import ExactHessian, InfluenceCalculator, Objective
+        >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+        >>> calc = InfluenceCalculator(nn.Linear(3, 2), Objective("cross_entropy"), (X, y),
+        ...     ExactHessian(damping=0.1), progress=False, check_minimum=False)
+        >>> suspects = calc.self_influence_score().argsort(descending=True)[:5]
+        """
+        return -self.self_influence(indices)
 
     def param_change(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Predicted parameter change :math:`\\theta_{-i} - \\theta^*` when removing each ``i``.
@@ -581,7 +628,8 @@ class InfluenceCalculator:
         Returns
         -------
         indices, scores
-            Both ``[m, k]``; ``scores`` are the influence values at ``indices``.
+            Both ``[m, k]``; ``scores`` are the influence values at ``indices`` (sign as in
+            :meth:`influence`: negative = helpful, positive = harmful).
         """
         if not 1 <= k <= self.num_train:
             raise InputError(f"k must be in 1..{self.num_train}, got {k}")
@@ -596,6 +644,124 @@ class InfluenceCalculator:
             raise InputError(f"by must be 'abs', 'helpful' or 'harmful', got {by!r}")
         idx = key.topk(k, dim=1).indices
         return idx, scores.gather(1, idx)
+
+    # ------------------------------------------------------------------ export, save, load
+    def influence_frame(
+        self,
+        test_data: Any,
+        test_ids: Ids = None,
+        train_ids: Ids = None,
+        *,
+        kind: str = "influence",
+        long: bool = True,
+    ) -> pd.DataFrame:
+        """:meth:`influence` (or :meth:`removal_effect`) as a pandas ``DataFrame``.
+
+        ``kind`` is ``"influence"`` (negative = helpful, positive = harmful) or
+        ``"removal_effect"`` (positive = removing the example raises the test loss: helpful);
+        the ids and ``long`` are those of :func:`infl.export.scores_to_frame` (long form:
+        columns ``test_id``, ``train_id``, ``kind``). Needs ``pip install infl[export]``.
+        """
+        if kind == "influence":
+            scores = self.influence(test_data)
+        elif kind == "removal_effect":
+            scores = self.removal_effect(test_data)
+        else:
+            raise InputError(f"kind must be 'influence' or 'removal_effect', got {kind!r}")
+        return scores_to_frame(scores, test_ids, train_ids, value_name=kind, long=long)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save the fitted solver, so that :meth:`load` rebuilds this calculator with no HVP.
+
+        The file holds the fitted state (eigenpairs, Arnoldi basis, K-FAC factors, LiSSA's
+        scale and spectrum estimate, PCG's preconditioner; nothing for CG), the solver's
+        hyperparameters, ``curvature``, ``chunk_size`` and fingerprints of the model's
+        parameters and buffers, the objective and the training data. It is written atomically
+        (one ``torch.save`` file, tensors on the CPU, a JSON header). Fits the solver first if
+        it is not fitted yet. Cached gradients and inverse-HVPs are not saved.
+        """
+        fitted = self.fitted_solver()
+        info = json.loads(json.dumps(fitted.info, default=str))
+        header = {
+            "solver": solver_spec(self.solver),
+            "damping": fitted.damping,
+            "curvature": self.curvature,
+            "chunk_size": self.chunk_size,
+            "identity": _identity(self.wrapper.model, self.objective, self.train),
+            "info": info,
+        }
+        write_fitted_state(path, header, fitted.state())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        objective: Objective,
+        train_data: Any,
+        *,
+        measurement: PerExampleFn | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        progress: bool = True,
+        check_minimum: bool = True,
+    ) -> InfluenceCalculator:
+        """A calculator whose solver is the fit saved by :meth:`save`: no HVP, no data pass
+        for the curvature.
+
+        ``model``, ``objective`` and ``train_data`` must be those the fit was made with; the
+        solver, ``curvature`` and ``chunk_size`` come from the file; the other arguments are
+        those of the constructor. Cost: one pass over the training data to fingerprint it
+        (plus the constructor's minimum check, ``check_minimum=False`` to skip it).
+
+        Raises
+        ------
+        StoreMismatchError
+            The model parameters, objective or training data differ from the saved ones
+            (named in the message), or the file is corrupted or of another format version.
+
+        Examples
+        --------
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> from infl import ExactHessian, InfluenceCalculator, Objective
+        >>> X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+        >>> model, objective = nn.Linear(3, 2), Objective("cross_entropy")
+        >>> calc = InfluenceCalculator(model, objective, (X, y), ExactHessian(damping=0.1),
+        ...                            progress=False, check_minimum=False)
+        >>> path = tempfile.mkdtemp() + "/fit.pt"
+        >>> calc.save(path)
+        >>> again = InfluenceCalculator.load(path, model, objective, (X, y), progress=False,
+        ...                                  check_minimum=False)
+        >>> same = bool((again.influence((X, y)) == calc.influence((X, y))).all())
+        >>> again.operator.num_matvecs, same
+        (0, True)
+        """
+        header, state = read_fitted_state(path)
+        if not isinstance(objective, Objective):
+            raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        saved = header.get("identity")
+        now = _identity(model, objective, as_training_data(train_data, "training data"))
+        check_same(path, saved if isinstance(saved, dict) else {}, now)
+        solver = solver_from_spec(header.get("solver"))
+        calc = cls(
+            model,
+            objective,
+            train_data,
+            solver,
+            measurement=measurement,
+            chunk_size=int(header.get("chunk_size", 256)),
+            cache_bytes=cache_bytes,
+            progress=progress,
+            curvature=str(header.get("curvature", "hessian")),
+            check_minimum=check_minimum,
+        )
+        restore_as: Any = solver
+        if solver.damping == "auto":  # restore at the damping the saved fit resolved
+            restore_as = dataclasses.replace(restore_as, damping=float(header["damping"]))
+        calc._fitted = restore_as.restore(calc.operator, state)
+        return calc
 
     # ------------------------------------------------------------------ low-rank scoring
     def _low_rank_influence(self, test_data: Any) -> torch.Tensor | None:
@@ -750,6 +916,17 @@ def _same_but_damping(old: Solver, new: Solver) -> bool:
         return False
     fields = [f.name for f in dataclasses.fields(old) if f.name != "damping"]  # type: ignore[arg-type]
     return all(getattr(old, name) == getattr(new, name) for name in fields)
+
+
+def _identity(model: nn.Module, objective: Objective, train: IndexedData) -> dict[str, Any]:
+    """What a saved fit is only valid for: model parameters, objective, training data."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    model_fp = fingerprint({"trainable": trainable, "state": dict(model.state_dict())}, "model")
+    return {
+        "model parameters": model_fp.digest,
+        "objective": fingerprint(objective, "objective").digest,
+        "training data": f"{len(train)} examples, sha1 {_fingerprint(train)[:16]}",
+    }
 
 
 def _fingerprint(data: IndexedData) -> str:

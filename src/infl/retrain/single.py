@@ -67,9 +67,9 @@ class RetrainJob:
         self.test = test
         self.config = config
         params = trainable(model)
-        self.dtype = params[0].dtype
         names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.decays: list[float] = objective.decay_values(names)
+        self.dtype = params[0].dtype
         self.device = params[0].device
         self.theta_star = flat_params(params)
         self.pbrf: PBRFObjective | None = None
@@ -124,6 +124,13 @@ class RetrainJob:
             total = total + reg.detach()
         return total
 
+    def decay_term(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """:math:`\\frac12\\sum_j\\lambda_j\\|\\theta_j\\|^2` (``None`` without decay)."""
+        terms = [0.5 * wd * (p * p).sum() for p, wd in zip(params, self.decays, strict=True) if wd]
+        if not terms:
+            return None
+        return torch.stack(terms).sum()
+
     @staticmethod
     def grad_norm_of(params: list[torch.Tensor]) -> float:
         sq = sum(float((p.grad * p.grad).sum()) for p in params if p.grad is not None)
@@ -140,13 +147,6 @@ class RetrainJob:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-    def decay_term(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """:math:`\\frac12\\sum_j\\lambda_j\\|\\theta_j\\|^2` (``None`` without decay)."""
-        terms = [0.5 * wd * (p * p).sum() for p, wd in zip(params, self.decays, strict=True) if wd]
-        if not terms:
-            return None
-        return torch.stack(terms).sum()
-
             for m in resettable:
                 m.reset_parameters()  # type: ignore[operator]
         with torch.no_grad():

@@ -276,3 +276,17 @@ def test_self_influence_score_ranks_a_flipped_label_first():
     score = calc.self_influence_score()
     assert int(score.argmax()) == confident
     assert int(calc.self_influence().argmin()) == confident  # the raw sign puts it last
+
+
+@pytest.mark.parametrize(
+    "solver", [ExactHessian(damping="auto"), Arnoldi(rank=4, krylov_dim=8, damping="auto")]
+)
+def test_auto_damping_is_restored_at_the_resolved_value(mlp_problem, tmp_path, solver):
+    calc = _calc(mlp_problem, solver)
+    before = calc.influence(mlp_problem[3])
+    calc.save(tmp_path / "fit.pt")
+    loaded = _load(tmp_path / "fit.pt", mlp_problem)
+    assert loaded.solver.damping == "auto"  # the calculator keeps the rule the user chose
+    assert loaded.fitted_solver().damping == calc.fitted_solver().damping > 0
+    assert torch.equal(loaded.influence(mlp_problem[3]), before)
+    assert loaded.operator.num_matvecs == 0

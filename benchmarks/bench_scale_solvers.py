@@ -189,11 +189,17 @@ def run_kfac(
     )
 
 
-def kfac_section(kind: str, quick: bool, state: Any, train: Any, test: Any, ref: Any) -> list:
+def kfac_section(
+    kind: str, quick: bool, state: Any, train: Any, test: Any, ref: Any, curvature: str
+) -> list:
     """K-FAC / EK-FAC against CG on the Gauss-Newton matrix (and on H, when CG converged)."""
-    gn = in_fresh_process(run_cg_gauss_newton, kind, quick, state, train, test)
-    gn_ref = gn.pop("scores", None)
-    rows = [gn]
+    rows = []
+    if curvature == "gauss_newton":
+        gn_ref, ref = ref, None
+    else:
+        gn = in_fresh_process(run_cg_gauss_newton, kind, quick, state, train, test)
+        gn_ref = gn.pop("scores", None)
+        rows.append(gn)
     for name in ("kfac", "ekfac"):
         row = in_fresh_process(run_kfac, kind, quick, state, train, test, name)
         scores = row.pop("scores", None)
@@ -213,11 +219,19 @@ def arnoldi_ranks(quick: bool) -> tuple[int, ...]:
 
 
 def run_arnoldi(
-    kind: str, quick: bool, state: Any, train: Any, test: Any, rank: int, queue: mp.Queue
+    kind: str,
+    quick: bool,
+    state: Any,
+    train: Any,
+    test: Any,
+    rank: int,
+    curvature: str,
+    queue: mp.Queue,
 ) -> None:
     """Arnoldi(rank): Lanczos fit, then low-rank scoring ([n, r] projection, no solve)."""
     torch.set_num_threads(2)
-    calc = calculator(kind, quick, state, train, infl.Arnoldi(rank=rank, damping=DAMPING))
+    solver = infl.Arnoldi(rank=rank, damping=DAMPING)
+    calc = calculator(kind, quick, state, train, solver, curvature)
     start = time.perf_counter()
     fitted = calc.fitted_solver()
     fit_s = time.perf_counter() - start
@@ -250,7 +264,14 @@ def run_arnoldi(
 
 
 def run_pcg(
-    kind: str, quick: bool, state: Any, train: Any, test: Any, rank: int, queue: mp.Queue
+    kind: str,
+    quick: bool,
+    state: Any,
+    train: Any,
+    test: Any,
+    rank: int,
+    curvature: str,
+    queue: mp.Queue,
 ) -> None:
     """CG preconditioned by Arnoldi(rank), to the reference CG's tolerance."""
     torch.set_num_threads(2)
@@ -260,7 +281,7 @@ def run_pcg(
         max_iter=sizes(quick)["cg_iter"],
         preconditioner=infl.Arnoldi(rank=rank),
     )
-    calc = calculator(kind, quick, state, train, solver)
+    calc = calculator(kind, quick, state, train, solver, curvature)
     start = time.perf_counter()
     calc.fitted_solver()
     fit_s = time.perf_counter() - start
@@ -285,12 +306,15 @@ def run_pcg(
     )
 
 
-def arnoldi_section(kind: str, quick: bool, state: Any, train: Any, test: Any, ref: Any) -> list:
+def arnoldi_section(
+    kind: str, quick: bool, state: Any, train: Any, test: Any, ref: Any, curvature: str
+) -> list:
     rows = []
     ranks = arnoldi_ranks(quick)
     jobs = [(run_arnoldi, rank) for rank in ranks] + [(run_pcg, ranks[1])]
     for fn, rank in jobs:
-        row = in_fresh_process(fn, kind, quick, state, train, test, rank)
+        row = in_fresh_process(fn, kind, quick, state, train, test, rank, curvature)
+        row["curvature"] = curvature
         scores = row.pop("scores", None)
         if scores is not None and ref is not None:  # ref is None when the reference CG failed
             row["vs_cg"] = agreement(scores, ref)
@@ -345,18 +369,26 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument(
+        "--curvature",
+        choices=("gauss_newton", "hessian"),
+        default="gauss_newton",
+        help="curvature of the reference CG, Arnoldi and PCG (the Hessian of these models is "
+        "indefinite at damping 0.01, so CG on it fails; the Gauss-Newton matrix is PSD)",
+    )
     args = parser.parse_args()
     rows = []
+    reference = run_cg_gauss_newton if args.curvature == "gauss_newton" else run_cg
     for kind in args.models.split(","):
         state, train, test = build(kind, args.quick)
-        cg = in_fresh_process(run_cg, kind, args.quick, state, train, test)
+        cg = in_fresh_process(reference, kind, args.quick, state, train, test)
         ref = cg.pop("scores", None)  # None if CG failed (H + damping I indefinite)
         rows.append(cg)
-        print(json.dumps(cg))
+        print(json.dumps(cg), flush=True)
         for section in args.sections.split(","):
-            for row in SECTIONS[section](kind, args.quick, state, train, test, ref):
+            for row in SECTIONS[section](kind, args.quick, state, train, test, ref, args.curvature):
                 rows.append(row)
-                print(json.dumps(row))
+                print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -311,3 +311,25 @@ def test_from_optimizer_refuses_orphans_foreign_params_and_unknown_optimizers():
         Objective.from_optimizer("cross_entropy", Custom(net.parameters(), lr=0.1), net)
     with pytest.raises(InputError, match="decoupled must be"):
         Objective.from_optimizer("cross_entropy", partial, net, decoupled="convert")  # type: ignore[arg-type]
+
+
+def test_moved_classes_keep_their_pickled_and_fingerprinted_path():
+    # infl.losses / infl.weight_decay hold them now; pickles and store fingerprints name the
+    # class by module path, so it stays infl.objective and stores made before stay valid
+    import infl.losses
+    import infl.weight_decay
+    from infl.fingerprint import fingerprint
+    from infl.objective import WeightDecayGroups
+
+    assert SupervisedLoss is infl.losses.SupervisedLoss
+    assert WeightDecayGroups is infl.weight_decay.WeightDecayGroups
+    assert SupervisedLoss.__module__ == WeightDecayGroups.__module__ == "infl.objective"
+    groups = Objective("cross_entropy", {"default": 1e-2, "no_decay": ["bias"]})
+    assert pickle.loads(pickle.dumps(groups)) == groups
+    assert repr(groups) == (
+        "Objective(loss=SupervisedLoss(name='cross_entropy'), weight_decay=WeightDecayGroups("
+        "default=0.01, no_decay=('bias',), overrides=()))"
+    )
+    # the digests stores made before the split hold
+    assert fingerprint(Objective("cross_entropy", 1e-3), "ce").digest.startswith("fff19b1b6f4e167c")
+    assert fingerprint(groups.weight_decay, "wdg").digest.startswith("4a0fd87d4f739071")

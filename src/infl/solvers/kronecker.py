@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
+from infl.losses import _LOSSES, SupervisedLoss, _split_supervised
 from infl.model import ModelWrapper
-from infl.objective import _LOSSES, SupervisedLoss, _split_supervised
 
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -19,20 +17,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from infl.data import IndexedData, as_indexed, tensor_leaves
+from infl import group_influence, persistence
+from infl.data import as_indexed
 from infl.errors import InputError
-from infl.export import Ids, check_same, read_fitted_state, scores_to_frame, write_fitted_state
-from infl.fingerprint import fingerprint
+from infl.export import Ids, scores_to_frame
 from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
+from infl.persistence import _fingerprint
 from infl.solvers.base import (
     FittedSolver,
     Solver,
     SolveResult,
     check_damping,
-    solver_from_spec,
-    solver_spec,
 )
 
 if TYPE_CHECKING:
@@ -512,37 +509,7 @@ class InfluenceCalculator:
         >>> calc.group_removal_effect((X[:4], y[:4]), [[0, 1, 2], [5, 6]], order=2).shape
         torch.Size([4, 2])
         """
-        if isinstance(order, bool) or order not in (1, 2):
-            raise InputError(f"order must be 1 or 2, got {order!r}")
-        members = _normalize_groups(groups, self.num_train)
-        n = self.num_train
-        ihvp = self.inverse_hvp(test_data).value  # A^{-1} grad f: [m, p]
-        sums = torch.stack([self._grad_sum(idx) for idx in members]).to(ihvp)  # s_U: [G, p]
-        effect = ihvp @ sums.T / n
-        if order == 1:
-            return effect
-        shifts = self.fitted_solver().solve(sums / n, progress=self.progress).value  # [G, p]
-        corrections = []
-        for g, idx in enumerate(members):
-            data = IndexedData(self.train.select(idx), name=f"group {g}")
-            product = (
-                self.wrapper.ggn_vp(data, shifts[g : g + 1], self.chunk_size)
-                if self.curvature == "gauss_newton"
-                else self.wrapper.hvp(data, shifts[g : g + 1], self.chunk_size)
-            )
-            corrections.append(product[0] * (idx.numel() / n))  # p_U H_U A^{-1} s_U / n
-        return effect + ihvp @ torch.stack(corrections).to(ihvp).T
-
-    def _grad_sum(self, idx: torch.Tensor) -> torch.Tensor:
-        """:math:`\\sum_{i\\in U} g_i` (``[p]``), from the gradient cache when it is filled."""
-        cached = self._grad_cache.value
-        if cached is not None:
-            return cached[idx.to(cached.device)].sum(dim=0)
-        total = torch.zeros(self.num_params, dtype=self.wrapper.dtype, device=self.wrapper.device)
-        for start in range(0, idx.numel(), self.chunk_size):
-            batch = self.train.select(idx[start : start + self.chunk_size])
-            total += self.wrapper.train_grads(batch).sum(dim=0)
-        return total
+        return group_influence.group_removal_effect(self, test_data, groups, order)
 
     def self_influence(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Influence of each training example on its own measurement.
@@ -680,17 +647,7 @@ class InfluenceCalculator:
         (one ``torch.save`` file, tensors on the CPU, a JSON header). Fits the solver first if
         it is not fitted yet. Cached gradients and inverse-HVPs are not saved.
         """
-        fitted = self.fitted_solver()
-        info = json.loads(json.dumps(fitted.info, default=str))
-        header = {
-            "solver": solver_spec(self.solver),
-            "damping": fitted.damping,
-            "curvature": self.curvature,
-            "chunk_size": self.chunk_size,
-            "identity": _identity(self.wrapper.model, self.objective, self.train),
-            "info": info,
-        }
-        write_fitted_state(path, header, fitted.state())
+        persistence.save_calculator(self, path)
 
     @classmethod
     def load(
@@ -736,32 +693,17 @@ class InfluenceCalculator:
         >>> again.operator.num_matvecs, same
         (0, True)
         """
-        header, state = read_fitted_state(path)
-        if not isinstance(objective, Objective):
-            raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
-        if not isinstance(model, nn.Module):
-            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        saved = header.get("identity")
-        now = _identity(model, objective, as_training_data(train_data, "training data"))
-        check_same(path, saved if isinstance(saved, dict) else {}, now)
-        solver = solver_from_spec(header.get("solver"))
-        calc = cls(
+        return persistence.load_calculator(
+            cls,
+            path,
             model,
             objective,
             train_data,
-            solver,
             measurement=measurement,
-            chunk_size=int(header.get("chunk_size", 256)),
             cache_bytes=cache_bytes,
             progress=progress,
-            curvature=str(header.get("curvature", "hessian")),
             check_minimum=check_minimum,
         )
-        restore_as: Any = solver
-        if solver.damping == "auto":  # restore at the damping the saved fit resolved
-            restore_as = dataclasses.replace(restore_as, damping=float(header["damping"]))
-        calc._fitted = restore_as.restore(calc.operator, state)
-        return calc
 
     # ------------------------------------------------------------------ low-rank scoring
     def _low_rank_influence(self, test_data: Any) -> torch.Tensor | None:
@@ -834,107 +776,8 @@ class _TrainGradCache:
         self.projections = [*self.projections[-3:], (basis, proj)]  # the 4 latest bases
 
 
-def _normalize_groups(groups: Any, n: int) -> list[torch.Tensor]:
-    """Groups of training indices (``list[LongTensor]``) from index lists or a label array."""
-    import numpy as np
-
-    if isinstance(groups, (torch.Tensor, np.ndarray)):
-        arr = np.asarray(groups.detach().cpu() if isinstance(groups, torch.Tensor) else groups)
-        if arr.ndim != 1:
-            raise InputError(
-                f"groups as an array must be a label array of shape [n={n}], got shape "
-                f"{arr.shape}; give several groups as a list of index lists"
-            )
-        return _label_groups(arr, n)
-    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
-        raise InputError(
-            "groups must be a list of index lists or a label array [n], got "
-            f"{type(groups).__name__}"
-        )
-    items = list(groups)
-    if not items:
-        raise InputError("groups is empty: give at least one group of training indices")
-    if all(_is_index(v) for v in items):
-        return _label_groups(np.asarray(items), n)
-    out = []
-    for g, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            item = item.reshape(-1).tolist()
-        if _is_index(item) or isinstance(item, (str, bytes)) or not isinstance(item, Sequence):
-            raise InputError(
-                f"group {g} is {item!r}; every group must be a list of training indices (a "
-                "label array [n] must be all labels, not a mix of labels and lists)"
-            )
-        if not item:
-            raise InputError(f"group {g} is empty; every group needs at least one index")
-        for v in item:
-            if not _is_index(v):
-                raise InputError(f"group {g} contains {v!r}, which is not an integer index")
-            if not 0 <= int(v) < n:
-                raise InputError(
-                    f"group {g} contains index {int(v)}, out of range for {n} training "
-                    f"examples (valid: 0..{n - 1})"
-                )
-        ints = [int(v) for v in item]
-        if len(set(ints)) != len(ints):
-            dup = next(v for v in ints if ints.count(v) > 1)
-            raise InputError(f"group {g} lists index {dup} more than once")
-        if len(ints) >= n:
-            raise InputError(f"group {g} holds all {n} training examples; nothing would be left")
-        out.append(torch.tensor(sorted(ints), dtype=torch.long))
-    return out
-
-
-def _label_groups(labels: Any, n: int) -> list[torch.Tensor]:
-    import numpy as np
-
-    if labels.shape[0] != n:
-        raise InputError(
-            f"a label array must have one label per training example, length n={n}; got "
-            f"length {labels.shape[0]}. To give explicit groups, pass a list of index lists "
-            "(one group: [[i, j, ...]])"
-        )
-    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
-        raise InputError("the label array contains NaN or infinite labels; label every example")
-    values = np.unique(labels)
-    if len(values) == 1:
-        raise InputError(
-            f"the label array has one label ({values[0]!r}) for all {n} examples: that group "
-            "would remove everything"
-        )
-    return [torch.as_tensor(np.nonzero(labels == v)[0], dtype=torch.long) for v in values]
-
-
-def _is_index(v: Any) -> bool:
-    import numpy as np
-
-    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer))
-
-
 def _same_but_damping(old: Solver, new: Solver) -> bool:
     if type(old) is not type(new):
         return False
     fields = [f.name for f in dataclasses.fields(old) if f.name != "damping"]  # type: ignore[arg-type]
     return all(getattr(old, name) == getattr(new, name) for name in fields)
-
-
-def _identity(model: nn.Module, objective: Objective, train: IndexedData) -> dict[str, Any]:
-    """What a saved fit is only valid for: model parameters, objective, training data."""
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    model_fp = fingerprint({"trainable": trainable, "state": dict(model.state_dict())}, "model")
-    return {
-        "model parameters": model_fp.digest,
-        "objective": fingerprint(objective, "objective").digest,
-        "training data": f"{len(train)} examples, sha1 {_fingerprint(train)[:16]}",
-    }
-
-
-def _fingerprint(data: IndexedData) -> str:
-    """A content hash of a test set (its tensors' bytes), to key the inverse-HVP cache."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    for _, batch in data.chunks(4096):
-        for leaf in tensor_leaves(batch):
-            t = leaf.detach().cpu().contiguous()
-            digest.update(str((t.dtype, tuple(t.shape))).encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()

@@ -17,10 +17,8 @@ derivative (:attr:`ModelWrapper.second_order`).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -28,24 +26,31 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from infl.data import Batch, IndexedData, batch_size, batch_to, tensor_leaves, tree_map_tensors
+from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
-from infl.objective import (
-    Objective,
-    PerExampleFn,
-    SupervisedLoss,
-    WeightDecayGroups,
-    describe_weight_decay,
-    output_hessian_loss,
+from infl.model_checks import (
+    CHECK_EXAMPLES,
+    Stationarity,
+    _check_deterministic,
+    as_training_data,
+    check_eval_mode,
+    forward_error,
+    measure_stationarity,
 )
+from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
 
-_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+__all__ = [
+    "CHECK_EXAMPLES",
+    "ModelWrapper",
+    "SecondOrder",
+    "Stationarity",
+    "as_training_data",
+    "check_eval_mode",
+    "functional_evaluation",
+]
 
 SecondOrder = Literal["auto", "forward-over-reverse", "reverse-over-reverse"]
 """How :class:`ModelWrapper` differentiates twice (see :attr:`ModelWrapper.second_order`)."""
-
-CHECK_EXAMPLES = 4
-"""Examples of the first chunk that :meth:`ModelWrapper.check_data` evaluates."""
 
 
 @contextlib.contextmanager
@@ -91,77 +96,6 @@ def _operation_named(err: BaseException) -> str:
     if "custom autograd.Function" in text:
         return "a custom autograd.Function without a jvp"
     return "an operation of the model"
-
-
-def check_eval_mode(model: nn.Module) -> None:
-    """Refuse a model whose output depends on train/eval mode and that is in train mode.
-
-    Dropout and batch-norm layers, and ``nn.MultiheadAttention`` with attention dropout
-    (``dropout > 0``, also inside ``nn.TransformerEncoderLayer`` / ``DecoderLayer``), are
-    checked. Dropout written as ``F.dropout(x, training=True)`` in a custom ``forward`` is
-    invisible here; :meth:`ModelWrapper.check_data` catches it by evaluating twice.
-
-    Raises
-    ------
-    ModelStateError
-        Naming the first such submodule found in training mode.
-    """
-    for name, module in model.named_modules():
-        if not module.training:
-            continue
-        where = name or "<root>"
-        if isinstance(module, _MODE_DEPENDENT):
-            kind = type(module).__name__
-            raise ModelStateError(
-                f"submodule {where!r} ({kind}) is in training mode, so its output is "
-                "random or depends on the batch and influence scores would be meaningless. "
-                "Call model.eval() before building the influence calculator."
-            )
-        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            raise ModelStateError(
-                f"submodule {where!r} (MultiheadAttention) is in training mode with attention "
-                f"dropout {module.dropout:g}, so its attention weights are randomly dropped on "
-                "every call and influence scores would be meaningless. Call model.eval() "
-                "before building the influence calculator."
-            )
-
-
-def as_training_data(data: Any, name: str = "training data") -> IndexedData:
-    """``data`` as :class:`IndexedData`, refusing a Python list of per-example pairs.
-
-    A list of ``(x_i, y_i)`` pairs (one tuple per example) is not a batch: infl needs the
-    examples stacked along a leading dimension, ``(X, y)``, or a ``Dataset``.
-
-    Raises
-    ------
-    InputError
-        For a list of per-example tuples (saying to stack them or use a Dataset), or
-        whatever :class:`IndexedData` refuses.
-    """
-    pairs = (
-        isinstance(data, (list, tuple))
-        and len(data) > 0
-        and all(isinstance(e, (tuple, list)) and len(e) > 0 for e in data)
-        and len({len(e) for e in data}) == 1
-    )
-    if pairs and (isinstance(data, list) or len(data) > 2):
-        width = len(data[0])
-        raise InputError(
-            f"{name} is a {type(data).__name__} of {len(data)} tuples of {width} items, one per "
-            "example; infl needs the examples stacked along a leading dimension. Stack them, "
-            "e.g. X = torch.stack([x for x, _ in pairs]); y = torch.stack([y for _, y in "
-            "pairs]) (or torch.tensor(labels)) and pass (X, y), or wrap them in a "
-            "torch.utils.data.Dataset whose items are the (x, y) pairs."
-        )
-    try:
-        return data if isinstance(data, IndexedData) else IndexedData(data, name=name)
-    except InputError as err:
-        if pairs:
-            raise InputError(
-                f"{err} — {name} looks like a sequence of per-example (x, y) pairs: stack them "
-                "into (X, y) tensors with torch.stack, or wrap them in a Dataset."
-            ) from err
-        raise
 
 
 class ModelWrapper:
@@ -587,43 +521,7 @@ class ModelWrapper:
             raise self._forward_error(err, inputs, name, k) from err
 
     def _forward_error(self, err: BaseException, inputs: Batch, name: str, k: int) -> InputError:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        leaves = tensor_leaves(inputs)
-        said = f"PyTorch said: {type(err).__name__}: {text}"
-        integer = [
-            t
-            for t in leaves
-            if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-        ]
-        if integer and any(w in text for w in ("dtype", "scalar type", "Long", "Int")):
-            kinds = sorted({str(t.dtype) for t in integer})
-            return InputError(
-                f"{name}: the inputs are integer tensors ({', '.join(kinds)}) but the model "
-                f"computes in {self.dtype}, and its first layer cannot take them. Convert the "
-                f"inputs to floating point, e.g. X.to({self.dtype}) (or X.float() for a float32 "
-                "model); integer inputs are right only for layers that take indices, such as "
-                f"nn.Embedding. {said}"
-            )
-        first = next(
-            ((n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)), None
-        )
-        if "cannot be multiplied" in text and first is not None and leaves:
-            layer, linear = first
-            width = int(leaves[0].shape[-1]) if leaves[0].dim() else 0
-            if width != linear.in_features:
-                return InputError(
-                    f"{name}: the model's first linear layer {layer!r} expects "
-                    f"{linear.in_features} features per example, but the data has {width} "
-                    f"(inputs of shape {tuple(leaves[0].shape)}). Pass the columns the model "
-                    "was trained on (the same preprocessing and feature order), or the model "
-                    f"trained on this data. {said}"
-                )
-        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in leaves) or "no tensors"
-        return InputError(
-            f"{name}: evaluating the model on its first {k} examples failed (inputs: "
-            f"{shapes}). Check that the inputs have the shape and dtype the model was trained "
-            f"on and that the batch is in the form the loss expects. {said}"
-        )
+        return forward_error(err, inputs, name, k, self.model, self.dtype)
 
     def check_targets(self, batch: Batch, *, offset: int = 0, what: str = "data") -> None:
         """Check a batch's targets for a built-in loss (no-op before :meth:`check_data`).
@@ -649,46 +547,14 @@ class ModelWrapper:
         gradients, :math:`O(p)` memory. The result warns nothing; see
         :meth:`Stationarity.warn_if_not_minimum`.
         """
-        total = torch.zeros(self.num_params, dtype=torch.float64, device=self.device)
-        squares = 0.0
-        for _, grads in train_grads:
-            g = grads.to(torch.float64)
-            total += g.sum(dim=0)
-            squares += float((g * g).sum())
-        grad_j = total / num_train
-        theta = self.flat_params.to(torch.float64)
-        groups = self.objective.decay_groups
-        wd = groups if groups is not None else float(self.objective.uniform_weight_decay or 0.0)
-        loss_grad = grad_j - self.decay.to(torch.float64) * theta
-        theta_sq = float(theta @ theta)
-        implied: float | None = None
-        residual = math.nan
-        if theta_sq > 0:
-            implied = -float(loss_grad @ theta) / theta_sq
-            residual = float(torch.linalg.vector_norm(loss_grad + implied * theta))
-        # one implied decay per parameter tensor: catches a bias/norm trained without decay
-        per_param: list[tuple[str, float]] = []
-        left = []
-        for name, lg, th in zip(
-            self.names,
-            torch.split(loss_grad, self.numels),
-            torch.split(theta, self.numels),
-            strict=True,
-        ):
-            sq = float(th @ th)
-            value = -float(lg @ th) / sq if sq > 0 else 0.0
-            if sq > 0:
-                per_param.append((name, value))
-            left.append(lg + value * th)
-        return Stationarity(
-            grad_norm=float(torch.linalg.vector_norm(grad_j)),
-            grad_scale=math.sqrt(squares / num_train),
-            num_train=num_train,
-            weight_decay=wd,
-            implied_weight_decay=implied,
-            implied_residual=residual,
-            implied_by_parameter=tuple(per_param),
-            implied_by_parameter_residual=float(torch.linalg.vector_norm(torch.cat(left))),
+        return measure_stationarity(
+            train_grads,
+            num_train,
+            names=self.names,
+            numels=self.numels,
+            theta=self.flat_params,
+            decay=self.decay,
+            objective=self.objective,
         )
 
     def _check_vectors(self, vectors: torch.Tensor, what: str) -> None:
@@ -737,166 +603,3 @@ def _second_derivative_error(err: BaseException, what: str) -> BaseException:
             "(infl.KFAC or infl.EKFAC), or replace that operation in the model."
         )
     return err
-
-
-def _check_deterministic(first: Any, second: Any, k: int, name: str) -> None:
-    """Refuse a forward pass that gives different values on the same examples."""
-    worst = 0.0
-    for a, b in zip(tensor_leaves(first), tensor_leaves(second), strict=True):
-        if not a.is_floating_point() or a.shape != b.shape:
-            continue
-        tol = 1e3 * torch.finfo(a.dtype).eps * max(float(a.abs().max()) if a.numel() else 0.0, 1.0)
-        diff = float((a - b).abs().max()) if a.numel() else 0.0
-        if diff > tol:
-            worst = max(worst, diff)
-    if worst > 0:
-        raise ModelStateError(
-            f"two evaluations of the same {k} examples of {name} at the same parameters gave "
-            f"different values (largest difference {worst:.3g}): the model's forward pass is "
-            "random, so its gradients and Hessian are too and influence scores would be "
-            "meaningless. The usual cause is dropout that ignores eval mode in a custom "
-            "forward: F.dropout(x, p, training=True), or F.dropout(x, p) whose default is "
-            "training=True. Write F.dropout(x, p, training=self.training) and call "
-            "model.eval(); switch other random operations (noise, sampling) off the same way."
-        )
-
-
-@dataclass(frozen=True)
-class Stationarity:
-    """How close the trained parameters are to a minimum of the objective :math:`J`.
-
-    Influence functions assume :math:`\\nabla J(\\theta^*) = 0`. Away from a minimum,
-    retraining without an example also moves :math:`\\theta` by the drift
-    :math:`-A^{-1}\\nabla J` that continued training causes, and measured removal effects
-    include it. The drift is compared with a typical single-example removal,
-    :math:`A^{-1}g_i/n`: their size ratio is about ``drift_ratio``
-    :math:`= n\\,\\|\\nabla J\\| / s`.
-
-    Attributes
-    ----------
-    grad_norm
-        :math:`\\|\\nabla J(\\theta)\\|_2`, with :math:`\\nabla J = \\frac1n\\sum_i g_i`.
-    grad_scale
-        :math:`s = (\\frac1n\\sum_i \\|g_i\\|_2^2)^{1/2}`, the RMS training-gradient norm.
-    num_train
-        :math:`n`.
-    weight_decay
-        The objective's ``weight_decay`` (a number, or its
-        :class:`~infl.objective.WeightDecayGroups`).
-    implied_weight_decay
-        :math:`\\hat\\lambda = -\\langle \\nabla L, \\theta\\rangle / \\|\\theta\\|^2`
-        (:math:`\\nabla L` the mean loss gradient): the weight decay that best cancels the
-        loss gradient; ``None`` when :math:`\\theta = 0`.
-    implied_residual
-        :math:`\\|\\nabla L + \\hat\\lambda\\theta\\|`, what is left of the gradient at
-        :math:`\\hat\\lambda`.
-    implied_by_parameter
-        ``((name, λ̂_j), ...)``: :math:`\\hat\\lambda_j = -\\langle \\nabla_j L,
-        \\theta_j\\rangle / \\|\\theta_j\\|^2` for each parameter tensor with
-        :math:`\\theta_j \\ne 0`: the weight decay per parameter (e.g. none on biases) that
-        best cancels the loss gradient.
-    implied_by_parameter_residual
-        What is left of the loss gradient with those per-parameter values.
-    """
-
-    grad_norm: float
-    grad_scale: float
-    num_train: int
-    weight_decay: float | WeightDecayGroups
-    implied_weight_decay: float | None
-    implied_residual: float
-    implied_by_parameter: tuple[tuple[str, float], ...] = ()
-    implied_by_parameter_residual: float = math.nan
-
-    @property
-    def relative(self) -> float:
-        """:math:`\\|\\nabla J\\| / s`."""
-        if self.grad_scale > 0:
-            return self.grad_norm / self.grad_scale
-        return 0.0 if self.grad_norm == 0 else math.inf
-
-    @property
-    def drift_ratio(self) -> float:
-        """:math:`n\\,\\|\\nabla J\\| / s`: the drift in units of a typical removal effect."""
-        return self.num_train * self.relative
-
-    @property
-    def is_minimum(self) -> bool:
-        """``drift_ratio <= 1``: the gradient left is below one example's share of it."""
-        return self.drift_ratio <= 1.0
-
-    @property
-    def wrong_weight_decay(self) -> bool:
-        """Whether another weight decay (``implied_weight_decay``) would make it a minimum."""
-        if self.is_minimum or self.implied_weight_decay is None or self.grad_scale <= 0:
-            return False
-        return (
-            self.implied_weight_decay >= 0
-            and self.num_train * self.implied_residual / self.grad_scale <= 1.0
-        ) or self.wrong_decay_groups
-
-    @property
-    def wrong_decay_groups(self) -> bool:
-        """Whether weight decay *per parameter* (``implied_by_parameter``) makes it a minimum.
-
-        Needs every :math:`\\hat\\lambda_j \\ge 0` (up to round-off) and the gradient left
-        below one example's share; checked only when the single number does not fit.
-        """
-        if self.is_minimum or self.grad_scale <= 0 or not self.implied_by_parameter:
-            return False
-        if self.implied_weight_decay is not None and (
-            self.implied_weight_decay >= 0
-            and self.num_train * self.implied_residual / self.grad_scale <= 1.0
-        ):
-            return False
-        values = [v for _, v in self.implied_by_parameter]
-        floor = -1e-6 * max(1.0, max(abs(v) for v in values))
-        return (
-            min(values) >= floor
-            and self.num_train * self.implied_by_parameter_residual / self.grad_scale <= 1.0
-        )
-
-    def summary(self) -> str:
-        """One sentence with the numbers."""
-        return (
-            f"||grad J(theta)|| = {self.grad_norm:.3g} with weight_decay="
-            f"{describe_weight_decay(self.weight_decay)}; "
-            f"RMS per-example gradient norm {self.grad_scale:.3g}, n = {self.num_train}: "
-            f"relative {self.relative:.3g}, drift ratio n*relative = {self.drift_ratio:.3g} "
-            f"({'at' if self.is_minimum else 'not at'} a minimum)"
-        )
-
-    def warn_if_not_minimum(self, stacklevel: int = 2) -> None:
-        """Issue an :class:`~infl.errors.InflWarning` unless :attr:`is_minimum`."""
-        if self.is_minimum:
-            return
-        given = describe_weight_decay(self.weight_decay)
-        cause = ""
-        if self.wrong_decay_groups:
-            shown = ", ".join(f"{n} ~ {max(v, 0.0):.3g}" for n, v in self.implied_by_parameter)
-            cause = (
-                f" The model looks trained with a weight decay per parameter ({shown}), not "
-                f"{given}: with those values the gradient nearly vanishes. Pass the groups the "
-                "model was trained with: Objective(loss, weight_decay={'default': ..., "
-                "'no_decay': ['bias', ...]}) or Objective.from_optimizer(loss, optimizer, model)."
-            )
-        elif self.wrong_weight_decay:
-            cause = (
-                f" The model looks trained with weight_decay ~ {self.implied_weight_decay:.3g}, "
-                f"not {given}: with that value the gradient nearly vanishes. Pass the "
-                "weight_decay the model was trained with."
-            )
-        warnings.warn(
-            f"the model is not at a minimum of the objective: {self.summary()}. Influence "
-            "functions assume grad J(theta) = 0; here retraining without an example would also "
-            "move theta by the drift that continued training causes (about "
-            f"{self.drift_ratio:.3g} times a typical single-example removal effect), so "
-            "measured removal effects include that drift and will disagree with the scores."
-            f"{cause} Retrain longer (to a smaller gradient), check that weight_decay is the one "
-            "the model was trained with (a different weight decay leaves grad J != 0 even at "
-            "the trained minimum), or compare with control-corrected ground truth "
-            "(GroundTruth.corrected_change from infl.retrain_ground_truth). "
-            "InfluenceCalculator(check_minimum=False) turns this check off.",
-            InflWarning,
-            stacklevel=stacklevel + 1,
-        )

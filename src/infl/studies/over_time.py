@@ -90,9 +90,9 @@ def run_fading_cell(cell: FadingCell, settings: FadingSettings) -> dict[str, Any
         losses = nn.functional.cross_entropy(model(split.x_test), split.y_test, reduction="none")
     idx = losses.argsort(descending=True)[: settings.test_points]
     test = (split.x_test[idx], split.y_test[idx])
-    calc = InfluenceCalculator(model, objective, split.train, solver, progress=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InflWarning)
+        warnings.simplefilter("ignore", InflWarning)  # the fading study measures the drift itself
+        calc = InfluenceCalculator(model, objective, split.train, solver, progress=False)
         effects = calc.removal_effect(test)
     removals = effects.abs().mean(dim=0).argsort(descending=True)[: settings.removals]
     chosen = [int(i) for i in removals]

@@ -10,14 +10,13 @@ import copy
 import dataclasses
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from infl import group_influence, persistence
+from infl import group_influence, persistence, train_gradients
 from infl.data import as_indexed
 from infl.errors import InputError
 from infl.export import Ids, scores_to_frame
@@ -31,6 +30,7 @@ from infl.solvers.base import (
     SolveResult,
     check_damping,
 )
+from infl.train_gradients import TrainGradCache
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -161,7 +161,7 @@ class InfluenceCalculator:
             self.wrapper, self.train, chunk_size
         )
         self._fitted: FittedSolver | None = None
-        self._grad_cache = _TrainGradCache()
+        self._grad_cache = TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
         self.stationarity: Stationarity | None = None
         if check_minimum:
@@ -170,7 +170,7 @@ class InfluenceCalculator:
             grads = (
                 self.wrapper.iter_train_grads(self.train, chunk_size)
                 if solver.low_rank_scoring
-                else self._iter_train_grads(desc="checking the minimum")
+                else train_gradients.iter_train_grads(self, desc="checking the minimum")
             )
             self.stationarity = self.wrapper.check_stationarity(grads, self.num_train)
             self.stationarity.warn_if_not_minimum(stacklevel=2)
@@ -316,37 +316,10 @@ class InfluenceCalculator:
         Returns ``[k, p]``; for all ``n`` examples this materialises ``[n, p]``.
         """
         if indices is None:
-            return torch.cat([g for _, g in self._iter_train_grads(desc="train gradients")])
-        return self.wrapper.train_grads(self.train.select(indices))
-
-    def _iter_train_grads(self, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-        cached = self._grad_cache.value
-        if cached is not None:
-            for start in range(0, self.num_train, self.chunk_size):
-                yield start, cached[start : start + self.chunk_size]
-            return
-        itemsize = torch.finfo(self.wrapper.dtype).bits // 8
-        cache: torch.Tensor | None = None
-        if self.num_train * self.num_params * itemsize <= self.cache_bytes:
-            # filled in place: collecting chunks and concatenating would briefly hold two copies
-            cache = torch.empty(
-                self.num_train,
-                self.num_params,
-                dtype=self.wrapper.dtype,
-                device=self.wrapper.device,
+            return torch.cat(
+                [g for _, g in train_gradients.iter_train_grads(self, desc="train gradients")]
             )
-        bar = tqdm(
-            self.wrapper.iter_train_grads(self.train, self.chunk_size),
-            total=self.train.num_chunks(self.chunk_size),
-            desc=desc,
-            disable=not self.progress,
-            leave=False,
-        )
-        for start, grads in bar:
-            if cache is not None:
-                cache[start : start + grads.shape[0]] = grads
-            yield start, grads
-        self._grad_cache.value = cache
+        return self.wrapper.train_grads(self.train.select(indices))
 
     def inverse_hvp(self, test_data: Any) -> SolveResult:
         """:math:`A^{-1}\\nabla f(z_j)` for each test example (``value`` is ``[m, p]``).
@@ -394,33 +367,14 @@ class InfluenceCalculator:
         an ``[m, r] x [r, n]`` product: no solve and no HVP.
         """
         if per_layer:
-            return self._per_layer_influence(test_data)
-        low_rank_scores = self._low_rank_influence(test_data)
+            return train_gradients.per_layer_influence(self, test_data)
+        low_rank_scores = train_gradients.low_rank_influence(self, test_data)
         if low_rank_scores is not None:
             return low_rank_scores
         ihvp = self.inverse_hvp(test_data).value
         scores = torch.empty(ihvp.shape[0], self.num_train, dtype=ihvp.dtype, device=ihvp.device)
-        for start, grads in self._iter_train_grads(desc="scoring"):
+        for start, grads in train_gradients.iter_train_grads(self, desc="scoring"):
             scores[:, start : start + grads.shape[0]] = -(ihvp @ grads.T)
-        return scores
-
-    def _per_layer_influence(self, test_data: Any) -> dict[str, torch.Tensor]:
-        """``{block: [m, n]}`` from the fitted solver's parameter blocks (one training pass)."""
-        blocks = self.fitted_solver().blocks()
-        if blocks is None:
-            raise InputError(
-                f"per_layer=True needs a block-diagonal solver (KFAC or EKFAC), whose inverse "
-                f"splits into one block per layer; {type(self.solver).__name__} couples all "
-                "parameters, so its scores have no per-layer split. Use infl.KFAC or infl.EKFAC."
-            )
-        ihvp = self.inverse_hvp(test_data).value
-        m, n = ihvp.shape[0], self.num_train
-        scores = {name: torch.zeros(m, n, dtype=ihvp.dtype, device=ihvp.device) for name in blocks}
-        for start, grads in self._iter_train_grads(desc="scoring per layer"):
-            stop = start + grads.shape[0]
-            for name, slices in blocks.items():
-                for sl in slices:
-                    scores[name][:, start:stop] -= ihvp[:, sl] @ grads[:, sl].T
         return scores
 
     def removal_effect(self, test_data: Any) -> torch.Tensor:
@@ -525,25 +479,7 @@ class InfluenceCalculator:
         can score slightly above 0. For the positive "higher = more likely mislabelled" score
         that Captum, pyDVL and TracIn report, use :meth:`self_influence_score`.
         """
-        fitted = self.fitted_solver()
-        idx = (
-            torch.arange(self.num_train)
-            if indices is None
-            else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        )
-        out = []
-        low = fitted.low_rank()
-        starts = range(0, idx.numel(), self.chunk_size)
-        for start in tqdm(starts, desc="self-influence", disable=not self.progress, leave=False):
-            batch = self.train.select(idx[start : start + self.chunk_size])
-            if low is not None:
-                rows = idx[start : start + self.chunk_size]
-                out.append(self._low_rank_self_influence(low, batch, rows))
-                continue
-            ihvp = fitted.solve(self.wrapper.train_grads(batch)).value
-            measured = self.wrapper.per_example_grads(self.measurement, batch)
-            out.append(-(ihvp * measured).sum(dim=1))
-        return torch.cat(out)
+        return train_gradients.self_influence(self, indices)
 
     def self_influence_score(
         self, indices: Sequence[int] | torch.Tensor | None = None
@@ -704,76 +640,6 @@ class InfluenceCalculator:
             progress=progress,
             check_minimum=check_minimum,
         )
-
-    # ------------------------------------------------------------------ low-rank scoring
-    def _low_rank_influence(self, test_data: Any) -> torch.Tensor | None:
-        """:math:`-(T U^T) \\operatorname{diag}(w) (G U^T)^T` when the fitted solver is a
-        low-rank inverse :math:`U^T \\operatorname{diag}(w) U` (else ``None``)."""
-        low = self.fitted_solver().low_rank()
-        if low is None:
-            return None
-        basis, weights = low
-        train_proj = self._train_projection(basis)  # [n, r]
-        test_proj = self.test_grads(test_data).to(basis) @ basis.T  # [m, r]
-        return -(test_proj * weights) @ train_proj.T
-
-    def _train_projection(self, basis: torch.Tensor) -> torch.Tensor:
-        """:math:`G U^T`, ``[n, r]``: one streamed pass, cached (``[n, p]`` is never kept)."""
-        cached = self._grad_cache.projection(basis)
-        if cached is not None:
-            return cached
-        proj = torch.empty(self.num_train, basis.shape[0], dtype=basis.dtype, device=basis.device)
-        full = self._grad_cache.value
-        if full is not None:
-            chunks: Any = (
-                (start, full[start : start + self.chunk_size])
-                for start in range(0, self.num_train, self.chunk_size)
-            )
-        else:
-            chunks = tqdm(
-                self.wrapper.iter_train_grads(self.train, self.chunk_size),
-                total=self.train.num_chunks(self.chunk_size),
-                desc="projecting train gradients",
-                disable=not self.progress,
-                leave=False,
-            )
-        for start, grads in chunks:
-            proj[start : start + grads.shape[0]] = grads.to(basis) @ basis.T
-        self._grad_cache.add_projection(basis, proj)
-        return proj
-
-    def _low_rank_self_influence(
-        self, low: tuple[torch.Tensor, torch.Tensor], batch: Any, rows: torch.Tensor
-    ) -> torch.Tensor:
-        basis, weights = low
-        cached = self._grad_cache.projection(basis)
-        if cached is not None:
-            train_proj = cached[rows.to(cached.device)]
-        else:
-            train_proj = self.wrapper.train_grads(batch).to(basis) @ basis.T
-        measured = self.wrapper.per_example_grads(self.measurement, batch).to(basis) @ basis.T
-        return -(measured * weights * train_proj).sum(dim=1)
-
-
-class _TrainGradCache:
-    """The ``[n, p]`` training gradients once computed, shared by derived calculators.
-
-    Also holds their ``[n, r]`` projections onto low-rank bases (keyed by the basis tensor
-    itself, so a ``with_damping`` calculator, whose fitted solver keeps the basis, reuses them).
-    """
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-        self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def projection(self, basis: torch.Tensor) -> torch.Tensor | None:
-        for key, proj in self.projections:
-            if key is basis:
-                return proj
-        return None
-
-    def add_projection(self, basis: torch.Tensor, proj: torch.Tensor) -> None:
-        self.projections = [*self.projections[-3:], (basis, proj)]  # the 4 latest bases
 
 
 def _same_but_damping(old: Solver, new: Solver) -> bool:

@@ -127,21 +127,21 @@ def test_trend_figures_have_error_bars_labels_and_units(depth_rows, tmp_path):
     assert "fig2_iris_depth_relu.png" in names
     assert (tmp_path / "figures" / "fig2_iris_depth_relu.png").stat().st_size > 0
 
-    import infl.studies.report as report
+    import infl.studies.figures as figures
 
     captured = {}
-    original = report.trend_figure
+    original = figures.trend_figure
 
     def keep(*args, **kwargs):
         fig = original(*args, **kwargs)
         captured[kwargs["title"]] = fig
         return fig
 
-    report.trend_figure = keep
+    figures.trend_figure = keep
     try:
         write_figures(depth_rows, tmp_path, WD)
     finally:
-        report.trend_figure = original
+        figures.trend_figure = original
     fig = captured["Iris relu, width 5: influence vs. retraining, by depth"]
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]

@@ -45,11 +45,8 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,15 +55,18 @@ from tqdm.auto import tqdm
 from infl.calculator import InfluenceCalculator
 from infl.data import Batch, IndexedData, as_indexed, batch_to
 from infl.errors import InputError, NonFiniteError
-from infl.model import ModelWrapper
-from infl.objective import (
-    LogitMeasurement,
-    MarginMeasurement,
-    Objective,
-    PerExampleFn,
-    margin_measurement,
+from infl.experiments.correction_records import (
+    RANKINGS,
+    CorrectionConfig,
+    CorrectionResult,
+    CorrectionSummary,
+    Ranking,
+    resolve_config,
 )
-from infl.solvers import ConjugateGradient, Solver
+from infl.experiments.correction_records import MeasurementName as MeasurementName
+from infl.experiments.ranking import Ranker
+from infl.objective import MarginMeasurement, Objective
+from infl.solvers import Solver
 
 __all__ = [
     "CorrectionConfig",
@@ -77,123 +77,8 @@ __all__ = [
     "correct_prediction",
 ]
 
-Ranking = Literal["influence", "random", "gradient_similarity"]
-MeasurementName = Literal["margin", "loss"]
-RANKINGS: tuple[Ranking, ...] = ("influence", "random", "gradient_similarity")
+
 _EVAL_CHUNK = 4096
-
-
-@dataclass(frozen=True)
-class CorrectionResult:
-    """The outcome of :func:`correct_prediction` on one test example.
-
-    Attributes
-    ----------
-    ranking : str
-        ``"influence"``, ``"random"`` or ``"gradient_similarity"``.
-    flipped : bool
-        Whether the test example ended up classified correctly.
-    steps : int
-        Fine-tuning steps taken (the step at which it flipped, or ``max_steps``).
-    max_steps : int
-        The step budget.
-    helpful : tuple of int
-        :math:`S_+`, the training indices descended on, most helpful first.
-    harmful : tuple of int
-        :math:`S_-`, the training indices ascended on, most harmful first (empty unless
-        ``ascend_harmful``).
-    label : int
-        The test example's target class.
-    prediction_before, prediction_after : int
-        Predicted class before and after fine-tuning.
-    margin_before, margin_after : float
-        Target logit minus the largest other logit, before and after (positive = correct).
-    heldout_accuracy_before, heldout_accuracy_after : float or None
-        Accuracy on the held-out data before and after (``None`` without held-out data).
-    model : nn.Module or None
-        The fine-tuned copy of the model (the user's module is never modified).
-    """
-
-    ranking: str
-    flipped: bool
-    steps: int
-    max_steps: int
-    helpful: tuple[int, ...]
-    harmful: tuple[int, ...]
-    label: int
-    prediction_before: int
-    prediction_after: int
-    margin_before: float
-    margin_after: float
-    heldout_accuracy_before: float | None = None
-    heldout_accuracy_after: float | None = None
-    model: nn.Module | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def heldout_accuracy_change(self) -> float | None:
-        """After minus before: the collateral cost of the correction (negative = a loss)."""
-        if self.heldout_accuracy_before is None or self.heldout_accuracy_after is None:
-            return None
-        return self.heldout_accuracy_after - self.heldout_accuracy_before
-
-
-@dataclass(frozen=True)
-class CorrectionSummary:
-    """Result of :func:`compare_rankings`: every ranking on the same mis-predicted examples.
-
-    Attributes
-    ----------
-    test_indices : tuple of int
-        Positions (in ``test_data``) of the test examples that were corrected.
-    results : dict of str to tuple of CorrectionResult
-        One result per test example for each ranking, in ``test_indices`` order.
-    """
-
-    test_indices: tuple[int, ...]
-    results: dict[str, tuple[CorrectionResult, ...]]
-
-    def success_rate(self, ranking: str) -> float:
-        """Fraction of the test examples whose prediction flipped within the budget."""
-        res = self.results[ranking]
-        return sum(r.flipped for r in res) / len(res) if res else math.nan
-
-    def median_steps(self, ranking: str) -> float:
-        """Median steps over the successful corrections (NaN if none succeeded)."""
-        steps = [r.steps for r in self.results[ranking] if r.flipped]
-        return float(statistics.median(steps)) if steps else math.nan
-
-    def mean_heldout_change(self, ranking: str) -> float:
-        """Mean held-out accuracy change over all attempts (NaN without held-out data)."""
-        changes = [r.heldout_accuracy_change for r in self.results[ranking]]
-        vals = [c for c in changes if c is not None]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """One row per ranking: ``ranking``, ``attempts``, ``success_rate``,
-        ``median_steps``, ``mean_heldout_change``."""
-        return [
-            {
-                "ranking": name,
-                "attempts": len(res),
-                "success_rate": self.success_rate(name),
-                "median_steps": self.median_steps(name),
-                "mean_heldout_change": self.mean_heldout_change(name),
-            }
-            for name, res in self.results.items()
-        ]
-
-    def table(self) -> str:
-        """:meth:`to_rows` as a fixed-width text table."""
-        lines = [
-            f"{'ranking':<20} {'attempts':>8} {'success':>8} {'median steps':>12} "
-            f"{'Δ held-out acc':>14}"
-        ]
-        for r in self.to_rows():
-            lines.append(
-                f"{r['ranking']:<20} {r['attempts']:>8d} {r['success_rate']:>8.1%} "
-                f"{r['median_steps']:>12.1f} {r['mean_heldout_change']:>+14.4f}"
-            )
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,211 +114,6 @@ def _accuracy(net: nn.Module, data: IndexedData, device: torch.device, dtype: to
             pred = _logits(net, inputs).argmax(dim=1)
             correct += int((pred == targets.reshape(-1).to(pred.device)).sum())
     return correct / len(data)
-
-
-def _measurement_sign(measurement: PerExampleFn, objective: Objective) -> int:
-    """+1 if larger is better (margin, target logit), -1 if smaller is better (loss)."""
-    if isinstance(measurement, MarginMeasurement):
-        return 1
-    if isinstance(measurement, LogitMeasurement) and measurement.class_index is None:
-        return 1
-    if measurement is objective.per_example_loss or measurement == objective.per_example_loss:
-        return -1
-    raise InputError(
-        "the calculator's measurement must be the margin (infl.margin_measurement()), the "
-        "target-class logit (infl.logit_measurement()) or the objective's loss, so that it is "
-        f"clear which direction helps the test example; got {type(measurement).__name__}"
-    )
-
-
-class _Ranker:
-    """Helpfulness scores :math:`h` ``[m, n]`` of every training example for test examples."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        train: IndexedData,
-        *,
-        calculator: InfluenceCalculator | None,
-        solver: Solver | None,
-        measurement: MeasurementName | None,
-        chunk_size: int,
-        progress: bool,
-    ) -> None:
-        self.model, self.objective, self.train = model, objective, train
-        self.chunk_size, self.progress = chunk_size, progress
-        if calculator is not None:
-            if solver is not None:
-                raise InputError("pass either calculator or solver, not both")
-            if len(calculator.train) != len(train):
-                raise InputError(
-                    f"the calculator was built on {len(calculator.train)} training examples "
-                    f"but train_data has {len(train)}; pass the same training data"
-                )
-            fn = calculator.measurement
-            sign = _measurement_sign(fn, objective)
-            if measurement is not None and (measurement == "margin") != (sign == 1):
-                raise InputError(
-                    f"measurement={measurement!r} contradicts the calculator's measurement "
-                    f"({type(fn).__name__}); leave measurement=None to use the calculator's"
-                )
-        else:
-            name = measurement or "margin"
-            if name not in ("margin", "loss"):
-                raise InputError(f"measurement must be 'margin' or 'loss', got {name!r}")
-            fn = margin_measurement() if name == "margin" else objective.per_example_loss
-            sign = 1 if name == "margin" else -1
-        self.measurement_fn: PerExampleFn = fn
-        self.sign = sign
-        self._calculator = calculator
-        self._solver = solver
-        self._train_loss_grads: torch.Tensor | None = None
-        self.wrapper = calculator.wrapper if calculator is not None else None
-
-    def _wrapper(self) -> ModelWrapper:
-        if self.wrapper is None:
-            self.wrapper = ModelWrapper(self.model, self.objective)
-        return self.wrapper
-
-    def calculator(self) -> InfluenceCalculator:
-        if self._calculator is None:
-            solver = self._solver if self._solver is not None else ConjugateGradient()
-            self._calculator = InfluenceCalculator(
-                self.model,
-                self.objective,
-                self.train,
-                solver,
-                measurement=self.measurement_fn,
-                chunk_size=self.chunk_size,
-                progress=self.progress,
-            )
-            self.wrapper = self._calculator.wrapper
-        return self._calculator
-
-    def helpfulness(
-        self, ranking: str, test: IndexedData, generators: Sequence[torch.Generator]
-    ) -> torch.Tensor:
-        n = len(self.train)
-        if ranking == "influence":
-            return (self.sign * self.calculator().influence(test)).detach().cpu()
-        if ranking == "random":
-            return torch.stack(
-                [torch.randperm(n, generator=g).to(torch.float64) for g in generators]
-            )
-        if ranking == "gradient_similarity":
-            w = self._wrapper()
-            if self._train_loss_grads is None:
-                loss = self.objective.per_example_loss
-                self._train_loss_grads = torch.cat(
-                    [w.per_example_grads(loss, b) for _, b in self.train.chunks(self.chunk_size)]
-                )
-            test_grads = torch.cat(
-                [
-                    w.per_example_grads(self.measurement_fn, b)
-                    for _, b in test.chunks(self.chunk_size)
-                ]
-            )
-            tiny = torch.finfo(test_grads.dtype).tiny
-            gt = test_grads / torch.linalg.vector_norm(test_grads, dim=1, keepdim=True).clamp_min(
-                tiny
-            )
-            tr = self._train_loss_grads
-            tr = tr / torch.linalg.vector_norm(tr, dim=1, keepdim=True).clamp_min(tiny)
-            return (-self.sign * (gt @ tr.T)).detach().cpu()
-        raise InputError(f"ranking must be one of {list(RANKINGS)}, got {ranking!r}")
-
-
-@dataclass(frozen=True)
-class CorrectionConfig:
-    """The settings shared by :func:`correct_prediction` and :func:`compare_rankings`.
-
-    One frozen record, validated at construction, so that a study can state its correction
-    protocol once and pass it to both.
-
-    Parameters
-    ----------
-    measurement
-        Without a calculator: ``"margin"`` (default when ``None``, :math:`\\sigma=+1`) or
-        ``"loss"`` (:math:`\\sigma=-1`), the test measurement :math:`f` that the ranking
-        explains.
-    k
-        Size of the helpful set :math:`S_+` (and of the harmful set :math:`S_-`); at most the
-        number of training examples (checked when the data is known).
-    lr
-        SGD step :math:`\\eta` of the fine-tuning.
-    max_steps
-        Step budget per corrected example.
-    ascend_harmful
-        Also ascend on the ``k`` most harmful examples (:math:`a = 1` in the module
-        docstring's :math:`L(\\theta)`).
-    seed
-        Seeds the ``"random"`` ranking (``seed + j`` for the ``j``-th example of
-        :func:`compare_rankings`).
-    chunk_size
-        Examples per chunk for gradients.
-
-    Raises
-    ------
-    InputError
-        A setting out of range (the message names it).
-    """
-
-    measurement: MeasurementName | None = None
-    k: int = 10
-    lr: float = 0.1
-    max_steps: int = 100
-    ascend_harmful: bool = False
-    seed: int = 0
-    chunk_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.measurement not in (None, "margin", "loss"):
-            raise InputError(
-                f"measurement must be None, 'margin' or 'loss', got {self.measurement!r}"
-            )
-        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
-            raise InputError(f"k must be a positive integer, got {self.k}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
-        if isinstance(self.max_steps, bool) or int(self.max_steps) != self.max_steps:
-            raise InputError(f"max_steps must be a positive integer, got {self.max_steps}")
-        if self.max_steps < 1:
-            raise InputError(f"max_steps must be a positive integer, got {self.max_steps}")
-        if isinstance(self.chunk_size, bool) or int(self.chunk_size) != self.chunk_size:
-            raise InputError(f"chunk_size must be a positive integer, got {self.chunk_size}")
-        if self.chunk_size < 1:
-            raise InputError(f"chunk_size must be a positive integer, got {self.chunk_size}")
-        object.__setattr__(self, "lr", float(self.lr))
-
-
-_SETTINGS = tuple(CorrectionConfig.__dataclass_fields__)
-
-
-def _resolve_config(
-    config: CorrectionConfig | None, settings: dict[str, Any], caller: str
-) -> CorrectionConfig:
-    """``config``, or (deprecated) a :class:`CorrectionConfig` built from keywords."""
-    unknown = sorted(set(settings) - set(_SETTINGS))
-    if unknown:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
-    if config is not None and not isinstance(config, CorrectionConfig):
-        raise InputError(f"config must be a CorrectionConfig, got {type(config).__name__}")
-    if not settings:
-        return CorrectionConfig() if config is None else config
-    names = ", ".join(sorted(settings))
-    if config is not None:
-        raise InputError(
-            f"{caller}() got config= and the settings keywords {names}; put them into the "
-            "config (config=CorrectionConfig(...)) or use dataclasses.replace(config, ...)"
-        )
-    warnings.warn(
-        f"passing {names} to {caller}() as keywords is deprecated and will be removed in the "
-        "next release; pass config=infl.experiments.CorrectionConfig(...) instead",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return CorrectionConfig(**settings)
 
 
 def _check_budget(k: int, lr: float, max_steps: int, n: int) -> None:
@@ -603,7 +283,7 @@ def correct_prediction(
     >>> res.helpful, res.flipped
     ((4,), True)
     """
-    cfg = _resolve_config(config, settings, "correct_prediction")
+    cfg = resolve_config(config, settings, "correct_prediction")
     train = as_indexed(train_data, "training data")
     test = as_indexed(test_example, "test example")
     if len(test) != 1:
@@ -612,7 +292,7 @@ def correct_prediction(
             "compare_rankings for many test examples"
         )
     _check_budget(cfg.k, cfg.lr, cfg.max_steps, len(train))
-    ranker = _Ranker(
+    ranker = Ranker(
         model,
         objective,
         train,
@@ -720,7 +400,7 @@ def compare_rankings(
     InputError
         If no test example is mis-predicted, or a ranking name is unknown.
     """
-    cfg = _resolve_config(config, settings, "compare_rankings")
+    cfg = resolve_config(config, settings, "compare_rankings")
     for r in rankings:
         if r not in RANKINGS:
             raise InputError(f"unknown ranking {r!r}; choose from {list(RANKINGS)}")
@@ -736,7 +416,7 @@ def compare_rankings(
             f"none of the {len(test)} test examples is mis-predicted; nothing to correct"
         )
     subset = IndexedData(test.select(wrong), name="mis-predicted test data")
-    ranker = _Ranker(
+    ranker = Ranker(
         model,
         objective,
         train,

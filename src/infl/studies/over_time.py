@@ -24,9 +24,9 @@ from infl.experiments.fading import influence_fading
 from infl.parallel import run_resumable
 from infl.store import Store, write_atomic
 from infl.studies.datasets import Split, load_digits, load_iris
+from infl.studies.figures import trend_figure
 from infl.studies.fragility import retry_with_more_damping, train_full_batch, train_minibatch
 from infl.studies.models import mlp, small_cnn
-from infl.studies.report import trend_figure
 
 WEIGHT_DECAY = 1e-3
 

@@ -1,0 +1,184 @@
+"""The calculator's training gradients: the ``[n, p]`` cache, and the scores streamed from them.
+
+Functions of an :class:`~infl.InfluenceCalculator` (this module never imports it): one pass of
+training gradients that fills the cache when it fits in ``cache_bytes``, the per-layer scores
+of a block-diagonal solver, self-influence, and the scores of a low-rank inverse
+:math:`U^T \\operatorname{diag}(w) U` from ``[n, r]`` projections :math:`G U^T` (``[n, p]``
+is then never kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from infl.errors import InputError
+
+if TYPE_CHECKING:
+    from infl.calculator import InfluenceCalculator
+
+__all__ = [
+    "TrainGradCache",
+    "iter_train_grads",
+    "low_rank_influence",
+    "low_rank_self_influence",
+    "per_layer_influence",
+    "self_influence",
+    "train_projection",
+]
+
+
+class TrainGradCache:
+    """The ``[n, p]`` training gradients once computed, shared by derived calculators.
+
+    Also holds their ``[n, r]`` projections onto low-rank bases (keyed by the basis tensor
+    itself, so a ``with_damping`` calculator, whose fitted solver keeps the basis, reuses them).
+    """
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def projection(self, basis: torch.Tensor) -> torch.Tensor | None:
+        for key, proj in self.projections:
+            if key is basis:
+                return proj
+        return None
+
+    def add_projection(self, basis: torch.Tensor, proj: torch.Tensor) -> None:
+        self.projections = [*self.projections[-3:], (basis, proj)]  # the 4 latest bases
+
+
+def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, [b, p] gradients)`` over the training data: from the cache when it is
+    filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``."""
+    cached = calc._grad_cache.value
+    if cached is not None:
+        for start in range(0, calc.num_train, calc.chunk_size):
+            yield start, cached[start : start + calc.chunk_size]
+        return
+    wrapper = calc.wrapper
+    itemsize = torch.finfo(wrapper.dtype).bits // 8
+    cache: torch.Tensor | None = None
+    if calc.num_train * calc.num_params * itemsize <= calc.cache_bytes:
+        # filled in place: collecting chunks and concatenating would briefly hold two copies
+        cache = torch.empty(
+            calc.num_train, calc.num_params, dtype=wrapper.dtype, device=wrapper.device
+        )
+    bar = tqdm(
+        wrapper.iter_train_grads(calc.train, calc.chunk_size),
+        total=calc.train.num_chunks(calc.chunk_size),
+        desc=desc,
+        disable=not calc.progress,
+        leave=False,
+    )
+    for start, grads in bar:
+        if cache is not None:
+            cache[start : start + grads.shape[0]] = grads
+        yield start, grads
+    calc._grad_cache.value = cache
+
+
+def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, torch.Tensor]:
+    """``{block: [m, n]}`` from the fitted solver's parameter blocks (one training pass)."""
+    blocks = calc.fitted_solver().blocks()
+    if blocks is None:
+        raise InputError(
+            f"per_layer=True needs a block-diagonal solver (KFAC or EKFAC), whose inverse "
+            f"splits into one block per layer; {type(calc.solver).__name__} couples all "
+            "parameters, so its scores have no per-layer split. Use infl.KFAC or infl.EKFAC."
+        )
+    ihvp = calc.inverse_hvp(test_data).value
+    m, n = ihvp.shape[0], calc.num_train
+    scores = {name: torch.zeros(m, n, dtype=ihvp.dtype, device=ihvp.device) for name in blocks}
+    for start, grads in iter_train_grads(calc, desc="scoring per layer"):
+        stop = start + grads.shape[0]
+        for name, slices in blocks.items():
+            for sl in slices:
+                scores[name][:, start:stop] -= ihvp[:, sl] @ grads[:, sl].T
+    return scores
+
+
+def low_rank_influence(calc: InfluenceCalculator, test_data: Any) -> torch.Tensor | None:
+    """:math:`-(T U^T) \\operatorname{diag}(w) (G U^T)^T` when the fitted solver is a
+    low-rank inverse :math:`U^T \\operatorname{diag}(w) U` (else ``None``)."""
+    low = calc.fitted_solver().low_rank()
+    if low is None:
+        return None
+    basis, weights = low
+    train_proj = train_projection(calc, basis)  # [n, r]
+    test_proj = calc.test_grads(test_data).to(basis) @ basis.T  # [m, r]
+    return -(test_proj * weights) @ train_proj.T
+
+
+def train_projection(calc: InfluenceCalculator, basis: torch.Tensor) -> torch.Tensor:
+    """:math:`G U^T`, ``[n, r]``: one streamed pass, cached (``[n, p]`` is never kept)."""
+    cached = calc._grad_cache.projection(basis)
+    if cached is not None:
+        return cached
+    proj = torch.empty(calc.num_train, basis.shape[0], dtype=basis.dtype, device=basis.device)
+    full = calc._grad_cache.value
+    if full is not None:
+        chunks: Any = (
+            (start, full[start : start + calc.chunk_size])
+            for start in range(0, calc.num_train, calc.chunk_size)
+        )
+    else:
+        chunks = tqdm(
+            calc.wrapper.iter_train_grads(calc.train, calc.chunk_size),
+            total=calc.train.num_chunks(calc.chunk_size),
+            desc="projecting train gradients",
+            disable=not calc.progress,
+            leave=False,
+        )
+    for start, grads in chunks:
+        proj[start : start + grads.shape[0]] = grads.to(basis) @ basis.T
+    calc._grad_cache.add_projection(basis, proj)
+    return proj
+
+
+def low_rank_self_influence(
+    calc: InfluenceCalculator,
+    low: tuple[torch.Tensor, torch.Tensor],
+    batch: Any,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Self-influence of the training examples ``rows`` (``batch``) under a low-rank inverse:
+    their cached projections when there are any, else the batch's gradients projected."""
+    basis, weights = low
+    cached = calc._grad_cache.projection(basis)
+    if cached is not None:
+        train_proj = cached[rows.to(cached.device)]
+    else:
+        train_proj = calc.wrapper.train_grads(batch).to(basis) @ basis.T
+    measured = calc.wrapper.per_example_grads(calc.measurement, batch).to(basis) @ basis.T
+    return -(measured * weights * train_proj).sum(dim=1)
+
+
+def self_influence(
+    calc: InfluenceCalculator, indices: Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
+    """The body of :meth:`InfluenceCalculator.self_influence`: ``[k]``, solved (or, for a
+    low-rank inverse, projected) ``chunk_size`` training examples at a time."""
+    fitted = calc.fitted_solver()
+    idx = (
+        torch.arange(calc.num_train)
+        if indices is None
+        else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    )
+    out = []
+    low = fitted.low_rank()
+    starts = range(0, idx.numel(), calc.chunk_size)
+    for start in tqdm(starts, desc="self-influence", disable=not calc.progress, leave=False):
+        batch = calc.train.select(idx[start : start + calc.chunk_size])
+        if low is not None:
+            rows = idx[start : start + calc.chunk_size]
+            out.append(low_rank_self_influence(calc, low, batch, rows))
+            continue
+        ihvp = fitted.solve(calc.wrapper.train_grads(batch)).value
+        measured = calc.wrapper.per_example_grads(calc.measurement, batch)
+        out.append(-(ihvp * measured).sum(dim=1))
+    return torch.cat(out)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
 
 from infl.errors import InputError
+from infl.legacy_keywords import config_from_keywords
 
 __all__ = [
     "RANKINGS",
@@ -209,30 +209,15 @@ class CorrectionConfig:
         object.__setattr__(self, "lr", float(self.lr))
 
 
-_SETTINGS = tuple(CorrectionConfig.__dataclass_fields__)
-
-
 def resolve_config(
     config: CorrectionConfig | None, settings: dict[str, Any], caller: str
 ) -> CorrectionConfig:
     """``config``, or (deprecated) a :class:`CorrectionConfig` built from keywords."""
-    unknown = sorted(set(settings) - set(_SETTINGS))
-    if unknown:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
-    if config is not None and not isinstance(config, CorrectionConfig):
-        raise InputError(f"config must be a CorrectionConfig, got {type(config).__name__}")
-    if not settings:
-        return CorrectionConfig() if config is None else config
-    names = ", ".join(sorted(settings))
-    if config is not None:
-        raise InputError(
-            f"{caller}() got config= and the settings keywords {names}; put them into the "
-            "config (config=CorrectionConfig(...)) or use dataclasses.replace(config, ...)"
-        )
-    warnings.warn(
-        f"passing {names} to {caller}() as keywords is deprecated and will be removed in the "
-        "next release; pass config=infl.experiments.CorrectionConfig(...) instead",
-        DeprecationWarning,
-        stacklevel=3,
+    return config_from_keywords(
+        CorrectionConfig,
+        config,
+        settings,
+        caller,
+        kind="settings",
+        public_name="infl.experiments.CorrectionConfig",
     )
-    return CorrectionConfig(**settings)

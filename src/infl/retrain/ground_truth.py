@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from infl.data import as_indexed
 from infl.errors import InflWarning, InputError
+from infl.legacy_keywords import config_from_keywords
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.parallel import pickle_payload, run_tasks
 from infl.retrain.config import RetrainConfig
@@ -59,7 +60,6 @@ from infl.store import Store
 __all__ = ["retrain_ground_truth", "retrain_subsets"]
 
 _PAYLOAD = "the model, loss, measurement and data"
-_PROTOCOL = tuple(f.name for f in RetrainConfig.__dataclass_fields__.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,26 +69,9 @@ def _resolve_config(
     config: RetrainConfig | None, protocol: dict[str, Any], caller: str
 ) -> RetrainConfig:
     """``config``, or (deprecated) a :class:`RetrainConfig` built from protocol keywords."""
-    unknown = sorted(set(protocol) - set(_PROTOCOL))
-    if unknown:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
-    if config is not None and not isinstance(config, RetrainConfig):
-        raise InputError(f"config must be an infl.RetrainConfig, got {type(config).__name__}")
-    if not protocol:
-        return RetrainConfig() if config is None else config
-    names = ", ".join(sorted(protocol))
-    if config is not None:
-        raise InputError(
-            f"{caller}() got config= and the protocol keywords {names}; put them into the "
-            "config (config=RetrainConfig(...)) or use dataclasses.replace(config, ...)"
-        )
-    warnings.warn(
-        f"passing the retraining protocol to {caller}() as keywords ({names}) is deprecated "
-        "and will be removed in the next release; pass config=infl.RetrainConfig(...) instead",
-        DeprecationWarning,
-        stacklevel=3,
+    return config_from_keywords(
+        RetrainConfig, config, protocol, caller, kind="protocol", public_name="infl.RetrainConfig"
     )
-    return RetrainConfig(**protocol)
 
 
 def _load(store: Store, removal: tuple[int, ...]) -> Outcome | None:

@@ -111,3 +111,21 @@ def test_correct_no_figures_skips_the_png(tmp_path, capsys):
     assert main(["correct", "--out", str(tmp_path), "--no-figures", "--no-progress"]) == 0
     assert "correction.png" not in capsys.readouterr().out
     assert not (tmp_path / "figures").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("x = 1\n", "defines no setup()"),
+        ("def setup():\n    raise ValueError('no data here')\n", "raised ValueError"),
+        ("def setup():\n    return 1, 2\n", "must return (model, objective"),
+    ],
+)
+def test_audit_spec_errors_are_one_line_and_exit_1(tmp_path, capsys, source, words):
+    spec = tmp_path / "my_setup.py"
+    spec.write_text(source)
+    assert main(["audit", "--spec", str(spec), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert words in err
+    assert not (tmp_path / "out").exists()

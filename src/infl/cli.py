@@ -5,7 +5,8 @@ Subcommands:
 * ``infl fragility`` — rerun Basu et al. (ICLR 2021) and compare with the paper;
 * ``infl fading`` — how influence fades with training time (Schioppa et al. 2023);
 * ``infl correct`` — correct mis-predicted digits with influence, against two controls;
-* ``infl benchmark`` — every solver and attribution baseline on digits: time, LDS, LOO, AUC.
+* ``infl benchmark`` — every solver and attribution baseline on digits: time, LDS, LOO, AUC;
+* ``infl audit`` — can influence scores be trusted for *your* model (``--spec`` file)?
 
 Every subcommand writes to an output directory and resumes from it when rerun.
 """
@@ -169,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    aud = sub.add_parser(
+        "audit",
+        help="can influence scores be trusted for your model? evidence and verdicts",
+        description="Audit influence scores on your model: curvature, solver agreement, "
+        "sensitivity and a budgeted retraining check, ending in a verdict per test point. "
+        "The --spec file defines setup() returning (model, objective, train_data, test_data); "
+        "see docs/audit.md.",
+    )
+    aud.add_argument("--spec", required=True, help="Python file defining setup()")
+    aud.add_argument("--out", default="results/audit", help="output directory")
+    aud.add_argument(
+        "--budget-minutes", type=float, default=5.0, help="wall-clock budget (default 5)"
+    )
+    aud.add_argument("--num-test", type=_positive_int, default=2, help="test points to audit")
+    aud.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
     return parser
 
 
@@ -264,6 +281,26 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from infl.audit import audit, load_spec
+
+    if not args.budget_minutes > 0:
+        raise InflError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    model, objective, train_data, test_data = load_spec(args.spec)
+    report = audit(
+        model,
+        objective,
+        train_data,
+        test_data,
+        num_test=args.num_test,
+        budget_minutes=args.budget_minutes,
+    )
+    path = report.write(args.out, figures=not args.no_figures)
+    print(report.verdict_table())
+    print(f"\nverdict: {report.verdict} ({report.settings['seconds']} s); report: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infl`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -272,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fading": _fading,
         "correct": _correct,
         "benchmark": _benchmark,
+        "audit": _audit,
     }
     try:
         return handlers[args.command](args)

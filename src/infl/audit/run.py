@@ -1,0 +1,263 @@
+"""``audit``: collect the evidence on a user's model and turn it into verdicts."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from infl.audit import thresholds as th
+from infl.audit.evidence import (
+    agreement_evidence,
+    curvature_evidence,
+    default_solvers,
+    reference_solver,
+    retraining_evidence,
+    sensitivity_evidence,
+)
+from infl.audit.report import AuditReport, PointVerdict, Section, num
+from infl.audit.verdict import model_reasons, point_verdict, recommendations, summarize
+from infl.calculator import InfluenceCalculator
+from infl.data import as_indexed
+from infl.errors import InflWarning, InputError
+from infl.objective import Objective
+from infl.solvers import ConjugateGradient
+from infl.solvers.base import Solver
+
+
+def pick_test_points(losses: torch.Tensor, num_test: int) -> list[int]:
+    """Highest-loss, then median-loss, then evenly spread quantiles of the loss.
+
+    Parameters
+    ----------
+    losses
+        ``[m]`` test losses.
+    num_test
+        How many points to audit (at most ``m``).
+
+    Returns
+    -------
+    list of int
+        Distinct test indices, highest loss first, median second.
+    """
+    order = torch.argsort(losses, descending=True, stable=True).tolist()
+    m = len(order)
+    ranks = [0, m // 2]
+    k = max(num_test, 2)
+    ranks += [round(i * (m - 1) / (k - 1)) for i in range(k)]
+    picked: list[int] = []
+    for r in ranks:
+        if order[r] not in picked and len(picked) < min(num_test, m):
+            picked.append(order[r])
+    for i in order:  # fill up if the quantiles collided
+        if len(picked) >= min(num_test, m):
+            break
+        if i not in picked:
+            picked.append(i)
+    return picked
+
+
+def audit(
+    model: nn.Module,
+    objective: Objective,
+    train_data: Any,
+    test_data: Any,
+    *,
+    solvers: dict[str, Solver] | None = None,
+    damping: float | None = None,
+    curvature: str = "hessian",
+    num_test: int = 2,
+    retrain_per_point: int = 8,
+    random_per_point: int = 4,
+    top_k: int = 10,
+    budget_minutes: float = 5.0,
+    seed: int = 0,
+) -> AuditReport:
+    """Can these influence scores be trusted for this model? Evidence and verdicts.
+
+    Parameters
+    ----------
+    model
+        The trained module (eval mode). Not modified.
+    objective
+        Its training objective.
+    train_data, test_data
+        The training data (fixed order) and the test data to audit points from.
+    solvers
+        Solvers to compare with the reference (exact for ``p <= 2000``, else tight CG), by
+        name; default: CG, LiSSA (auto scale), Arnoldi and EK-FAC at the damping used.
+    damping
+        The damping you intend to use (``None``: the advised one). If it leaves
+        :math:`H + \\lambda I` indefinite, the advised damping is used and the report says so.
+    curvature
+        ``"hessian"`` or ``"gauss_newton"`` (the other one is the sensitivity comparison).
+    num_test
+        Test points to audit: the highest-loss, the median-loss, then loss quantiles.
+    retrain_per_point, random_per_point
+        Leave-one-out retrains wanted per retrained point: its top-|influence| examples and
+        random ones. Only the highest- and median-loss points are retrained.
+    top_k
+        ``k`` of the top-k overlaps (at most ``n``).
+    budget_minutes
+        Wall-clock budget of the whole audit; retraining gets what the other checks leave
+        (at least one retrain and the control run, to estimate the cost of one).
+    seed
+        Seeds the random removals.
+
+    Returns
+    -------
+    AuditReport
+    """
+    if num_test < 1 or retrain_per_point < 1 or random_per_point < 0 or top_k < 1:
+        raise InputError(
+            "num_test, retrain_per_point and top_k must be >= 1, random_per_point >= 0"
+        )
+    if not budget_minutes > 0:
+        raise InputError(f"budget_minutes must be positive, got {budget_minutes}")
+    with warnings.catch_warnings():
+        # the audit reports stationarity, convergence and retraining quality itself
+        warnings.simplefilter("ignore", InflWarning)
+        return _collect(
+            model,
+            objective,
+            train_data,
+            test_data,
+            solvers=solvers,
+            damping=damping,
+            curvature=curvature,
+            num_test=num_test,
+            retrain_per_point=retrain_per_point,
+            random_per_point=random_per_point,
+            top_k=top_k,
+            budget_minutes=budget_minutes,
+            seed=seed,
+        )
+
+
+def _collect(
+    model: nn.Module,
+    objective: Objective,
+    train_data: Any,
+    test_data: Any,
+    *,
+    solvers: dict[str, Solver] | None,
+    damping: float | None,
+    curvature: str,
+    num_test: int,
+    retrain_per_point: int,
+    random_per_point: int,
+    top_k: int,
+    budget_minutes: float,
+    seed: int,
+) -> AuditReport:
+    """The body of :func:`audit` (with the library's warnings silenced)."""
+    start = time.perf_counter()
+    deadline = start + 60.0 * budget_minutes
+    test = as_indexed(test_data, "test data")
+    base = InfluenceCalculator(
+        model, objective, train_data, ConjugateGradient(), progress=False, curvature=curvature
+    )
+    stat = base.stationarity
+    assert stat is not None
+    n, p = base.num_train, base.num_params
+    k = min(top_k, n)
+    losses = torch.cat(
+        [objective.per_example_loss(model, batch).detach() for _, batch in test.chunks(256)]
+    )
+    points = pick_test_points(losses.cpu(), num_test)
+    sub = test.select(points)
+
+    curv = curvature_evidence(base, damping)
+    ref = base.with_solver(reference_solver(p, curv.damping))
+    ref_scores = ref.influence(sub)
+    compared = solvers if solvers is not None else default_solvers(p, curv.damping)
+    agreement = agreement_evidence(ref, sub, ref_scores, compared, k)
+    sens, stability, gn = sensitivity_evidence(
+        ref,
+        model,
+        objective,
+        train_data,
+        sub,
+        ref_scores,
+        curv.spectrum.lambda_max,
+        float(curv.section.numbers["min_pd_damping"]),
+        k,
+    )
+    retrained = points[:2]
+    predicted = ref.removal_effect(test.select(retrained))
+    retrain = retraining_evidence(
+        model,
+        objective,
+        train_data,
+        test.select(retrained),
+        retrained,
+        predicted,
+        per_point=min(retrain_per_point, n),
+        random_per_point=random_per_point,
+        deadline=deadline,
+        seed=seed,
+    )
+    station = {
+        "grad_norm": num(stat.grad_norm),
+        "grad_scale": num(stat.grad_scale),
+        "drift_ratio": num(stat.drift_ratio),
+        "is_minimum": stat.is_minimum,
+        "wrong_weight_decay": stat.wrong_weight_decay,
+        "implied_weight_decay": num(stat.implied_weight_decay),
+    }
+    stat_reading = (
+        f"At a minimum: drift ratio {station['drift_ratio']}."
+        if stat.is_minimum
+        else f"Not at a minimum: drift ratio {station['drift_ratio']} (gradient norm "
+        f"{station['grad_norm']})."
+    )
+    sections = [
+        curv.section,
+        Section("stationarity", station, stat_reading),
+        agreement,
+        sens,
+        retrain.section,
+    ]
+    bad, caution = model_reasons(curv.section.numbers, station)
+    min_r = retrain.section.numbers["min_pearson"]
+    verdicts: list[PointVerdict] = [
+        point_verdict(
+            index,
+            num(float(losses[index])),
+            bad,
+            caution,
+            retrain.pearson.get(index),
+            index in retrain.pearson,
+            min_r,
+            stability[j],
+            gn[j],
+        )
+        for j, index in enumerate(points)
+    ]
+    settings = {
+        "num_params": p,
+        "num_train": n,
+        "num_test": len(test),
+        "audited_points": points,
+        "retrained_points": retrained,
+        "curvature": curvature,
+        "damping_used": curv.section.numbers["damping_used"],
+        "budget_minutes": num(budget_minutes),
+        "seconds": num(time.perf_counter() - start, 3),
+        "seed": seed,
+    }
+    return AuditReport(
+        sections=sections,
+        points=verdicts,
+        summary=summarize(verdicts),
+        recommendations=recommendations(curv.section.numbers, agreement.numbers, station),
+        settings=settings,
+        thresholds=th.as_dict(),
+        scatter=retrain.scatter,
+    )
+
+
+__all__ = ["audit", "pick_test_points"]

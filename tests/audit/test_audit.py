@@ -1,0 +1,144 @@
+"""``infl.audit``: verdicts on a convex and a fragile model, the report's numbers, the budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import torch
+from torch import nn
+
+from infl import ConjugateGradient, Objective
+from infl.audit import AuditReport, audit
+from infl.audit.run import pick_test_points
+from infl.audit.thresholds import PEARSON_TRUSTED
+from problems import LogisticProblem
+
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def _logistic_audit(problem: LogisticProblem, **kwargs) -> AuditReport:
+    objective = Objective("bce_with_logits", weight_decay=problem.wd)
+    return audit(
+        problem.model,
+        objective,
+        (problem.x, problem.y),
+        (problem.x_test, problem.y_test),
+        **kwargs,
+    )
+
+
+def _narrow_relu_mlp(depth: int = 5, width: int = 5) -> tuple[nn.Module, tuple, tuple]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    layers: list[nn.Module] = [nn.Linear(4, width)]
+    for _ in range(depth - 1):
+        layers += [nn.ReLU(), nn.Linear(width, width)]
+    layers += [nn.ReLU(), nn.Linear(width, 2)]
+    torch.manual_seed(3)
+    model = nn.Sequential(*layers).double().eval()  # untrained, no weight decay
+    return model, (x[:40], y[:40]), (x[40:], y[40:])
+
+
+def _json_numbers(value: object) -> list[float]:
+    if isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _json_numbers(item)]
+    if isinstance(value, list):
+        return [v for item in value for v in _json_numbers(item)]
+    return []
+
+
+def test_logistic_regression_is_trustworthy_and_model_unchanged(logistic):
+    before = [p.detach().clone() for p in logistic.model.parameters()]
+    report = _logistic_audit(logistic, budget_minutes=2.0)
+    assert [p.verdict for p in report.points] == ["trustworthy"] * len(report.points)
+    assert report.verdict == "trustworthy"
+    retraining = report.section("retraining").numbers
+    assert retraining["left_out_retrains"] == 0
+    assert retraining["min_pearson"] >= 0.99
+    assert all(row["pearson"] >= 0.99 for row in retraining["points"])
+    assert report.section("curvature").numbers["negative_count"] == 0
+    agreement = report.section("solver_agreement").numbers
+    assert agreement["reference"] == "ExactHessian"
+    assert {r["solver"] for r in agreement["solvers"]} >= {"cg", "lissa"}
+    for p, q in zip(before, logistic.model.parameters(), strict=True):
+        assert torch.equal(p, q.detach())
+
+
+def test_untrained_deep_narrow_relu_mlp_is_not_trustworthy_and_says_why():
+    model, train, test = _narrow_relu_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    report = audit(
+        model,
+        Objective("cross_entropy"),
+        train,
+        test,
+        solvers={"cg": ConjugateGradient(rtol=1e-6, max_iter=300)},
+        retrain_per_point=4,
+        random_per_point=2,
+        budget_minutes=0.5,
+    )
+    assert report.verdict == "not trustworthy"
+    for point in report.points:
+        assert point.verdict != "trustworthy"
+        assert any("not at a minimum" in reason for reason in point.reasons)
+    assert any("Train longer" in r for r in report.recommendations)
+    assert report.section("stationarity").numbers["is_minimum"] is False
+    for p, q in zip(before, model.parameters(), strict=True):
+        assert torch.equal(p, q.detach())
+
+
+def test_every_number_in_report_md_is_in_audit_json(logistic, tmp_path):
+    report = _logistic_audit(logistic, budget_minutes=2.0, num_test=3)
+    path = report.write(tmp_path)
+    stored = json.loads((tmp_path / "audit.json").read_text())
+    values = _json_numbers(stored)
+    text = path.read_text()
+    found = NUMBER.findall(text)
+    assert len(found) > 40
+    missing = [s for s in found if not any(math.isclose(float(s), v, rel_tol=1e-9) for v in values)]
+    assert missing == [], missing
+    assert "trustworthy" in text
+    assert stored["summary"]["verdict"] == "trustworthy"
+    if (tmp_path / "figures" / "retraining.png").exists():
+        assert "figures/retraining.png" in text
+
+
+def test_a_tiny_budget_retrains_less_and_says_so(logistic):
+    report = _logistic_audit(logistic, budget_minutes=1e-5)
+    retraining = report.section("retraining")
+    assert retraining.numbers["done_retrains"] == 1
+    assert retraining.numbers["left_out_retrains"] == retraining.numbers["planned_retrains"] - 1
+    assert "left out" in retraining.reading
+    assert retraining.numbers["min_pearson"] is None
+    for point in report.points:
+        assert point.verdict == "use with caution"
+        assert any("no retraining check" in r for r in point.reasons)
+
+
+def test_the_pearson_threshold_decides_the_verdict():
+    from infl.audit.verdict import point_verdict
+
+    ok = point_verdict(0, 1.0, [], [], 0.95, True, 0.95, 1.0, 1.0)
+    weak = point_verdict(0, 1.0, [], [], PEARSON_TRUSTED - 0.05, True, None, 1.0, 1.0)
+    bad = point_verdict(0, 1.0, [], [], 0.1, True, None, 1.0, 1.0)
+    assert (ok.verdict, weak.verdict, bad.verdict) == (
+        "trustworthy",
+        "use with caution",
+        "not trustworthy",
+    )
+    assert "Pearson 0.1" in bad.reasons[0]
+
+
+def test_test_points_start_with_highest_and_median_loss():
+    losses = torch.tensor([0.5, 3.0, 0.1, 1.0, 2.0])
+    assert pick_test_points(losses, 2) == [1, 3]
+    picked = pick_test_points(losses, 5)
+    assert sorted(picked) == [0, 1, 2, 3, 4]
+    assert picked[:2] == [1, 3]

@@ -129,3 +129,13 @@ def test_audit_spec_errors_are_one_line_and_exit_1(tmp_path, capsys, source, wor
     assert err.count("\n") == 1, err
     assert words in err
     assert not (tmp_path / "out").exists()
+
+
+def test_audit_test_indices_must_be_integers(tmp_path, capsys):
+    spec = tmp_path / "my_setup.py"
+    spec.write_text("x = 1\n")
+    args = ["audit", "--spec", str(spec), "--out", str(tmp_path / "out")]
+    assert main([*args, "--test-indices", "3,x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--test-indices takes comma-separated integers" in err

@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-minutes", type=float, default=5.0, help="wall-clock budget (default 5)"
     )
     aud.add_argument("--num-test", type=_positive_int, default=2, help="test points to audit")
+    aud.add_argument(
+        "--test-indices",
+        default=None,
+        help="comma-separated test points to audit, e.g. 3,7 (instead of --num-test)",
+    )
     aud.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
     return parser
 
@@ -286,6 +291,16 @@ def _audit(args: argparse.Namespace) -> int:
 
     if not args.budget_minutes > 0:
         raise InflError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    indices = None
+    if args.test_indices is not None:
+        try:
+            indices = [int(t) for t in args.test_indices.split(",") if t.strip()]
+        except ValueError:
+            raise InflError(
+                f"--test-indices takes comma-separated integers, got {args.test_indices!r}"
+            ) from None
+        if not indices:
+            raise InflError("--test-indices names no test point")
     model, objective, train_data, test_data = load_spec(args.spec)
     report = audit(
         model,
@@ -293,6 +308,7 @@ def _audit(args: argparse.Namespace) -> int:
         train_data,
         test_data,
         num_test=args.num_test,
+        test_indices=indices,
         budget_minutes=args.budget_minutes,
     )
     path = report.write(args.out, figures=not args.no_figures)

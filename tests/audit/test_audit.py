@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +14,7 @@ from infl import ConjugateGradient, Objective
 from infl.audit import AuditReport, audit
 from infl.audit.run import pick_test_points
 from infl.audit.thresholds import PEARSON_TRUSTED
+from infl.errors import InputError
 from problems import LogisticProblem
 
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
@@ -142,3 +144,55 @@ def test_test_points_start_with_highest_and_median_loss():
     picked = pick_test_points(losses, 5)
     assert sorted(picked) == [0, 1, 2, 3, 4]
     assert picked[:2] == [1, 3]
+
+
+def test_chosen_test_indices_are_audited_exactly_and_out_of_range_is_refused(logistic):
+    report = _logistic_audit(logistic, test_indices=[3, 7], budget_minutes=1.0)
+    assert [p.test_index for p in report.points] == [3, 7]
+    assert report.settings["audited_points"] == [3, 7]
+    assert report.settings["retrained_points"] == [3, 7]
+    m = len(logistic.y_test)
+    with pytest.raises(InputError, match=f"test index {m} is out of range"):
+        _logistic_audit(logistic, test_indices=[0, m])
+    with pytest.raises(InputError, match="test index -1"):
+        _logistic_audit(logistic, test_indices=[-1])
+    with pytest.raises(InputError, match="at least one"):
+        _logistic_audit(logistic, test_indices=[])
+
+
+def test_taylor_gap_of_logistic_regression_ranks_parameter_changes(logistic, tmp_path):
+    report = _logistic_audit(logistic, budget_minutes=2.0)
+    retraining = report.section("retraining").numbers
+    assert retraining["taylor_gap_spearman"] >= 0.9
+    assert retraining["taylor_gap_pearson"] is not None
+    assert retraining["taylor_gap_median_ratio"] > 0
+    report.write(tmp_path, figures=False)
+    stored = json.loads((tmp_path / "audit.json").read_text())["sections"]["retraining"]
+    assert stored["numbers"]["taylor_gap_spearman"] == retraining["taylor_gap_spearman"]
+    text = (tmp_path / "report.md").read_text()
+    assert f"| taylor gap spearman | {retraining['taylor_gap_spearman']} |" in text
+
+
+def test_ekfac_on_an_unsupported_layer_is_skipped_with_its_reason():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
+    model = model.double().eval()
+    report = audit(
+        model,
+        Objective("cross_entropy", weight_decay=1e-2),
+        (x[:24], y[:24]),
+        (x[24:], y[24:]),
+        num_test=1,
+        retrain_per_point=2,
+        random_per_point=0,
+        budget_minutes=0.5,
+    )
+    agreement = report.section("solver_agreement").numbers
+    skipped = {s["solver"]: s["reason"] for s in agreement["skipped"]}
+    assert "ekfac" in skipped
+    assert skipped["ekfac"]
+    assert "ekfac" not in {r["solver"] for r in agreement["solvers"]}
+    assert len(report.points) == 1

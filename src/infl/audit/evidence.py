@@ -19,7 +19,7 @@ from torch import nn
 
 from infl import metrics
 from infl.audit import thresholds as th
-from infl.audit.report import Section, num
+from infl.audit.report import Section, num, show
 from infl.calculator import InfluenceCalculator
 from infl.diagnostics import Spectrum, advise, compare_inverse_hvps
 from infl.errors import InflError
@@ -293,6 +293,7 @@ def retraining_evidence(
     deadline: float,
     seed: int,
     config: RetrainConfig | None = None,
+    calc: InfluenceCalculator | None = None,
 ) -> Retraining:
     """Warm-start leave-one-out retraining of top-|influence| and random examples.
 
@@ -315,6 +316,10 @@ def retraining_evidence(
         Seeds the random removals.
     config
         The retraining protocol (default: warm-start L-BFGS).
+    calc
+        The calculator whose ``param_change`` predicts the parameter-change norms of the
+        retrained removals (the Taylor gap, :func:`infl.metrics.taylor_gap`); ``None``: no
+        Taylor gap.
     """
     n = predicted.shape[1]
     rng = np.random.default_rng(seed)
@@ -340,11 +345,13 @@ def retraining_evidence(
     afford = int((deadline - time.perf_counter()) / max(per_retrain, 1e-9)) - 1
     more = order[1 : 1 + max(afford, 0)]
     changes = [first.corrected_change]
+    norms = [first.param_change_norm]
     if more:
         gt = retrain_ground_truth(
             model, objective, train_data, test_select, more, config=cfg, progress=False
         )
         changes.append(gt.corrected_change)
+        norms.append(gt.param_change_norm)
     done = [order[0], *more]
     actual = torch.cat(changes, dim=1).to(torch.float64)
     pred = predicted[:, done].to(torch.float64)
@@ -367,6 +374,13 @@ def retraining_evidence(
         "seconds_per_retrain": num(per_retrain, 3),
         "points": rows,
     }
+    gap = None
+    if calc is not None and len(done) >= 2:
+        predicted_norms = calc.param_change(done).norm(dim=1).to(torch.float64).cpu()
+        gap = metrics.taylor_gap(predicted_norms, torch.cat(norms).to(torch.float64).cpu())
+    numbers["taylor_gap_spearman"] = num(gap.spearman) if gap else None
+    numbers["taylor_gap_pearson"] = num(gap.pearson) if gap else None
+    numbers["taylor_gap_median_ratio"] = num(gap.median_ratio) if gap else None
     rs = [r for r in pearson.values() if r is not None]
     if rs:
         reading = f"Predicted vs retrained removal effects: Pearson at least {num(min(rs))}"
@@ -378,4 +392,10 @@ def retraining_evidence(
         if left
         else f" over {len(done)} retrains (all planned)."
     )
+    if gap is not None:
+        reading += (
+            f" Taylor gap: predicted vs retrained parameter-change norms Spearman "
+            f"{show(numbers['taylor_gap_spearman'])}, median retrained/predicted ratio "
+            f"{show(numbers['taylor_gap_median_ratio'])}."
+        )
     return Retraining(Section("retraining", numbers, reading), pearson, scatter)

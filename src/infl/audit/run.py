@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,6 +61,17 @@ def pick_test_points(losses: torch.Tensor, num_test: int) -> list[int]:
     return picked
 
 
+def _checked_indices(indices: list[int], m: int) -> list[int]:
+    """``indices`` when they are distinct indices into ``m`` test points, else InputError."""
+    for i in indices:
+        if not 0 <= i < m:
+            raise InputError(f"test index {i} is out of range: the test data has {m} points")
+    if len(set(indices)) != len(indices):
+        dup = next(i for i in indices if indices.count(i) > 1)
+        raise InputError(f"test index {dup} is given twice")
+    return list(indices)
+
+
 def audit(
     model: nn.Module,
     objective: Objective,
@@ -70,6 +82,7 @@ def audit(
     damping: float | None = None,
     curvature: str = "hessian",
     num_test: int = 2,
+    test_indices: Sequence[int] | None = None,
     retrain_per_point: int = 8,
     random_per_point: int = 4,
     top_k: int = 10,
@@ -96,6 +109,9 @@ def audit(
         ``"hessian"`` or ``"gauss_newton"`` (the other one is the sensitivity comparison).
     num_test
         Test points to audit: the highest-loss, the median-loss, then loss quantiles.
+    test_indices
+        The test points to audit instead (distinct indices into ``test_data``, in this
+        order; ``num_test`` is then ignored). The first two are retrained.
     retrain_per_point, random_per_point
         Leave-one-out retrains wanted per retrained point: its top-|influence| examples and
         random ones. Only the highest- and median-loss points are retrained.
@@ -117,6 +133,9 @@ def audit(
         )
     if not budget_minutes > 0:
         raise InputError(f"budget_minutes must be positive, got {budget_minutes}")
+    chosen = None if test_indices is None else [int(i) for i in test_indices]
+    if chosen is not None and not chosen:
+        raise InputError("test_indices must name at least one test point")
     with warnings.catch_warnings():
         # the audit reports stationarity, convergence and retraining quality itself
         warnings.simplefilter("ignore", InflWarning)
@@ -129,6 +148,7 @@ def audit(
             damping=damping,
             curvature=curvature,
             num_test=num_test,
+            test_indices=chosen,
             retrain_per_point=retrain_per_point,
             random_per_point=random_per_point,
             top_k=top_k,
@@ -147,6 +167,7 @@ def _collect(
     damping: float | None,
     curvature: str,
     num_test: int,
+    test_indices: list[int] | None,
     retrain_per_point: int,
     random_per_point: int,
     top_k: int,
@@ -167,7 +188,10 @@ def _collect(
     losses = torch.cat(
         [objective.per_example_loss(model, batch).detach() for _, batch in test.chunks(256)]
     )
-    points = pick_test_points(losses.cpu(), num_test)
+    if test_indices is None:
+        points = pick_test_points(losses.cpu(), num_test)
+    else:
+        points = _checked_indices(test_indices, len(test))
     sub = test.select(points)
 
     curv = curvature_evidence(base, damping)
@@ -199,6 +223,7 @@ def _collect(
         random_per_point=random_per_point,
         deadline=deadline,
         seed=seed,
+        calc=ref,
     )
     station = {
         "grad_norm": num(stat.grad_norm),

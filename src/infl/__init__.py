@@ -42,6 +42,7 @@ from infl.operators import (
     LinearOperator,
 )
 from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
+from infl.score_store import ScoreStore, StoreWriteError
 from infl.solvers import (
     EKFAC,
     KFAC,
@@ -81,10 +82,12 @@ __all__ = [
     "NotPositiveDefiniteError",
     "Objective",
     "RetrainConfig",
+    "ScoreStore",
     "SolveResult",
     "Solver",
     "SolverDivergedError",
     "StoreMismatchError",
+    "StoreWriteError",
     "__version__",
     "diagnostics",
     "experiments",

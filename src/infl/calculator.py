@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import nn
 
-from infl import group_influence, persistence, train_gradients
+from infl import group_influence, persistence, score_store, streaming, train_gradients
 from infl.data import as_indexed
 from infl.errors import InputError
 from infl.export import Ids, scores_to_frame
@@ -79,6 +79,19 @@ class InfluenceCalculator:
     cache_bytes
         Keep the ``[n, p]`` training-gradient matrix in memory when it takes at most this many
         bytes (default 1 GiB); otherwise stream it chunk by chunk on every call.
+    memory_budget
+        Bytes for the working tensors that would otherwise grow with ``n`` or ``m`` (default
+        ``None``: no limit beyond ``cache_bytes``). With a budget :math:`B`, the gradient
+        cache is kept only within ``min(cache_bytes, B/2)`` and test examples are scored in
+        row blocks sized to the other half (:func:`infl.streaming.test_block_size`; each
+        block one solve and one pass over the training gradients), so the peak of
+        :meth:`influence` (beyond the ``[m, n]`` it returns), of :meth:`influence` with
+        ``out=``, :meth:`top_k` and :meth:`self_influence` is set by ``chunk_size`` and
+        :math:`B`, never by ``n`` or ``m``. A low-rank solver (``Arnoldi``) still keeps its
+        ``[n, r]`` projections; :class:`infl.GradientStore` keeps them on disk instead.
+        The model's own activations for ``chunk_size`` examples are not counted: lower
+        ``chunk_size`` for a large model. A budget that cannot hold one chunk of gradients
+        is an ``InputError`` naming the ``chunk_size`` that fits.
     progress
         Show tqdm progress bars over data and solver iterations.
     curvature
@@ -131,6 +144,7 @@ class InfluenceCalculator:
         measurement: PerExampleFn | None = None,
         chunk_size: int = 256,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        memory_budget: int | None = None,
         progress: bool = True,
         curvature: str = "hessian",
         check_minimum: bool = True,
@@ -154,7 +168,12 @@ class InfluenceCalculator:
         self.solver = solver
         self.measurement = measurement if measurement is not None else loss_measurement(objective)
         self.chunk_size = chunk_size
-        self.cache_bytes = cache_bytes
+        dtype = self.wrapper.dtype
+        streaming.check_memory_budget(memory_budget, chunk_size, self.num_params, dtype)
+        self.memory_budget = memory_budget
+        self.cache_bytes = (
+            cache_bytes if memory_budget is None else min(cache_bytes, memory_budget // 2)
+        )
         self.progress = progress
         self.curvature = curvature
         self.operator: TrainingDataOperator = CURVATURES[curvature](
@@ -343,14 +362,27 @@ class InfluenceCalculator:
 
     # ------------------------------------------------------------------ scores
     @overload
-    def influence(self, test_data: Any, *, per_layer: Literal[False] = ...) -> torch.Tensor: ...
+    def influence(
+        self, test_data: Any, *, per_layer: Literal[False] = ..., out: None = ...
+    ) -> torch.Tensor: ...
 
     @overload
-    def influence(self, test_data: Any, *, per_layer: Literal[True]) -> dict[str, torch.Tensor]: ...
+    def influence(
+        self, test_data: Any, *, per_layer: Literal[True], out: None = ...
+    ) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def influence(
+        self, test_data: Any, *, per_layer: Literal[False] = ..., out: str | os.PathLike[str]
+    ) -> score_store.ScoreStore: ...
 
     def influence(
-        self, test_data: Any, *, per_layer: bool = False
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        self,
+        test_data: Any,
+        *,
+        per_layer: bool = False,
+        out: str | os.PathLike[str] | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor] | score_store.ScoreStore:
         """:math:`-\\nabla f(z_j)^T (H+\\lambda I)^{-1} g_i`: ``[m, n]`` (test-major).
 
         Sign (loss measurement): negative = training example ``i`` is *helpful* to test example
@@ -364,13 +396,32 @@ class InfluenceCalculator:
         Cost: one solve for the ``m`` test gradients and one pass over the training data. With a
         low-rank solver (``Arnoldi``), the training gradients are projected onto its ``r``
         directions once (``[n, r]``, kept) and each test batch then costs its test gradients and
-        an ``[m, r] x [r, n]`` product: no solve and no HVP.
+        an ``[m, r] x [r, n]`` product: no solve and no HVP. With a ``memory_budget`` that
+        cannot hold all ``m`` test rows, they are scored in row blocks (one solve and one
+        training pass each).
+
+        ``out="scores.npy"`` writes the scores to disk instead of returning them: a
+        :class:`infl.ScoreStore` (a memory-mapped ``.npy`` file and its ``scores.npy.store/``
+        directory), filled tile by tile (``[b_r, chunk_size]``), each tile flushed and then
+        recorded atomically, so an interrupted call (Ctrl-C, a crash, a full disk) resumes
+        where it stopped when called again with the same settings, and a store made with
+        other settings (model, objective, data, test data, measurement, solver, damping,
+        curvature, layout) is refused with :class:`~infl.StoreMismatchError`. Read it back
+        with ``store.scores()`` or export it with ``store.to_frame()`` / ``store.save(...)``.
+        Memory: the row block, a chunk and a tile (see ``memory_budget``), not ``[m, n]``.
         """
+        if out is not None:
+            if per_layer:
+                raise InputError("per_layer=True scores cannot be written to a store (out=)")
+            return score_store.influence_to_store(self, test_data, out)
         if per_layer:
             return train_gradients.per_layer_influence(self, test_data)
         low_rank_scores = train_gradients.low_rank_influence(self, test_data)
         if low_rank_scores is not None:
             return low_rank_scores
+        blocked = streaming.blocked_influence(self, test_data)
+        if blocked is not None:
+            return blocked
         ihvp = self.inverse_hvp(test_data).value
         scores = torch.empty(ihvp.shape[0], self.num_train, dtype=ihvp.dtype, device=ihvp.device)
         for start, grads in train_gradients.iter_train_grads(self, desc="scoring"):
@@ -533,9 +584,18 @@ class InfluenceCalculator:
         indices, scores
             Both ``[m, k]``; ``scores`` are the influence values at ``indices`` (sign as in
             :meth:`influence`: negative = helpful, positive = harmful).
+
+        Notes
+        -----
+        ``[m, n]`` is never formed: the scores stream past a running top-``k`` per test
+        example (``[b_r, k + chunk_size]``), test examples in row blocks set by
+        ``memory_budget`` (see :mod:`infl.streaming`). Cost as :meth:`influence`. Under
+        ``torch.distributed`` the gathered :meth:`influence` is ranked instead.
         """
         if not 1 <= k <= self.num_train:
             raise InputError(f"k must be in 1..{self.num_train}, got {k}")
+        if streaming.single_process(self):
+            return streaming.top_k(self, test_data, k, by)
         scores = self.influence(test_data)
         if by == "abs":
             key = scores.abs()

@@ -171,9 +171,18 @@ def self_influence(
     )
     out = []
     low = fitted.low_rank()
-    starts = range(0, idx.numel(), calc.chunk_size)
-    for start in tqdm(starts, desc="self-influence", disable=not calc.progress, leave=False):
-        batch = calc.train.select(idx[start : start + calc.chunk_size])
+    # all examples: one pass in order (a stream has no random access); else the indices
+    batches: Iterator[tuple[int, Any]] = (
+        calc.train.chunks(calc.chunk_size)
+        if indices is None
+        else (
+            (start, calc.train.select(idx[start : start + calc.chunk_size]))
+            for start in range(0, idx.numel(), calc.chunk_size)
+        )
+    )
+    total = -(-idx.numel() // calc.chunk_size)
+    bar = tqdm(batches, total=total, desc="self-influence", disable=not calc.progress, leave=False)
+    for start, batch in bar:
         if low is not None:
             rows = idx[start : start + calc.chunk_size]
             out.append(low_rank_self_influence(calc, low, batch, rows))

@@ -26,6 +26,7 @@ from infl.errors import (
     SolverDivergedError,
     StoreMismatchError,
 )
+from infl.gradient_store import GradientStore
 from infl.model import ModelWrapper
 from infl.objective import (
     Objective,
@@ -67,6 +68,7 @@ __all__ = [
     "ExactHessian",
     "FittedSolver",
     "GaussNewtonOperator",
+    "GradientStore",
     "GroundTruth",
     "HessianOperator",
     "IndexedData",

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from infl import __version__
+from infl.distributed import launched_rank
 from infl.errors import InflError
 
 
@@ -190,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated test points to audit, e.g. 3,7 (instead of --num-test)",
     )
-    aud.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
+    aud.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    aud.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the evidence kept in OUT/evidence and start over (default: resume it, "
+        "refusing evidence of other settings)",
+    )
+    aud.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -310,6 +319,9 @@ def _audit(args: argparse.Namespace) -> int:
         num_test=args.num_test,
         test_indices=indices,
         budget_minutes=args.budget_minutes,
+        store=os.path.join(args.out, "evidence"),
+        fresh=args.fresh,
+        progress=not args.no_progress,
     )
     path = report.write(args.out, figures=not args.no_figures)
     print(report.verdict_table())
@@ -318,7 +330,20 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``infl`` command; returns the exit status."""
+    """Entry point of the ``infl`` command; returns the exit status.
+
+    Under ``torchrun`` the command runs on rank 0 alone and the other ranks exit at once (0),
+    so one process writes the output directory and prints (see docs/distributed.md).
+    """
+    rank, world = launched_rank()
+    if rank > 0:
+        return 0
+    if world > 1:
+        print(
+            f"infl: launched with {world} processes: the command runs on rank 0 only (its "
+            "retraining is spread over processes by --workers)",
+            file=sys.stderr,
+        )
     args = build_parser().parse_args(argv)
     handlers = {
         "fragility": _fragility,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from infl import ConjugateGradient, Objective
+from infl import EKFAC, ConjugateGradient, Objective
 from infl.audit import AuditReport, audit
 from infl.audit.run import pick_test_points
-from infl.audit.thresholds import PEARSON_TRUSTED
+from infl.audit.thresholds import EXACT_MAX_PARAMS, PEARSON_TRUSTED
 from infl.errors import InputError
 from problems import LogisticProblem
 
@@ -92,24 +92,26 @@ def test_untrained_deep_narrow_relu_mlp_is_not_trustworthy_and_says_why():
         assert any("not at a minimum" in reason for reason in point.reasons)
     assert any("Train longer" in r for r in report.recommendations)
     assert report.section("stationarity").numbers["is_minimum"] is False
+    for point in report.points:  # the figure's levels say the same as the verdict
+        assert point.checks["drift_ratio"]["level"] != "pass"
+        levels = [c["level"] for c in point.checks.values()]
+        assert "not trustworthy" in levels
     for p, q in zip(before, model.parameters(), strict=True):
         assert torch.equal(p, q.detach())
 
 
-def test_every_number_in_report_md_is_in_audit_json(logistic, tmp_path):
-    report = _logistic_audit(logistic, budget_minutes=2.0, num_test=3)
-    path = report.write(tmp_path)
-    stored = json.loads((tmp_path / "audit.json").read_text())
+def test_every_number_in_report_md_is_in_audit_json(written_logistic):
+    _, out = written_logistic
+    stored = json.loads((out / "audit.json").read_text())
     values = _json_numbers(stored)
-    text = path.read_text()
+    text = (out / "report.md").read_text()
     found = NUMBER.findall(text)
     assert len(found) > 40
     missing = [s for s in found if not any(math.isclose(float(s), v, rel_tol=1e-9) for v in values)]
     assert missing == [], missing
     assert "trustworthy" in text
     assert stored["summary"]["verdict"] == "trustworthy"
-    if (tmp_path / "figures" / "retraining.png").exists():
-        assert "figures/retraining.png" in text
+    assert "figures/retraining.png" in text
 
 
 def test_a_tiny_budget_retrains_less_and_says_so(logistic):
@@ -180,19 +182,98 @@ def test_ekfac_on_an_unsupported_layer_is_skipped_with_its_reason():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
     model = model.double().eval()
+    objective = Objective("cross_entropy", weight_decay=1e-2)
+    _fit(model, objective, x[:24], y[:24])  # near a minimum: the retrains are short
     report = audit(
         model,
-        Objective("cross_entropy", weight_decay=1e-2),
+        objective,
         (x[:24], y[:24]),
         (x[24:], y[24:]),
+        solvers={"cg": ConjugateGradient(rtol=1e-6), "ekfac": EKFAC(damping=1e-3)},
         num_test=1,
         retrain_per_point=2,
         random_per_point=0,
         budget_minutes=0.5,
+        progress=False,
     )
     agreement = report.section("solver_agreement").numbers
     skipped = {s["solver"]: s["reason"] for s in agreement["skipped"]}
     assert "ekfac" in skipped
     assert skipped["ekfac"]
     assert "ekfac" not in {r["solver"] for r in agreement["solvers"]}
+    assert "cg" in {r["solver"] for r in agreement["solvers"]}
+    assert agreement["cosine_matrix"]["solvers"] == ["reference", "cg"]
     assert len(report.points) == 1
+
+
+def _fit(model: nn.Module, objective: Objective, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Full-batch L-BFGS on the objective (mean loss + weight decay), in place."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(
+        params, max_iter=300, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective.per_example_loss(model, (x, y)).mean()
+        loss = loss + 0.5 * objective.weight_decay * sum((p * p).sum() for p in params)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def test_above_exact_max_params_tight_cg_is_the_reference_and_matches_the_closed_form(tmp_path):
+    # p = 2001 > EXACT_MAX_PARAMS: the dense Hessian is not built, CG at rtol 1e-8 is the
+    # reference; with n = 40 < p the spectrum and the scores have cheap closed forms
+    gen = torch.Generator().manual_seed(0)
+    n, d, wd = 40, 2000, 0.05
+    x = torch.randn(n + 4, d, generator=gen, dtype=torch.float64) / d**0.5
+    y = (torch.rand(n + 4, generator=gen, dtype=torch.float64) < 0.5).to(torch.float64)
+    model = nn.Linear(d, 1).double().eval()
+    objective = Objective("bce_with_logits", weight_decay=wd)
+    _fit(model, objective, x[:n], y[:n])
+    assert sum(p.numel() for p in model.parameters()) > EXACT_MAX_PARAMS
+    report = audit(
+        model,
+        objective,
+        (x[:n], y[:n]),
+        (x[n:], y[n:]),
+        damping=0.0,
+        solvers={"loose_cg": ConjugateGradient(damping=0.0, rtol=1e-3)},
+        num_test=2,
+        retrain_per_point=3,
+        random_per_point=1,
+        budget_minutes=1.0,
+        store=tmp_path,
+        progress=False,
+    )
+    agreement = report.section("solver_agreement").numbers
+    assert agreement["reference"] == "ConjugateGradient"
+    assert agreement["reference_max_residual"] <= 1e-7
+    ref_trace = agreement["traces"]["reference"]
+    assert max(v[-1] for v in ref_trace["values"]) <= 1e-8
+    assert ref_trace["iteration"][-1] == agreement["reference_iterations"]
+    # closed form: H = X~^T S X~ / n + wd I; its nonzero data part shares eigenvalues with
+    # the n x n matrix S^1/2 X~ X~^T S^1/2 / n, and lambda_min = wd (n < p)
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    xt = torch.cat([x, torch.ones(n + 4, 1, dtype=torch.float64)], dim=1)
+    prob = torch.sigmoid(xt[:n] @ theta)
+    s = prob * (1 - prob)
+    gram = (s.sqrt()[:, None] * xt[:n]) @ (s.sqrt()[:, None] * xt[:n]).T / n
+    curvature = report.section("curvature").numbers
+    assert curvature["method"] != "dense"
+    lambda_max = float(torch.linalg.eigvalsh(gram)[-1]) + wd
+    assert math.isclose(curvature["lambda_max"], lambda_max, rel_tol=1e-3)
+    assert math.isclose(curvature["lambda_min"], wd, rel_tol=1e-3)
+    assert curvature["negative_count"] == 0
+    # the reference scores (kept in the store) are -g_test^T H^-1 g_i in closed form
+    hessian = (xt[:n].T * s) @ xt[:n] / n + wd * torch.eye(d + 1, dtype=torch.float64)
+    grads = (prob - y[:n])[:, None] * xt[:n] + wd * theta  # of l(z_i) + (wd/2)|theta|^2
+    points = report.settings["audited_points"]
+    p_test = torch.sigmoid(xt[n:] @ theta)
+    test_grads = ((p_test - y[n:])[:, None] * xt[n:])[points]
+    expected = -test_grads @ torch.linalg.solve(hessian, grads.T)
+    stored = torch.load(tmp_path / "reference.pt", weights_only=True)["scores"]
+    assert float((stored - expected).norm() / expected.norm()) < 1e-6
+    assert report.section("retraining").numbers["min_pearson"] >= 0.99

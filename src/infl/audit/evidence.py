@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from infl import metrics
 from infl.audit import thresholds as th
@@ -26,7 +27,11 @@ from infl.errors import InflError
 from infl.objective import Objective
 from infl.retrain import RetrainConfig, retrain_ground_truth
 from infl.solvers import EKFAC, Arnoldi, ConjugateGradient, ExactHessian, LiSSA
-from infl.solvers.base import Solver
+from infl.solvers.base import Solver, SolveResult
+from infl.store import Store
+
+#: Iterations of a convergence trace kept in ``audit.json`` (evenly spaced, first and last).
+TRACE_MAX_POINTS: int = 200
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,8 @@ def curvature_evidence(calc: InfluenceCalculator, damping: float | None) -> Curv
         "damped_condition_number": num(
             (lam_max + used) / (lam_min + used) if lam_min + used > 0 else math.inf
         ),
-        "largest": [num(float(v)) for v in spec.largest[:5]],
-        "smallest": [num(float(v)) for v in spec.smallest[:5]],
+        "largest": [num(float(v)) for v in spec.largest[:10]],
+        "smallest": [num(float(v)) for v in spec.smallest[:10]],
     }
     if spec.num_negative == 0:
         reading = (
@@ -135,6 +140,68 @@ def _topk_overlaps(scores: torch.Tensor, reference: torch.Tensor, k: int) -> lis
     ]
 
 
+def convergence_trace(result: SolveResult, quantity: str) -> dict[str, Any] | None:
+    """A solve's per-iteration history as JSON (``None`` for direct solvers, which have none).
+
+    Parameters
+    ----------
+    result
+        The solve; its ``trace`` is ``[iterations, k]``.
+    quantity
+        What the trace measures (``"relative residual"`` for CG, ``"relative increment"``
+        for LiSSA: :attr:`~infl.solvers.SolveResult.trace`).
+
+    Returns
+    -------
+    dict or None
+        ``{"quantity", "iteration": [t], "values": [k lists of len(t)]}``; traces longer than
+        :data:`TRACE_MAX_POINTS` keep evenly spaced iterations (the
+        first and last always), values rounded with :func:`num`.
+    """
+    trace = result.trace
+    if trace.dim() != 2 or trace.numel() == 0:
+        return None
+    steps = trace.shape[0]
+    keep = np.unique(np.linspace(0, steps - 1, min(steps, TRACE_MAX_POINTS)).round())
+    rows = trace.detach().to(torch.float64).cpu().numpy()[keep.astype(int)]
+    return {
+        "quantity": quantity,
+        "iteration": [int(i) for i in keep],
+        "values": [[num(float(v)) for v in rows[:, j]] for j in range(rows.shape[1])],
+    }
+
+
+def _trace_quantity(solver: Solver) -> str:
+    return "relative increment" if isinstance(solver, LiSSA) else "relative residual"
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosines of two ``[k, p]`` tensors, in float64."""
+    a, b = a.detach().to(torch.float64), b.detach().to(device=a.device, dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+    return (a * b).sum(dim=1) / norms.clamp_min(tiny)
+
+
+def cosine_matrix(values: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The smallest (over test points) cosine between every pair of solvers' inverse-HVPs.
+
+    Parameters
+    ----------
+    values
+        Solver name -> ``[k, p]`` inverse-HVPs of the same ``k`` test points.
+
+    Returns
+    -------
+    dict
+        ``{"solvers": names, "min_cosine": [[c_ab]]}``, symmetric with ones on the diagonal
+        (for non-zero rows).
+    """
+    names = list(values)
+    matrix = [[num(float(_cosines(values[a], values[b]).min())) for b in names] for a in names]
+    return {"solvers": names, "min_cosine": matrix}
+
+
 def agreement_evidence(
     ref: InfluenceCalculator,
     test: Any,
@@ -144,18 +211,28 @@ def agreement_evidence(
 ) -> Section:
     """Cosine of inverse-HVPs, score Spearman and top-k overlap of each solver vs ``ref``.
 
-    A solver that cannot run on this model (for example EK-FAC on unsupported layers) is
-    listed under ``skipped`` with the reason.
+    Each solver's row also records its iterations, whether it converged and its largest
+    relative residual; ``traces`` holds the per-iteration history of every iterative solve
+    (the reference's too, when it is CG) and ``cosine_matrix`` the smallest cosine between
+    every pair of solvers. A solver that cannot run on this model (for example EK-FAC on
+    unsupported layers) is listed under ``skipped`` with the reason.
     """
-    ref_x = ref.inverse_hvp(test).value
+    ref_result = ref.inverse_hvp(test)
+    ref_x = ref_result.value
     grads = ref.train_grads()
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    traces: dict[str, Any] = {}
+    ref_trace = convergence_trace(ref_result, _trace_quantity(ref.solver))
+    if ref_trace is not None:
+        traces["reference"] = ref_trace
+    values = {"reference": ref_x}
     for name, solver in solvers.items():
         start = time.perf_counter()
         try:
             other = ref.with_solver(solver)
-            x = other.inverse_hvp(test).value
+            result = other.inverse_hvp(test)
+            x = result.value
             if x.shape != ref_x.shape:
                 raise InflError(f"inverse-HVPs of shape {tuple(x.shape)} (low-rank)")
             agree = compare_inverse_hvps(x, ref_x, train_grads=grads)
@@ -164,21 +241,34 @@ def agreement_evidence(
             skipped.append({"solver": name, "reason": " ".join(str(err).split())[:160]})
             continue
         overlaps = _topk_overlaps(scores, ref_scores, top_k)
+        residuals = result.residual_norms.detach().to(torch.float64)
         rows.append(
             {
                 "solver": name,
                 "min_cosine": num(agree.min_cosine),
                 "mean_spearman": num(agree.mean_spearman),
                 "min_top_k_overlap": num(min(overlaps)),
+                "iterations": int(result.iterations),
+                "converged": bool(result.converged),
+                "max_residual": num(float(residuals.max())) if residuals.numel() else None,
                 "seconds": num(time.perf_counter() - start, 3),
             }
         )
+        values[name] = x
+        trace = convergence_trace(result, _trace_quantity(solver))
+        if trace is not None:
+            traces[name] = trace
     good = [r for r in rows if (r["min_cosine"] or 0.0) >= th.AGREEMENT_COSINE]
+    ref_res = ref_result.residual_norms.detach().to(torch.float64)
     numbers: dict[str, Any] = {
         "reference": type(ref.solver).__name__,
+        "reference_iterations": int(ref_result.iterations),
+        "reference_max_residual": num(float(ref_res.max())) if ref_res.numel() else None,
         "top_k": top_k,
         "solvers": rows,
         "skipped": skipped,
+        "cosine_matrix": cosine_matrix(values),
+        "traces": traces,
     }
     if rows:
         worst = min(rows, key=lambda r: r["min_cosine"] if r["min_cosine"] is not None else -2)
@@ -217,8 +307,13 @@ def sensitivity_evidence(
     lambda_max: float,
     min_pd: float,
     top_k: int,
+    indices: list[int] | None = None,
 ) -> tuple[Section, list[float | None], list[float | None]]:
     """Top-k stability of each test point over a damping grid and Hessian vs Gauss-Newton.
+
+    ``numbers["points"]`` holds, per test point (``indices``: their indices in the test data,
+    default ``0..m-1``), the top-k overlap with the reference at each grid damping, their mean
+    (``damping_stability``) and the overlap with the other curvature's scores.
 
     Returns
     -------
@@ -250,14 +345,25 @@ def sensitivity_evidence(
     except (InflError, RuntimeError, ValueError) as err:
         gn_note = " ".join(str(err).split())[:160]
     values = [v for v in stability if v is not None]
+    test_indices = list(range(m)) if indices is None else list(indices)
     numbers: dict[str, Any] = {
         "top_k": top_k,
+        "damping": num(float(ref.fitted_solver().damping)),
         "damping_grid": [num(v) for v in grid],
         "min_damping_stability": num(min(values)) if values else None,
         "min_gauss_newton_overlap": num(min(v for v in gn if v is not None))
         if any(v is not None for v in gn)
         else None,
         "gauss_newton_skipped": gn_note or None,
+        "points": [
+            {
+                "test_index": test_indices[j],
+                "grid_overlaps": [num(row[j]) for row in per_grid],
+                "damping_stability": stability[j],
+                "gauss_newton_overlap": gn[j],
+            }
+            for j in range(m)
+        ],
     }
     reading = (
         f"Across the damping grid the top-{top_k} keeps at least "
@@ -279,6 +385,54 @@ class Retraining:
     pearson: dict[int, float | None]
     scatter: dict[int, tuple[list[float], list[float]]]
 
+    @classmethod
+    def from_section(cls, section: Section) -> Retraining:
+        """Rebuild the record from its section (as stored in ``audit.json`` or a store)."""
+        pearson = {int(r["test_index"]): r["pearson"] for r in section.numbers["points"]}
+        scatter = {
+            int(k): (list(v["predicted"]), list(v["actual"]))
+            for k, v in section.numbers.get("scatter", {}).items()
+        }
+        return cls(section, pearson, scatter)
+
+
+#: Retrains run between two checks of the deadline (and two saves of the progress record).
+RETRAIN_BATCH: int = 4
+
+#: The audit-store record that lists the finished retrains and the time they took.
+PROGRESS_RECORD = "retraining_progress"
+
+
+def planned_removals(
+    predicted: torch.Tensor, per_point: int, random_per_point: int, seed: int
+) -> list[int]:
+    """The leave-one-out removals the retraining check wants, most wanted first.
+
+    Each point's top-|influence| examples, alternating between the points rank by rank, then
+    ``random_per_point`` random other examples (``seed``).
+
+    Parameters
+    ----------
+    predicted
+        ``[points, n]`` predicted removal effects.
+    """
+    n = predicted.shape[1]
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    tops = [
+        np.argsort(-predicted[j].abs().cpu().numpy(), kind="stable")[:per_point]
+        for j in range(predicted.shape[0])
+    ]
+    for rank in range(per_point):
+        for top in tops:
+            if rank < len(top) and int(top[rank]) not in order:
+                order.append(int(top[rank]))
+    rest = [i for i in range(n) if i not in order]
+    if rest:
+        extra = rng.choice(rest, size=min(len(rest), random_per_point), replace=False)
+        order += [int(i) for i in extra]
+    return order
+
 
 def retraining_evidence(
     model: nn.Module,
@@ -294,6 +448,8 @@ def retraining_evidence(
     seed: int,
     config: RetrainConfig | None = None,
     calc: InfluenceCalculator | None = None,
+    store: Store | None = None,
+    progress: bool = False,
 ) -> Retraining:
     """Warm-start leave-one-out retraining of top-|influence| and random examples.
 
@@ -308,10 +464,11 @@ def retraining_evidence(
     predicted
         ``[len(points), n]`` predicted removal effects.
     per_point, random_per_point
-        Top-|influence| and random removals wanted per point.
+        Top-|influence| and random removals wanted per point (:func:`planned_removals`).
     deadline
         ``time.perf_counter()`` value by which retraining must stop; one retrain (and the
-        control run) is always done to estimate the cost of one.
+        control run) is always done to estimate the cost of one. Retrains then run in batches
+        of :data:`RETRAIN_BATCH` while the estimated cost of one more fits before the deadline.
     seed
         Seeds the random removals.
     config
@@ -320,51 +477,86 @@ def retraining_evidence(
         The calculator whose ``param_change`` predicts the parameter-change norms of the
         retrained removals (the Taylor gap, :func:`infl.metrics.taylor_gap`); ``None``: no
         Taylor gap.
+    store
+        The audit's store: each finished retrain is kept in its ``retrains/`` directory
+        (:func:`infl.retrain_ground_truth`'s store) and the list of finished ones in the record
+        :data:`PROGRESS_RECORD`, so an interrupted check resumes where it stopped, with the
+        cost estimate and the time already spent. ``None``: nothing is kept.
+    progress
+        Show a tqdm bar over the planned retrains.
     """
-    n = predicted.shape[1]
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    tops = [
-        np.argsort(-predicted[j].abs().cpu().numpy(), kind="stable")[:per_point]
-        for j in range(len(points))
-    ]
-    for rank in range(per_point):
-        for top in tops:
-            if rank < len(top) and int(top[rank]) not in order:
-                order.append(int(top[rank]))
-    rest = [i for i in range(n) if i not in order]
-    if rest:
-        extra = rng.choice(rest, size=min(len(rest), random_per_point), replace=False)
-        order += [int(i) for i in extra]
+    order = planned_removals(predicted, per_point, random_per_point, seed)
     cfg = config or RetrainConfig(init="warm", optimizer="lbfgs", max_steps=200, grad_tol=1e-7)
-    start = time.perf_counter()
-    first = retrain_ground_truth(
-        model, objective, train_data, test_select, [order[0]], config=cfg, progress=False
-    )
-    per_retrain = (time.perf_counter() - start) / 2  # one removal + the control run
-    afford = int((deadline - time.perf_counter()) / max(per_retrain, 1e-9)) - 1
-    more = order[1 : 1 + max(afford, 0)]
-    changes = [first.corrected_change]
-    norms = [first.param_change_norm]
-    if more:
+    retrains = None if store is None else store.root / "retrains"
+
+    def run(removals: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         gt = retrain_ground_truth(
-            model, objective, train_data, test_select, more, config=cfg, progress=False
+            model,
+            objective,
+            train_data,
+            test_select,
+            removals,
+            config=cfg,
+            progress=False,
+            store=retrains,
         )
-        changes.append(gt.corrected_change)
-        norms.append(gt.param_change_norm)
-    done = [order[0], *more]
+        return gt.corrected_change, gt.param_change_norm
+
+    changes: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    saved = store.load_json(PROGRESS_RECORD) if store is not None else None
+    if saved is not None:  # resume: the finished retrains come back from the store
+        done = [int(i) for i in saved["done"]]
+        per_retrain, spent = float(saved["seconds_per_retrain"]), float(saved["seconds"])
+        change, norm = run(done)
+        changes.append(change)
+        norms.append(norm)
+    else:
+        start = time.perf_counter()
+        change, norm = run([order[0]])
+        spent = time.perf_counter() - start
+        per_retrain = spent / 2  # one removal + the control run
+        done = [order[0]]
+        changes.append(change)
+        norms.append(norm)
+    with tqdm(
+        total=len(order), initial=len(done), desc="audit: retraining", disable=not progress
+    ) as bar:
+        while True:
+            if store is not None:
+                store.save_json(
+                    PROGRESS_RECORD,
+                    {"done": done, "seconds_per_retrain": per_retrain, "seconds": spent},
+                )
+            afford = int((deadline - time.perf_counter()) / max(per_retrain, 1e-9)) - 1
+            batch = order[len(done) : len(done) + min(max(afford, 0), RETRAIN_BATCH)]
+            if not batch:
+                break
+            start = time.perf_counter()
+            change, norm = run(batch)
+            took = time.perf_counter() - start
+            # an exponential average of the cost per retrain: recent batches weigh most
+            per_retrain = (per_retrain + took / len(batch)) / 2
+            spent += took
+            done += batch
+            changes.append(change)
+            norms.append(norm)
+            bar.update(len(batch))
     actual = torch.cat(changes, dim=1).to(torch.float64)
     pred = predicted[:, done].to(torch.float64)
     rows = []
     pearson: dict[int, float | None] = {}
-    scatter: dict[int, tuple[list[float], list[float]]] = {}
+    scatter: dict[str, dict[str, list[float | int | None]]] = {}
     for j, index in enumerate(points):
         p, a = pred[j].cpu().numpy(), actual[j].cpu().numpy()
         enough = len(done) >= th.MIN_RETRAINS_FOR_CORRELATION and np.ptp(a) > 0 and np.ptp(p) > 0
         r = num(metrics.pearson(p, a)) if enough else None
         rho = num(metrics.spearman(p, a)) if enough else None
         pearson[index] = r
-        scatter[index] = (p.tolist(), a.tolist())
+        scatter[str(index)] = {
+            "predicted": [num(float(v), 6) for v in p],
+            "actual": [num(float(v), 6) for v in a],
+        }
         rows.append({"test_index": index, "pearson": r, "spearman": rho, "retrains": len(done)})
     left = len(order) - len(done)
     numbers: dict[str, Any] = {
@@ -372,6 +564,7 @@ def retraining_evidence(
         "done_retrains": len(done),
         "left_out_retrains": left,
         "seconds_per_retrain": num(per_retrain, 3),
+        "retraining_seconds": num(spent, 3),
         "points": rows,
     }
     gap = None
@@ -398,4 +591,6 @@ def retraining_evidence(
             f"{show(numbers['taylor_gap_spearman'])}, median retrained/predicted ratio "
             f"{show(numbers['taylor_gap_median_ratio'])}."
         )
-    return Retraining(Section("retraining", numbers, reading), pearson, scatter)
+    numbers["removed"] = done
+    numbers["scatter"] = scatter
+    return Retraining.from_section(Section("retraining", numbers, reading))

@@ -81,12 +81,17 @@ class PointVerdict:
         ``"trustworthy"``, ``"use with caution"`` or ``"not trustworthy"``.
     reasons
         Why (empty for *trustworthy*); each quotes only stored numbers.
+    checks
+        Each check behind the verdict: name -> ``{"value": v, "level": level}`` with level
+        ``pass``, ``caution``, ``not trustworthy`` or ``n/a``
+        (:func:`infl.audit.verdict.point_verdict`).
     """
 
     test_index: int
     loss: float | None
     verdict: str
     reasons: tuple[str, ...] = ()
+    checks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +150,7 @@ class AuditReport:
                     "loss": p.loss,
                     "verdict": p.verdict,
                     "reasons": list(p.reasons),
+                    "checks": p.checks,
                 }
                 for p in self.points
             ],
@@ -163,9 +169,27 @@ class AuditReport:
             rows.append(f"| {p.test_index} | {show(p.loss)} | {p.verdict} | {why} |")
         return "\n".join(rows)
 
-    def to_markdown(self, figures: list[str] | None = None) -> str:
-        """``report.md``: the verdicts, the evidence and the recommendations."""
+    def to_markdown(
+        self, figures: dict[str, list[tuple[str, str]]] | None = None, note: str | None = None
+    ) -> str:
+        """``report.md``: the verdicts, the evidence and the recommendations.
+
+        Parameters
+        ----------
+        figures
+            Section name (or ``"verdicts"``) -> ``(path, one-line reading)`` of each figure,
+            embedded under that section (:func:`infl.audit.figures.write_figures`).
+        note
+            Why there are no figures (printed under the summary), if there are none.
+        """
+        figs = figures or {}
         s = self.settings
+        wall = f"wall time: {show(s['seconds'])} s"
+        if s.get("resumed_sections"):
+            wall += (
+                f" (resumed {', '.join(s['resumed_sections'])}, which took "
+                f"{show(s['resumed_seconds'])} s before)"
+            )
         lines = [
             "# Influence audit",
             "",
@@ -173,21 +197,18 @@ class AuditReport:
             "",
             f"Parameters: {show(s['num_params'])}; training examples: {show(s['num_train'])}; "
             f"damping used: {show(s['damping_used'])}; curvature: {s['curvature']}; "
-            f"wall time: {show(s['seconds'])} s of a {show(s['budget_minutes'])} min budget.",
-            "",
-            "## Verdicts",
-            "",
-            self.verdict_table(),
-            "",
-            "## Recommendations",
-            "",
+            f"{wall} of a {show(s['budget_minutes'])} min budget.",
         ]
+        if note:
+            lines += ["", f"Figures: {note}."]
+        lines += ["", "## Verdicts", "", self.verdict_table()]
+        lines += _figure_lines(figs.get("verdicts", []))
+        lines += ["", "## Recommendations", ""]
         lines += [f"- {r}" for r in self.recommendations] or ["- none"]
         for sec in self.sections:
             lines += ["", f"## Evidence: {sec.name.replace('_', ' ')}", "", sec.reading, ""]
             lines += _numbers_table(sec.numbers)
-        for name in figures or []:
-            lines += ["", f"![{Path(name).stem}]({name})"]
+            lines += _figure_lines(figs.get(sec.name, []))
         lines += ["", "Every number above is stored in `audit.json`; thresholds are in its "]
         lines[-1] += "`thresholds` and explained in docs/audit.md."
         return "\n".join(lines) + "\n"
@@ -195,16 +216,31 @@ class AuditReport:
     def write(self, out_dir: str | os.PathLike[str], *, figures: bool = True) -> Path:
         """Write ``audit.json``, ``report.md`` and (with matplotlib) figures to ``out_dir``.
 
+        Each file is written atomically. Without matplotlib, or with ``figures=False``, the
+        figures are skipped and ``report.md`` says so.
+
         Returns
         -------
         Path
             The path of ``report.md``.
         """
+        from infl.audit.figures import write_figures
+
         out = Path(out_dir)
-        names = write_figures(self, out) if figures else []
+        drawn: dict[str, list[tuple[str, str]]] = {}
+        note: str | None = "skipped (figures=False, --no-figures)"
+        if figures:
+            drawn, note = write_figures(self, out)
         write_atomic(out / "audit.json", json.dumps(self.to_json(), indent=2) + "\n")
-        write_atomic(out / "report.md", self.to_markdown(names))
+        write_atomic(out / "report.md", self.to_markdown(drawn, note))
         return out / "report.md"
+
+
+def _figure_lines(figures: list[tuple[str, str]]) -> list[str]:
+    lines: list[str] = []
+    for path, reading in figures:
+        lines += ["", f"![{Path(path).stem}]({path})", "", f"*{reading}*"]
+    return lines
 
 
 def _numbers_table(numbers: dict[str, Any]) -> list[str]:
@@ -229,39 +265,3 @@ def _cell(v: Any) -> str:
     if isinstance(v, list):
         return ", ".join(_cell(x) for x in v)
     return show(v)
-
-
-def write_figures(report: AuditReport, out: Path) -> list[str]:
-    """Predicted vs actual removal effects per retrained point (skipped without matplotlib).
-
-    Returns
-    -------
-    list of str
-        The figure paths relative to ``out`` (empty without matplotlib or retraining).
-    """
-    if not report.scatter:
-        return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    fig, axes = plt.subplots(
-        1, len(report.scatter), figsize=(4 * len(report.scatter), 4), squeeze=False
-    )
-    for ax, (index, (pred, actual)) in zip(axes[0], sorted(report.scatter.items()), strict=True):
-        ax.scatter(pred, actual, s=14)
-        lo = min(pred + actual)
-        hi = max(pred + actual)
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-        ax.set_title(f"test point {index}")
-        ax.set_xlabel("predicted removal effect")
-        ax.set_ylabel("retrained (control-corrected)")
-    fig.tight_layout()
-    name = "figures/retraining.png"
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    write_atomic(out / name, lambda fh: fig.savefig(fh, format="png", dpi=100))
-    plt.close(fig)
-    return [name]

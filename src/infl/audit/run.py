@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ from torch import nn
 
 from infl.audit import thresholds as th
 from infl.audit.evidence import (
+    PROGRESS_RECORD,
+    Retraining,
     agreement_evidence,
     curvature_evidence,
     default_solvers,
@@ -20,10 +23,18 @@ from infl.audit.evidence import (
     sensitivity_evidence,
 )
 from infl.audit.report import AuditReport, PointVerdict, Section, num
-from infl.audit.verdict import model_reasons, point_verdict, recommendations, summarize
+from infl.audit.resume import audit_settings, open_evidence_store
+from infl.audit.verdict import (
+    model_checks,
+    model_reasons,
+    point_verdict,
+    recommendations,
+    summarize,
+)
 from infl.calculator import InfluenceCalculator
 from infl.data import as_indexed
 from infl.errors import InflWarning, InputError
+from infl.model_checks import Stationarity
 from infl.objective import Objective
 from infl.solvers import ConjugateGradient
 from infl.solvers.base import Solver
@@ -88,6 +99,9 @@ def audit(
     top_k: int = 10,
     budget_minutes: float = 5.0,
     seed: int = 0,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    progress: bool = True,
 ) -> AuditReport:
     """Can these influence scores be trusted for this model? Evidence and verdicts.
 
@@ -122,10 +136,28 @@ def audit(
         (at least one retrain and the control run, to estimate the cost of one).
     seed
         Seeds the random removals.
+    store
+        A directory that keeps each evidence section as it finishes
+        (:mod:`infl.audit.resume`); rerunning with the same arguments and the same store loads
+        the finished sections and continues an unfinished retraining check. A resumed audit's
+        budget is what the finished work left of ``budget_minutes``. ``None``: nothing kept.
+    fresh
+        Delete the evidence in ``store`` first and start over (instead of refusing a store of
+        other settings).
+    progress
+        Show a tqdm bar over the retrains.
 
     Returns
     -------
     AuditReport
+
+    Raises
+    ------
+    InputError
+        Bad arguments (counts, budget, test indices).
+    StoreMismatchError
+        ``store`` holds evidence of another model, objective, data or other arguments (the
+        message names the first differing setting); pass ``fresh=True`` to start over.
     """
     if num_test < 1 or retrain_per_point < 1 or random_per_point < 0 or top_k < 1:
         raise InputError(
@@ -154,7 +186,39 @@ def audit(
             top_k=top_k,
             budget_minutes=budget_minutes,
             seed=seed,
+            store=store,
+            fresh=fresh,
+            progress=progress,
         )
+
+
+def _section(record: dict[str, Any], name: str) -> Section:
+    """The section stored in ``record["section"]``."""
+    sec = record["section"]
+    return Section(name, sec["numbers"], sec["reading"])
+
+
+def _as_json(section: Section) -> dict[str, Any]:
+    return {"numbers": section.numbers, "reading": section.reading}
+
+
+def _stationarity(stat: Stationarity) -> Section:
+    """The stationarity section: gradient norm, drift ratio, implied weight decay."""
+    station = {
+        "grad_norm": num(stat.grad_norm),
+        "grad_scale": num(stat.grad_scale),
+        "drift_ratio": num(stat.drift_ratio),
+        "is_minimum": stat.is_minimum,
+        "wrong_weight_decay": stat.wrong_weight_decay,
+        "implied_weight_decay": num(stat.implied_weight_decay),
+    }
+    reading = (
+        f"At a minimum: drift ratio {station['drift_ratio']}."
+        if stat.is_minimum
+        else f"Not at a minimum: drift ratio {station['drift_ratio']} (gradient norm "
+        f"{station['grad_norm']})."
+    )
+    return Section("stationarity", station, reading)
 
 
 def _collect(
@@ -173,16 +237,39 @@ def _collect(
     top_k: int,
     budget_minutes: float,
     seed: int,
+    store: str | os.PathLike[str] | None,
+    fresh: bool,
+    progress: bool,
 ) -> AuditReport:
     """The body of :func:`audit` (with the library's warnings silenced)."""
     start = time.perf_counter()
-    deadline = start + 60.0 * budget_minutes
     test = as_indexed(test_data, "test data")
-    base = InfluenceCalculator(
-        model, objective, train_data, ConjugateGradient(), progress=False, curvature=curvature
+    arguments = {
+        "damping": damping,
+        "curvature": curvature,
+        "num_test": num_test if test_indices is None else None,
+        "test_indices": test_indices,
+        "retrain_per_point": retrain_per_point,
+        "random_per_point": random_per_point,
+        "top_k": top_k,
+        "budget_minutes": budget_minutes,
+        "seed": seed,
+    }
+    ev = open_evidence_store(
+        store,
+        audit_settings(model, objective, train_data, test_data, arguments, solvers),
+        fresh=fresh,
+        objective=objective,
     )
-    stat = base.stationarity
-    assert stat is not None
+    base = InfluenceCalculator(
+        model,
+        objective,
+        train_data,
+        ConjugateGradient(),
+        progress=False,
+        curvature=curvature,
+        check_minimum=not ev.has("stationarity"),
+    )
     n, p = base.num_train, base.num_params
     k = min(top_k, n)
     losses = torch.cat(
@@ -193,60 +280,88 @@ def _collect(
     else:
         points = _checked_indices(test_indices, len(test))
     sub = test.select(points)
-
-    curv = curvature_evidence(base, damping)
-    ref = base.with_solver(reference_solver(p, curv.damping))
-    ref_scores = ref.influence(sub)
-    compared = solvers if solvers is not None else default_solvers(p, curv.damping)
-    agreement = agreement_evidence(ref, sub, ref_scores, compared, k)
-    sens, stability, gn = sensitivity_evidence(
-        ref,
-        model,
-        objective,
-        train_data,
-        sub,
-        ref_scores,
-        curv.spectrum.lambda_max,
-        float(curv.section.numbers["min_pd_damping"]),
-        k,
-    )
     retrained = points[:2]
-    predicted = ref.removal_effect(test.select(retrained))
-    retrain = retraining_evidence(
-        model,
-        objective,
-        train_data,
-        test.select(retrained),
-        retrained,
-        predicted,
-        per_point=min(retrain_per_point, n),
-        random_per_point=random_per_point,
-        deadline=deadline,
-        seed=seed,
-        calc=ref,
+
+    def stationarity() -> dict[str, Any]:
+        assert base.stationarity is not None
+        return {"section": _as_json(_stationarity(base.stationarity))}
+
+    station_sec = _section(ev.record("stationarity", stationarity), "stationarity")
+
+    def curvature_record() -> dict[str, Any]:
+        c = curvature_evidence(base, damping)
+        return {
+            "section": _as_json(c.section),
+            "damping": c.damping,
+            "lambda_max": c.spectrum.lambda_max,
+        }
+
+    curv = ev.record("curvature", curvature_record)
+    curv_sec = _section(curv, "curvature")
+    used = float(curv["damping"])
+    ref = base.with_solver(reference_solver(p, used))
+    reference = ev.tensors(
+        "reference",
+        lambda: {
+            "scores": ref.influence(sub),
+            "predicted": ref.removal_effect(test.select(retrained)),
+        },
     )
-    station = {
-        "grad_norm": num(stat.grad_norm),
-        "grad_scale": num(stat.grad_scale),
-        "drift_ratio": num(stat.drift_ratio),
-        "is_minimum": stat.is_minimum,
-        "wrong_weight_decay": stat.wrong_weight_decay,
-        "implied_weight_decay": num(stat.implied_weight_decay),
-    }
-    stat_reading = (
-        f"At a minimum: drift ratio {station['drift_ratio']}."
-        if stat.is_minimum
-        else f"Not at a minimum: drift ratio {station['drift_ratio']} (gradient norm "
-        f"{station['grad_norm']})."
+    ref_scores = reference["scores"]
+    compared = solvers if solvers is not None else default_solvers(p, used)
+    agreement = _section(
+        ev.record(
+            "solver_agreement",
+            lambda: {"section": _as_json(agreement_evidence(ref, sub, ref_scores, compared, k))},
+        ),
+        "solver_agreement",
     )
-    sections = [
-        curv.section,
-        Section("stationarity", station, stat_reading),
-        agreement,
-        sens,
-        retrain.section,
-    ]
-    bad, caution = model_reasons(curv.section.numbers, station)
+
+    def sensitivity() -> dict[str, Any]:
+        sec, _, _ = sensitivity_evidence(
+            ref,
+            model,
+            objective,
+            train_data,
+            sub,
+            ref_scores,
+            float(curv["lambda_max"]),
+            float(curv_sec.numbers["min_pd_damping"]),
+            k,
+            points,
+        )
+        return {"section": _as_json(sec)}
+
+    sens = _section(ev.record("sensitivity", sensitivity), "sensitivity")
+    stability = [row["damping_stability"] for row in sens.numbers["points"]]
+    gn = [row["gauss_newton_overlap"] for row in sens.numbers["points"]]
+    # the budget left: the finished sections' time counts, resumed or not
+    partial = ev.load(PROGRESS_RECORD)
+    spent_before = ev.resumed_seconds + (float(partial["seconds"]) if partial else 0.0)
+    deadline = start + 60.0 * budget_minutes - spent_before
+
+    def retraining() -> dict[str, Any]:
+        r = retraining_evidence(
+            model,
+            objective,
+            train_data,
+            test.select(retrained),
+            retrained,
+            reference["predicted"],
+            per_point=min(retrain_per_point, n),
+            random_per_point=random_per_point,
+            deadline=deadline,
+            seed=seed,
+            calc=ref,
+            store=ev.store,
+            progress=progress,
+        )
+        return {"section": _as_json(r.section)}
+
+    retrain = Retraining.from_section(_section(ev.record("retraining", retraining), "retraining"))
+    sections = [curv_sec, station_sec, agreement, sens, retrain.section]
+    bad, caution = model_reasons(curv_sec.numbers, station_sec.numbers)
+    levels = model_checks(curv_sec.numbers, station_sec.numbers)
     min_r = retrain.section.numbers["min_pearson"]
     verdicts: list[PointVerdict] = [
         point_verdict(
@@ -259,6 +374,7 @@ def _collect(
             min_r,
             stability[j],
             gn[j],
+            levels,
         )
         for j, index in enumerate(points)
     ]
@@ -269,16 +385,18 @@ def _collect(
         "audited_points": points,
         "retrained_points": retrained,
         "curvature": curvature,
-        "damping_used": curv.section.numbers["damping_used"],
+        "damping_used": curv_sec.numbers["damping_used"],
         "budget_minutes": num(budget_minutes),
         "seconds": num(time.perf_counter() - start, 3),
+        "resumed_sections": [name for name in ev.resumed if name != "reference"],
+        "resumed_seconds": num(spent_before, 3),
         "seed": seed,
     }
     return AuditReport(
         sections=sections,
         points=verdicts,
         summary=summarize(verdicts),
-        recommendations=recommendations(curv.section.numbers, agreement.numbers, station),
+        recommendations=recommendations(curv_sec.numbers, agreement.numbers, station_sec.numbers),
         settings=settings,
         thresholds=th.as_dict(),
         scatter=retrain.scatter,

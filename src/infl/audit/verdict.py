@@ -42,6 +42,38 @@ def model_reasons(
     return bad, caution
 
 
+#: The level of one check: ``pass``, ``caution``, ``not trustworthy``, or ``n/a`` (not computed).
+LEVELS: tuple[str, ...] = ("pass", "caution", "not trustworthy", "n/a")
+
+
+def _check(value: Any, level: int) -> dict[str, Any]:
+    return {"value": value, "level": LEVELS[level]}
+
+
+def model_checks(curvature: dict[str, Any], stationarity: dict[str, Any]) -> dict[str, Any]:
+    """The model-level checks with their levels, by the same rules as :func:`model_reasons`.
+
+    Returns
+    -------
+    dict
+        ``{"drift_ratio", "negative_mass_fraction", "damping_positive_definite"}``, each
+        ``{"value": v, "level": one of LEVELS}``.
+    """
+    drift = stationarity.get("drift_ratio")
+    drift_level = 2 if drift is None or drift > th.DRIFT_UNTRUSTED else int(drift > 1.0)
+    frac = curvature.get("negative_mass_fraction")
+    if frac is not None and frac > th.NEGATIVE_MASS_UNTRUSTED:
+        neg_level = 2
+    else:
+        neg_level = int(curvature.get("negative_count", 0) > 0)
+    pd = curvature.get("user_damping_positive_definite")
+    return {
+        "drift_ratio": _check(drift, drift_level),
+        "negative_mass_fraction": _check(frac, neg_level),
+        "damping_positive_definite": _check(pd, 3 if pd is None else int(pd is False)),
+    }
+
+
 def point_verdict(
     test_index: int,
     loss: float | None,
@@ -52,27 +84,46 @@ def point_verdict(
     model_min_pearson: float | None,
     stability: float | None,
     gn_overlap: float | None,
+    model_levels: dict[str, Any] | None = None,
 ) -> PointVerdict:
-    """The verdict on one test point from the model-level reasons and its own evidence."""
+    """The verdict on one test point from the model-level reasons and its own evidence.
+
+    ``model_levels`` (:func:`model_checks`) is copied into the verdict's ``checks``, with the
+    point's own checks (``retraining_pearson``, ``damping_stability``,
+    ``gauss_newton_overlap``) and their levels; the verdict is the worst level among them.
+    """
     bad = list(model_bad)
     caution = list(model_caution)
     r = pearson if retrained else model_min_pearson
     whose = "its" if retrained else "the audited points'"
+    checks = dict(model_levels or {})
     if r is None:
         caution.append("no retraining check (too few retrains)")
+        checks["retraining_pearson"] = _check(None, 1)
     elif r < th.PEARSON_UNTRUSTED:
         bad.append(f"{whose} retraining Pearson {r} < {th.PEARSON_UNTRUSTED}")
+        checks["retraining_pearson"] = _check(r, 2)
     elif r < th.PEARSON_TRUSTED:
         caution.append(f"{whose} retraining Pearson {r} < {th.PEARSON_TRUSTED}")
-    if stability is not None and stability < th.STABILITY_CAUTION:
-        caution.append(f"top-k changes with damping (overlap {stability})")
-    if gn_overlap is not None and gn_overlap < th.STABILITY_CAUTION:
-        caution.append(f"top-k changes from Hessian to Gauss-Newton (overlap {gn_overlap})")
+        checks["retraining_pearson"] = _check(r, 1)
+    else:
+        checks["retraining_pearson"] = _check(r, 0)
+    for name, value, what in (
+        ("damping_stability", stability, "with damping"),
+        ("gauss_newton_overlap", gn_overlap, "from Hessian to Gauss-Newton"),
+    ):
+        if value is None:
+            checks[name] = _check(None, 3)
+        elif value < th.STABILITY_CAUTION:
+            caution.append(f"top-k changes {what} (overlap {value})")
+            checks[name] = _check(value, 1)
+        else:
+            checks[name] = _check(value, 0)
     if bad:
-        return PointVerdict(test_index, loss, th.VERDICTS[2], tuple(bad + caution))
+        return PointVerdict(test_index, loss, th.VERDICTS[2], tuple(bad + caution), checks)
     if caution:
-        return PointVerdict(test_index, loss, th.VERDICTS[1], tuple(caution))
-    return PointVerdict(test_index, loss, th.VERDICTS[0], ())
+        return PointVerdict(test_index, loss, th.VERDICTS[1], tuple(caution), checks)
+    return PointVerdict(test_index, loss, th.VERDICTS[0], (), checks)
 
 
 def summarize(points: list[PointVerdict]) -> dict[str, Any]:

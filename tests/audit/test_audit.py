@@ -223,6 +223,7 @@ def _fit(model: nn.Module, objective: Objective, x: torch.Tensor, y: torch.Tenso
     opt.step(closure)
 
 
+@pytest.mark.slow
 def test_above_exact_max_params_tight_cg_is_the_reference_and_matches_the_closed_form(tmp_path):
     # p = 2001 > EXACT_MAX_PARAMS: the dense Hessian is not built, CG at rtol 1e-8 is the
     # reference; with n = 40 < p the spectrum and the scores have cheap closed forms

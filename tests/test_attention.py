@@ -114,7 +114,7 @@ def test_hvp_and_ggn_equal_dense_references(cls):
             lambda t: functional_call(model, _unflat(model, t), (x,)), theta
         )  # [b, C, p]
     vectors = torch.randn(3, theta.numel(), dtype=torch.float64)
-    assert wrapper.second_order == "forward-over-reverse"
+    assert wrapper.second_order == "reverse-over-reverse"  # the default: a double backward
     torch.testing.assert_close(wrapper.hvp((x, y), vectors, chunk_size=3), vectors @ dense)
     # GGN: J^T (diag(p) - p p^T) J / b + wd I, J from torch's jacobian
     probs = torch.softmax(model(x), dim=1).detach()
@@ -122,13 +122,14 @@ def test_hvp_and_ggn_equal_dense_references(cls):
     ggn = torch.einsum("bcp,bcd,bdq->pq", jac, h_out, jac) / x.shape[0]
     ggn = ggn + WD * torch.eye(theta.numel(), dtype=torch.float64)
     torch.testing.assert_close(wrapper.ggn_vp((x, y), vectors, chunk_size=3), vectors @ ggn)
-    # forward-over-reverse worked with the math kernel: no fallback was needed
-    assert wrapper.second_order == "forward-over-reverse"
-    reverse = ModelWrapper(
-        model, Objective("cross_entropy", weight_decay=WD), second_order="reverse-over-reverse"
+    # the double backward worked with the math kernel: no fallback was needed
+    assert wrapper.second_order == "reverse-over-reverse"
+    forward = ModelWrapper(
+        model, Objective("cross_entropy", weight_decay=WD), second_order="forward-over-reverse"
     )
-    torch.testing.assert_close(reverse.hvp((x, y), vectors, chunk_size=3), vectors @ dense)
-    torch.testing.assert_close(reverse.ggn_vp((x, y), vectors, chunk_size=3), vectors @ ggn)
+    torch.testing.assert_close(forward.hvp((x, y), vectors, chunk_size=3), vectors @ dense)
+    torch.testing.assert_close(forward.ggn_vp((x, y), vectors, chunk_size=3), vectors @ ggn)
+    assert forward.second_order == "forward-over-reverse"
     # the global fast-path switch is restored after every call
     assert torch.backends.mha.get_fastpath_enabled()
 

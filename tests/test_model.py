@@ -137,7 +137,7 @@ class _NoForwardAD(nn.Module):
         return self.b(_SquareWithoutJvp.apply(self.a(x)))
 
 
-def test_missing_forward_ad_falls_back_to_reverse_over_reverse_once():
+def test_missing_forward_ad_needs_no_fallback_in_the_default_mode():
     import warnings
 
     from infl import InflWarning, ModelStateError
@@ -148,18 +148,22 @@ def test_missing_forward_ad_falls_back_to_reverse_over_reverse_once():
     objective = Objective(weight_decay=0.1)
     wrapper = ModelWrapper(model, objective)
     vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
-    assert wrapper.second_order == "forward-over-reverse"
+    # the default is a double backward, which needs no forward-mode derivative
+    assert wrapper.second_order == "reverse-over-reverse"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hv = wrapper.hvp((x, y), vectors, chunk_size=4)
-        again = wrapper.hvp((x, y), vectors, chunk_size=4)
-        gv = wrapper.ggn_vp((x, y), vectors, chunk_size=4)
-    ours = [w for w in caught if issubclass(w.category, InflWarning)]
-    assert len(ours) == 1  # one switch, recorded, not repeated
-    assert "reverse-over-reverse" in str(ours[0].message)
-    assert "autograd.Function" in str(ours[0].message)
+    assert not [w for w in caught if issubclass(w.category, InflWarning)]
     assert wrapper.second_order == "reverse-over-reverse"
-    torch.testing.assert_close(hv, again)
+    # the Gauss-Newton product's J v is a jvp under "auto": it moves to the vjp once, saying so
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gv = wrapper.ggn_vp((x, y), vectors, chunk_size=4)
+        gv_again = wrapper.ggn_vp((x, y), vectors, chunk_size=4)
+    ours = [w for w in caught if issubclass(w.category, InflWarning)]
+    assert len(ours) == 1
+    assert "vjp of u -> J^T u" in str(ours[0].message)
+    torch.testing.assert_close(gv, gv_again)
     # a dense reference of the same function (x * x instead of the custom op)
     reference_model.forward = lambda inp: reference_model.b(reference_model.a(inp) ** 2)
     plain = ModelWrapper(reference_model, objective)
@@ -171,6 +175,70 @@ def test_missing_forward_ad_falls_back_to_reverse_over_reverse_once():
         strict.hvp((x, y), vectors, chunk_size=4)
     with pytest.raises(ValueError, match="second_order must be"):
         ModelWrapper(model, objective, second_order="backward")  # type: ignore[arg-type]
+
+
+class _DistanceLogits(nn.Module):
+    """Logits = minus the distances to learned centres: ``torch.cdist`` has neither a double
+    backward nor a forward-mode derivative in PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(3, 4)
+        self.centres = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return -torch.cdist(self.a(x), self.centres)
+
+
+def test_a_model_no_mode_can_differentiate_twice_is_refused_naming_the_fix():
+    import warnings
+
+    from infl import InflWarning, ModelStateError
+
+    model = _DistanceLogits().double().eval()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    wrapper = ModelWrapper(model, Objective(weight_decay=0.1))
+    vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ModelStateError, match=r"second derivative of '?_cdist_backward.*EKFAC"):
+            wrapper.hvp((x, y), vectors, chunk_size=4)
+    # auto tried the other mode once (and said so) before refusing
+    ours = [w for w in caught if issubclass(w.category, InflWarning)]
+    assert len(ours) == 1
+    assert "forward-over-reverse" in str(ours[0].message)
+    strict = ModelWrapper(model, Objective(), second_order="reverse-over-reverse")
+    with pytest.raises(ModelStateError, match=r"second derivative.*second_order='auto'"):
+        strict.hvp((x, y), vectors, chunk_size=4)
+    # per-example gradients need only first derivatives
+    assert wrapper.train_grads((x, y)).shape == (6, wrapper.num_params)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_both_second_order_modes_equal_the_dense_logistic_hessian(logistic, k):
+    data = (logistic.x, logistic.y)
+    expected = reference.hessian(logistic.theta, logistic.x, logistic.y, logistic.wd)
+    vectors = torch.randn(k, expected.shape[0], dtype=torch.float64)
+    for mode in ("reverse-over-reverse", "forward-over-reverse"):
+        wrapper = ModelWrapper(
+            logistic.model, Objective("bce_with_logits", logistic.wd), second_order=mode
+        )
+        got = wrapper.hvp(IndexedData(data), vectors, chunk_size=7)
+        torch.testing.assert_close(got, vectors @ expected, rtol=1e-10, atol=1e-12)
+        # the forward-over-reverse function is built once and reused across calls and chunks
+        assert wrapper.hvp(data, vectors, chunk_size=7).shape == (k, expected.shape[0])
+
+
+def test_hvp_of_a_loss_linear_in_the_parameters_is_the_weight_decay():
+    # l(z) = sum of the outputs of a linear model: its Hessian is 0, so H = Lambda
+    model = nn.Linear(3, 2).double().eval()
+    wrapper = ModelWrapper(model, Objective(lambda m, b: m(b[0]).sum(dim=1), weight_decay=0.3))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    got = wrapper.hvp((x, torch.zeros(5)), vectors, chunk_size=2)
+    torch.testing.assert_close(got, 0.3 * vectors)
+    torch.testing.assert_close(wrapper.hvp((x, torch.zeros(5)), vectors[:1], 2), 0.3 * vectors[:1])
 
 
 # ---------------------------------------------------------------- weight decay per parameter

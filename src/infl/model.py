@@ -87,12 +87,22 @@ def _missing_forward_ad(err: BaseException) -> bool:
     )
 
 
+def _missing_double_backward(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch saying an operation cannot be differentiated twice."""
+    text = str(err)
+    return isinstance(err, (NotImplementedError, RuntimeError)) and (
+        "once_differentiable" in text or ("derivative for" in text and "not implemented" in text)
+    )
+
+
 def _operation_named(err: BaseException) -> str:
     """The operation PyTorch names in a missing-derivative error (best effort)."""
     text = str(err)
     for marker in ("forward AD with ", "derivative for "):
         if marker in text:
             return text.split(marker, 1)[1].split(" ", 1)[0]
+    if "once_differentiable" in text:
+        return "a custom autograd.Function marked @once_differentiable"
     if "custom autograd.Function" in text:
         return "a custom autograd.Function without a jvp"
     return "an operation of the model"
@@ -110,13 +120,18 @@ class ModelWrapper:
         The training objective (per-example loss and weight decay).
     second_order
         How Hessian-vector products (and the Jacobian products of the Gauss-Newton product)
-        are differentiated. ``"auto"`` (default): forward-over-reverse (``jvp`` of ``grad``,
-        no second backward graph is kept), switching to reverse-over-reverse (``vjp`` of
-        ``grad``) with a one-time :class:`~infl.errors.InflWarning` the first time the model
-        hits an operation without a forward-mode derivative. ``"forward-over-reverse"`` or
-        ``"reverse-over-reverse"`` fix the mode (the former then raises
-        :class:`~infl.errors.ModelStateError` on such an operation). Both give the same
-        products up to round-off.
+        are differentiated. ``"auto"`` (default): reverse-over-reverse, by plain
+        ``torch.autograd`` double backward (per chunk one forward pass and one backward pass
+        that records its graph, then one backward pass of that graph per vector, batched over
+        the ``k`` vectors): the fastest measured on small and mid-sized models
+        (``benchmarks/bench_hvp.py``), at the memory of the gradient's backward graph for
+        one chunk. It switches to forward-over-reverse (``torch.func``: ``jvp`` of ``grad``,
+        ``vmap``-ed over the vectors) with a one-time :class:`~infl.errors.InflWarning` the
+        first time the model hits an operation without a second derivative (a custom
+        ``autograd.Function`` marked ``@once_differentiable``, ...).
+        ``"forward-over-reverse"`` or ``"reverse-over-reverse"`` fix the mode (an operation
+        the mode cannot differentiate then raises :class:`~infl.errors.ModelStateError`).
+        Both give the same products up to round-off.
 
     Attributes
     ----------
@@ -194,8 +209,12 @@ class ModelWrapper:
         )
         self.has_decay = any(v > 0 for v in self.decays)
         self.requested_second_order: SecondOrder = second_order
-        self.second_order: str = "forward-over-reverse" if second_order == "auto" else second_order
+        self.second_order: str = "reverse-over-reverse" if second_order == "auto" else second_order
         self._output_shape: tuple[int, ...] | None = None
+        # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
+        self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
+        # Gauss-Newton J v by the vjp of u -> J^T u (after a missing forward-mode derivative)
+        self._ggn_transpose = second_order == "reverse-over-reverse"
 
     # ---------------------------------------------------------------- flat <-> dict
     def flatten(self, tensors: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
@@ -319,11 +338,19 @@ class ModelWrapper:
     ) -> torch.Tensor:
         """Hessian-vector products :math:`H V^T` with :math:`H = \\nabla^2 J`: ``[k, p]``.
 
-        Forward-over-reverse (``jvp`` of ``grad``) or, when the model needs it,
-        reverse-over-reverse (``vjp`` of ``grad``; see :attr:`second_order`), ``vmap``-ed over
-        the ``k`` vectors and summed over chunks of the data; :math:`H` is the Hessian of the
-        *mean* loss plus :math:`\\Lambda` (the weight decay, :attr:`decay`). Cost per chunk:
-        about two forward and two backward passes batched over ``k``.
+        :math:`H` is the Hessian of the *mean* loss plus :math:`\\Lambda` (the weight decay,
+        :attr:`decay`), summed over chunks of the data. Per chunk, in the mode of
+        :attr:`second_order`:
+
+        * reverse-over-reverse (default): one forward pass and one backward pass recording its
+          graph give :math:`g(\\theta) = \\nabla\\sum_{i} \\ell(z_i)` on the flat parameter
+          vector; then :math:`H v = \\nabla_\\theta (g^T v)` for all ``k`` vectors in one
+          batched backward pass of that graph (``is_grads_batched``; a plain one for ``k=1``).
+          Cost: about one forward and two backward passes plus ``k`` double-backward passes;
+          memory: the chunk's backward graph, plus ``k`` times its gradient-sized buffers.
+        * forward-over-reverse: ``jvp`` of ``grad`` (``torch.func``), ``vmap``-ed over the
+          ``k`` vectors, built once per wrapper. Cost: about two forward and two backward
+          passes batched over ``k``; memory grows with ``chunk_size * k`` activations.
 
         Parameters
         ----------
@@ -332,37 +359,52 @@ class ModelWrapper:
         vectors
             ``[k, p]``.
         chunk_size
-            Examples per chunk: peak memory grows with ``chunk_size * k``.
+            Examples per chunk: peak memory grows with ``chunk_size`` (and with ``k``).
         """
         self._check_vectors(vectors, "HVP")
-        loss = self.objective.per_example_loss
-
-        def summed(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-            return self._batch_value(loss, params, batch).sum()
 
         def one_chunk(batch: Batch) -> torch.Tensor:
-            grad_fn = grad(summed)
-
-            def grad_at(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return grad_fn(p, batch)
-
             if self.second_order == "reverse-over-reverse":
-                # H is symmetric, so the vector-Jacobian product of the gradient is H v
-                pullback = vjp(grad_at, self.params)[1]
-
-                def hv(v: torch.Tensor) -> torch.Tensor:
-                    return self.flatten(pullback(self.unflatten(v))[0])
-
-            else:
-
-                def hv(v: torch.Tensor) -> torch.Tensor:
-                    return self.flatten(jvp(grad_at, (self.params,), (self.unflatten(v),))[1])
-
-            return vmap(hv)(vectors)
+                return self._hvp_double_backward(batch, vectors)
+            return self._hvp_forward_over_reverse()(vectors, self.flat_params, batch)
 
         return self._curvature_products(
             data, vectors, chunk_size, one_chunk, "a Hessian-vector product"
         )
+
+    def _loss_sum(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """:math:`\\sum_i \\ell(z_i)` over ``batch`` at the flat parameters ``theta`` ``[p]``."""
+        loss = self.objective.per_example_loss
+        return self._batch_value(loss, self.unflatten(theta), batch).sum()
+
+    def _hvp_double_backward(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
+        """Summed (not averaged) HVPs of one chunk by ``torch.autograd`` double backward."""
+        with torch.enable_grad():
+            theta = self.flat_params.detach().requires_grad_(True)
+            total = self._loss_sum(theta, batch)
+            if not total.requires_grad:  # the loss does not depend on the parameters
+                return torch.zeros_like(vectors)
+            (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
+            if not gradient.requires_grad:  # the loss is linear in the parameters: H = 0
+                return torch.zeros_like(vectors)
+            if vectors.shape[0] == 1:
+                (product,) = torch.autograd.grad(gradient, theta, vectors[0])
+                return product.unsqueeze(0)
+            (products,) = torch.autograd.grad(gradient, theta, vectors, is_grads_batched=True)
+            return products
+
+    def _hvp_forward_over_reverse(
+        self,
+    ) -> Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]:
+        """``(vectors [k, p], theta [p], batch) -> [k, p]`` summed HVPs, built once."""
+        if self._for_hvp is None:
+            gradient = grad(self._loss_sum)
+
+            def product(v: torch.Tensor, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+                return jvp(lambda t: gradient(t, batch), (theta,), (v,))[1]
+
+            self._for_hvp = vmap(product, in_dims=(0, None, None))
+        return self._for_hvp
 
     def ggn_vp(
         self, data: IndexedData | Batch, vectors: torch.Tensor, chunk_size: int
@@ -375,8 +417,10 @@ class ModelWrapper:
         output-space Hessian of its loss. Per chunk: one forward pass, then for each vector
         ``jvp`` through the model (:math:`J v`), the output Hessian, and ``vjp`` back
         (:math:`J^T \\cdot`), ``vmap``-ed over the ``k`` vectors; :math:`J` is never formed.
-        In reverse-over-reverse mode (:attr:`second_order`) :math:`J v` is the ``vjp`` of the
-        linear map :math:`u \\mapsto J^T u` instead of a ``jvp``.
+        With ``second_order="reverse-over-reverse"`` :math:`J v` is the ``vjp`` of the linear
+        map :math:`u \\mapsto J^T u` instead of a ``jvp``; under ``"auto"`` the ``jvp`` is
+        used (measured faster: it needs first derivatives only) until the model meets an
+        operation without a forward-mode derivative, then the ``vjp`` (once, with a warning).
         :math:`G` is positive semi-definite when every :math:`H_{out,i}` is (all built-in
         losses: they are convex in the outputs).
 
@@ -397,75 +441,118 @@ class ModelWrapper:
             :func:`~infl.objective.output_hessian_loss`).
         """
         self._check_vectors(vectors, "GGN-vector product")
-        loss = output_hessian_loss(self.objective.per_example_loss)
+        output_hessian_loss(self.objective.per_example_loss)  # refuses early, naming the fix
 
         def one_chunk(batch: Batch) -> torch.Tensor:
-            inputs, targets = loss.split(batch)
-
-            def forward(params: dict[str, torch.Tensor]) -> Any:
-                return self.functional_model(params)(inputs)
-
-            primal = vjp(forward, self.params)
-            outputs, pullback = primal[0], primal[1]
-
-            if self.second_order == "reverse-over-reverse":
-                # u -> J^T u is linear, so its vector-Jacobian product at any u is J v
-                def transpose(u: torch.Tensor) -> dict[str, torch.Tensor]:
-                    return vjp(forward, self.params)[1](u)[0]
-
-                linear = vjp(transpose, torch.zeros_like(outputs))[1]
-
-                def jacobian_product(v: torch.Tensor) -> torch.Tensor:
-                    return linear(self.unflatten(v))[0]
-
-            else:
-
-                def jacobian_product(v: torch.Tensor) -> torch.Tensor:
-                    return jvp(forward, (self.params,), (self.unflatten(v),))[1]
-
-            def gv(v: torch.Tensor) -> torch.Tensor:
-                jv = jacobian_product(v)
-                (jt,) = pullback(loss.output_hessian_product(outputs, targets, jv))
-                return self.flatten(jt)
-
-            return vmap(gv)(vectors)
+            if self.requested_second_order == "reverse-over-reverse" or self._ggn_transpose:
+                return self._ggn_chunk(batch, vectors, forward_mode=False)
+            try:
+                return self._ggn_chunk(batch, vectors, forward_mode=True)
+            except (NotImplementedError, RuntimeError) as err:
+                if self.requested_second_order != "auto" or not _missing_forward_ad(err):
+                    raise
+                op = _operation_named(err)
+            self._ggn_transpose = True
+            warnings.warn(
+                f"the model uses {op}, which has no forward-mode derivative "
+                "in PyTorch, so infl computes Jacobian-vector products of the Gauss-Newton "
+                "matrix as the vjp of u -> J^T u from now on (the same products).",
+                InflWarning,
+                stacklevel=5,
+            )
+            return self._ggn_chunk(batch, vectors, forward_mode=False)
 
         return self._curvature_products(
             data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product"
         )
 
+    def _ggn_chunk(
+        self, batch: Batch, vectors: torch.Tensor, *, forward_mode: bool
+    ) -> torch.Tensor:
+        """Summed (not averaged) GGN products of one chunk; ``J v`` by ``jvp`` or by ``vjp``."""
+        loss = output_hessian_loss(self.objective.per_example_loss)
+        inputs, targets = loss.split(batch)
+
+        def forward(params: dict[str, torch.Tensor]) -> Any:
+            return self.functional_model(params)(inputs)
+
+        primal = vjp(forward, self.params)
+        outputs, pullback = primal[0], primal[1]
+
+        if forward_mode:
+
+            def jacobian_product(v: torch.Tensor) -> torch.Tensor:
+                return jvp(forward, (self.params,), (self.unflatten(v),))[1]
+
+        else:
+            # u -> J^T u is linear, so its vector-Jacobian product at any u is J v
+            def transpose(u: torch.Tensor) -> dict[str, torch.Tensor]:
+                return vjp(forward, self.params)[1](u)[0]
+
+            linear = vjp(transpose, torch.zeros_like(outputs))[1]
+
+            def jacobian_product(v: torch.Tensor) -> torch.Tensor:
+                return linear(self.unflatten(v))[0]
+
+        def gv(v: torch.Tensor) -> torch.Tensor:
+            jv = jacobian_product(v)
+            (jt,) = pullback(loss.output_hessian_product(outputs, targets, jv))
+            return self.flatten(jt)
+
+        return vmap(gv)(vectors)
+
     def _second_order_call(
         self, one_chunk: Callable[[Batch], torch.Tensor], batch: Batch, what: str
     ) -> torch.Tensor:
-        """``one_chunk(batch)``, switching to reverse-over-reverse once if forward AD is missing."""
+        """``one_chunk(batch)``; under ``"auto"``, switching mode once if a derivative is missing.
+
+        Reverse-over-reverse needs every operation's second derivative (double backward),
+        forward-over-reverse every operation's forward-mode derivative; a model that lacks
+        the one needed by the current mode moves to the other mode (once, with a warning),
+        unless the mode was fixed by the user.
+        """
         try:
             with functional_evaluation():
                 return one_chunk(batch)
-        except (NotImplementedError, RuntimeError) as err:
-            if not (_missing_forward_ad(err) and self.second_order == "forward-over-reverse"):
+        except (NotImplementedError, RuntimeError) as first:
+            err: BaseException = first
+            mode = self.second_order
+            forward_missing = mode == "forward-over-reverse" and _missing_forward_ad(err)
+            double_missing = mode == "reverse-over-reverse" and _missing_double_backward(err)
+            if not (forward_missing or double_missing):
                 raise _second_derivative_error(err, what) from err
             op = _operation_named(err)
+            other = "reverse-over-reverse" if forward_missing else "forward-over-reverse"
+            needs = "forward-mode derivative" if forward_missing else "second derivative"
             if self.requested_second_order != "auto":
                 raise ModelStateError(
-                    f"{what} needs the forward-mode derivative of {op}, which PyTorch does not "
-                    "implement, and second_order='forward-over-reverse' was asked for. Use "
-                    "second_order='auto' or 'reverse-over-reverse'."
+                    f"{what} needs the {needs} of {op}, which PyTorch does not implement, "
+                    f"and second_order={mode!r} was asked for. Use second_order='auto' or "
+                    f"{other!r}."
                 ) from err
-            self.second_order = "reverse-over-reverse"
+            self.second_order = other
+            how = (
+                "vjp of grad instead of jvp of grad: the same products, with the backward "
+                "graph of the gradient kept in memory"
+                if forward_missing
+                else "jvp of grad instead of a double backward: the same products"
+            )
             warnings.warn(
-                f"the model uses {op}, which has no forward-mode derivative in PyTorch, so "
-                "infl computes its second-order products reverse-over-reverse from now on "
-                "(vjp of grad instead of jvp of grad: the same products, with the backward "
-                "graph of the gradient kept in memory). ModelWrapper.second_order records the "
-                "mode; pass second_order='reverse-over-reverse' to start there.",
+                f"the model uses {op}, which has no {needs} in PyTorch, so infl computes its "
+                f"second-order products {other} from now on ({how}). "
+                "ModelWrapper.second_order records the mode; pass "
+                f"second_order={other!r} to start there.",
                 InflWarning,
                 stacklevel=4,
             )
         try:
             with functional_evaluation():
                 return one_chunk(batch)
-        except (NotImplementedError, RuntimeError) as err:
-            raise _second_derivative_error(err, what) from err
+        except (NotImplementedError, RuntimeError) as retry_err:
+            if _missing_forward_ad(retry_err) or _missing_double_backward(retry_err):
+                # neither mode can differentiate the model twice: name the first failure
+                raise _second_derivative_error(err, what) from retry_err
+            raise _second_derivative_error(retry_err, what) from retry_err
 
     # ---------------------------------------------------------------- checks
     def check_data(self, data: IndexedData) -> None:

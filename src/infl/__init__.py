@@ -7,13 +7,14 @@ ground truth and the errors. Everything else lives in a namespace of its own:
 * :mod:`infl.metrics` — fidelity metrics (Pearson, Spearman, top-k overlap, LDS, Taylor gap);
 * :mod:`infl.selection` — choosing test points (highest loss, loss percentiles, top influence);
 * :mod:`infl.diagnostics` — spectrum, solver advice and agreement;
+* :mod:`infl.distributed` — ``torch.distributed``: training-data shards, all-reduced curvature;
 * :mod:`infl.retrain` — the retraining engine behind :func:`retrain_ground_truth`;
 * :mod:`infl.experiments` — influence over time and mis-prediction correction;
 * :mod:`infl.studies` — the papers' studies, their datasets and models;
 * :mod:`infl.plotting` — figures (``pip install infl[plot]``).
 """
 
-from infl import diagnostics, experiments, metrics, selection
+from infl import diagnostics, distributed, experiments, metrics, selection
 from infl.calculator import InfluenceCalculator
 from infl.data import IndexedData
 from infl.errors import (
@@ -92,6 +93,7 @@ __all__ = [
     "StoreWriteError",
     "__version__",
     "diagnostics",
+    "distributed",
     "experiments",
     "logit_measurement",
     "loss_measurement",

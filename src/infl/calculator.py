@@ -17,18 +17,34 @@ import torch
 from torch import nn
 
 from infl import group_influence, persistence, score_store, streaming, train_gradients
-from infl.data import as_indexed
+from infl.data import IndexedData, as_indexed
+from infl.distributed import (
+    ProcessGroup,
+    Shard,
+    ShardedData,
+    data_digest,
+    process_group,
+    shard_operator,
+    tensor_digest,
+)
 from infl.errors import InputError
 from infl.export import Ids, scores_to_frame
+from infl.fingerprint import fingerprint
 from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
-from infl.operators import GaussNewtonOperator, HessianOperator, TrainingDataOperator
+from infl.operators import (
+    GaussNewtonOperator,
+    HessianOperator,
+    LinearOperator,
+    TrainingDataOperator,
+)
 from infl.persistence import _fingerprint
 from infl.solvers.base import (
     FittedSolver,
     Solver,
     SolveResult,
     check_damping,
+    solver_spec,
 )
 from infl.train_gradients import TrainGradCache
 
@@ -106,11 +122,26 @@ class InfluenceCalculator:
         fit in ``cache_bytes``, so no extra pass then) gives :math:`\\|\\nabla J(\\theta)\\|`
         and the RMS per-example gradient norm, stored in :attr:`stationarity`; an
         :class:`~infl.errors.InflWarning` says what a non-minimum does to the scores.
+    distributed
+        Share the work with the other ranks of a ``torch.distributed`` job (see
+        :mod:`infl.distributed` and ``docs/distributed.md``): ``None`` (default) when
+        ``torch.distributed`` is initialised with more than one rank, ``True`` to require it,
+        ``False`` to compute everything in this process. Every rank passes the same model,
+        objective, solver and the *whole* training set; rank ``r`` works on its contiguous
+        shard, curvature products are all-reduced and scores are gathered, so every rank gets
+        the results of one process (``[m, n]`` in global order). Every call that computes is
+        then collective: call it on every rank, with the same arguments.
 
     Attributes
     ----------
     stationarity : Stationarity or None
         The result of the minimum check (``None`` with ``check_minimum=False``).
+    group : infl.distributed.ProcessGroup
+        The ranks the work is shared with (one rank without ``torch.distributed``).
+    shard : infl.distributed.Shard
+        This rank's examples ``shard.start .. shard.stop - 1`` (all ``n`` in one process).
+    local_train : IndexedData
+        This rank's shard of the training data (all of it in one process).
 
     Notes
     -----
@@ -148,6 +179,7 @@ class InfluenceCalculator:
         progress: bool = True,
         curvature: str = "hessian",
         check_minimum: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(objective, Objective):
             raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
@@ -165,6 +197,11 @@ class InfluenceCalculator:
         self.objective = objective
         self.train = as_training_data(train_data, "training data")
         self.wrapper.check_data(self.train)
+        self.group: ProcessGroup = process_group(distributed)
+        self.shard: Shard = self.group.shard(len(self.train))
+        self.local_train: IndexedData = (
+            self.train if self.group.world_size == 1 else ShardedData(self.train, self.shard)
+        )
         self.solver = solver
         self.measurement = measurement if measurement is not None else loss_measurement(objective)
         self.chunk_size = chunk_size
@@ -176,9 +213,13 @@ class InfluenceCalculator:
         )
         self.progress = progress
         self.curvature = curvature
-        self.operator: TrainingDataOperator = CURVATURES[curvature](
-            self.wrapper, self.train, chunk_size
+        self.operator: LinearOperator = shard_operator(
+            CURVATURES[curvature](self.wrapper, self.local_train, chunk_size),
+            self.group,
+            self.local_train,
         )
+        if self.group.world_size > 1:  # refuse ranks that disagree before any collective
+            self.group.check_same(_rank_facts(self))
         self._fitted: FittedSolver | None = None
         self._grad_cache = TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
@@ -187,11 +228,13 @@ class InfluenceCalculator:
             # the pass fills the [n, p] gradient cache (when it fits) that scoring reuses; a
             # low-rank inverse scores from [n, r] projections and never keeps [n, p]
             grads = (
-                self.wrapper.iter_train_grads(self.train, chunk_size)
+                self.wrapper.iter_train_grads(self.local_train, chunk_size)
                 if solver.low_rank_scoring
                 else train_gradients.iter_train_grads(self, desc="checking the minimum")
             )
-            self.stationarity = self.wrapper.check_stationarity(grads, self.num_train)
+            self.stationarity = self.wrapper.check_stationarity(
+                grads, self.num_train, all_reduce=self.group.all_reduce_sum
+            )
             self.stationarity.warn_if_not_minimum(stacklevel=2)
 
     @property
@@ -335,9 +378,10 @@ class InfluenceCalculator:
         Returns ``[k, p]``; for all ``n`` examples this materialises ``[n, p]``.
         """
         if indices is None:
-            return torch.cat(
+            local = torch.cat(
                 [g for _, g in train_gradients.iter_train_grads(self, desc="train gradients")]
             )
+            return self.group.gather_shard_rows(local, self.num_train)
         return self.wrapper.train_grads(self.train.select(indices))
 
     def inverse_hvp(self, test_data: Any) -> SolveResult:
@@ -423,10 +467,11 @@ class InfluenceCalculator:
         if blocked is not None:
             return blocked
         ihvp = self.inverse_hvp(test_data).value
-        scores = torch.empty(ihvp.shape[0], self.num_train, dtype=ihvp.dtype, device=ihvp.device)
+        local_n = len(self.local_train)  # this rank's columns; all n in one process
+        scores = torch.empty(ihvp.shape[0], local_n, dtype=ihvp.dtype, device=ihvp.device)
         for start, grads in train_gradients.iter_train_grads(self, desc="scoring"):
             scores[:, start : start + grads.shape[0]] = -(ihvp @ grads.T)
-        return scores
+        return self.group.gather_columns(scores, self.num_train)
 
     def removal_effect(self, test_data: Any) -> torch.Tensor:
         """Predicted change of each test measurement when training example ``i`` is removed.
@@ -700,6 +745,19 @@ class InfluenceCalculator:
             progress=progress,
             check_minimum=check_minimum,
         )
+
+
+def _rank_facts(calc: InfluenceCalculator) -> dict[str, str]:
+    """What every rank of a distributed calculator must agree on (compared at construction)."""
+    return {
+        "training examples": str(calc.num_train),
+        "training data (sampled examples)": data_digest(calc.train),
+        "model parameters": f"p={calc.num_params}, sha1 {tensor_digest(calc.wrapper.flat_params)}",
+        "objective": fingerprint(calc.objective, "objective").digest,
+        "solver": repr(solver_spec(calc.solver)),
+        "curvature": calc.curvature,
+        "dtype": str(calc.wrapper.dtype),
+    }
 
 
 def _same_but_damping(old: Solver, new: Solver) -> bool:

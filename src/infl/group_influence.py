@@ -51,7 +51,7 @@ def group_removal_effect(
 def grad_sum(calc: InfluenceCalculator, idx: torch.Tensor) -> torch.Tensor:
     """:math:`\\sum_{i\\in U} g_i` (``[p]``), from the gradient cache when it is filled."""
     cached = calc._grad_cache.value
-    if cached is not None:
+    if cached is not None and cached.shape[0] == calc.num_train:  # not a rank's shard rows
         return cached[idx.to(cached.device)].sum(dim=0)
     total = torch.zeros(calc.num_params, dtype=calc.wrapper.dtype, device=calc.wrapper.device)
     for start in range(0, idx.numel(), calc.chunk_size):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,19 +157,25 @@ def measure_stationarity(
     theta: torch.Tensor,
     decay: torch.Tensor,
     objective: Objective,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Stationarity:
     """:class:`Stationarity` from one pass of training gradients (see
     :meth:`ModelWrapper.check_stationarity <infl.model.ModelWrapper.check_stationarity>`).
 
     ``names`` and ``numels`` are the trainable parameters in flat order, ``theta`` the flat
-    parameters ``[p]``, ``decay`` the diagonal of :math:`\\Lambda` ``[p]``.
+    parameters ``[p]``, ``decay`` the diagonal of :math:`\\Lambda` ``[p]``. ``all_reduce``
+    sums the gradient sums over the ranks of a ``torch.distributed`` job, whose
+    ``train_grads`` are each rank's shard (``num_train`` is then all ranks' total).
     """
     total = torch.zeros(theta.numel(), dtype=torch.float64, device=theta.device)
-    squares = 0.0
+    squares = torch.zeros(1, dtype=torch.float64, device=theta.device)
     for _, grads in train_grads:
         g = grads.to(torch.float64)
         total += g.sum(dim=0)
-        squares += float((g * g).sum())
+        squares += (g * g).sum()
+    if all_reduce is not None:
+        both = all_reduce(torch.cat([total, squares]))
+        total, squares = both[:-1], both[-1:]
     grad_j = total / num_train
     theta = theta.to(torch.float64)
     groups = objective.decay_groups
@@ -197,7 +203,7 @@ def measure_stationarity(
         left.append(lg + value * th)
     return Stationarity(
         grad_norm=float(torch.linalg.vector_norm(grad_j)),
-        grad_scale=math.sqrt(squares / num_train),
+        grad_scale=math.sqrt(float(squares) / num_train),
         num_train=num_train,
         weight_decay=wd,
         implied_weight_decay=implied,

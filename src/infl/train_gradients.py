@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from infl.errors import InputError
+from infl.errors import InflError, InputError
 
 if TYPE_CHECKING:
     from infl.calculator import InfluenceCalculator
+    from infl.solvers.base import FittedSolver
 
 __all__ = [
     "TrainGradCache",
@@ -27,6 +28,7 @@ __all__ = [
     "low_rank_self_influence",
     "per_layer_influence",
     "self_influence",
+    "sharded_self_influence",
     "train_projection",
 ]
 
@@ -54,23 +56,25 @@ class TrainGradCache:
 
 def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, [b, p] gradients)`` over the training data: from the cache when it is
-    filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``."""
+    filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``.
+
+    Under ``torch.distributed`` the data is this rank's shard (``calc.local_train``): ``start``
+    is local and the cache holds the shard's ``[n_r, p]`` rows."""
+    local_n = len(calc.local_train)
     cached = calc._grad_cache.value
     if cached is not None:
-        for start in range(0, calc.num_train, calc.chunk_size):
+        for start in range(0, local_n, calc.chunk_size):
             yield start, cached[start : start + calc.chunk_size]
         return
     wrapper = calc.wrapper
     itemsize = torch.finfo(wrapper.dtype).bits // 8
     cache: torch.Tensor | None = None
-    if calc.num_train * calc.num_params * itemsize <= calc.cache_bytes:
+    if local_n * calc.num_params * itemsize <= calc.cache_bytes:
         # filled in place: collecting chunks and concatenating would briefly hold two copies
-        cache = torch.empty(
-            calc.num_train, calc.num_params, dtype=wrapper.dtype, device=wrapper.device
-        )
+        cache = torch.empty(local_n, calc.num_params, dtype=wrapper.dtype, device=wrapper.device)
     bar = tqdm(
-        wrapper.iter_train_grads(calc.train, calc.chunk_size),
-        total=calc.train.num_chunks(calc.chunk_size),
+        wrapper.iter_train_grads(calc.local_train, calc.chunk_size),
+        total=calc.local_train.num_chunks(calc.chunk_size),
         desc=desc,
         disable=not calc.progress,
         leave=False,
@@ -92,14 +96,14 @@ def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, 
             "parameters, so its scores have no per-layer split. Use infl.KFAC or infl.EKFAC."
         )
     ihvp = calc.inverse_hvp(test_data).value
-    m, n = ihvp.shape[0], calc.num_train
+    m, n = ihvp.shape[0], len(calc.local_train)  # this rank's columns (all n in one process)
     scores = {name: torch.zeros(m, n, dtype=ihvp.dtype, device=ihvp.device) for name in blocks}
     for start, grads in iter_train_grads(calc, desc="scoring per layer"):
         stop = start + grads.shape[0]
         for name, slices in blocks.items():
             for sl in slices:
                 scores[name][:, start:stop] -= ihvp[:, sl] @ grads[:, sl].T
-    return scores
+    return {name: calc.group.gather_columns(s, calc.num_train) for name, s in scores.items()}
 
 
 def low_rank_influence(calc: InfluenceCalculator, test_data: Any) -> torch.Tensor | None:
@@ -115,27 +119,32 @@ def low_rank_influence(calc: InfluenceCalculator, test_data: Any) -> torch.Tenso
 
 
 def train_projection(calc: InfluenceCalculator, basis: torch.Tensor) -> torch.Tensor:
-    """:math:`G U^T`, ``[n, r]``: one streamed pass, cached (``[n, p]`` is never kept)."""
+    """:math:`G U^T`, ``[n, r]``: one streamed pass, cached (``[n, p]`` is never kept).
+
+    Under ``torch.distributed`` each rank projects its shard and the ``[n, r]`` rows are
+    gathered (and cached) on every rank."""
     cached = calc._grad_cache.projection(basis)
     if cached is not None:
         return cached
-    proj = torch.empty(calc.num_train, basis.shape[0], dtype=basis.dtype, device=basis.device)
+    local_n = len(calc.local_train)
+    proj = torch.empty(local_n, basis.shape[0], dtype=basis.dtype, device=basis.device)
     full = calc._grad_cache.value
     if full is not None:
         chunks: Any = (
             (start, full[start : start + calc.chunk_size])
-            for start in range(0, calc.num_train, calc.chunk_size)
+            for start in range(0, local_n, calc.chunk_size)
         )
     else:
         chunks = tqdm(
-            calc.wrapper.iter_train_grads(calc.train, calc.chunk_size),
-            total=calc.train.num_chunks(calc.chunk_size),
+            calc.wrapper.iter_train_grads(calc.local_train, calc.chunk_size),
+            total=calc.local_train.num_chunks(calc.chunk_size),
             desc="projecting train gradients",
             disable=not calc.progress,
             leave=False,
         )
     for start, grads in chunks:
         proj[start : start + grads.shape[0]] = grads.to(basis) @ basis.T
+    proj = calc.group.gather_shard_rows(proj, calc.num_train)
     calc._grad_cache.add_projection(basis, proj)
     return proj
 
@@ -164,6 +173,8 @@ def self_influence(
     """The body of :meth:`InfluenceCalculator.self_influence`: ``[k]``, solved (or, for a
     low-rank inverse, projected) ``chunk_size`` training examples at a time."""
     fitted = calc.fitted_solver()
+    if indices is None and calc.group.world_size > 1:
+        return sharded_self_influence(calc, fitted)
     idx = (
         torch.arange(calc.num_train)
         if indices is None
@@ -191,3 +202,45 @@ def self_influence(
         measured = calc.wrapper.per_example_grads(calc.measurement, batch)
         out.append(-(ihvp * measured).sum(dim=1))
     return torch.cat(out)
+
+
+def sharded_self_influence(calc: InfluenceCalculator, fitted: FittedSolver) -> torch.Tensor:
+    """Self-influence of all ``n`` examples under ``torch.distributed``: ``[n]`` on every rank.
+
+    Each rank takes the gradients of its shard's examples. A solve is a collective (every
+    operator product is all-reduced), so the ranks go in lockstep: at each step they gather
+    their chunks' gradients into one ``[B, p]`` right-hand side, solve it together and keep
+    their own rows (the same solves as one process, the gradient work split ``N`` ways). A
+    low-rank inverse needs no solve and no step is shared. The ``[n_r]`` results are gathered.
+    """
+    group, shard = calc.group, calc.shard
+    local_n = len(calc.local_train)
+    low = fitted.low_rank()
+    out = []
+    steps = list(group.lockstep_chunks(shard, calc.chunk_size))
+    for start, stop in tqdm(steps, desc="self-influence", disable=not calc.progress, leave=False):
+        rows = torch.arange(start, stop)
+        batch = calc.local_train.select(rows) if stop > start else None
+        if low is not None:
+            if batch is not None:
+                out.append(low_rank_self_influence(calc, low, batch, rows + shard.start))
+            continue
+        wrapper = calc.wrapper
+        grads = (
+            wrapper.train_grads(batch)
+            if batch is not None
+            else torch.zeros(0, calc.num_params, dtype=wrapper.dtype, device=wrapper.device)
+        )
+        sizes = group.lockstep_sizes(shard, start, calc.chunk_size)
+        ihvp_all = fitted.solve(group.gather_rows(grads, sizes)).value
+        if batch is None:
+            continue
+        offset = sum(sizes[: group.rank])
+        ihvp = ihvp_all[offset : offset + grads.shape[0]]
+        measured = wrapper.per_example_grads(calc.measurement, batch)
+        out.append(-(ihvp * measured).sum(dim=1))
+    dtype = calc.wrapper.dtype
+    local = torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=calc.wrapper.device)
+    if local.shape[0] != local_n:
+        raise InflError(f"rank {group.rank} scored {local.shape[0]} of its {local_n} examples")
+    return group.gather_shard_rows(local, calc.num_train)

@@ -42,6 +42,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from infl import distributed
 from infl.data import IndexedData
 from infl.errors import InputError, NotPositiveDefiniteError
 from infl.model import ModelWrapper
@@ -150,13 +151,18 @@ class _Kronecker(Solver):
             "mc_samples": self.mc_samples,
             "progress": progress,
         }
-        gen = torch.Generator(device=wrapper.device).manual_seed(self.seed)
+        # under torch.distributed `data` is this rank's shard: the per-shard means are
+        # averaged over the ranks (weights n_r / n) before the eigendecompositions
+        seed = distributed.shard_seed(operator, self.seed)
+        gen = torch.Generator(device=wrapper.device).manual_seed(seed)
         collect_factors(wrapper, data, part, generator=gen, **common)
+        distributed.average_partition(operator, part, "factors")
         eigendecompose(part)
         passes = 1
         if self._eigen_refit:
-            gen = torch.Generator(device=wrapper.device).manual_seed(self.seed + 1)
+            gen = torch.Generator(device=wrapper.device).manual_seed(seed + 1)
             collect_eigen_diagonal(wrapper, data, part, generator=gen, **common)
+            distributed.average_partition(operator, part, "eigenvalues")
             passes = 2
         uniform = wrapper.objective.uniform_weight_decay
         decay = (
@@ -164,7 +170,8 @@ class _Kronecker(Solver):
             if uniform is not None
             else dict(zip(wrapper.names, wrapper.decays, strict=True))
         )
-        return FittedKronecker(self, operator, part, decay, passes, len(data))
+        n = distributed.num_examples(operator, len(data))
+        return FittedKronecker(self, operator, part, decay, passes, n)
 
     def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedKronecker:
         """:class:`FittedKronecker` from saved factors and eigenbases: no data pass.

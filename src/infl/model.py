@@ -623,7 +623,11 @@ class ModelWrapper:
         loss.check_targets(targets, self._output_shape, offset=offset, what=what)
 
     def check_stationarity(
-        self, train_grads: Iterable[tuple[int, torch.Tensor]], num_train: int
+        self,
+        train_grads: Iterable[tuple[int, torch.Tensor]],
+        num_train: int,
+        *,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Stationarity:
         """How far :math:`\\theta` is from a minimum of :math:`J`, from one pass of gradients.
 
@@ -632,7 +636,9 @@ class ModelWrapper:
         calculator caches), :math:`\\nabla J = \\frac1n\\sum_i g_i` and the gradient scale
         :math:`s = (\\frac1n\\sum_i\\|g_i\\|^2)^{1/2}`. Cost: :math:`O(np)` on top of the
         gradients, :math:`O(p)` memory. The result warns nothing; see
-        :meth:`Stationarity.warn_if_not_minimum`.
+        :meth:`Stationarity.warn_if_not_minimum`. Under ``torch.distributed``, ``train_grads``
+        are this rank's shard, ``num_train`` all ranks' total and ``all_reduce`` sums over the
+        ranks (:meth:`infl.distributed.ProcessGroup.all_reduce_sum`).
         """
         return measure_stationarity(
             train_grads,
@@ -642,6 +648,7 @@ class ModelWrapper:
             theta=self.flat_params,
             decay=self.decay,
             objective=self.objective,
+            all_reduce=all_reduce,
         )
 
     def _check_vectors(self, vectors: torch.Tensor, what: str) -> None:

@@ -175,7 +175,7 @@ def score_tiles(
     train_proj = train_gradients.train_projection(calc, low[0]) if low is not None else None
     bar = tqdm(total=total, desc=desc, disable=not calc.progress, leave=False, unit="tile")
     try:
-        for r, (row_start, batch) in enumerate(_row_blocks(test, rows, finished, col_chunks)):
+        for r, row_start, batch in _row_blocks(test, rows, finished, col_chunks):
             grads = calc.wrapper.per_example_grads(calc.measurement, batch)
             skip = finished[r]
             if low is not None and train_proj is not None:
@@ -197,14 +197,15 @@ def score_tiles(
 
 def _row_blocks(
     test: IndexedData, rows: int, finished: list[int], col_chunks: int
-) -> Iterator[tuple[int, Any]]:
-    """The unfinished row blocks (a finished one is skipped without collating a stream's)."""
+) -> Iterator[tuple[int, int, Any]]:
+    """``(r, row_start, batch)`` of the unfinished row blocks ``r`` (the leading finished
+    ones are skipped without reading them)."""
     if not any(d < col_chunks for d in finished):
         return
     first = next(r for r, d in enumerate(finished) if d < col_chunks)
     for r, (start, batch) in enumerate(test.chunks(rows, skip=first), start=first):
         if finished[r] < col_chunks:
-            yield start, batch
+            yield r, start, batch
 
 
 def blocked_influence(calc: InfluenceCalculator, test_data: Any) -> torch.Tensor | None:

@@ -375,6 +375,33 @@ def test_hessian_to_dense_equals_closed_form_logistic_hessian(logistic):
     torch.testing.assert_close(op.to_dense(block_size=3), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_dense_hessian_is_assembled_once_and_shared_by_solver_and_spectrum(logistic):
+    from infl.diagnostics import hessian_spectrum
+    from infl.operators import LinearOperator
+
+    p = logistic
+    op = _hessian(p.model, "bce_with_logits", IndexedData((p.x, p.y)), wd=p.wd, chunk_size=9)
+    dense = op.to_dense(block_size=3)
+    size = op.size
+    assert op.num_matvecs == size
+    # the kept matrix is exactly what the plain assembly gives
+    assert torch.equal(dense, LinearOperator.to_dense(op, 3))
+    assert op.num_matvecs == 2 * size
+    spectrum = hessian_spectrum(op, method="dense", damping=0.1)
+    fitted = ExactHessian(damping=0.2).fit(op)
+    pinv = ExactHessian(damping=0.1, pseudo_inverse=True).fit(op.damped(0.1))
+    assert op.num_matvecs == 2 * size  # no product after the first assembly
+    assert spectrum.num_matvecs == 0
+    expected = reference.hessian(p.theta, p.x, p.y, p.wd)
+    eye = torch.eye(size, dtype=torch.float64)
+    torch.testing.assert_close(spectrum.eigenvalues, torch.linalg.eigvalsh(expected + 0.1 * eye))
+    torch.testing.assert_close(fitted.eigenvalues, torch.linalg.eigvalsh(expected))
+    torch.testing.assert_close(pinv.eigenvalues, torch.linalg.eigvalsh(expected + 0.1 * eye))
+    # a minibatch operator is another matrix: it assembles its own
+    sub = op.subsample(5, torch.Generator().manual_seed(0))
+    assert not torch.equal(sub.to_dense(), dense)
+
+
 def test_damped_operator_adds_lambda_identity(logistic):
     p = logistic
     op = _hessian(p.model, "bce_with_logits", IndexedData((p.x, p.y)), wd=p.wd)

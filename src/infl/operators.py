@@ -191,6 +191,22 @@ class TrainingDataOperator(LinearOperator):
 
 class HessianOperator(TrainingDataOperator):
     """:math:`H = \\nabla^2 J(\\theta)`, matrix-free, streamed over the training data.
+        self._dense: torch.Tensor | None = None
+
+    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+        """The ``[p, p]`` matrix (:meth:`LinearOperator.to_dense`), assembled once and kept.
+
+        The operator is fixed (the wrapper's parameters are a copy, the data given), so the
+        matrix is computed on the first call (``p`` products) and returned from then on (no
+        product): the exact solver, the dense spectrum
+        (:func:`~infl.diagnostics.hessian_spectrum`), damped views of this operator and later
+        fits (another damping or ``pseudo_inverse``) share one assembly. The tensor returned
+        is the kept one: do not modify it in place. It holds ``p^2`` numbers for the life of
+        the operator.
+        """
+        if self._dense is None:
+            self._dense = super().to_dense(block_size)
+        return self._dense
 
     :math:`H v = \\frac1n\\sum_i \\nabla^2\\ell(z_i) v + \\lambda_{wd} v`, computed with
     forward-over-reverse autodiff in chunks of ``chunk_size`` examples.

@@ -198,3 +198,26 @@ def test_width_comparison_never_compares_a_width_with_itself():
     assert "relu: Spearman at width 5 → 8" in settings
     settings = [c.setting for c in iris_comparisons([row(5, 0.9), row(8, 0.8), row(50, 0.5)], 1e-3)]
     assert "relu: Spearman at width 8 → 50" in settings
+
+
+@pytest.mark.parametrize(("weight_decay", "momentum"), [(1e-3, 0.9), (0.0, 0.9), (1e-3, 0.0)])
+def test_full_batch_training_is_torch_sgd_bit_for_bit(weight_decay, momentum):
+    import torch
+    from torch import nn
+
+    from infl.studies.datasets import load_iris
+    from infl.studies.models import mlp
+
+    split = load_iris(seed=0, dtype=torch.float64)
+    x, y = split.train
+    ours = mlp(4, 3, 5, 2, "relu", seed=0).double()
+    reference = mlp(4, 3, 5, 2, "relu", seed=0).double()
+    fragility.train_full_batch(ours, split.train, weight_decay, 40, 0.05, momentum)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=momentum,
+                          weight_decay=weight_decay)  # fmt: skip
+    for _ in range(40):
+        opt.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)

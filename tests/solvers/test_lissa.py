@@ -11,6 +11,7 @@ from infl import (
     LiSSA,
     SolverDivergedError,
 )
+from infl.operators import LinearOperator
 from reference import rel_err
 
 
@@ -137,3 +138,185 @@ def test_auto_damping_with_lissa_uses_one_lanczos_run_for_damping_and_scale():
 def test_bad_default_settings_are_refused(kwargs, match):
     with pytest.raises(InputError, match=match):
         LiSSA(**kwargs)
+
+
+# ---------------------------------------------------------------- the loop: windows, dense form
+
+
+@pytest.mark.filterwarnings("ignore::infl.InflWarning")
+def test_dense_form_gives_the_matrix_free_recursion_to_round_off(hessian_problem):
+    op, dense, rhs = hessian_problem
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    settings = {"damping": 0.01, "scale": 1.2 * top, "depth": 25, "batch_size": None}
+    free = LiSSA(**settings, dense=False, rtol=1e-30).fit(op)
+    matrix = LiSSA(**settings, dense=True, rtol=1e-30).fit(op)
+    a, b = free.solve(rhs), matrix.solve(rhs)
+    assert (a.info["dense_matrix"], b.info["dense_matrix"]) == (False, True)
+    torch.testing.assert_close(b.value, a.value, rtol=1e-10, atol=0)
+    torch.testing.assert_close(b.trace, a.trace, rtol=1e-8, atol=1e-15)
+    torch.testing.assert_close(b.residual_norms, a.residual_norms, rtol=1e-6, atol=1e-15)
+    assert a.iterations == b.iterations == 25
+
+
+def test_dense_auto_assembles_the_matrix_only_when_it_costs_fewer_products(hessian_problem):
+    op, dense, rhs = hessian_problem  # p = 5
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    shallow = LiSSA(scale=1.2 * top, depth=2, batch_size=None).fit(op)  # depth * k = 2 < p
+    assert not shallow.uses_dense(1)
+    deep = LiSSA(scale=3 * top, depth=200, batch_size=None).fit(op)
+    assert deep.uses_dense(1)
+    before = op.num_matvecs
+    deep.solve(rhs)
+    assert op.num_matvecs - before == 5  # the p products that assembled the matrix, no more
+    deep.with_damping(0.5).solve(rhs)  # the matrix is shared across dampings
+    assert op.num_matvecs - before == 5
+    minibatch = LiSSA(scale=1.2 * top, depth=200, batch_size=10).fit(op)
+    assert not minibatch.uses_dense(4)
+
+
+def test_dense_true_with_minibatches_is_refused():
+    with pytest.raises(InputError, match="dense=True needs full-data steps"):
+        LiSSA(dense=True, batch_size=16)
+    with pytest.raises(InputError, match="dense must be True, False or 'auto'"):
+        LiSSA(dense="yes")
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.filterwarnings("ignore::infl.InflWarning")
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_window_checks_change_nothing_but_how_often_the_host_reads(batch_size):
+    op, rhs = _heterogeneous_examples()
+    kw = {"damping": 0.05, "scale": 10.0, "depth": 70, "batch_size": batch_size, "dense": False}
+    every = LiSSA(**kw, check_every=1, rtol=1e-30).solve(op, rhs)
+    window = LiSSA(**kw, check_every=32, rtol=1e-30).solve(op, rhs)
+    torch.testing.assert_close(window.value, every.value, rtol=0, atol=0)
+    torch.testing.assert_close(window.trace, every.trace, rtol=0, atol=0)
+    assert window.trace.shape == (70, 2)
+
+
+def test_divergence_is_reported_at_the_same_step_whatever_the_window():
+    op, rhs = _heterogeneous_examples()
+    top = float(torch.linalg.eigvalsh(op.mean)[-1])
+    steps = []
+    for every in (1, 8, 64):
+        with pytest.raises(SolverDivergedError) as err:
+            LiSSA(scale=top / 10, depth=500, check_every=every, dense=False).solve(op, rhs)
+        steps.append(int(str(err.value).split("diverged at step ")[1].split()[0]))
+    assert steps[0] == steps[1] == steps[2] > 1
+
+
+def test_early_stop_happens_in_the_window_where_rtol_is_met():
+    op, rhs = _heterogeneous_examples()
+    kw = {"damping": 0.1, "scale": 4.0, "depth": 5000, "batch_size": None, "rtol": 1e-8}
+    one = LiSSA(**kw, check_every=1, dense=False).solve(op, rhs)
+    window = LiSSA(**kw, check_every=16, dense=False).solve(op, rhs)
+    assert one.converged
+    assert window.converged
+    assert 16 < one.iterations <= window.iterations < one.iterations + 16
+    torch.testing.assert_close(window.trace[: one.iterations], one.trace)
+    assert float(window.residual_norms.max()) <= float(one.residual_norms.max())
+
+
+@pytest.mark.filterwarnings("ignore::infl.InflWarning")
+def test_full_data_repeats_are_run_once():
+    op, rhs = _heterogeneous_examples()
+    kw = {"damping": 0.1, "scale": 4.0, "depth": 40, "batch_size": None, "rtol": 1e-30}
+    once = LiSSA(**kw).solve(op, rhs)
+    thrice = LiSSA(**kw, repeats=3).solve(op, rhs)
+    torch.testing.assert_close(thrice.value, once.value, rtol=0, atol=0)
+    assert thrice.iterations == 40
+    assert thrice.info["repeats_run"] == 1
+
+
+def test_minibatches_are_drawn_in_bulk_uniformly_and_reproducibly(hessian_problem):
+    op, _, _ = hessian_problem  # n = 60
+    subs = op.damped(0.1).subsample_many(12, 400, _gen())
+    again = op.damped(0.1).subsample_many(12, 400, _gen())
+    idx = torch.stack([s.base.data[0] for s in subs])  # the selected inputs identify examples
+    assert all(
+        torch.equal(s.base.data[0], t.base.data[0]) for s, t in zip(subs, again, strict=False)
+    )
+    x = op.data.select(torch.arange(60))[0]
+    which = (idx[:, :, None, :] == x[None, None]).all(-1).float().argmax(-1)  # [400, 12]
+    assert all(row.unique().numel() == 12 for row in which)  # without replacement
+    counts = torch.bincount(which.flatten(), minlength=60).double()
+    assert counts.min() > 0.5 * counts.mean()
+    assert counts.max() < 1.5 * counts.mean()
+    assert all(s.damping == 0.1 for s in subs)
+
+
+# ---------------------------------------------------------------- minibatch convergence
+
+
+class _MeanOfExamples(LinearOperator):
+    """:math:`A = \\frac1n\\sum_i A_i` from per-example PSD matrices ``[n, p, p]``: minibatch
+    operators are exact means over subsets, cheap enough for thousands of steps."""
+
+    def __init__(self, mats: torch.Tensor) -> None:
+        super().__init__(mats.shape[1], mats.dtype, mats.device)
+        self.mats = mats
+        self.mean = mats.mean(dim=0)
+
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.mean
+
+    @property
+    def supports_subsample(self) -> bool:
+        return True
+
+    def subsample(self, batch_size: int, generator: torch.Generator) -> LinearOperator:
+        idx = torch.randperm(self.mats.shape[0], generator=generator)[:batch_size]
+        return _MeanOfExamples(self.mats[idx])
+
+
+def _heterogeneous_examples(n: int = 40, p: int = 6) -> tuple[LinearOperator, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(n, p, generator=gen, dtype=torch.float64) * torch.linspace(0.3, 2.0, p)
+    mats = g[:, :, None] * g[:, None, :] + 0.05 * torch.eye(p, dtype=torch.float64)
+    rhs = torch.randn(2, p, generator=gen, dtype=torch.float64)
+    return _MeanOfExamples(mats), rhs
+
+
+@pytest.mark.filterwarnings("ignore::infl.InflWarning")
+def test_the_control_variate_converges_to_the_exact_inverse_as_depth_grows():
+    op, rhs = _heterogeneous_examples()
+    exact = torch.linalg.solve(op.mean + 0.1 * torch.eye(6, dtype=torch.float64), rhs.T).T
+    kw = {"damping": 0.1, "batch_size": 4, "rtol": 1e-30, "seed": 1}
+    fitted = LiSSA(**kw, depth=1).fit(op)  # the minibatch-aware automatic scale
+    scale = fitted.scale
+    errors = [
+        rel_err(LiSSA(**kw, scale=scale, depth=d, snapshot_every=10).solve(op, rhs).value, exact)
+        for d in (150, 600, 2400)
+    ]
+    plain = rel_err(LiSSA(**kw, scale=scale, depth=2400).solve(op, rhs).value, exact)
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-8  # to round-off, where plain minibatch LiSSA stays at its noise
+    assert plain > 1e-3
+
+
+def test_the_control_variate_stops_at_an_anchor_whose_exact_residual_meets_rtol():
+    op, rhs = _heterogeneous_examples()
+    solver = LiSSA(damping=0.1, batch_size=4, depth=5000, snapshot_every=10, rtol=1e-6)
+    result = solver.solve(op, rhs)
+    assert result.converged
+    assert float(result.residual_norms.max()) <= 1e-6
+    assert result.iterations < 5000
+    assert result.iterations % 10 == 0
+    assert result.info["snapshot_every"] == 10
+
+
+def test_snapshot_every_auto_is_one_pass_of_minibatches_and_ignored_on_full_data(
+    hessian_problem,
+):
+    op, _, _ = hessian_problem  # n = 60
+    auto = LiSSA(scale=10.0, depth=5, batch_size=7, snapshot_every="auto").fit(op)
+    assert auto.snapshot_every == 9  # ceil(60 / 7)
+    full = LiSSA(scale=10.0, depth=5, batch_size=None, snapshot_every="auto").fit(op)
+    assert full.snapshot_every is None
+    with pytest.raises(InputError, match="snapshot_every must be"):
+        LiSSA(snapshot_every="sometimes")
+    with pytest.raises(InputError, match="snapshot_every must be a positive integer"):
+        LiSSA(snapshot_every=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from infl.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from infl.operators import DampedOperator, LinearOperator
+from infl.operators import DampedOperator, DenseOperator, LinearOperator
 from infl.solvers.base import (
     FittedSolver,
     Solver,
@@ -59,6 +60,14 @@ minibatches of :data:`AUTO_BATCH_SIZE`."""
 
 AUTO_BATCH_SIZE = 256
 """The minibatch size ``batch_size="auto"`` picks for large data."""
+
+AUTO_SNAPSHOT_EPOCHS = 1.0
+"""``snapshot_every="auto"``: a snapshot every ``AUTO_SNAPSHOT_EPOCHS * n / batch_size`` steps,
+so that its full-data HVP costs as much as the minibatch steps between two snapshots."""
+
+DENSE_MAX_BYTES = 1 << 28
+"""``dense="auto"`` assembles the ``[p, p]`` matrix only when it takes at most this many bytes
+(256 MiB: ``p`` up to 5,792 in float64)."""
 
 DIVERGENCE_FACTOR = 100.0
 """An increment larger than this multiple of ``||b||`` counts as divergence: in a convergent
@@ -158,6 +167,9 @@ class LiSSA(Solver):
     seed: int = 0
     rtol: float = 1e-3
     max_depth: int = DEFAULT_MAX_DEPTH
+    check_every: int = 32
+    dense: bool | Literal["auto"] = "auto"
+    snapshot_every: int | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
         check_damping(self.damping, allow_auto=True)
@@ -178,6 +190,22 @@ class LiSSA(Solver):
         elif self.batch_size is not None:
             check_positive("batch_size", self.batch_size, integer=True)
         check_positive("rtol", self.rtol)
+        check_positive("check_every", self.check_every, integer=True)
+        if isinstance(self.snapshot_every, str):
+            if self.snapshot_every != "auto":
+                raise InputError(
+                    f"snapshot_every must be a positive integer, 'auto' or None, got "
+                    f"{self.snapshot_every!r}"
+                )
+        elif self.snapshot_every is not None:
+            check_positive("snapshot_every", self.snapshot_every, integer=True)
+        if self.dense not in (True, False, "auto"):
+            raise InputError(f"dense must be True, False or 'auto', got {self.dense!r}")
+        if self.dense is True and isinstance(self.batch_size, int):
+            raise InputError(
+                f"dense=True needs full-data steps, but batch_size={self.batch_size}: a dense "
+                "matrix is one fixed operator. Use batch_size=None, or dense='auto'/False."
+            )
 
     @classmethod
     def advised(cls, advice: SolverAdvice, **overrides: Any) -> LiSSA:
@@ -335,9 +363,11 @@ class FittedLiSSA(FittedSolver):
         minibatch_max: float | None = None,
         batch_size: int | str | None = "solver",
         auto_damping: AutoDamping | None = None,
+        dense_base: torch.Tensor | None = None,
     ) -> None:
         super().__init__(solver, operator, auto_damping=auto_damping)
         self.solver: LiSSA = solver
+        self._dense_base = dense_base  # the undamped [p, p] matrix, once assembled
         self.hessian_extremes = hessian_extremes
         self.min_residual = min_residual
         self.minibatch_max = minibatch_max
@@ -363,11 +393,28 @@ class FittedLiSSA(FittedSolver):
                 top = max(top, minibatch_max + lam)
             scale = SCALE_MARGIN * top
         self.scale = scale
+        if solver.dense is True and self.batch_size is not None:
+            raise InputError(
+                f"dense=True needs full-data steps, but batch_size resolved to {self.batch_size} "
+                "minibatch examples: a dense matrix is one fixed operator. Use batch_size=None."
+            )
+        self.snapshot_every = self._resolve_snapshot_every()
         self.depth_advised: int | None = None
         if solver.depth is not None:
             self.depth = int(solver.depth)
         else:
             self.depth = self._default_depth()
+
+    def _resolve_snapshot_every(self) -> int | None:
+        """The control variate's period :math:`m` in steps (``None``: no control variate, as
+        with full-data steps, where it would change nothing)."""
+        every = self.solver.snapshot_every
+        if self.batch_size is None or every is None:
+            return None
+        if every == "auto":
+            n = _num_examples(self.operator) or self.batch_size
+            return max(1, math.ceil(AUTO_SNAPSHOT_EPOCHS * n / self.batch_size))
+        return int(every)
 
     def _default_depth(self) -> int:
         """The advised depth for ``rtol`` from the estimates, capped at ``max_depth`` (warned)."""
@@ -423,6 +470,7 @@ class FittedLiSSA(FittedSolver):
             batch_size=self.batch_size,
             batch_size_auto=cfg.batch_size == "auto",
             minibatch_max_eigenvalue=self.minibatch_max,
+            snapshot_every=self.snapshot_every,
         )
         if self.hessian_extremes is not None:
             facts["lanczos_max_eigenvalue"], facts["lanczos_min_eigenvalue"] = self.hessian_extremes
@@ -453,23 +501,62 @@ class FittedLiSSA(FittedSolver):
             min_residual=self.min_residual,
             minibatch_max=self.minibatch_max,
             batch_size=self.batch_size,
+            dense_base=self._dense_base,
         )
 
-    def _step_operator(self, generator: torch.Generator) -> LinearOperator:
-        if self.batch_size is None:
-            return self.operator
-        return self.operator.subsample(self.batch_size, generator)
+    def uses_dense(self, k: int) -> bool:
+        """Whether a solve of ``k`` right-hand sides runs the recursion on the dense matrix.
 
-    def _advice(self) -> SolverAdvice | None:
-        """Spectrum-based advice for this operator (about 50 HVPs), or None if unavailable."""
+        ``dense="auto"``: with full-data steps, when :math:`p^2` numbers fit
+        :data:`DENSE_MAX_BYTES` and assembling the matrix (``p`` products) costs fewer products
+        than the recursion would (``depth * k``), or the matrix is already assembled.
+        """
+        mode = self.solver.dense
+        if self.batch_size is not None or mode is False:
+            return False
+        if mode is True or self._dense_base is not None:
+            return True
+        p = self.operator.size
+        itemsize = torch.empty(0, dtype=self.operator.dtype).element_size()
+        return p * p * itemsize <= DENSE_MAX_BYTES and p < self.depth * k
+
+    def dense_matrix(self) -> torch.Tensor:
+        """:math:`H + \\lambda I` as a ``[p, p]`` matrix (``p`` products once per fit, shared with
+        :meth:`with_damping`)."""
+        if self._dense_base is None:
+            self._dense_base = self.base.to_dense()
+        base = self._dense_base
+        eye = torch.eye(self.operator.size, dtype=base.dtype, device=base.device)
+        return base + self.damping * eye
+
+    def _advice(self, dense: torch.Tensor | None = None) -> SolverAdvice | None:
+        """Spectrum-based advice for this operator, or None if unavailable.
+
+        Lanczos (50 steps) on ``dense`` when given (no HVP), else on the operator (about 50
+        HVPs).
+        """
+        target = self.operator if dense is None else DenseOperator(dense)
         try:
-            top, bottom = estimate_extreme_eigenvalues(
-                self.operator, max_iter=50, seed=self.solver.seed
-            )
+            top, bottom = estimate_extreme_eigenvalues(target, max_iter=50, seed=self.solver.seed)
         except InflError:
             return None
         lam = self.damping
         return advice_from_extremes(top - lam, bottom - lam, damping=lam, tol=self.solver.rtol)
+
+    def _fitted_advice(self, dense: torch.Tensor | None, steps: int) -> SolverAdvice | None:
+        """Advice from what the fit already knows (the dense matrix or its Lanczos estimates).
+
+        Without either, a new Lanczos run (50 HVPs) only after at least 500 full-data steps, so
+        that the message costs at most a tenth of the run; none after minibatch steps.
+        """
+        if dense is None and self.hessian_extremes is not None:
+            top, bottom = self.hessian_extremes
+            return advice_from_extremes(
+                top, bottom - self.min_residual, damping=self.damping, tol=self.solver.rtol
+            )
+        if dense is None and (self.batch_size is not None or steps < 500):
+            return None
+        return self._advice(dense)
 
     def _diverged(self, step: int, repeat: int, increment: float) -> SolverDivergedError:
         what = (
@@ -510,11 +597,14 @@ class FittedLiSSA(FittedSolver):
             )
         return SolverDivergedError(f"{head}: {cause} Advice: {advice.summary()}")
 
-    def _depth_text(self) -> str:
-        """The depth this scale needs for rtol, from Lanczos estimates; "" if unavailable."""
-        advice = self._advice()
+    def _depth_text(self, dense: torch.Tensor | None, steps: int) -> str:
+        """The depth this scale needs for rtol, from Lanczos estimates (or how to get it)."""
+        advice = self._fitted_advice(dense, steps)
         if advice is None:
-            return ""
+            return (
+                "LiSSA(scale='auto') or LiSSA(depth=None) estimate the spectrum at fit time and "
+                "name the depth needed."
+            )
         if not advice.positive_definite:
             return (
                 f"Lanczos finds an eigenvalue of H + damping*I ~= {advice.mu_min:.4g} <= 0: use "
@@ -530,52 +620,121 @@ class FittedLiSSA(FittedSolver):
         )
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
+        """Run the recursion on all ``k`` right-hand sides at once (``[k, p]``).
+
+        Steps run in windows of ``check_every``; the increments' norms stay on the device and
+        are read once per window (one host synchronisation), so divergence and early stopping
+        are decided per window with the per-step guarantees of :class:`LiSSA`.
+        """
         cfg = self.solver
         b = as_rhs(rhs, self.operator)
         bnorm = torch.linalg.vector_norm(b, dim=1).clamp_min(torch.finfo(b.dtype).tiny)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        dense = self.dense_matrix() if self.uses_dense(b.shape[0]) else None
+        deterministic = self.batch_size is None
+        runs = 1 if deterministic else cfg.repeats  # full-data repeats are identical
         total = torch.zeros_like(b)
         history: list[torch.Tensor] = []
-        steps = 0
-        deterministic = self.batch_size is None
-        bar = tqdm(total=self.depth * cfg.repeats, desc="LiSSA", disable=not progress, leave=False)
-        for repeat in range(cfg.repeats):
-            x = b.clone()
-            for step in range(1, self.depth + 1):
-                ax = self._step_operator(generator).matmat(x)
-                increment = b - ax / self.scale
-                x = x + increment
-                rel = torch.linalg.vector_norm(increment, dim=1) / bnorm
-                history.append(rel)
-                steps += 1
-                bar.update(1)
-                worst = float(rel.max())
-                if not math.isfinite(worst) or worst > DIVERGENCE_FACTOR:
-                    bar.close()
-                    raise self._diverged(step, repeat, worst)
-                if deterministic and worst <= cfg.rtol:
-                    break
-            total += x / self.scale
-        bar.close()
-        value = total / cfg.repeats
+        bar = tqdm(total=self.depth * runs, desc="LiSSA", disable=not progress, leave=False)
+        try:
+            for repeat in range(runs):
+                total += self._recursion(b, bnorm, repeat, generator, dense, history, bar)
+        finally:
+            bar.close()
+        value = total / (runs * self.scale)
         if not torch.isfinite(value).all():
             raise NonFiniteError("LiSSA produced a non-finite estimate")
-        residuals = relative_residuals(self.operator, value, b)
+        if dense is None:
+            residuals = relative_residuals(self.operator, value, b)
+        else:
+            residuals = relative_residuals(DenseOperator(dense), value, b)
         converged = bool((residuals <= cfg.rtol).all())
+        trace = torch.cat(history) if history else b.new_empty(0, b.shape[0])
         if not converged:
+            advice = self._depth_text(dense, trace.shape[0])
             warnings.warn(
                 f"LiSSA finished depth={self.depth} with relative residual up to "
                 f"{float(residuals.max()):.3g} > rtol={cfg.rtol:g}. The error shrinks like "
                 f"(1 - lambda_min/scale)^depth: increase depth, add damping, or (for stochastic "
-                f"runs) increase batch_size or repeats. {self._depth_text()}".rstrip(),
+                f"runs) increase batch_size or repeats. {advice}".rstrip(),
                 InflWarning,
                 stacklevel=2,
             )
         return SolveResult(
             value=value,
             converged=converged,
-            iterations=steps,
+            iterations=trace.shape[0],
             residual_norms=residuals,
-            trace=torch.stack(history),
-            info=self.info,
+            trace=trace,
+            info={**self.info, "dense_matrix": dense is not None, "repeats_run": runs},
         )
+
+    def _products(
+        self, count: int, generator: torch.Generator, dense: torch.Tensor | None
+    ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The operator of each of the next ``count`` steps, as ``[k, p] -> [k, p]`` maps."""
+        if dense is not None:
+            return [dense.__rmatmul__] * count  # x @ A = (A x^T)^T: A is symmetric
+        if self.batch_size is None:
+            return [self.operator.matmat] * count
+        subs = self.operator.subsample_many(self.batch_size, count, generator)
+        return [sub.matmat for sub in subs]
+
+    def _recursion(
+        self,
+        b: torch.Tensor,
+        bnorm: torch.Tensor,
+        repeat: int,
+        generator: torch.Generator,
+        dense: torch.Tensor | None,
+        history: list[torch.Tensor],
+        bar: Any,
+    ) -> torch.Tensor:
+        """One repeat: :math:`x_T` (not yet divided by :math:`\\sigma`)."""
+        cfg = self.solver
+        period = self.snapshot_every
+        x = b.clone()
+        norms = b.new_empty(cfg.check_every, b.shape[0])
+        anchor = anchor_product = None
+        done = 0
+        while done < self.depth:
+            width = min(cfg.check_every, self.depth - done)
+            if period is not None:
+                if done % period == 0:
+                    anchor, anchor_product = x.clone(), self.operator.matmat(x)
+                    exact = torch.sub(b, anchor_product, alpha=1.0 / self.scale)
+                    if bool((torch.linalg.vector_norm(exact, dim=1) <= cfg.rtol * bnorm).all()):
+                        break  # the anchor's exact residual meets rtol: return it
+                width = min(width, period - done % period)
+            products = self._products(width, generator, dense)
+            filled = 0
+            try:
+                for product in products:
+                    if anchor is None or anchor_product is None:
+                        ax = product(x)
+                    else:  # the control variate: A_t (x - anchor) + A anchor
+                        ax = product(x - anchor) + anchor_product
+                    increment = torch.sub(b, ax, alpha=1.0 / self.scale)
+                    x += increment
+                    norms[filled] = torch.linalg.vector_norm(increment, dim=1)
+                    filled += 1
+            except NonFiniteError:
+                # the model's product overflowed: report the divergence that led there, if any
+                self._check_window((norms[:filled] / bnorm).cpu(), done, repeat)
+                raise
+            rel = (norms[:filled] / bnorm).cpu()  # the one host synchronisation per window
+            history.append(rel)
+            bar.update(filled)
+            self._check_window(rel, done, repeat)
+            done += filled
+            if self.batch_size is None and bool((rel.amax(dim=1) <= cfg.rtol).any()):
+                break  # the residual (= the increment) only falls from here on
+        return x
+
+    def _check_window(self, rel: torch.Tensor, done: int, repeat: int) -> None:
+        """Raise for the first step of the window whose increment is non-finite or too large."""
+        worst = rel.amax(dim=1) if rel.numel() else rel.new_empty(0)
+        bad = ~torch.isfinite(worst) | (worst > DIVERGENCE_FACTOR)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            raise self._diverged(done + first + 1, repeat, float(worst[first]))

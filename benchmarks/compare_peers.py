@@ -1,0 +1,533 @@
+"""infl side by side with other influence libraries: same models, data, damping and test points.
+
+For each model (trained once, seeded) and each solver, infl and every installed peer that has
+that solver run back to back in one process on the same problem:
+
+    scores[j, i] = -grad l(z_test_j)^T (H + lambda I)^{-1} grad l(z_i)       ([m, n])
+
+with ``H`` the Hessian of the mean training cross-entropy (no weight-decay term, for every
+library: lambda is the only regulariser) in infl's sign (negative = helpful; each adapter in
+``benchmarks/peers/`` states how it converts its library's sign). Reported per run: wall seconds
+(from the library's constructor to the ``[m, n]`` scores), Pearson of its scores with the exact
+answer (mean over test points), and for infl its floor: the HVPs its solver made times the time
+of one such HVP (timed alone), plus one per-sample-gradient pass over train and test.
+
+Models: ``iris`` (MLP 4-5-3, p = 43, n = 120, float64, 2 test points), ``cnn`` (infl's
+``small_cnn``, p = 2,514, n = 1,438 digits images, float64, 2 test points), ``mlp`` (64-256-256-10,
+p = 85,002, n = 1,438 digits, float32, 10 test points). The exact reference is infl's dense
+float64 solve for ``iris`` and ``cnn``, and for ``mlp`` conjugate gradient on a float64 copy to a
+relative residual of 1e-10.
+
+Peers (pyDVL, Captum, dattri, kronfluence) are never infl dependencies: install them in a
+separate virtualenv (benchmarks/README.md, "Side by side with peers"); any that is missing is
+skipped with a note, so the script also runs with infl alone.
+
+Run:  python benchmarks/compare_peers.py [--quick] [--models iris,cnn,mlp]
+          [--solvers exact,cg,lissa,arnoldi,kfac,ekfac] [--peers pydvl,captum,dattri,kronfluence]
+          [--threads 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import infl
+from infl import metrics
+from infl.studies import datasets, models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import ALL as PEERS
+from peers.common import Problem, Setting
+
+TRAIN_DECAY = 1e-3  # weight decay used to *train* (so the models sit near a minimum)
+DAMPING = {"iris": 0.01, "cnn": 0.01, "mlp": 0.1}
+N_TEST = {"iris": 2, "cnn": 2, "mlp": 10}
+CHUNK = 256
+SOLVERS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac")
+
+
+# ---------------------------------------------------------------------------- problems
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lbfgs: bool) -> None:
+    """Full-batch training on mean cross-entropy + (TRAIN_DECAY / 2) ||theta||^2."""
+    params = list(model.parameters())
+
+    def objective() -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(x), y)
+        return loss + 0.5 * TRAIN_DECAY * sum((q * q).sum() for q in params)
+
+    if lbfgs:
+        opt: torch.optim.Optimizer = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=steps,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-15,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = objective()
+            value.backward()
+            return value
+
+        opt.step(closure)  # type: ignore[arg-type]
+    else:
+        opt = torch.optim.Adam(params, lr=1e-2 if x.dim() > 2 else 1e-3)
+        for _ in range(steps):
+            opt.zero_grad()
+            objective().backward()
+            opt.step()
+    model.eval()
+
+
+def build_problem(name: str, quick: bool) -> Problem:
+    """Train the model ``name`` once (seed 0) and return it with its data."""
+    torch.manual_seed(0)
+    if name == "iris":
+        split = datasets.load_iris(seed=0, dtype=torch.float64)
+        model: nn.Module = models.mlp(4, 3, width=5, depth=1, seed=0).double()
+        x, y = split.x_train, split.y_train
+        _train(model, x, y, steps=50 if quick else 500, lbfgs=True)
+    elif name == "cnn":
+        split = datasets.load_digits(seed=0, images=True, dtype=torch.float64)
+        model = models.small_cnn(seed=0).double()
+        n = 200 if quick else split.n_train
+        x, y = split.x_train[:n], split.y_train[:n]
+        _train(model, x, y, steps=50 if quick else 500, lbfgs=False)
+    elif name == "mlp":
+        split = datasets.load_digits(seed=0, dtype=torch.float32)
+        width = 32 if quick else 256
+        model = models.mlp(64, 10, width=width, depth=2, seed=0)
+        n = 200 if quick else split.n_train
+        x, y = split.x_train[:n], split.y_train[:n]
+        _train(model, x, y, steps=50 if quick else 300, lbfgs=False)
+    else:
+        raise SystemExit(f"unknown model {name!r}: choose from iris, cnn, mlp")
+    for q in model.parameters():
+        q.requires_grad_(True)
+    m = N_TEST[name]
+    return Problem(name, model, x, y, split.x_test[:m], split.y_test[:m])
+
+
+def settings(
+    problem: Problem, quick: bool, scale: Callable[[int | None], float]
+) -> dict[str, Setting]:
+    """The solver settings for ``problem`` (``scale(batch)`` gives LiSSA's sigma)."""
+    lam = DAMPING[problem.name]
+    depth = 50 if quick else 5000
+    out = {
+        "exact": Setting("exact", lam),
+        "cg": Setting("cg", lam, max_iter=10 if quick else 100),
+        "arnoldi": Setting(
+            "arnoldi",
+            lam,
+            rank=min(10 if problem.name == "iris" else 50, problem.p // 2) if not quick else 5,
+            krylov=min(30 if problem.name == "iris" else 100, problem.p) if not quick else 15,
+        ),
+        "kfac": Setting("kfac", lam),
+        "ekfac": Setting("ekfac", lam),
+    }
+    if problem.name != "mlp":
+        batch = None if problem.name == "iris" else 128
+        out["lissa"] = Setting("lissa", lam, depth=depth, batch_size=batch, scale=scale(batch))
+    if problem.p > 20_000:
+        del out["exact"]
+    return out
+
+
+# ---------------------------------------------------------------------------- infl
+def objective() -> infl.Objective:
+    return infl.Objective("cross_entropy", weight_decay=0.0)
+
+
+def infl_solver(setting: Setting) -> infl.Solver:
+    lam = setting.damping
+    if setting.method == "exact":
+        return infl.ExactHessian(damping=lam)
+    if setting.method == "cg":
+        return infl.ConjugateGradient(damping=lam, rtol=1e-10, max_iter=setting.max_iter)
+    if setting.method == "lissa":
+        return infl.LiSSA(
+            damping=lam,
+            scale=setting.scale,
+            depth=setting.depth,
+            batch_size=setting.batch_size,
+            rtol=1e-300,  # run the full depth, as every peer is asked to
+        )
+    if setting.method == "arnoldi":
+        return infl.Arnoldi(rank=setting.rank, krylov_dim=setting.krylov, damping=lam)
+    if setting.method == "kfac":
+        return infl.KFAC(damping=lam)
+    if setting.method == "ekfac":
+        return infl.EKFAC(damping=lam)
+    raise ValueError(setting.method)
+
+
+def calculator(problem: Problem, solver: infl.Solver) -> infl.InfluenceCalculator:
+    return infl.InfluenceCalculator(
+        problem.fresh_model(),
+        objective(),
+        (problem.x_train, problem.y_train),
+        solver,
+        chunk_size=CHUNK,
+        progress=False,
+        check_minimum=False,
+    )
+
+
+def run_infl(problem: Problem, setting: Setting) -> tuple[torch.Tensor, dict[str, Any]]:
+    """infl's scores and its run record: seconds, solver iterations, full-data HVPs made."""
+    start = time.perf_counter()
+    calc = calculator(problem, infl_solver(setting))
+    scores = calc.influence((problem.x_test, problem.y_test))
+    seconds = time.perf_counter() - start
+    result = calc.inverse_hvp((problem.x_test, problem.y_test))
+    run = {
+        "seconds": seconds,
+        "iterations": int(result.iterations),
+        "matvecs": int(getattr(calc.operator, "num_matvecs", 0)),
+    }
+    return scores.detach(), run
+
+
+def lissa_scale(problem: Problem, batch: int | None) -> float:
+    """sigma = infl's automatic LiSSA scale for this batch size (estimated once, untimed)."""
+    solver = infl.LiSSA(damping=DAMPING[problem.name], scale="auto", depth=1, batch_size=batch)
+    calc = calculator(problem, solver)
+    return float(calc.fitted_solver().info["scale"])
+
+
+def _best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def floor_seconds(problem: Problem, setting: Setting, matvecs: int, steps: int) -> float | None:
+    """HVPs infl made x the time of one (timed alone) + one per-sample-gradient pass.
+
+    ``matvecs`` vectors went through the full-data operator (``operator.num_matvecs``), timed
+    per vector in blocks of ``min(p, 128)`` when the solver made at least ``p`` of them (a
+    dense Hessian), else in blocks of ``m`` (CG, LiSSA: all test vectors at once) or 1
+    (Arnoldi: one Lanczos vector per step). Minibatch LiSSA adds ``steps`` operator
+    applications to ``m`` vectors on a batch of ``batch_size``. K-FAC / EK-FAC make no HVP:
+    ``None``.
+    """
+    if setting.method in ("kfac", "ekfac"):
+        return None
+    calc = calculator(problem, infl.ConjugateGradient(damping=setting.damping))
+    op = calc.operator
+    dtype, p, m = problem.dtype, problem.p, problem.m
+    data = infl.IndexedData((problem.x_train, problem.y_train))
+    test = infl.IndexedData((problem.x_test, problem.y_test))
+    t_grads = _best_time(
+        lambda: (
+            [calc.wrapper.train_grads(b) for _, b in data.chunks(CHUNK)]
+            + [calc.wrapper.train_grads(b) for _, b in test.chunks(CHUNK)]
+        ),
+        repeat=1,
+    )
+    if matvecs >= p:
+        block = min(p, 128)
+    elif setting.method == "arnoldi":
+        block = 1
+    else:
+        block = m
+    vecs = torch.randn(block, p, dtype=dtype)
+    t_hvp = _best_time(lambda: op.matmat(vecs), repeat=2) / block * matvecs
+    if setting.method == "lissa" and setting.batch_size is not None:
+        gen = torch.Generator().manual_seed(0)
+        batch = setting.batch_size
+        rhs = torch.randn(m, p, dtype=dtype)
+        t_hvp += _best_time(lambda: op.subsample(batch, gen).matmat(rhs), repeat=10) * steps
+    return t_hvp + t_grads
+
+
+def reference(problem: Problem, exact_scores: torch.Tensor | None) -> torch.Tensor:
+    """The exact answer: infl's dense float64 solve, or float64 CG to rtol 1e-10 for big p."""
+    if exact_scores is not None:
+        return exact_scores
+    lam = DAMPING[problem.name]
+    if problem.p <= 20_000 and problem.dtype == torch.float64:
+        return run_infl(problem, Setting("exact", lam))[0]
+    big = Problem(
+        problem.name,
+        problem.fresh_model().double(),
+        problem.x_train.double(),
+        problem.y_train,
+        problem.x_test.double(),
+        problem.y_test,
+    )
+    solver = infl.ConjugateGradient(damping=lam, rtol=1e-10, max_iter=2000)
+    return calculator(big, solver).influence((big.x_test, big.y_test)).detach()
+
+
+def pearson(scores: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over test points of the Pearson correlation with the reference."""
+    a = np.asarray(scores.detach().double())
+    b = np.asarray(ref.detach().double())
+    if a.shape != b.shape:
+        return float("nan")
+    return float(np.mean([metrics.pearson(u, v) for u, v in zip(a, b, strict=True)]))
+
+
+# ---------------------------------------------------------------------------- one comparison
+class PeerTimeout(Exception):
+    """A peer's run passed ``--peer-timeout`` seconds and was stopped."""
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise PeerTimeout
+
+
+def _with_timeout(fn: Callable[[], Any], seconds: int) -> Any:
+    """``fn()``, stopped by SIGALRM after ``seconds`` (0: no limit).
+
+    The alarm interrupts Python code; a single long C++ call finishes before it is stopped.
+    """
+    if seconds <= 0:
+        return fn()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+SHORT = 2.0  # seconds: runs faster than this are repeated (3 in all) and the best time kept
+
+
+def _repeat_if_short(fn: Callable[[], tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``fn``; when it took under ``SHORT`` s, run it twice more and keep the best time.
+
+    A first call pays one-time costs (lazy imports, torch.func tracing caches, allocator
+    warm-up) that dominate sub-second runs; every library gets the same treatment.
+    """
+    scores, run = fn()
+    if run["seconds"] < SHORT:
+        for _ in range(2):
+            _, again = fn()
+            if again["seconds"] < run["seconds"]:
+                run = again
+    run["scores"] = scores
+    return run
+
+
+def compare(
+    problem: Problem, name: str, setting: Setting, peers: list[Any], timeout: int
+) -> dict[str, Any]:
+    """infl, then every peer that has ``setting.method``, back to back."""
+    row: dict[str, Any] = {
+        "model": problem.name,
+        "p": problem.p,
+        "n": problem.n,
+        "m": problem.m,
+        "dtype": str(problem.dtype).replace("torch.", ""),
+        "solver": setting.label(),
+        "method": name,
+        "damping": setting.damping,
+        "runs": {},
+        "skipped": {},
+    }
+    if name == "lissa":
+        row["scale"] = setting.scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            row["runs"]["infl"] = _repeat_if_short(lambda: run_infl(problem, setting))
+        except Exception as err:  # report, keep going
+            traceback.print_exc(limit=3, file=sys.stderr)
+            row["runs"]["infl"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        for peer in peers:
+            why = peer.supports(problem, setting)
+            if why is not None:
+                row["skipped"][peer.NAME] = why
+                continue
+
+            def run_peer(peer: Any = peer) -> tuple[torch.Tensor, dict[str, Any]]:
+                start = time.perf_counter()
+                scores = peer.scores(problem, setting)
+                return scores, {"seconds": time.perf_counter() - start}
+
+            try:
+                row["runs"][peer.NAME] = _with_timeout(lambda: _repeat_if_short(run_peer), timeout)
+            except PeerTimeout:
+                row["runs"][peer.NAME] = {"error": f"stopped after {timeout} s", "timeout": timeout}
+            except Exception as err:
+                traceback.print_exc(limit=3, file=sys.stderr)
+                row["runs"][peer.NAME] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    return row
+
+
+def finish(row: dict[str, Any], problem: Problem, setting: Setting, ref: torch.Tensor) -> None:
+    """Pearson against the reference, the fastest peer, and infl's floor."""
+    for run in row["runs"].values():
+        scores = run.pop("scores", None)
+        if scores is not None:
+            run["pearson"] = pearson(scores, ref)
+    ours = row["runs"].get("infl", {})
+    peers = {k: v for k, v in row["runs"].items() if k != "infl" and "seconds" in v}
+    if peers:
+        fastest = min(peers, key=lambda k: peers[k]["seconds"])
+        row["fastest_peer"] = fastest
+        if "seconds" in ours:
+            row["infl_over_fastest_peer"] = ours["seconds"] / peers[fastest]["seconds"]
+    if "seconds" in ours:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            floor = floor_seconds(problem, setting, ours["matvecs"], ours["iterations"])
+        if floor is not None:
+            row["infl_floor_seconds"] = floor
+            row["infl_over_floor"] = ours["seconds"] / floor
+
+
+# ---------------------------------------------------------------------------- output
+def _cell(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "—"
+    if "timeout" in run:
+        return f"> {run['timeout']} s (stopped)"
+    if "error" in run:
+        return "fails"
+    return f"{run['seconds']:.3g} s ({run['pearson']:.3f})"
+
+
+def table(rows: list[dict[str, Any]], peer_names: list[str]) -> str:
+    head = [
+        "model",
+        "solver",
+        "infl",
+        *peer_names,
+        "infl / fastest peer",
+        "infl floor",
+        "infl / floor",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        ratio = row.get("infl_over_fastest_peer")
+        if ratio is None:
+            rel = "—"
+        elif ratio >= 1:
+            rel = f"{ratio:.2g}× slower ({row['fastest_peer']})"
+        else:
+            rel = f"{1 / ratio:.2g}× faster ({row['fastest_peer']})"
+        floor = row.get("infl_floor_seconds")
+        cells = [
+            f"{row['model']} (p = {row['p']:,}, n = {row['n']:,}, {row['dtype']})",
+            row["solver"],
+            _cell(row["runs"].get("infl")),
+            *(_cell(row["runs"].get(name)) for name in peer_names),
+            rel,
+            "—" if floor is None else f"{floor:.3g} s",
+            "—" if floor is None else f"{row['infl_over_floor']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(rows: list[dict[str, Any]]) -> str:
+    """One line per peer that was skipped or failed on a row, with the reason."""
+    lines = []
+    for row in rows:
+        where = f"{row['model']}, {row['solver']}"
+        for name, why in row.get("skipped", {}).items():
+            if not why.startswith("no such method"):
+                lines.append(f"- {name} on {where}: not run ({why})")
+        for name, run in row["runs"].items():
+            if "error" in run:
+                lines.append(f"- {name} on {where}: {run['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and depths (validation)")
+    parser.add_argument("--models", default="iris,cnn,mlp")
+    parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument("--peers", default="pydvl,captum,dattri,kronfluence")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--peer-timeout",
+        type=int,
+        default=300,
+        help="stop a peer's run after this many s (0: never)",
+    )
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    wanted = {s.strip().lower() for s in args.peers.split(",") if s.strip()}
+    peers = []
+    for peer in PEERS:
+        if peer.NAME.lower() not in wanted:
+            continue
+        why = peer.available()
+        if why is None:
+            peers.append(peer)
+        else:
+            print(f"note: {peer.NAME} skipped: {why}", file=sys.stderr)
+    solvers = [s for s in args.solvers.split(",") if s]
+    unknown = sorted(set(solvers) - set(SOLVERS))
+    if unknown:
+        raise SystemExit(f"unknown solvers {unknown}: choose from {', '.join(SOLVERS)}")
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for model_name in args.models.split(","):
+        problem = build_problem(model_name, args.quick)
+        print(
+            f"# {model_name}: p = {problem.p:,}, n = {problem.n:,}, m = {problem.m}",
+            file=sys.stderr,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            all_settings = settings(problem, args.quick, functools.partial(lissa_scale, problem))
+        todo = [(s, all_settings[s]) for s in solvers if s in all_settings]
+        model_rows = []
+        exact_scores = None
+        for name, setting in todo:
+            row = compare(problem, name, setting, peers, args.peer_timeout)
+            if name == "exact" and "scores" in row["runs"]["infl"]:
+                exact_scores = row["runs"]["infl"]["scores"]
+            model_rows.append((row, setting))
+            print(f"  {setting.label()}: done", file=sys.stderr, flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = reference(problem, exact_scores)
+        for row, setting in model_rows:
+            finish(row, problem, setting, ref)
+            rows.append(row)
+    names = [p.NAME for p in peers]
+    print(table(rows, names))
+    if notes(rows):
+        print("\n" + notes(rows))
+    print(
+        f"\nseconds (Pearson with the exact answer, mean over test points); "
+        f"{args.threads} thread(s); total {time.perf_counter() - started:.0f} s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

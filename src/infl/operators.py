@@ -23,6 +23,10 @@ from infl.objective import output_hessian_loss
 
 _T = TypeVar("_T", bound="TrainingDataOperator")
 
+SUBSAMPLE_DRAW_NUMBERS = 1 << 22
+"""At most this many uniform numbers per bulk draw of :meth:`TrainingDataOperator.subsample_many`
+(16 MiB of float32)."""
+
 
 class LinearOperator(ABC):
     """A symmetric ``p x p`` linear operator.
@@ -100,6 +104,19 @@ class LinearOperator(ABC):
             "(HessianOperator or GaussNewtonOperator); use batch_size=None for this operator"
         )
 
+    def subsample_many(
+        self, batch_size: int, count: int, generator: torch.Generator
+    ) -> list[LinearOperator]:
+        """``count`` independent minibatch operators (what ``count`` calls of :meth:`subsample`
+        give in distribution), drawn from ``generator``.
+
+        Stochastic solvers call it once per block of steps instead of once per step. The
+        default calls :meth:`subsample` ``count`` times; operators over training data draw all
+        ``count`` index sets with one random call (a different, equally uniform stream than
+        :meth:`subsample`'s).
+        """
+        return [self.subsample(batch_size, generator) for _ in range(count)]
+
 
 class DenseOperator(LinearOperator):
     """A dense symmetric matrix as an operator (tests, small models, planted spectra)."""
@@ -140,6 +157,13 @@ class DampedOperator(LinearOperator):
         """The damped minibatch operator: ``base.subsample(...) + damping * I``."""
         return self.base.subsample(batch_size, generator).damped(self.damping)
 
+    def subsample_many(
+        self, batch_size: int, count: int, generator: torch.Generator
+    ) -> list[LinearOperator]:
+        """The damped minibatch operators: ``base.subsample_many(...)``, each ``+ damping * I``."""
+        subs = self.base.subsample_many(batch_size, count, generator)
+        return [sub.damped(self.damping) for sub in subs]
+
 
 class TrainingDataOperator(LinearOperator):
     """A curvature operator streamed over training data: the mean of per-example terms.
@@ -167,6 +191,22 @@ class TrainingDataOperator(LinearOperator):
         self.wrapper = wrapper
         self.data = data
         self.chunk_size = chunk_size
+        self._dense: torch.Tensor | None = None
+
+    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+        """The ``[p, p]`` matrix (:meth:`LinearOperator.to_dense`), assembled once and kept.
+
+        The operator is fixed (the wrapper's parameters are a copy, the data given), so the
+        matrix is computed on the first call (``p`` products) and returned from then on (no
+        product): the exact solver, the dense spectrum
+        (:func:`~infl.diagnostics.hessian_spectrum`), damped views of this operator and later
+        fits (another damping or ``pseudo_inverse``) share one assembly. The tensor returned
+        is the kept one: do not modify it in place. It holds ``p^2`` numbers for the life of
+        the operator.
+        """
+        if self._dense is None:
+            self._dense = super().to_dense(block_size)
+        return self._dense
 
     @property
     def supports_subsample(self) -> bool:
@@ -188,25 +228,32 @@ class TrainingDataOperator(LinearOperator):
         idx = torch.randperm(n, generator=generator)[:size].sort().values
         return type(self)(self.wrapper, self.data.select(idx), self.chunk_size)
 
+    def subsample_many(
+        self, batch_size: int, count: int, generator: torch.Generator
+    ) -> list[LinearOperator]:
+        """``count`` minibatch operators of ``batch_size`` examples each, without replacement
+        within a minibatch and independent across them.
+
+        All index sets come from one call per block of draws: the ``batch_size`` largest of
+        ``n`` uniform numbers per row (a uniformly random subset), sorted; blocks hold at most
+        :data:`SUBSAMPLE_DRAW_NUMBERS` random numbers. Reproducible under ``generator``'s seed.
+        """
+        if not isinstance(self.data, IndexedData):
+            return [self.subsample(batch_size, generator) for _ in range(count)]
+        n = len(self.data)
+        size = min(batch_size, n)
+        rows = max(1, SUBSAMPLE_DRAW_NUMBERS // n)
+        out: list[LinearOperator] = []
+        for start in range(0, count, rows):
+            keys = torch.rand(min(rows, count - start), n, generator=generator)
+            picks = keys.topk(size, dim=1, sorted=False).indices.sort(dim=1).values
+            for idx in picks:
+                out.append(type(self)(self.wrapper, self.data.select(idx), self.chunk_size))
+        return out
+
 
 class HessianOperator(TrainingDataOperator):
     """:math:`H = \\nabla^2 J(\\theta)`, matrix-free, streamed over the training data.
-        self._dense: torch.Tensor | None = None
-
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
-        """The ``[p, p]`` matrix (:meth:`LinearOperator.to_dense`), assembled once and kept.
-
-        The operator is fixed (the wrapper's parameters are a copy, the data given), so the
-        matrix is computed on the first call (``p`` products) and returned from then on (no
-        product): the exact solver, the dense spectrum
-        (:func:`~infl.diagnostics.hessian_spectrum`), damped views of this operator and later
-        fits (another damping or ``pseudo_inverse``) share one assembly. The tensor returned
-        is the kept one: do not modify it in place. It holds ``p^2`` numbers for the life of
-        the operator.
-        """
-        if self._dense is None:
-            self._dense = super().to_dense(block_size)
-        return self._dense
 
     :math:`H v = \\frac1n\\sum_i \\nabla^2\\ell(z_i) v + \\lambda_{wd} v`, computed with
     forward-over-reverse autodiff in chunks of ``chunk_size`` examples.

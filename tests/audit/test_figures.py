@@ -114,3 +114,55 @@ def test_each_verdict_is_the_worst_level_of_its_checks(written_logistic):
         levels = [c["level"] for c in point.checks.values() if c["level"] != LEVELS[3]]
         assert th.VERDICTS[max(LEVELS.index(lv) for lv in levels)] == point.verdict
         assert {"drift_ratio", "retraining_pearson", "damping_stability"} <= set(point.checks)
+
+
+def test_figures_of_an_indefinite_hessian_and_of_missing_evidence():
+    from infl.audit.figures import (
+        agreement_figure,
+        convergence_figure,
+        curvature_figure,
+        retraining_figure,
+        sensitivity_figure,
+    )
+
+    curvature = {
+        "method": "lanczos",
+        "largest": [40.0, 12.0, 3.0],
+        "smallest": [-2.0, -0.5, 1e-3],
+        "lambda_max": 40.0,
+        "lambda_min": -2.0,
+        "negative_count": 2,
+        "min_pd_damping": 2.0,
+        "damping_used": 2.4,
+        "user_damping": 0.01,
+    }
+    fig = curvature_figure(curvature)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "symlog"
+    heights = sorted(round(b.get_height(), 6) for b in ax.patches)
+    assert heights == [-2.0, -0.5, 0.001, 3.0, 12.0, 40.0]
+    labels = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "-(smallest PD damping) = -2.0" in labels
+    assert "-(your damping) = -0.01" in labels
+    only_reference = {"cosine_matrix": {"solvers": ["reference"], "min_cosine": [[1.0]]}}
+    assert agreement_figure({**only_reference, "solvers": []}) is None
+    assert convergence_figure({"traces": {}}) is None
+    assert retraining_figure({}) is None
+    sensitivity = {
+        "top_k": 5,
+        "damping": 0.1,
+        "damping_grid": [0.0333, 0.3],
+        "points": [
+            {
+                "test_index": 7,
+                "grid_overlaps": [0.8, 0.4],
+                "damping_stability": 0.6,
+                "gauss_newton_overlap": None,
+            }
+        ],
+    }
+    left, right = sensitivity_figure(sensitivity).axes
+    xs, ys = left.lines[0].get_data()
+    assert list(xs) == [0.0333, 0.1, 0.3]
+    assert list(ys) == [0.8, 1.0, 0.4]
+    assert "n/a" in [t.get_text() for t in right.texts]

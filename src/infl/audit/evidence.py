@@ -79,6 +79,7 @@ def curvature_evidence(calc: InfluenceCalculator, damping: float | None) -> Curv
     neg_frac = spec.negative_mass_fraction
     numbers: dict[str, Any] = {
         "method": spec.method,
+        "size": spec.size,
         "lambda_max": num(lam_max),
         "lambda_min": num(lam_min),
         "negative_count": spec.num_negative,
@@ -399,6 +400,11 @@ class Retraining:
 #: Retrains run between two checks of the deadline (and two saves of the progress record).
 RETRAIN_BATCH: int = 4
 
+#: Models up to this many parameters are retrained on one torch thread: for them the
+#: per-operation threading overhead outweighs the parallel work (several times slower on a
+#: loaded 2-core machine); larger ones keep torch's setting.
+SINGLE_THREAD_MAX_PARAMS: int = 100_000
+
 #: The audit-store record that lists the finished retrains and the time they took.
 PROGRESS_RECORD = "retraining_progress"
 
@@ -488,6 +494,8 @@ def retraining_evidence(
     order = planned_removals(predicted, per_point, random_per_point, seed)
     cfg = config or RetrainConfig(init="warm", optimizer="lbfgs", max_steps=200, grad_tol=1e-7)
     retrains = None if store is None else store.root / "retrains"
+    size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    threads = 1 if size <= SINGLE_THREAD_MAX_PARAMS else None
 
     def run(removals: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         gt = retrain_ground_truth(
@@ -499,6 +507,7 @@ def retraining_evidence(
             config=cfg,
             progress=False,
             store=retrains,
+            num_threads=threads,
         )
         return gt.corrected_change, gt.param_change_norm
 

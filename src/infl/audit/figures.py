@@ -73,10 +73,10 @@ def curvature_figure(numbers: dict[str, Any]) -> Figure:
     fig, (ax,) = _figure((6.5, 4.0))
     largest = _floats(numbers.get("largest", []))
     smallest = _floats(numbers.get("smallest", []))[::-1]
-    if largest.size and smallest.size and np.nanmin(largest) <= np.nanmax(smallest):
-        # few parameters: the two lists overlap; draw each eigenvalue once, by rank
-        merged = np.concatenate([largest, smallest])
-        values = np.sort(np.unique(merged[np.isfinite(merged)]))[::-1]
+    size = int(numbers.get("size") or 0)
+    overlap = largest.size + smallest.size - size if size else 0
+    if overlap > 0:  # few parameters: the two lists share eigenvalues; draw each once
+        values = np.concatenate([largest, smallest[overlap:]])
         labels = [f"rank {i + 1}" for i in range(values.size)]
     else:
         values = np.concatenate([largest, smallest])

@@ -49,8 +49,9 @@ CHUNK = 7  # two chunks per shard (7 + 4 and 7 + 3): lockstep steps of different
 
 @functools.cache
 def _problem() -> tuple[nn.Module, Objective, Any, Any]:
-    """A small tanh MLP in float64, trained to a minimum, with train and test data (built
-    once per process; copy the model before changing it)."""
+    """A small tanh MLP in float64, briefly trained (near, not at, a minimum: the tests
+    compare ranks with one process, not with retraining), with train and test data. Built once
+    per process; copy the model before changing it."""
     gen = torch.Generator().manual_seed(3)
     X = torch.randn(N_TRAIN, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (N_TRAIN,), generator=gen)
@@ -320,3 +321,35 @@ def test_minibatches_replay_the_draws_of_one_process() -> None:
         # each minibatch is split between the ranks by their share of it
         for step in range(len(expected)):
             assert per_rank[0][step].weight + per_rank[1][step].weight == pytest.approx(1.0)
+
+
+def test_the_cli_runs_on_rank_0_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infl.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["benchmark", "--no-such-option"]) == 0  # rank 1 leaves before parsing
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:  # rank 0 runs (and parses) the command
+        main(["benchmark", "--no-such-option"])
+    assert exit_info.value.code == 2
+    assert "runs on rank 0 only" in capsys.readouterr().err
+
+
+def test_a_stream_cannot_be_sharded() -> None:
+    from torch.utils.data import IterableDataset
+
+    from infl.data import IndexedData
+
+    class Stream(IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(torch.arange(6.0).reshape(6, 1))
+
+        def __len__(self) -> int:
+            return 6
+
+    with pytest.raises(InputError, match="cannot shard by rank"):
+        ShardedData(IndexedData(Stream()), shard_bounds(6, 0, 2))

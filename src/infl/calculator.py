@@ -198,6 +198,10 @@ class InfluenceCalculator:
         self.train = as_training_data(train_data, "training data")
         self.wrapper.check_data(self.train)
         self.group: ProcessGroup = process_group(distributed)
+        if self.group.world_size > 1:  # refuse ranks that disagree before any collective
+            self.group.check_same(
+                _rank_facts(self.wrapper, objective, self.train, solver, curvature)
+            )
         self.shard: Shard = self.group.shard(len(self.train))
         self.local_train: IndexedData = (
             self.train if self.group.world_size == 1 else ShardedData(self.train, self.shard)
@@ -218,8 +222,6 @@ class InfluenceCalculator:
             self.group,
             self.local_train,
         )
-        if self.group.world_size > 1:  # refuse ranks that disagree before any collective
-            self.group.check_same(_rank_facts(self))
         self._fitted: FittedSolver | None = None
         self._grad_cache = TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
@@ -747,16 +749,18 @@ class InfluenceCalculator:
         )
 
 
-def _rank_facts(calc: InfluenceCalculator) -> dict[str, str]:
+def _rank_facts(
+    wrapper: ModelWrapper, objective: Objective, train: IndexedData, solver: Solver, curvature: str
+) -> dict[str, str]:
     """What every rank of a distributed calculator must agree on (compared at construction)."""
     return {
-        "training examples": str(calc.num_train),
-        "training data (sampled examples)": data_digest(calc.train),
-        "model parameters": f"p={calc.num_params}, sha1 {tensor_digest(calc.wrapper.flat_params)}",
-        "objective": fingerprint(calc.objective, "objective").digest,
-        "solver": repr(solver_spec(calc.solver)),
-        "curvature": calc.curvature,
-        "dtype": str(calc.wrapper.dtype),
+        "training examples": str(len(train)),
+        "training data (sampled examples)": data_digest(train),
+        "model parameters": f"p={wrapper.num_params}, sha1 {tensor_digest(wrapper.flat_params)}",
+        "objective": fingerprint(objective, "objective").digest,
+        "solver": repr(solver_spec(solver)),
+        "curvature": curvature,
+        "dtype": str(wrapper.dtype),
     }
 
 

@@ -498,6 +498,8 @@ def data_digest(data: IndexedData, samples: int = 8) -> str:
     """A cheap content digest of ``data``: ``n`` and the bytes of up to ``samples`` examples
     spread evenly over it (first and last included)."""
     n = len(data)
+    if getattr(data, "streamed", False):  # no random access; sharding refuses it anyway
+        return f"a stream of {n} examples"
     digest = hashlib.sha1(usedforsecurity=False)
     digest.update(str(n).encode())
     picks = sorted({round(i * (n - 1) / max(samples - 1, 1)) for i in range(samples)})

@@ -91,8 +91,9 @@ def lanczos(
         Stop when every requested Ritz value has residual
         :math:`\\le \\text{tol}\\cdot\\max_i|\\theta_i|`.
     seed
-        Seeds the random start vector :math:`q_1` (a ``torch.Generator``; same seed, same
-        result).
+        Seeds the random start vector :math:`q_1` (a CPU ``torch.Generator``; same seed, same
+        result, on every device and on every rank of a ``torch.distributed`` job, whose ranks
+        then build the same Krylov basis from the same all-reduced products).
     return_vectors
         Also return the Ritz vectors :math:`y_i = Q_m s_i` of the returned Ritz values (for
         low-rank solvers such as :class:`~infl.solvers.arnoldi.Arnoldi`). The Lanczos run is

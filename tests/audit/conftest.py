@@ -11,7 +11,7 @@ from infl.audit import AuditReport, audit
 from problems import make_logistic_problem
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def written_logistic(tmp_path_factory) -> tuple[AuditReport, Path]:
     """An audit of L2 logistic regression (3 points, default solvers), written with figures."""
     problem = make_logistic_problem()

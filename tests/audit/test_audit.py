@@ -73,6 +73,7 @@ def test_logistic_regression_is_trustworthy_and_model_unchanged(logistic):
         assert torch.equal(p, q.detach())
 
 
+@pytest.mark.slow
 def test_untrained_deep_narrow_relu_mlp_is_not_trustworthy_and_says_why():
     model, train, test = _narrow_relu_mlp()
     before = [p.detach().clone() for p in model.parameters()]
@@ -175,6 +176,7 @@ def test_taylor_gap_of_logistic_regression_ranks_parameter_changes(logistic, tmp
     assert f"| taylor gap spearman | {retraining['taylor_gap_spearman']} |" in text
 
 
+@pytest.mark.slow
 def test_ekfac_on_an_unsupported_layer_is_skipped_with_its_reason():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(30, 4, generator=gen, dtype=torch.float64)

@@ -79,6 +79,10 @@ def test_convergence_traces_of_cg_and_lissa_are_in_audit_json(written_logistic):
     assert lissa["quantity"] == "relative increment"
     assert lissa["iteration"][-1] + 1 >= len(lissa["iteration"])
     assert rows["lissa"]["iterations"] >= 1
+    info = numbers["solver_info"]  # what each solve reported, e.g. LiSSA's scale
+    assert info["reference"]["solver"] == "ExactHessian"
+    assert info["cg"]["iterations"] == rows["cg"]["iterations"]
+    assert info["lissa"]["scale"] > 0
 
 
 def test_cosine_matrix_is_symmetric_and_matches_the_solver_rows(written_logistic):

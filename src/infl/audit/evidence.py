@@ -172,6 +172,28 @@ def convergence_trace(result: SolveResult, quantity: str) -> dict[str, Any] | No
     }
 
 
+def _numeric(values: list[Any] | tuple[Any, ...]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def solve_facts(result: SolveResult) -> dict[str, Any]:
+    """The plain facts of ``result.info`` (numbers, strings, flags, short lists of numbers).
+
+    What the solver reports about its fit and solve (damping, LiSSA's scale and depth,
+    Arnoldi's kept eigenvalues, the exact solver's spectrum counts, ...), JSON-ready and
+    rounded with :func:`num`; tensors and long lists are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in result.info.items():
+        if isinstance(value, (bool, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (int, float)):
+            out[key] = num(value)
+        elif isinstance(value, (list, tuple)) and len(value) <= 20 and _numeric(value):
+            out[key] = [num(v) for v in value]
+    return out
+
+
 def _trace_quantity(solver: Solver) -> str:
     return "relative increment" if isinstance(solver, LiSSA) else "relative residual"
 
@@ -214,8 +236,9 @@ def agreement_evidence(
 
     Each solver's row also records its iterations, whether it converged and its largest
     relative residual; ``traces`` holds the per-iteration history of every iterative solve
-    (the reference's too, when it is CG) and ``cosine_matrix`` the smallest cosine between
-    every pair of solvers. A solver that cannot run on this model (for example EK-FAC on
+    (the reference's too, when it is CG), ``cosine_matrix`` the smallest cosine between
+    every pair of solvers and ``solver_info`` what each solve reported
+    (:func:`solve_facts`). A solver that cannot run on this model (for example EK-FAC on
     unsupported layers) is listed under ``skipped`` with the reason.
     """
     ref_result = ref.inverse_hvp(test)
@@ -228,6 +251,7 @@ def agreement_evidence(
     if ref_trace is not None:
         traces["reference"] = ref_trace
     values = {"reference": ref_x}
+    facts = {"reference": solve_facts(ref_result)}
     for name, solver in solvers.items():
         start = time.perf_counter()
         try:
@@ -256,6 +280,7 @@ def agreement_evidence(
             }
         )
         values[name] = x
+        facts[name] = solve_facts(result)
         trace = convergence_trace(result, _trace_quantity(solver))
         if trace is not None:
             traces[name] = trace
@@ -270,6 +295,7 @@ def agreement_evidence(
         "skipped": skipped,
         "cosine_matrix": cosine_matrix(values),
         "traces": traces,
+        "solver_info": facts,
     }
     if rows:
         worst = min(rows, key=lambda r: r["min_cosine"] if r["min_cosine"] is not None else -2)

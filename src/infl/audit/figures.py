@@ -119,9 +119,10 @@ def agreement_figure(numbers: dict[str, Any]) -> Figure | None:
     """Cosine matrix of the solvers' inverse-HVPs, and each solver's Spearman and top-k overlap.
 
     Left: the smallest cosine (over the audited points) between every pair of solvers'
-    inverse-HVPs, the reference included. Right: each compared solver's mean score Spearman
-    and smallest top-k overlap with the reference, with :data:`~infl.audit.thresholds.
-    AGREEMENT_COSINE` dashed. ``None`` when no solver besides the reference ran.
+    inverse-HVPs, the reference included. Right: each compared solver's smallest cosine, mean
+    score Spearman and smallest top-k overlap with the reference, with
+    :data:`~infl.audit.thresholds.AGREEMENT_COSINE` dashed. ``None`` when no solver besides
+    the reference ran.
     """
     matrix = numbers.get("cosine_matrix") or {}
     names = list(matrix.get("solvers", []))
@@ -140,16 +141,19 @@ def agreement_figure(numbers: dict[str, Any]) -> Figure | None:
     left.set_title("smallest cosine of inverse-HVPs over the audited points", fontsize=9)
     fig.colorbar(image, ax=left, shrink=0.8)
     x = np.arange(len(rows))
-    width = 0.38
-    right.bar(x - width / 2, _floats([r["mean_spearman"] for r in rows]), width,
-              label="mean score Spearman")  # fmt: skip
-    right.bar(x + width / 2, _floats([r["min_top_k_overlap"] for r in rows]), width,
-              label=f"smallest top-{numbers.get('top_k')} overlap")  # fmt: skip
+    width = 0.27
+    bars = (
+        ("min_cosine", "smallest cosine of inverse-HVPs"),
+        ("mean_spearman", "mean score Spearman"),
+        ("min_top_k_overlap", f"smallest top-{numbers.get('top_k')} overlap"),
+    )
+    for i, (key, label) in enumerate(bars):
+        right.bar(x + (i - 1) * width, _floats([r[key] for r in rows]), width, label=label)
     right.axhline(th.AGREEMENT_COSINE, color="0.3", linestyle="--", linewidth=0.8,
-                  label=f"{th.AGREEMENT_COSINE}")  # fmt: skip
+                  label=f"cosine threshold {th.AGREEMENT_COSINE}")  # fmt: skip
     right.set_xticks(x, [r["solver"] for r in rows], fontsize=8)
-    right.set_ylim(min(-0.05, float(np.nanmin([*_floats([r["mean_spearman"] for r in rows]),
-                                                0.0])) - 0.05), 1.05)  # fmt: skip
+    lowest = np.nanmin([*_floats([r[key] for r in rows for key, _ in bars]), 0.0])
+    right.set_ylim(min(-0.05, float(lowest) - 0.05), 1.05)
     right.set_title(f"against the reference ({numbers.get('reference')})", fontsize=9)
     right.legend(fontsize=7, loc="lower left")
     return fig
@@ -286,9 +290,9 @@ def _captions(report: AuditReport) -> dict[str, str]:
             else "; H is positive definite without damping."
         ),
         "solver_agreement": "Left: the smallest cosine between every pair of inverse-HVPs "
-        "(1: the same direction); right: each solver's mean score Spearman and smallest "
-        f"top-{show(agree.get('top_k'))} overlap with the reference {agree.get('reference')}, "
-        f"dashed at {th.AGREEMENT_COSINE}.",
+        "(1: the same direction); right: each solver's smallest cosine, mean score Spearman "
+        f"and smallest top-{show(agree.get('top_k'))} overlap with the reference "
+        f"{agree.get('reference')}, dashed at the cosine threshold {th.AGREEMENT_COSINE}.",
         "convergence": "Per-iteration relative residual (CG) or relative increment (LiSSA) of "
         "each iterative solve, one line per audited point: a line that levels off high did not "
         "converge.",

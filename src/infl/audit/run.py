@@ -261,6 +261,7 @@ def _collect(
         fresh=fresh,
         objective=objective,
     )
+    base_start = time.perf_counter()
     base = InfluenceCalculator(
         model,
         objective,
@@ -270,6 +271,7 @@ def _collect(
         curvature=curvature,
         check_minimum=not ev.has("stationarity"),
     )
+    stationarity_seconds = time.perf_counter() - base_start  # the gradient pass
     n, p = base.num_train, base.num_params
     k = min(top_k, n)
     losses = torch.cat(
@@ -284,7 +286,10 @@ def _collect(
 
     def stationarity() -> dict[str, Any]:
         assert base.stationarity is not None
-        return {"section": _as_json(_stationarity(base.stationarity))}
+        return {
+            "section": _as_json(_stationarity(base.stationarity)),
+            "seconds": stationarity_seconds,
+        }
 
     station_sec = _section(ev.record("stationarity", stationarity), "stationarity")
 

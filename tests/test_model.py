@@ -352,3 +352,67 @@ def test_stationarity_names_the_per_parameter_decay_the_model_was_trained_with()
     assert dict(wrong.implied_by_parameter)["weight"] == pytest.approx(0.05, rel=1e-6)
     with pytest.warns(Warning, match=r"weight decay per parameter \(weight ~ 0.05, bias ~ 0\)"):
         wrong.warn_if_not_minimum()
+
+
+# ---------------------------------------------------------------- per-example gradients, nn.Linear
+def _loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients one example at a time with plain autograd (the reference)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(y)):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_linear_model_per_example_grads_take_the_batched_path_and_equal_a_loop():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(),
+                          nn.Linear(6, 3)).double().eval()  # fmt: skip
+    model[2].weight.requires_grad_(False)  # a frozen weight: its bias stays in the space
+    wrapper = ModelWrapper(model, Objective())
+    assert wrapper._linear_grads.applicable
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    first = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x[:5], y[:5]))
+    # checked once against vmap(grad), then taken for every later batch
+    assert wrapper._linear_verified[wrapper.objective.per_example_loss] is True
+    second = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x[5:], y[5:]))
+    expected = _loop_grads(model, x, y)
+    torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-12, atol=1e-14)
+
+
+class _BatchCentred(nn.Module):
+    """Mixes the examples of a batch (hidden units centred over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(dim=0, keepdim=True) + 0.5 * h)
+
+
+def test_a_model_that_mixes_the_batch_keeps_vmap_per_example_gradients():
+    model = _BatchCentred().double().eval()
+    wrapper = ModelWrapper(model, Objective())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    loss = wrapper.objective.per_example_loss
+    got = wrapper.per_example_grads(loss, (x, y))
+    assert wrapper._linear_verified[loss] is False
+    # each example's gradient is that of the example alone (what vmap computes)
+    torch.testing.assert_close(got, _loop_grads(model, x, y))
+    torch.testing.assert_close(wrapper.per_example_grads(loss, (x, y)), got)
+
+
+def test_models_with_other_layers_keep_vmap_per_example_gradients():
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    wrapper = ModelWrapper(model, Objective())
+    assert not wrapper._linear_grads.applicable
+    x = torch.randn(5, 1, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x, y))
+    torch.testing.assert_close(got, _loop_grads(model, x, y))

@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
+from infl.linear_grads import LinearPerExampleGradients
 from infl.model_checks import (
     CHECK_EXAMPLES,
     Stationarity,
@@ -213,6 +214,10 @@ class ModelWrapper:
         self._output_shape: tuple[int, ...] | None = None
         # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
         self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
+        # per-example gradients of nn.Linear-only models from one batched backward pass,
+        # checked once per measurement callable against vmap(grad)
+        self._linear_grads = LinearPerExampleGradients(model, self.names)
+        self._linear_verified: dict[Any, bool] = {}
         # Gauss-Newton J v by the vjp of u -> J^T u (after a missing forward-mode derivative)
         self._ggn_transpose = second_order == "reverse-over-reverse"
 
@@ -286,14 +291,9 @@ class ModelWrapper:
         """
         batch = self.prepare(batch)
         b = batch_size(batch)
-
-        def single(params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
-            one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
-            return self._batch_value(fn, params, one).sum()
-
-        with functional_evaluation():
-            grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
-        flat = self.flatten(grads, batch_dims=1)
+        flat = self._linear_layer_grads(fn, batch, b)
+        if flat is None:
+            flat = self._vmapped_grads(fn, batch)
         if add_weight_decay and self.has_decay:
             flat = flat + self.decay * self.flat_params
         if not torch.isfinite(flat).all():
@@ -303,6 +303,49 @@ class ModelWrapper:
                 "inputs for NaN/inf and that the loss is finite at the trained parameters"
             )
         return flat
+
+    def _vmapped_grads(self, fn: PerExampleFn, batch: Batch) -> torch.Tensor:
+        """``[b, p]`` per-example gradients by ``vmap(grad)`` over single examples."""
+
+        def single(params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
+            one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
+            return self._batch_value(fn, params, one).sum()
+
+        with functional_evaluation():
+            grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
+        return self.flatten(grads, batch_dims=1)
+
+    def _linear_layer_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
+        """``[b, p]`` from one batched backward pass when every parameter is in an
+        ``nn.Linear`` (:mod:`infl.linear_grads`), else ``None``.
+
+        The first batch for each ``fn`` is also computed by ``vmap(grad)`` and the two must
+        agree to :math:`\\sqrt{\\varepsilon}` (relative to the largest entry); a model that
+        mixes the examples of a batch, or any other mismatch, keeps ``vmap`` for that ``fn``.
+        """
+        if not self._linear_grads.applicable:
+            return None
+        try:
+            verified = self._linear_verified.get(fn)
+        except TypeError:  # an unhashable callable: no record of a check, so no shortcut
+            return None
+        if verified is False:
+            return None
+        with functional_evaluation():
+            fast = self._linear_grads(
+                lambda params: self._batch_value(fn, params, batch), self.params, b
+            )
+        if fast is None:
+            self._linear_verified[fn] = False
+            return None
+        if verified is None:
+            reference = self._vmapped_grads(fn, batch)
+            eps = torch.finfo(reference.dtype).eps
+            scale = float(reference.abs().max()) if reference.numel() else 0.0
+            agree = bool(((fast - reference).abs() <= eps**0.5 * max(scale, 1.0)).all())
+            self._linear_verified[fn] = agree
+            return fast if agree else reference
+        return fast
 
     def train_grads(self, batch: Batch) -> torch.Tensor:
         """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``."""

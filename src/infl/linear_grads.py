@@ -1,0 +1,125 @@
+"""Per-example gradients of ``nn.Linear`` layers from one batched backward pass.
+
+For a linear layer :math:`o = W a + c` applied to a batch, the gradient of example ``i``'s
+value :math:`f_i` is the outer product of the gradient at the layer's output and its input:
+
+.. math::
+
+    \\nabla_W f_i = g_i a_i^T,\\qquad \\nabla_c f_i = g_i,\\qquad
+    g_i = \\partial \\Big(\\sum_j f_j\\Big) / \\partial o_i,
+
+exact when example ``i``'s output depends on example ``i``'s input alone (an eval-mode model
+that does not mix the examples of a batch). One forward and one backward pass of the whole
+batch give every :math:`g_i` and :math:`a_i`, then one batched outer product per layer: no
+``vmap``, whose per-example backward costs about 2.4x more on the 85k-parameter digits MLP
+(``benchmarks/bench_hvp.py``, ``train_grads``).
+
+:class:`~infl.model.ModelWrapper` uses it for models whose every trainable parameter is the
+weight or bias of a plain ``nn.Linear`` called once per forward pass on ``[b, in]`` inputs, and
+only after checking it once against ``vmap(grad)`` on the first batch it sees (a model that mixes
+the examples of a batch fails that check and keeps ``vmap``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LinearPerExampleGradients"]
+
+
+class LinearPerExampleGradients:
+    """Exact per-example gradients when every trainable parameter is in a plain ``nn.Linear``.
+
+    Parameters
+    ----------
+    model
+        The module (hooks are added for the duration of a call and removed after it).
+    names
+        The trainable parameter names, in the order of the flat parameter space.
+
+    Attributes
+    ----------
+    applicable : bool
+        Whether every name is the ``weight`` or ``bias`` of a module whose type is exactly
+        ``nn.Linear`` (subclasses may change ``forward``). When ``False`` :meth:`__call__`
+        always returns ``None``.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.names = names
+        self.layers: dict[str, nn.Module] = {}
+        self.owner: dict[str, tuple[str, str]] = {}
+        for prefix, module in model.named_modules():
+            if type(module) is not nn.Linear:
+                continue
+            for kind in ("weight", "bias"):
+                full = f"{prefix}.{kind}" if prefix else kind
+                self.owner[full] = (prefix, kind)
+            self.layers[prefix] = module
+        self.applicable = all(name in self.owner for name in names)
+        used = {self.owner[name][0] for name in names} if self.applicable else set()
+        self.layers = {prefix: m for prefix, m in self.layers.items() if prefix in used}
+
+    def __call__(
+        self,
+        evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        batch_size: int,
+    ) -> torch.Tensor | None:
+        """Per-example gradients ``[b, p]`` of ``evaluate(params)`` (``[b]``), or ``None``.
+
+        ``None`` when the forward pass does not have the expected shape: a layer called other
+        than exactly once, or on inputs that are not ``[b, in]``. Cost: one forward and one
+        backward pass of the batch, plus :math:`O(b \\cdot p)` for the outer products.
+        """
+        if not self.applicable:
+            return None
+        seen: dict[str, list[tuple[Any, Any]]] = {prefix: [] for prefix in self.layers}
+        handles = []
+        for prefix, module in self.layers.items():
+
+            def record(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
+                seen[prefix].append((args[0] if args else None, out))
+
+            handles.append(module.register_forward_hook(record))
+        try:
+            with torch.enable_grad():
+                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+                values = evaluate(leaves)
+                if not values.requires_grad:  # constant in the parameters: leave it to vmap
+                    return None
+                inputs, outputs = {}, {}
+                for prefix, calls in seen.items():
+                    if len(calls) != 1:
+                        return None
+                    a, o = calls[0]
+                    if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
+                        return None
+                    if a.dim() != 2 or o.dim() != 2 or a.shape[0] != batch_size:
+                        return None
+                    inputs[prefix], outputs[prefix] = a.detach(), o
+                order = list(outputs)
+                grads = torch.autograd.grad(
+                    values.sum(),
+                    [outputs[prefix] for prefix in order],
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        at_output = dict(zip(order, grads, strict=True))
+        parts = []
+        for name in self.names:
+            prefix, kind = self.owner[name]
+            g = at_output[prefix]
+            if kind == "bias":
+                parts.append(g)
+            else:
+                a = inputs[prefix]
+                parts.append(torch.einsum("bo,bi->boi", g, a).reshape(batch_size, -1))
+        return torch.cat(parts, dim=1).detach()

@@ -148,6 +148,24 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             out["model_mismatch"] = "no error"
         except DistributedMismatchError as err:
             out["model_mismatch"] = str(err)
+        # the on-disk stores are written by one process: refused, naming the alternatives
+        from infl.gradient_store import GradientStore
+
+        calc = InfluenceCalculator(
+            _problem()[0], objective, (X, y), ExactHessian(damping=0.1), progress=False,
+            check_minimum=False,
+        )  # fmt: skip
+        refusals = []
+        for store in (
+            lambda: calc.influence((X[:2], y[:2]), out=os.path.join(out_dir, f"s{rank}.npy")),
+            lambda: GradientStore.build(calc, os.path.join(out_dir, f"g{rank}"), dim=4),
+        ):
+            try:
+                store()
+                refusals.append("no error")
+            except InputError as err:
+                refusals.append(str(err))
+        out["store_refusals"] = refusals
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -224,6 +242,15 @@ def test_ranks_with_other_data_or_model_are_refused(two_ranks: list[dict[str, An
         assert "rank 0: 21; rank 1: 20" in message
         assert "model parameters" in two_ranks[rank]["model_mismatch"]
         assert "training examples" not in two_ranks[rank]["model_mismatch"]
+
+
+@pytest.mark.slow
+def test_stores_are_refused_under_torch_distributed(two_ranks: list[dict[str, Any]]) -> None:
+    for rank in range(2):
+        score_store, gradient_store = two_ranks[rank]["store_refusals"]
+        assert "runs in one process" in score_store
+        assert "building a gradient store runs in one process" in gradient_store
+        assert "distributed=False" in gradient_store
 
 
 def test_shard_bounds_are_contiguous_and_balanced() -> None:

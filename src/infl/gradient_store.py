@@ -196,6 +196,8 @@ class GradientStore:
         projected (:math:`O(b k p)`), written and flushed; memory one chunk of gradients, its
         projection and :math:`P` (when kept). ``"arnoldi"`` first fits the solver if needed.
         """
+        # every rank would write the same files: under torch.distributed one process builds it
+        streaming._refuse_distributed(calc, "building a gradient store")
         storage = _dtype(dtype, "dtype", STORE_DTYPES)
         amp = (
             None

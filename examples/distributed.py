@@ -7,7 +7,7 @@ gathered, so every rank holds what one process would have computed, up to roundi
 taken in another order; about 1e-9 relative here, at CG's rtol=1e-8). Only rank 0 prints.
 Run it with one process and you get the same numbers (that is the check at the end).
 
-Run:  torchrun --nproc_per_node=2 examples/distributed.py      (gloo on CPU, about 30 s)
+Run:  torchrun --nproc_per_node=2 examples/distributed.py      (gloo on CPU, 30 s or more)
       python examples/distributed.py                            (one process, same code)
 """
 

@@ -117,7 +117,7 @@ def test_a_memory_budget_scores_in_row_blocks_with_the_same_values():
     ref = _calc(model, objective, train)
     budget = _budget_for_rows(ref, 3)
     calc = _calc(model, objective, train, memory_budget=budget)
-    assert streaming.test_block_size(calc, 12) == 3
+    assert streaming.row_block_size(calc, 12) == 3
     torch.testing.assert_close(calc.influence(test), ref.influence(test), rtol=0, atol=1e-12)
     full = ref.influence(test)
     for by, key in (("abs", full.abs()), ("helpful", -full), ("harmful", full)):

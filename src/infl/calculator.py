@@ -99,7 +99,7 @@ class InfluenceCalculator:
         Bytes for the working tensors that would otherwise grow with ``n`` or ``m`` (default
         ``None``: no limit beyond ``cache_bytes``). With a budget :math:`B`, the gradient
         cache is kept only within ``min(cache_bytes, B/2)`` and test examples are scored in
-        row blocks sized to the other half (:func:`infl.streaming.test_block_size`; each
+        row blocks sized to the other half (:func:`infl.streaming.row_block_size`; each
         block one solve and one pass over the training gradients), so the peak of
         :meth:`influence` (beyond the ``[m, n]`` it returns), of :meth:`influence` with
         ``out=``, :meth:`top_k` and :meth:`self_influence` is set by ``chunk_size`` and

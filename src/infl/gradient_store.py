@@ -395,7 +395,7 @@ class GradientStore:
         self._require_complete()
         calc = self.calc
         test = as_indexed(test_data, "test data")
-        rows = streaming.test_block_size(calc, len(test))
+        rows = streaming.row_block_size(calc, len(test))
         array = self._memmap("r")
         chunk = calc.chunk_size
         for row_start, batch in test.chunks(rows):

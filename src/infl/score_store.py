@@ -426,7 +426,7 @@ def influence_to_store(
     data and the test data (one pass over each to hash them), the measurement's content
     fingerprint, the solver and its hyperparameters (``damping`` included), the curvature,
     the dtype and the tile layout (``chunk_size`` columns; rows from ``memory_budget``, see
-    :func:`infl.streaming.test_block_size`).
+    :func:`infl.streaming.row_block_size`).
 
     Raises
     ------
@@ -452,7 +452,7 @@ def influence_to_store(
         npy,
         settings,
         shape=(m, n),
-        block_rows=streaming.test_block_size(calc, m),
+        block_rows=streaming.row_block_size(calc, m),
         block_cols=calc.chunk_size,
         dtype=calc.wrapper.dtype,
     )

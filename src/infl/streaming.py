@@ -1,7 +1,7 @@
 """Scores in tiles, so that memory is set by ``chunk_size`` and ``memory_budget``, not ``n``, ``m``.
 
 A score matrix ``[m, n]`` is produced tile by tile: the test examples in *row blocks* of
-``b_r`` examples (:func:`test_block_size`), the training examples in *column chunks* of
+``b_r`` examples (:func:`row_block_size`), the training examples in *column chunks* of
 ``chunk_size`` (the calculator's gradient chunks). For each row block the test gradients
 ``[b_r, p]`` are taken and solved once (:math:`A^{-1}\\nabla f(z_j)`, ``[b_r, p]``); the
 training gradients then stream past them, chunk by chunk, each tile being
@@ -39,9 +39,9 @@ __all__ = [
     "RunningTopK",
     "blocked_influence",
     "check_memory_budget",
+    "row_block_size",
     "score_tiles",
     "single_process",
-    "test_block_size",
     "top_k",
 ]
 
@@ -80,7 +80,7 @@ def check_memory_budget(memory_budget: int | None, chunk_size: int, p: int, dtyp
         )
 
 
-def test_block_size(calc: InfluenceCalculator, m: int) -> int:
+def row_block_size(calc: InfluenceCalculator, m: int) -> int:
     """``b_r``, the test examples scored together (all ``m`` without a ``memory_budget``).
 
     With a budget :math:`B` bytes, half of it is given to the row block:
@@ -146,7 +146,7 @@ def score_tiles(
     test_data
         The ``m`` test examples (any form :class:`~infl.IndexedData` takes, streams too).
     block_rows
-        ``b_r``; default :func:`test_block_size`.
+        ``b_r``; default :func:`row_block_size`.
     done
         ``done(r)``: how many leading column chunks of row block ``r`` are already finished
         and need not be produced (a resumed store). A fully finished row block costs nothing;
@@ -164,7 +164,7 @@ def score_tiles(
     _refuse_distributed(calc, "scoring in tiles (a score store, a budgeted influence or top_k)")
     test = as_indexed(test_data, "test data")
     m, n, chunk = len(test), calc.num_train, calc.chunk_size
-    rows = block_rows if block_rows is not None else test_block_size(calc, m)
+    rows = block_rows if block_rows is not None else row_block_size(calc, m)
     col_chunks = -(-n // chunk)
     finished = [done(r) if done is not None else 0 for r in range(test.num_chunks(rows))]
     total = sum(col_chunks - d for d in finished)
@@ -215,7 +215,7 @@ def blocked_influence(calc: InfluenceCalculator, test_data: Any) -> torch.Tensor
         return None
     test = as_indexed(test_data, "test data")
     m = len(test)
-    rows = test_block_size(calc, m)
+    rows = row_block_size(calc, m)
     if rows >= m:
         return None
     scores = torch.empty(m, calc.num_train, dtype=calc.wrapper.dtype, device=calc.wrapper.device)
@@ -265,7 +265,7 @@ def top_k(
         raise InputError(f"by must be 'abs', 'helpful' or 'harmful', got {by!r}")
     test = as_indexed(test_data, "test data")
     m = len(test)
-    rows = test_block_size(calc, m)
+    rows = row_block_size(calc, m)
     out_idx = torch.empty(m, k, dtype=torch.long)
     out_val = torch.empty(m, k, dtype=calc.wrapper.dtype)
     current: RunningTopK | None = None

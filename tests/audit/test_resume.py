@@ -11,7 +11,7 @@ import pytest
 from infl import ConjugateGradient, Objective
 from infl.audit import AuditReport, audit, run
 from infl.audit import evidence as ev
-from infl.errors import StoreMismatchError
+from infl.errors import InputError, StoreMismatchError
 from problems import LogisticProblem
 
 SECTIONS = ("curvature_evidence", "agreement_evidence", "sensitivity_evidence")
@@ -158,6 +158,10 @@ def test_a_store_of_other_settings_is_refused_unless_fresh(logistic, tmp_path, m
             _audit(logistic, store, budget_minutes=3.0, fresh=True)
     assert json.loads((store / "config.json").read_text())["budget_minutes"] == 3.0
     assert "section" in json.loads((store / "stationarity.json").read_text())  # recomputed
+    typo = tmp_path / "typo"  # a bad index is refused before a store is made for it
+    with pytest.raises(InputError, match="out of range"):
+        _audit(logistic, typo, test_indices=[0, 10**6])
+    assert not (typo / "config.json").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text('{"lr": 0.1}')

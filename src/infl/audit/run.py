@@ -244,6 +244,8 @@ def _collect(
     """The body of :func:`audit` (with the library's warnings silenced)."""
     start = time.perf_counter()
     test = as_indexed(test_data, "test data")
+    if test_indices is not None:  # before a store is made for them
+        test_indices = _checked_indices(test_indices, len(test))
     arguments = {
         "damping": damping,
         "curvature": curvature,
@@ -277,10 +279,7 @@ def _collect(
     losses = torch.cat(
         [objective.per_example_loss(model, batch).detach() for _, batch in test.chunks(256)]
     )
-    if test_indices is None:
-        points = pick_test_points(losses.cpu(), num_test)
-    else:
-        points = _checked_indices(test_indices, len(test))
+    points = pick_test_points(losses.cpu(), num_test) if test_indices is None else test_indices
     sub = test.select(points)
     retrained = points[:2]
 

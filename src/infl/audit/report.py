@@ -257,7 +257,8 @@ def _numbers_table(numbers: dict[str, Any]) -> list[str]:
             for rec in value:
                 lines.append("| " + " | ".join(_cell(rec.get(c)) for c in cols) + " |")
         elif isinstance(value, list):
-            lines += ["", f"{key.replace('_', ' ')}: " + ", ".join(_cell(v) for v in value)]
+            listed = ", ".join(_cell(v) for v in value) if value else "none"
+            lines += ["", f"{key.replace('_', ' ')}: {listed}"]
     return lines
 
 

@@ -103,6 +103,33 @@ def _hessian(model, loss, data, wd=WD, chunk_size=5):
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+def test_ggn_dense_from_output_jacobians_equals_the_product_assembly(loss):
+    from infl.operators import LinearOperator
+
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3))
+    model = model.double().eval()
+    x, y = _data(loss)
+    x = x.unsqueeze(1)  # [n, 1, 3]: one channel
+    op = _ggn(model, loss, IndexedData((x, y)))
+    dense = op.to_dense(block_size=4)
+    assert op.num_matvecs == 0  # K = 3 backward passes per example, no product
+    torch.testing.assert_close(dense, LinearOperator.to_dense(op, 4), rtol=1e-12, atol=1e-13)
+    assert op.to_dense() is dense  # kept
+
+
+def test_ggn_dense_of_a_wide_output_is_assembled_from_products():
+    # 300 outputs per example exceed the Jacobian path's bound: p products instead
+    model = nn.Linear(2, 300).double().eval()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.randn(4, 300, dtype=torch.float64)
+    op = _ggn(model, "mse", IndexedData((x, y)))
+    dense = op.to_dense(block_size=400)
+    assert op.num_matvecs == op.size
+    expected = reference_ggn(model, x, y, REFERENCE_LOSSES["mse"], WD)
+    torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
 def test_ggn_to_dense_equals_autograd_jacobian_reference_on_mlp(loss):
     model = _mlp()
     x, y = _data(loss)

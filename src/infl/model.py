@@ -509,6 +509,69 @@ class ModelWrapper:
             data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product"
         )
 
+    def ggn_matrix(self, data: IndexedData | Batch, chunk_size: int) -> torch.Tensor | None:
+        """The dense Gauss-Newton matrix :math:`G` ``[p, p]`` from per-example output Jacobians.
+
+        .. math::
+
+            G = \\frac1n \\sum_i J_i^T H_{out,i} J_i + \\Lambda
+              = \\frac1n\\,\\mathbf{J}^T (\\mathbf{H}_{out}\\mathbf{J}) + \\Lambda,
+
+        with :math:`J_i` ``[K, p]`` the Jacobian of example ``i``'s ``K`` outputs
+        (``vmap(jacrev)``: ``K`` backward passes per example) and :math:`H_{out,i}` ``[K, K]``
+        its loss's output Hessian (``K`` output-Hessian products); per chunk one matrix product
+        of ``[p, bK]`` by ``[bK, p]``. It equals :math:`p` Gauss-Newton-vector products of
+        the identity to round-off at a cost of ``K`` instead of ``p`` backward passes per
+        example, and memory ``chunk_size * K * p``. The result is symmetrised.
+
+        Returns ``None`` (assemble from products instead) when the model's output is not one
+        tensor or has more than 256 numbers per example.
+        """
+        loss = output_hessian_loss(self.objective.per_example_loss)
+        chunks = data.chunks(chunk_size) if isinstance(data, IndexedData) else [(0, data)]
+        p = self.num_params
+        total = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        count = 0
+        for _, raw in chunks:
+            batch = self.prepare(raw)
+            inputs, targets = loss.split(batch)
+
+            def single(params: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
+                one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
+                return self.functional_model(params)(one).reshape(-1)
+
+            with torch.no_grad(), functional_evaluation():
+                outputs = self.functional_model(self.params)(inputs)
+            if not isinstance(outputs, torch.Tensor) or outputs[0].numel() > 256:
+                return None
+            b, k = outputs.shape[0], outputs[0].numel()
+            with functional_evaluation():
+                jac = self.flatten(
+                    vmap(torch.func.jacrev(single), in_dims=(None, 0))(self.params, inputs),
+                    batch_dims=2,
+                )  # [b, K, p]
+                basis = torch.eye(k, dtype=self.dtype, device=self.device)
+                columns = [
+                    loss.output_hessian_product(
+                        outputs, targets, basis[c].reshape(outputs.shape[1:]).expand_as(outputs)
+                    ).reshape(b, k)
+                    for c in range(k)
+                ]
+            h_out = torch.stack(columns, dim=-1)  # [b, K, K]: H_out e_c in column c
+            weighted = torch.einsum("bkc,bcp->bkp", h_out, jac)
+            total += jac.reshape(b * k, p).T @ weighted.reshape(b * k, p)
+            count += b
+        dense = total / count
+        dense = (dense + dense.T) / 2
+        if self.has_decay:
+            dense = dense + torch.diag(self.decay)
+        if not torch.isfinite(dense).all():
+            raise NonFiniteError(
+                "the Gauss-Newton matrix is not finite; the loss or its curvature overflows "
+                "at the trained parameters (check for exploding logits or NaN inputs)"
+            )
+        return dense
+
     def _ggn_chunk(
         self, batch: Batch, vectors: torch.Tensor, *, forward_mode: bool
     ) -> torch.Tensor:

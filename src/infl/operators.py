@@ -322,3 +322,18 @@ class GaussNewtonOperator(TrainingDataOperator):
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size)
+
+    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+        """The ``[p, p]`` matrix :math:`G`, from per-example output Jacobians, kept.
+
+        :meth:`ModelWrapper.ggn_matrix <infl.model.ModelWrapper.ggn_matrix>`: ``K`` backward
+        passes per example for ``K`` outputs and one matrix product per chunk, instead of
+        ``p`` Gauss-Newton-vector products (equal to round-off); models whose output is not
+        one tensor of at most 256 numbers per example are assembled from products
+        (``block_size`` vectors at a time). Computed once per operator, like
+        :meth:`TrainingDataOperator.to_dense`; no product is counted in :attr:`num_matvecs`.
+        """
+        if self._dense is None:
+            dense = self.wrapper.ggn_matrix(self.data, self.chunk_size)
+            self._dense = dense if dense is not None else LinearOperator.to_dense(self, block_size)
+        return self._dense

@@ -166,6 +166,17 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             except InputError as err:
                 refusals.append(str(err))
         out["store_refusals"] = refusals
+        # every rank saves the fit to the same path (atomic: one whole file) and reloads it
+        model, (Xt, yt) = _problem()[0], _problem()[3]
+        ekfac = InfluenceCalculator(
+            model, objective, (X, y), EKFAC(damping=0.1, fisher="empirical"),
+            chunk_size=CHUNK, progress=False, check_minimum=False,
+        )  # fmt: skip
+        fit = os.path.join(out_dir, "fit.pt")
+        ekfac.save(fit)
+        dist.barrier()
+        again = InfluenceCalculator.load(fit, model, objective, (X, y), progress=False)
+        out["reloaded_gap"] = (again.influence((Xt, yt)) - ekfac.influence((Xt, yt))).abs().max()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -251,6 +262,12 @@ def test_stores_are_refused_under_torch_distributed(two_ranks: list[dict[str, An
         assert "runs in one process" in score_store
         assert "building a gradient store runs in one process" in gradient_store
         assert "distributed=False" in gradient_store
+
+
+@pytest.mark.slow
+def test_ranks_save_one_fit_and_reload_it(two_ranks: list[dict[str, Any]]) -> None:
+    for rank in range(2):
+        assert float(two_ranks[rank]["reloaded_gap"]) < 1e-12
 
 
 def test_shard_bounds_are_contiguous_and_balanced() -> None:

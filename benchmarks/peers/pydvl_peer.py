@@ -20,6 +20,9 @@ from .common import Problem, Setting, mean_cross_entropy
 NAME = "pyDVL"
 METHODS = frozenset({"exact", "cg", "lissa", "arnoldi", "ekfac"})
 CHUNK = 256  # examples per batch of the loader for Hessian / HVP passes
+# DirectInfluence builds each batch's Hessian with torch.func (p tangents at once): its memory
+# grows with batch x p; 32 examples per batch keeps the digits CNN (p = 2,514) near 2 GB
+EXACT_CHUNK_LARGE_P = 32
 
 
 def available() -> str | None:
@@ -59,6 +62,7 @@ def scores(problem: Problem, setting: Setting) -> torch.Tensor:
     batch = CHUNK
     model_obj: object
     if method == "exact":
+        batch = CHUNK if problem.p <= 1_000 else EXACT_CHUNK_LARGE_P
         model_obj = DirectInfluence(model, mean_cross_entropy, regularization=lam)
     elif method == "cg":
         model_obj = CgInfluence(

@@ -177,6 +177,9 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         dist.barrier()
         again = InfluenceCalculator.load(fit, model, objective, (X, y), progress=False)
         out["reloaded_gap"] = (again.influence((Xt, yt)) - ekfac.influence((Xt, yt))).abs().max()
+        out["bars"] = InfluenceCalculator(
+            model, objective, (X, y), ConjugateGradient(), progress=True, check_minimum=False
+        ).progress
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -268,6 +271,11 @@ def test_stores_are_refused_under_torch_distributed(two_ranks: list[dict[str, An
 def test_ranks_save_one_fit_and_reload_it(two_ranks: list[dict[str, Any]]) -> None:
     for rank in range(2):
         assert float(two_ranks[rank]["reloaded_gap"]) < 1e-12
+
+
+@pytest.mark.slow
+def test_only_rank_0_shows_progress_bars(two_ranks: list[dict[str, Any]]) -> None:
+    assert [two_ranks[rank]["bars"] for rank in range(2)] == [True, False]
 
 
 def test_shard_bounds_are_contiguous_and_balanced() -> None:

@@ -109,7 +109,8 @@ class InfluenceCalculator:
         ``chunk_size`` for a large model. A budget that cannot hold one chunk of gradients
         is an ``InputError`` naming the ``chunk_size`` that fits.
     progress
-        Show tqdm progress bars over data and solver iterations.
+        Show tqdm progress bars over data and solver iterations (on rank 0 only under
+        ``torch.distributed``).
     curvature
         The curvature :math:`H` in :math:`A = H + \\lambda I`: ``"hessian"`` (default, the
         Hessian of the objective) or ``"gauss_newton"`` (the generalised Gauss-Newton matrix
@@ -215,7 +216,7 @@ class InfluenceCalculator:
         self.cache_bytes = (
             cache_bytes if memory_budget is None else min(cache_bytes, memory_budget // 2)
         )
-        self.progress = progress
+        self.progress = progress and self.group.rank == 0  # one set of bars per job
         self.curvature = curvature
         self.operator: LinearOperator = shard_operator(
             CURVATURES[curvature](self.wrapper, self.local_train, chunk_size),

@@ -320,3 +320,20 @@ def test_snapshot_every_auto_is_one_pass_of_minibatches_and_ignored_on_full_data
         LiSSA(snapshot_every="sometimes")
     with pytest.raises(InputError, match="snapshot_every must be a positive integer"):
         LiSSA(snapshot_every=0)
+
+
+@pytest.mark.filterwarnings("ignore::infl.InflWarning")
+def test_tail_averaging_shrinks_the_minibatch_noise_as_depth_grows():
+    op, rhs = _heterogeneous_examples()
+    exact = torch.linalg.solve(op.mean + 0.1 * torch.eye(6, dtype=torch.float64), rhs.T).T
+    kw = {"damping": 0.1, "batch_size": 4, "rtol": 1e-30, "seed": 0, "scale": 5.0}
+    averaged = [
+        rel_err(LiSSA(**kw, depth=d, average=True).solve(op, rhs).value, exact) for d in (300, 1200)
+    ]
+    last = rel_err(LiSSA(**kw, depth=1200).solve(op, rhs).value, exact)
+    assert averaged[1] < averaged[0] / 2
+    assert averaged[1] < last / 3  # the last iterate keeps its minibatch noise
+    full = {"damping": 0.1, "scale": 5.0, "depth": 50, "batch_size": None, "rtol": 1e-30}
+    torch.testing.assert_close(  # deterministic full-data steps: averaging is not applied
+        LiSSA(**full, average=True).solve(op, rhs).value, LiSSA(**full).solve(op, rhs).value
+    )

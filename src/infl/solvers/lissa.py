@@ -133,14 +133,47 @@ class LiSSA(Solver):
         is exactly the latest increment, so the check is free).
     max_depth
         The cap on the advised depth when ``depth=None``.
+    check_every
+        Steps per window: the increments' norms stay on the device and are read once per
+        window (one host synchronisation). The guarantees are per step: divergence is reported
+        at the first step whose increment is non-finite or above 100 ``||b||`` (noticed at
+        most ``check_every - 1`` steps later), and a full-data run stops at the end of the
+        window in which every system first meets ``rtol`` (its residual only falls after that
+        step, so the result is at least as accurate). ``1`` is the per-step loop.
+    dense
+        ``"auto"`` (default): with full-data steps, run the same recursion on the assembled
+        ``[p, p]`` matrix of :math:`A` when :math:`p^2` numbers fit :data:`DENSE_MAX_BYTES`
+        (256 MiB) and ``p < depth * k`` (assembling costs ``p`` products, the matrix-free
+        recursion up to ``depth * k``); the result equals the matrix-free one to round-off.
+        ``True`` always (full-data steps only), ``False`` never. ``info["dense_matrix"]`` says
+        which ran. The matrix is kept and shared by :meth:`FittedLiSSA.with_damping`.
+    snapshot_every
+        :math:`m`, minibatch steps only: a control variate. Every :math:`m` steps the iterate
+        is kept as an anchor :math:`s` and one full-data product :math:`A s` is taken; the
+        steps in between use :math:`\\tilde A_t (x_t - s) + A s` in place of
+        :math:`\\tilde A_t x_t` (the same expectation, with noise that shrinks with
+        :math:`\\|x_t - s\\|`), so the recursion converges to :math:`A^{-1} b` as the depth
+        grows instead of stalling at the minibatch noise. A run stops at the first anchor
+        whose (exact) residual meets ``rtol``. ``"auto"``: :math:`m = \\lceil n / b \\rceil`
+        (:data:`AUTO_SNAPSHOT_EPOCHS`), so the anchors cost as much as the steps; ``None``
+        (default): plain minibatch steps.
+    average
+        Minibatch steps only: return the mean of the iterates :math:`x_t/\\sigma` over the
+        second half of the steps (:math:`t > T/2`, Polyak-Ruppert tail averaging) instead of
+        the last one. It costs nothing and averages out most of the minibatch noise of the last
+        iterate; the bias left is that of step :math:`T/2`. Ignored with full-data steps
+        (deterministic: the last iterate is the best).
 
     Notes
     -----
     Cost: ``fit`` spends at most 30 HVPs (60 with ``damping="auto"``) on the spectrum estimate
     when any of ``damping``, ``scale``, ``depth`` is automatic, plus 4 x 20 minibatch HVPs for an
     automatic scale with minibatches; each ``solve`` of ``k`` right-hand sides is
-    ``repeats * depth`` operator applications of ``k`` vectors on ``batch_size`` examples (fewer
-    when a full-data run meets ``rtol`` early) and ``k`` full-data HVPs for the final residual.
+    ``repeats * depth`` operator applications of ``k`` vectors on ``batch_size`` examples (one
+    repeat, possibly fewer steps, for full data, which is deterministic; plus ``k`` full-data
+    HVPs per anchor with ``snapshot_every``) and ``k`` full-data HVPs for the final residual;
+    the dense form instead costs ``p`` products once per fit and :math:`O(kp^2)` per step.
+    A window of ``check_every`` steps costs one host synchronisation.
     ``info`` reports ``scale``, ``depth``, ``depth_advised``, ``batch_size`` and the estimates.
 
     Raises
@@ -170,6 +203,7 @@ class LiSSA(Solver):
     check_every: int = 32
     dense: bool | Literal["auto"] = "auto"
     snapshot_every: int | Literal["auto"] | None = None
+    average: bool = False
 
     def __post_init__(self) -> None:
         check_damping(self.damping, allow_auto=True)
@@ -199,6 +233,8 @@ class LiSSA(Solver):
                 )
         elif self.snapshot_every is not None:
             check_positive("snapshot_every", self.snapshot_every, integer=True)
+        if not isinstance(self.average, bool):
+            raise InputError(f"average must be True or False, got {self.average!r}")
         if self.dense not in (True, False, "auto"):
             raise InputError(f"dense must be True, False or 'auto', got {self.dense!r}")
         if self.dense is True and isinstance(self.batch_size, int):
@@ -471,6 +507,7 @@ class FittedLiSSA(FittedSolver):
             batch_size_auto=cfg.batch_size == "auto",
             minibatch_max_eigenvalue=self.minibatch_max,
             snapshot_every=self.snapshot_every,
+            average=cfg.average and self.batch_size is not None,
         )
         if self.hessian_extremes is not None:
             facts["lanczos_max_eigenvalue"], facts["lanczos_min_eigenvalue"] = self.hessian_extremes
@@ -696,6 +733,8 @@ class FittedLiSSA(FittedSolver):
         x = b.clone()
         norms = b.new_empty(cfg.check_every, b.shape[0])
         anchor = anchor_product = None
+        averaging = cfg.average and self.batch_size is not None
+        tail = torch.zeros_like(b) if averaging else None  # sum of x_t over t > depth // 2
         done = 0
         while done < self.depth:
             width = min(cfg.check_every, self.depth - done)
@@ -704,7 +743,7 @@ class FittedLiSSA(FittedSolver):
                     anchor, anchor_product = x.clone(), self.operator.matmat(x)
                     exact = torch.sub(b, anchor_product, alpha=1.0 / self.scale)
                     if bool((torch.linalg.vector_norm(exact, dim=1) <= cfg.rtol * bnorm).all()):
-                        break  # the anchor's exact residual meets rtol: return it
+                        return x  # the anchor's exact residual meets rtol: return it
                 width = min(width, period - done % period)
             products = self._products(width, generator, dense)
             filled = 0
@@ -718,6 +757,8 @@ class FittedLiSSA(FittedSolver):
                     x += increment
                     norms[filled] = torch.linalg.vector_norm(increment, dim=1)
                     filled += 1
+                    if tail is not None and done + filled > self.depth // 2:
+                        tail += x
             except NonFiniteError:
                 # the model's product overflowed: report the divergence that led there, if any
                 self._check_window((norms[:filled] / bnorm).cpu(), done, repeat)
@@ -729,6 +770,8 @@ class FittedLiSSA(FittedSolver):
             done += filled
             if self.batch_size is None and bool((rel.amax(dim=1) <= cfg.rtol).any()):
                 break  # the residual (= the increment) only falls from here on
+        if tail is not None:
+            return tail / (self.depth - self.depth // 2)
         return x
 
     def _check_window(self, rel: torch.Tensor, done: int, repeat: int) -> None:

@@ -176,9 +176,14 @@ def score_tiles(
     bar = tqdm(total=total, desc=desc, disable=not calc.progress, leave=False, unit="tile")
     try:
         for r, row_start, batch in _row_blocks(test, rows, finished, col_chunks):
-            grads = calc.wrapper.per_example_grads(calc.measurement, batch)
+            grads = (
+                calc.wrapper.per_example_grads(calc.measurement, batch)
+                if low is not None or rows < m
+                else None
+            )
             skip = finished[r]
             if low is not None and train_proj is not None:
+                assert grads is not None
                 basis, weights = low
                 test_proj = (grads.to(basis) @ basis.T) * weights
                 for c in range(skip, col_chunks):
@@ -186,7 +191,10 @@ def score_tiles(
                     yield row_start, cols.start, -(test_proj @ train_proj[cols].T)
                     bar.update(1)
                 continue
-            ihvp = fitted.solve(grads, progress=False).value
+            if grads is None:  # one block: the calculator's cached inverse-HVPs of the test set
+                ihvp = calc.inverse_hvp(test).value
+            else:
+                ihvp = fitted.solve(grads, progress=False).value
             del grads
             for start, g in _train_chunks(calc, skip, desc=f"{desc}, train pass"):
                 yield row_start, start, -(ihvp @ g.T)

@@ -9,14 +9,23 @@ with ``H`` the Hessian of the mean training cross-entropy (no weight-decay term,
 library: lambda is the only regulariser) in infl's sign (negative = helpful; each adapter in
 ``benchmarks/peers/`` states how it converts its library's sign). Reported per run: wall seconds
 (from the library's constructor to the ``[m, n]`` scores), Pearson of its scores with the exact
-answer (mean over test points), and for infl its floor: the HVPs its solver made times the time
-of one such HVP (timed alone), plus one per-sample-gradient pass over train and test.
+answer (mean over test points), and for infl its floor: the HVPs its solver's algorithm needs
+times the time of one such HVP (timed alone), plus one per-sample-gradient pass over train and
+test (see ``floor_seconds``).
 
 Models: ``iris`` (MLP 4-5-3, p = 43, n = 120, float64, 2 test points), ``cnn`` (infl's
 ``small_cnn``, p = 2,514, n = 1,438 digits images, float64, 2 test points), ``mlp`` (64-256-256-10,
 p = 85,002, n = 1,438 digits, float32, 10 test points). The exact reference is infl's dense
 float64 solve (the ``exact`` row) when it runs, else conjugate gradient on a float64 copy to a
 relative residual of 1e-10 (``mlp``, or when ``exact`` is not among ``--solvers``).
+
+Solvers: exact (dense Hessian; on the CNN only with ``--cnn-exact``: minutes for every library,
+and peers' dense Hessians are not run above ``--peer-exact-max-p``), CG 100, LiSSA (Iris: full
+batch, depth 5000; CNN: batch 128, depth 500 by default, ``--lissa-depth``; every library gets
+infl's automatic scale sigma, estimated once beforehand, and runs the full depth), Arnoldi (rank
+10 / Krylov 30 on Iris, rank 50 / Krylov 100 otherwise), K-FAC and EK-FAC. Runs under 2 s are
+repeated (3 in all, best kept) for every library alike; a peer's run is stopped after
+``--peer-timeout`` seconds.
 
 Peers (pyDVL, Captum, dattri, kronfluence) are never infl dependencies: install them in a
 separate virtualenv (benchmarks/README.md, "Side by side with peers"); any that is missing is
@@ -240,15 +249,16 @@ def _best_time(fn: Callable[[], Any], repeat: int = 3) -> float:
     return best
 
 
-def floor_seconds(problem: Problem, setting: Setting, matvecs: int, steps: int) -> float | None:
-    """HVPs infl made x the time of one (timed alone) + one per-sample-gradient pass.
+def floor_seconds(problem: Problem, setting: Setting, iterations: int) -> float | None:
+    """The HVPs the solver's algorithm needs x the time of one (timed alone) + one gradient pass.
 
-    ``matvecs`` vectors went through the full-data operator (``operator.num_matvecs``), timed
-    per vector in blocks of ``min(p, 128)`` when the solver made at least ``p`` of them (a
-    dense Hessian), else in blocks of ``m`` (CG, LiSSA: all test vectors at once) or 1
-    (Arnoldi: one Lanczos vector per step). Minibatch LiSSA adds ``steps`` operator
-    applications to ``m`` vectors on a batch of ``batch_size``. K-FAC / EK-FAC make no HVP:
-    ``None``.
+    exact: ``p`` HVPs (timed in blocks of ``min(p, 128)`` vectors); CG: ``iterations`` HVPs of
+    the block of ``m`` test vectors; LiSSA: ``iterations`` (steps) HVPs of ``m`` vectors on the
+    step's batch (full data, or a minibatch of ``batch_size``); Arnoldi: ``krylov``
+    single-vector HVPs. The gradient pass is one per-example gradient over train and test.
+    K-FAC / EK-FAC make no HVP: ``None``. The HVP is ``calc.operator.matmat`` (or its
+    ``subsample``), i.e. infl's own, so a ratio below 1 means the solver found a cheaper route
+    than these products (e.g. assembling a tiny Hessian once).
     """
     if setting.method in ("kfac", "ekfac"):
         return None
@@ -264,20 +274,21 @@ def floor_seconds(problem: Problem, setting: Setting, matvecs: int, steps: int) 
         ),
         repeat=1,
     )
-    if matvecs >= p:
+    if setting.method == "exact":
         block = min(p, 128)
-    elif setting.method == "arnoldi":
-        block = 1
-    else:
-        block = m
-    vecs = torch.randn(block, p, dtype=dtype)
-    t_hvp = _best_time(lambda: op.matmat(vecs), repeat=2) / block * matvecs
+        vecs = torch.randn(block, p, dtype=dtype)
+        return _best_time(lambda: op.matmat(vecs), repeat=1) * math.ceil(p / block) + t_grads
+    if setting.method == "arnoldi":
+        vec = torch.randn(1, p, dtype=dtype)
+        return _best_time(lambda: op.matmat(vec), repeat=2) * setting.krylov + t_grads
+    vecs = torch.randn(m, p, dtype=dtype)
     if setting.method == "lissa" and setting.batch_size is not None:
         gen = torch.Generator().manual_seed(0)
         batch = setting.batch_size
-        rhs = torch.randn(m, p, dtype=dtype)
-        t_hvp += _best_time(lambda: op.subsample(batch, gen).matmat(rhs), repeat=10) * steps
-    return t_hvp + t_grads
+        t_step = _best_time(lambda: op.subsample(batch, gen).matmat(vecs), repeat=10)
+    else:
+        t_step = _best_time(lambda: op.matmat(vecs), repeat=2)
+    return t_step * iterations + t_grads
 
 
 def reference(problem: Problem, exact_scores: torch.Tensor | None, damping: float) -> torch.Tensor:
@@ -424,7 +435,7 @@ def finish(
     if "seconds" in ours:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            floor = floor_seconds(problem, setting, ours["matvecs"], ours["iterations"])
+            floor = floor_seconds(problem, setting, ours["iterations"])
         if floor is not None:
             row["infl_floor_seconds"] = floor
             row["infl_over_floor"] = ours["seconds"] / floor

@@ -215,7 +215,7 @@ def test_a_model_no_mode_can_differentiate_twice_is_refused_naming_the_fix():
     assert wrapper.train_grads((x, y)).shape == (6, wrapper.num_params)
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 6])
 def test_both_second_order_modes_equal_the_dense_logistic_hessian(logistic, k):
     data = (logistic.x, logistic.y)
     expected = reference.hessian(logistic.theta, logistic.x, logistic.y, logistic.wd)

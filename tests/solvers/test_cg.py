@@ -78,6 +78,18 @@ def test_pcg_with_the_exact_inverse_as_preconditioner_converges_in_one_iteration
     assert rel_err(result.value, expected) < 1e-10
 
 
+def test_pcg_with_an_ekfac_preconditioner_reaches_the_exact_solution(hessian_problem):
+    from infl import EKFAC
+
+    op, dense, rhs = hessian_problem
+    fitted = ConjugateGradient(damping=0.1, rtol=1e-10, preconditioner=EKFAC()).fit(op)
+    assert fitted.info["preconditioner"] == "EKFAC"
+    result = fitted.solve(rhs)
+    expected = torch.linalg.solve(dense + 0.1 * torch.eye(5).double(), rhs.T).T
+    assert result.converged
+    assert rel_err(result.value, expected) < 1e-8
+
+
 def test_pcg_with_damping_redamps_the_preconditioner_without_hvps(hessian_problem):
     op, dense, rhs = hessian_problem
     fitted = ConjugateGradient(damping=0.1, rtol=1e-10, preconditioner=Arnoldi(rank=2)).fit(op)

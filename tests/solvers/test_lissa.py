@@ -93,6 +93,12 @@ def test_minibatch_auto_scale_covers_the_minibatch_curvature(hessian_problem):
     assert fitted.scale >= SCALE_MARGIN * (max(tops) + 0.05) * (1 - 1e-9)
     # with_damping keeps the minibatch estimate (no new Lanczos run)
     assert fitted.with_damping(1.0).scale == pytest.approx(SCALE_MARGIN * (max(tops) + 1.0))
+    # with the control variate only stability is needed: the minibatch top at half weight
+    cv = LiSSA(damping=0.05, batch_size=10, depth=5, seed=3, snapshot_every=6).fit(op)
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    assert cv.info["minibatch_max_eigenvalue"] == pytest.approx(max(tops), rel=1e-6)
+    expected = SCALE_MARGIN * max(top + 0.05, (max(tops) + 0.05) / 2)
+    assert cv.scale == pytest.approx(expected, rel=1e-3)  # Lanczos estimate of the full top
 
 
 def test_auto_batch_size_is_full_data_for_small_and_minibatches_for_large_data(logistic):
@@ -313,7 +319,7 @@ def test_snapshot_every_auto_is_one_pass_of_minibatches_and_ignored_on_full_data
 ):
     op, _, _ = hessian_problem  # n = 60
     auto = LiSSA(scale=10.0, depth=5, batch_size=7, snapshot_every="auto").fit(op)
-    assert auto.snapshot_every == 9  # ceil(60 / 7)
+    assert auto.snapshot_every == 35  # ceil(4 * 60 / 7)
     full = LiSSA(scale=10.0, depth=5, batch_size=None, snapshot_every="auto").fit(op)
     assert full.snapshot_every is None
     with pytest.raises(InputError, match="snapshot_every must be"):

@@ -702,7 +702,7 @@ class FittedLiSSA(FittedSolver):
                 f"LiSSA finished depth={self.depth} with relative residual up to "
                 f"{float(residuals.max()):.3g} > rtol={cfg.rtol:g}. The error shrinks like "
                 f"(1 - lambda_min/scale)^depth: increase depth, add damping, or (for stochastic "
-                f"runs) increase batch_size or repeats. {advice}".rstrip(),
+                f"runs) increase batch_size or repeats{self._noise_text()}. {advice}".rstrip(),
                 InflWarning,
                 stacklevel=2,
             )
@@ -713,6 +713,15 @@ class FittedLiSSA(FittedSolver):
             residual_norms=residuals,
             trace=trace,
             info={**self.info, "dense_matrix": dense is not None, "repeats_run": runs},
+        )
+
+    def _noise_text(self) -> str:
+        """The options that remove plain minibatch noise, when a run does not use them."""
+        if self.batch_size is None or self.snapshot_every is not None:
+            return ""
+        return (
+            ", or use snapshot_every='auto' (a control variate that converges to the exact "
+            "answer)" + ("" if self.solver.average else " or average=True (free)")
         )
 
     def _products(

@@ -31,7 +31,7 @@ Peers (pyDVL, Captum, dattri, kronfluence) are never infl dependencies: install 
 separate virtualenv (benchmarks/README.md, "Side by side with peers"); any that is missing is
 skipped with a note, so the script also runs with infl alone.
 
-Run:  python benchmarks/compare_peers.py [--quick] [--models iris,cnn,mlp]
+Run:  python benchmarks/compare_peers.py [--quick] [--models iris,mlp,cnn]
           [--solvers exact,cg,lissa,arnoldi,kfac,ekfac] [--peers pydvl,captum,dattri,kronfluence]
           [--threads 1] [--json out.json]
 """
@@ -502,7 +502,7 @@ def notes(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and depths (validation)")
-    parser.add_argument("--models", default="iris,cnn,mlp")
+    parser.add_argument("--models", default="iris,mlp,cnn")
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--peers", default="pydvl,captum,dattri,kronfluence")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -579,6 +579,11 @@ def main(argv: list[str] | None = None) -> None:
         for row, setting in model_rows:
             finish(row, problem, setting, ref)
             rows.append(row)
+        # each model's rows as soon as they are final (a long run keeps what it finished)
+        print(table([r for r, _ in model_rows], [p.NAME for p in peers]), file=sys.stderr)
+        print(f"  ({time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
     names = [p.NAME for p in peers]
     print(table(rows, names))
     if notes(rows):

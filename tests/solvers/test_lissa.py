@@ -237,10 +237,15 @@ def test_full_data_repeats_are_run_once():
     assert thrice.info["repeats_run"] == 1
 
 
-def test_minibatches_are_drawn_in_bulk_uniformly_and_reproducibly(hessian_problem):
+def test_block_draws_are_the_single_draw_stream_uniform_and_reproducible(hessian_problem):
     op, _, _ = hessian_problem  # n = 60
     subs = op.damped(0.1).subsample_many(12, 400, _gen())
     again = op.damped(0.1).subsample_many(12, 400, _gen())
+    gen = _gen()
+    singles = [op.damped(0.1).subsample(12, gen) for _ in range(400)]
+    assert all(
+        torch.equal(s.base.data[0], t.base.data[0]) for s, t in zip(subs, singles, strict=True)
+    )
     idx = torch.stack([s.base.data[0] for s in subs])  # the selected inputs identify examples
     assert all(
         torch.equal(s.base.data[0], t.base.data[0]) for s, t in zip(subs, again, strict=False)

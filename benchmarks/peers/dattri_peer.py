@@ -42,6 +42,10 @@ def supports(problem: Problem, setting: Setting) -> str | None:
         return "no such method in dattri"
     if setting.method == "ekfac" and problem.name == "cnn":
         return "dattri's EK-FAC covers nn.Linear layers only (it would leave the convolutions out)"
+    if setting.method in ("cg", "lissa", "arnoldi") and problem.p > 20_000:
+        # measured: IFAttributorCG on the 85k-parameter MLP (n = 1,438, one batch, as its
+        # per-batch sum of inverse-HVPs requires) passed 21 GB and was OOM-killed
+        return f"its full-batch HVPs passed 21 GB at p = {problem.p:,}, n = {problem.n:,}"
     if setting.method == "exact" and problem.p > 1_000:
         # measured: IFAttributorExplicit (torch.func.hessian of the batch loss) on the digits
         # CNN, p = 2,514, n = 200, passed 13 GB of memory and was stopped

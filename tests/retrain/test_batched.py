@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -12,6 +14,7 @@ from infl import IndexedData, Objective
 from infl.errors import InflWarning
 from infl.retrain import RetrainConfig, retrain_ground_truth, single
 from infl.retrain.batched import BatchedSGD
+from infl.retrain.stacked_linear import StackedSequential
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +169,165 @@ def test_engine_steps_are_sgd_with_momentum_on_weighted_objectives(mlp_problem):
     assert measured.shape == (2, n)
     for p, q in zip(model.parameters(), engine.module(start).parameters(), strict=True):
         assert torch.equal(p, q)  # the user's module is untouched
+
+
+# -- the stacked path (infl.retrain.stacked_linear) -------------------------------------------
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(dim=1)
+
+
+def _stacked_cases():
+    """(name, model, loss, data, closed-form cross-entropy expected)."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    X3 = torch.randn(30, 2, 3, generator=gen, dtype=torch.float64)
+    Y2 = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    ce = Objective("cross_entropy").per_example_loss
+    torch.manual_seed(1)
+    relu = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+    linear = nn.Sequential(nn.Linear(4, 3))  # the head is layer 0
+    nested = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(6, 5),
+        nn.LeakyReLU(0.1),
+        nn.Sequential(nn.Linear(5, 4, bias=False), nn.SiLU()),
+        nn.Linear(4, 3),
+        nn.Identity(),
+    )
+    frozen = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.GELU(), nn.Linear(5, 2))
+    frozen[0].weight.requires_grad_(False)  # shared by every run, not trained
+    return [
+        ("relu-tanh, closed-form CE", relu, ce, (X, y), True),
+        ("one linear layer, closed-form CE", linear, ce, (X, y), True),
+        ("flatten/nested/leaky/silu, CE by autograd", nested, ce, (X3, y), False),
+        ("frozen weight, sigmoid/gelu, MSE", frozen, _mse, (X, Y2), False),
+    ]
+
+
+_CASES = _stacked_cases()
+
+
+def _removal_weights(runs, n):
+    w = torch.ones(runs, n, dtype=torch.float64)
+    for r in range(1, runs):
+        w[r] *= n / (n - 2)
+        w[r, [r, (3 * r) % n]] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_stacked_evaluation_is_each_runs_own_autograd_gradient(case):
+    """StackedSequential against R separate plain-autograd evaluations, in float64."""
+    _, model, loss, (X, y), closed_form = case
+    model = model.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    stacked = StackedSequential(model, params)
+    assert stacked.applicable
+    runs, n = 4, len(X)
+    gen = torch.Generator().manual_seed(2)
+    start = torch.cat([p.detach().reshape(-1) for p in params])
+    theta = start + 0.3 * torch.randn(runs, start.numel(), generator=gen, dtype=torch.float64)
+    w = _removal_weights(runs, n)
+    prepared = stacked.prepare(loss, (X, y), runs)
+    assert (prepared.inputs is not None) == closed_form
+    grad, value = stacked(loss, theta, w, prepared)
+    for r in range(runs):
+        net = copy.deepcopy(model)
+        mine = [p for p in net.parameters() if p.requires_grad]
+        torch.nn.utils.vector_to_parameters(theta[r], mine)
+        v = (w[r] * loss(net, (X, y))).sum()
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, mine)])
+        torch.testing.assert_close(grad[r], expected, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(value[r], v.detach(), atol=1e-12, rtol=1e-12)
+    if closed_form:  # the generic loss path gives the same numbers
+        generic = dataclasses.replace(prepared, inputs=None)
+        g2, v2 = stacked(loss, theta, w, generic)
+        torch.testing.assert_close(g2, grad, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(v2, value, atol=1e-12, rtol=1e-12)
+
+
+def _engine_pair(model, loss, data, decays, chunk_size):
+    kw = {"lr": 0.1, "momentum": 0.9, "chunk_size": chunk_size}
+    fast = BatchedSGD(model, loss, decays, IndexedData(data), **kw)
+    slow = BatchedSGD(model, loss, decays, IndexedData(data), **kw)
+    slow._stacked = None  # vmap only
+    return fast, slow
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_engine_stacked_path_equals_vmap_path_over_steps(case):
+    """Full-batch (several chunks) and minibatch steps with removals, momentum and per-tensor
+    weight decay: the stacked engine tracks the vmapped one to round-off."""
+    _, model, loss, data, _ = case
+    model = model.double()
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    decays = [0.01 * (k % 3) for k in range(len(names))]  # groups, some without decay
+    fast, slow = _engine_pair(model, loss, data, decays, chunk_size=12)
+    assert fast._stacked is not None
+    weights = _removal_weights(5, len(data[0]))
+    fast.begin(weights)
+    slow.begin(weights)
+    index = torch.tensor([0, 4, 9, 17, 25])
+    for step in range(8):
+        batch = index if step % 4 == 3 else None
+        g_fast, v_fast, n_fast = fast.gradient(batch)
+        g_slow, v_slow, n_slow = slow.gradient(batch)
+        torch.testing.assert_close(g_fast, g_slow, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(v_fast, v_slow, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(n_fast, n_slow, atol=1e-12, rtol=1e-10)
+        fast.step(g_fast)
+        slow.step(g_slow)
+    assert fast._stacked is not None  # really the stacked path
+    assert fast._stacked_verified
+    torch.testing.assert_close(fast.theta, slow.theta, atol=1e-12, rtol=1e-10)
+    assert float((fast.theta - fast.start).norm(dim=1).min()) > 1e-3  # the runs moved
+
+
+def _mixing_loss(model, batch):
+    """Per-example cross-entropy scaled by the batch mean: it mixes the examples."""
+    x, y = batch
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    return losses * losses.mean()
+
+
+def test_a_loss_that_mixes_examples_fails_the_check_and_keeps_vmap(mlp_problem):
+    model, _, (X, y), _ = mlp_problem
+    fast, slow = _engine_pair(model, _mixing_loss, (X, y), 0.01, chunk_size=40)
+    assert fast._stacked is not None  # the model qualifies ...
+    weights = _removal_weights(3, len(y))
+    fast.begin(weights)
+    slow.begin(weights)
+    for _ in range(3):
+        g_fast, _, _ = fast.gradient()
+        g_slow, _, _ = slow.gradient()
+        torch.testing.assert_close(g_fast, g_slow, atol=0, rtol=0)
+        fast.step(g_fast)
+        slow.step(g_slow)
+    assert fast._stacked is None  # ... but the loss does not: vmap from the first step on
+
+
+class _SequentialSubclass(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        _SequentialSubclass(nn.Linear(3, 3)),
+        nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0), nn.Linear(3, 3)),
+        nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(3, 3)),
+        nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)),
+        _NoVmap(),
+    ],
+    ids=["subclass", "dropout", "flatten-batch", "layernorm", "custom-module"],
+)
+def test_models_outside_the_stacked_form_keep_vmap(mlp_problem, model):
+    _, objective, (X, y), _ = mlp_problem
+    model = model.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert not StackedSequential(model, params).applicable
+    engine = BatchedSGD(model, objective.per_example_loss, 0.0, IndexedData((X, y)), lr=0.1)
+    assert engine._stacked is None

@@ -28,6 +28,7 @@ Plain autograd only: nothing here imports :mod:`infl.calculator` or :mod:`infl.m
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from infl.data import IndexedData, batch_to, tensor_leaves
 from infl.errors import InputError
 from infl.objective import PerExampleFn
 from infl.retrain.single import flat_params, trainable
+from infl.retrain.stacked_linear import StackedBatch, StackedSequential
 
 __all__ = ["BatchedSGD"]
 
@@ -129,9 +131,16 @@ class BatchedSGD:
         self.momentum = float(momentum)
         self.chunk_size = int(chunk_size)
         self.train = train
+        self.loss = loss
         self.call = _Bound(self.net, loss)
-        self._chunks: list[tuple[int, Any]] | None = None
+        self._chunks: list[tuple[int, int, Any]] | None = None  # (start, size, batch)
         self._grad = vmap(grad_and_value(self._weighted), in_dims=(0, 0, None))
+        stacked = StackedSequential(self.net, params)
+        self._stacked: StackedSequential | None = stacked if stacked.applicable else None
+        self._stacked_verified = False
+        self._prepared: dict[
+            int, StackedBatch
+        ] = {}  # chunk start -> that chunk, for len(theta) runs
         self.theta = self.start.unsqueeze(0).clone()
         self.weights = torch.ones(1, len(train), dtype=self.dtype, device=self.device)
         self.buf: torch.Tensor | None = None
@@ -153,10 +162,67 @@ class BatchedSGD:
             )
         return (w * losses).sum()
 
-    def _prepared_chunks(self) -> list[tuple[int, Any]]:
+    def _evaluate(
+        self, theta: torch.Tensor, w: torch.Tensor, batch: Any, start: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every run's weighted loss gradient ``[R, p]`` and value ``[R]`` on ``batch``.
+
+        By :class:`~infl.retrain.stacked_linear.StackedSequential` once it has been verified
+        (:meth:`_verify`), else by ``vmap``. ``start`` keys the cache of full-batch chunks
+        prepared for the stacked path (``None``: a minibatch, prepared afresh).
+        """
+        stacked = self._stacked
+        if stacked is None:
+            g, v = self._grad(theta, w, batch)
+            return g, v.detach()
+        runs = theta.shape[0]
+        prepared = None if start is None else self._prepared.get(start)
+        if prepared is None:
+            prepared = stacked.prepare(self.loss, batch, runs)
+            if start is not None:
+                self._prepared[start] = prepared
+        if self._stacked_verified:
+            return stacked(self.loss, theta, w, prepared)
+        g, v = self._grad(theta, w, batch)
+        self._stacked_verified = self._verify(theta, w, batch, prepared)
+        if not self._stacked_verified:
+            self._stacked = None
+            self._prepared = {}
+        return g, v.detach()
+
+    def _verify(self, theta: torch.Tensor, w: torch.Tensor, batch: Any, prepared: Any) -> bool:
+        """The stacked path equals ``vmap`` to :math:`\\sqrt{\\varepsilon}` (relative to the
+        largest entry), at parameters perturbed differently for every run (a loss that mixes
+        the examples of a batch cannot pass on identical runs); both its closed-form
+        cross-entropy (where it applies) and its generic loss path are checked."""
+        stacked = self._stacked
+        assert stacked is not None
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(theta.shape, generator=gen, dtype=theta.dtype).to(theta.device)
+        scale = float(theta.abs().mean()) if theta.numel() else 0.0
+        probe = theta + 0.1 * (scale if scale > 0 else 1.0) * noise
+        ref_g, ref_v = self._grad(probe, w, batch)
+        candidates = [prepared]
+        if prepared.inputs is not None:
+            candidates.append(dataclasses.replace(prepared, inputs=None))
+        tol = torch.finfo(theta.dtype).eps ** 0.5
+        for candidate in candidates:
+            try:
+                got_g, got_v = stacked(self.loss, probe, w, candidate)
+            except Exception:  # a loss or layer the stacked path does not support
+                return False
+            for got, ref in ((got_g, ref_g), (got_v, ref_v.detach())):
+                if got.shape != ref.shape or not bool(torch.isfinite(ref).all()):
+                    return False
+                largest = float(ref.abs().max()) if ref.numel() else 0.0
+                if not bool(((got - ref).abs() <= tol * max(largest, 1.0)).all()):
+                    return False
+        return True
+
+    def _prepared_chunks(self) -> list[tuple[int, int, Any]]:
         if self._chunks is None:
             self._chunks = [
-                (start, batch_to(batch, self.device, self.dtype))
+                (start, len(tensor_leaves(batch)[0]), batch_to(batch, self.device, self.dtype))
                 for start, batch in self.train.chunks(self.chunk_size)
             ]
         return self._chunks
@@ -169,6 +235,8 @@ class BatchedSGD:
                 f"weights must have shape [runs, n={len(self.train)}], got {tuple(weights.shape)}"
             )
         self.weights = weights.to(device=self.device, dtype=self.dtype)
+        if weights.shape[0] != self.theta.shape[0]:
+            self._prepared = {}
         self.theta = self.start.unsqueeze(0).repeat(weights.shape[0], 1)
         self.buf = None
 
@@ -189,26 +257,26 @@ class BatchedSGD:
             Gradients ``[R, p]``, objective values ``[R]`` and gradient norms ``[R]``.
         """
         theta = self.theta
-        grad = torch.zeros_like(theta)
-        value = torch.zeros(theta.shape[0], dtype=theta.dtype, device=theta.device)
         if index is None:
             count = len(self.train)
-            for start, batch in self._prepared_chunks():
-                w = self.weights[:, start : start + len(tensor_leaves(batch)[0])]
-                g, v = self._grad(theta, w, batch)
-                grad += g
-                value += v.detach()
+            chunks = iter(self._prepared_chunks())
+            start, size, batch = next(chunks)  # n >= 1: at least one chunk
+            grad, value = self._evaluate(theta, self.weights[:, start : start + size], batch, start)
+            for start, size, batch in chunks:
+                g, v = self._evaluate(theta, self.weights[:, start : start + size], batch, start)
+                grad = grad + g
+                value = value + v
         else:
             count = int(index.numel())
             batch = batch_to(self.train.select(index), self.device, self.dtype)
-            g, v = self._grad(theta, self.weights[:, index.to(self.weights.device)], batch)
-            grad += g
-            value += v.detach()
+            w = self.weights[:, index.to(self.weights.device)]
+            grad, value = self._evaluate(theta, w, batch, None)
         grad = grad / count
         value = value / count
         if self.has_decay:
-            grad = grad + self.decay * theta
-            value = value + 0.5 * (self.decay * theta * theta).sum(dim=1)
+            decayed = self.decay * theta
+            grad = grad + decayed
+            value = value + 0.5 * (decayed * theta).sum(dim=1)
         return grad, value, torch.linalg.vector_norm(grad, dim=1)
 
     def step(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> None:

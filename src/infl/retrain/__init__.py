@@ -8,7 +8,8 @@ the ground truth shares no code path with the influence estimates it checks.
 
 Modules: :mod:`~infl.retrain.config` (the protocol), :mod:`~infl.retrain.records` (results),
 :mod:`~infl.retrain.removals` (validating removals), :mod:`~infl.retrain.single` (one retrain
-through :mod:`torch.optim`), :mod:`~infl.retrain.batched` (many SGD runs under one ``vmap``),
+through :mod:`torch.optim`), :mod:`~infl.retrain.batched` (many SGD runs under one ``vmap``,
+or as batched matrix products for Linear/activation MLPs: :mod:`~infl.retrain.stacked_linear`),
 :mod:`~infl.retrain.grouped` (full-batch SGD retrains on that engine),
 :mod:`~infl.retrain.fingerprint` (what a store of retrains is keyed by) and
 :mod:`~infl.retrain.ground_truth` (the public functions).

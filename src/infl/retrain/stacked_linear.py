@@ -260,17 +260,17 @@ class StackedSequential:
         weights: list[tuple[Any, Any]],
         upto: int,
         runs: int,
-        batch_rows: int,
+        shared: bool,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Layers ``0..upto-1`` on ``h``, ``[R b, ...]`` (or ``[b, in]`` shared by all runs when
-        layer 0 is an ``nn.Linear``); returns the output ``[R b, ...]`` and, per layer, what its
-        backward pass needs."""
+        """Layers ``0..upto-1`` on ``h``, ``[R b, ...]`` (or, with ``shared``, ``[b, in]``
+        inputs of an ``nn.Linear`` layer 0 that every run shares); returns the output
+        ``[R b, ...]`` and, per layer, what its backward pass needs."""
         saved = []
         for k, (layer, (weight, bias)) in enumerate(
             zip(self.layers[:upto], weights[:upto], strict=True)
         ):
             kind = type(layer)
-            if k == 0 and kind is nn.Linear and h.shape[0] != runs * batch_rows:
+            if k == 0 and shared:
                 # the untiled [b, in] inputs, shared by every run: one product for all runs,
                 # [b, in] x [in, R out] (the gradient takes them expanded, [R, b, in])
                 rows, width = h.shape
@@ -402,11 +402,12 @@ class StackedSequential:
         assert batch.onehot is not None
         assert self.head is not None
         runs = batch.runs
-        h, saved = self._forward(batch.inputs, weights, self.head, runs, batch.size)
-        if h.shape[0] == runs * batch.size:
-            a = h.reshape(runs, -1, h.shape[-1])  # [R, b, in]
-        else:  # the head is layer 0: the untiled inputs
+        shared = batch.inputs.shape[0] != runs * batch.size  # untiled: layer 0 is a Linear
+        h, saved = self._forward(batch.inputs, weights, self.head, runs, shared)
+        if shared and self.head == 0:  # the inputs go straight into the head
             a = h.expand(runs, *h.shape)
+        else:
+            a = h.reshape(runs, -1, h.shape[-1])  # [R, b, in]
         weight, bias = weights[self.head]
         if bias is None:
             f = torch.bmm(weight, a.transpose(1, 2))  # [R, C, b]
@@ -437,7 +438,7 @@ class StackedSequential:
         record: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            out, saved = self._forward(x, weights, len(self.layers), runs, size)
+            out, saved = self._forward(x, weights, len(self.layers), runs, False)
             record.append(saved)
             return out
 

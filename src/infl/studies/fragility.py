@@ -44,6 +44,7 @@ from infl.retrain import RetrainConfig, retrain_ground_truth
 from infl.selection import at_influence_percentile, highest_loss, top_k_influence
 from infl.spectral import estimate_extreme_eigenvalues
 from infl.studies.datasets import Split, load_cifar10, load_digits, load_iris, load_mnist
+from infl.studies.mlp_gradient import MlpCrossEntropyGradient
 from infl.studies.models import count_parameters, lenet, mlp, small_cnn, small_resnet
 
 
@@ -231,13 +232,23 @@ def train_full_batch(
     :math:`\\theta \\leftarrow \\theta - \\eta b`. Written out, a step of the Iris MLPs costs
     about half what the optimizer's per-step bookkeeping makes it cost; the study takes tens of
     thousands of them per cell. The update runs as ``torch._foreach_*`` calls over all
-    parameters (the same per-tensor kernels, about 10% less per step than a Python loop).
+    parameters (the same per-tensor kernels, about 10% less per step than a Python loop). For
+    a Linear/ReLU/Tanh ``nn.Sequential`` the gradient comes from
+    :class:`~infl.studies.mlp_gradient.MlpCrossEntropyGradient` (autograd's kernels without
+    its engine, about 2.3x less per gradient) once it has matched autograd bit for bit on the
+    first step.
     """
     x, y = data
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     buffers: list[torch.Tensor] | None = None
-    for _ in range(steps):
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    fast: MlpCrossEntropyGradient | None = MlpCrossEntropyGradient(model, params)
+    for i in range(steps):
+        if fast is not None and i > 0:
+            grads = fast(x, y)
+        else:
+            grads = list(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params))
+            if fast is not None and not fast.check(x, y, grads):
+                fast = None  # keep autograd
         with torch.no_grad():
             # the same per-tensor kernels as a loop over the parameters, in fewer calls
             step = (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -13,7 +12,6 @@ from tqdm.auto import tqdm
 
 from infl.data import IndexedData
 from infl.errors import (
-    InflError,
     InflWarning,
     InputError,
     NonFiniteError,
@@ -30,10 +28,11 @@ from infl.solvers.base import (
     check_positive,
     relative_residuals,
 )
+from infl.solvers.lissa_recursion import DIVERGENCE_FACTOR as DIVERGENCE_FACTOR  # re-exported
+from infl.solvers.lissa_recursion import depth_text, noise_text, run_recursion
 from infl.spectral import (
     SCALE_MARGIN,
     SolverAdvice,
-    advice_from_extremes,
     estimate_extreme_eigenvalues,
     lissa_depth,
 )
@@ -70,10 +69,6 @@ anchor every ``n / b`` steps; benchmarks/bench_lissa.py)."""
 DENSE_MAX_BYTES = 1 << 28
 """``dense="auto"`` assembles the ``[p, p]`` matrix only when it takes at most this many bytes
 (256 MiB: ``p`` up to 5,792 in float64)."""
-
-DIVERGENCE_FACTOR = 100.0
-"""An increment larger than this multiple of ``||b||`` counts as divergence: in a convergent
-full-batch run the increments never exceed ``||b||``."""
 
 
 @dataclass(frozen=True)
@@ -575,96 +570,6 @@ class FittedLiSSA(FittedSolver):
         eye = torch.eye(self.operator.size, dtype=base.dtype, device=base.device)
         return base + self.damping * eye
 
-    def _advice(self, dense: torch.Tensor | None = None) -> SolverAdvice | None:
-        """Spectrum-based advice for this operator, or None if unavailable.
-
-        Lanczos (50 steps) on ``dense`` when given (no HVP), else on the operator (about 50
-        HVPs).
-        """
-        target = self.operator if dense is None else DenseOperator(dense)
-        try:
-            top, bottom = estimate_extreme_eigenvalues(target, max_iter=50, seed=self.solver.seed)
-        except InflError:
-            return None
-        lam = self.damping
-        return advice_from_extremes(top - lam, bottom - lam, damping=lam, tol=self.solver.rtol)
-
-    def _fitted_advice(self, dense: torch.Tensor | None, steps: int) -> SolverAdvice | None:
-        """Advice from what the fit already knows (the dense matrix or its Lanczos estimates).
-
-        Without either, a new Lanczos run (50 HVPs) only after at least 500 full-data steps, so
-        that the message costs at most a tenth of the run; none after minibatch steps.
-        """
-        if dense is None and self.hessian_extremes is not None:
-            top, bottom = self.hessian_extremes
-            return advice_from_extremes(
-                top, bottom - self.min_residual, damping=self.damping, tol=self.solver.rtol
-            )
-        if dense is None and (self.batch_size is not None or steps < 500):
-            return None
-        return self._advice(dense)
-
-    def _diverged(self, step: int, repeat: int, increment: float) -> SolverDivergedError:
-        what = (
-            "a non-finite iterate"
-            if not math.isfinite(increment)
-            else (f"an increment of norm {increment:.3g} x ||b||")
-        )
-        head = (
-            f"LiSSA diverged at step {step} of repeat {repeat} ({what}) with scale={self.scale:.4g}"
-        )
-        advice = self._advice()
-        if advice is None:
-            return SolverDivergedError(
-                f"{head}: the recursion converges only when every eigenvalue of H + damping*I "
-                "lies in (0, 2*scale). Increase scale above the top eigenvalue (or use "
-                "scale='auto'); if it still diverges, increase damping."
-            )
-        top, bottom = advice.mu_max, advice.mu_min
-        if top > 0 and self.scale <= top / 2:
-            cause = (
-                f"scale is below lambda_max(H + damping*I)/2 ~= {top / 2:.4g} (the recursion "
-                "converges only when every eigenvalue lies in (0, 2*scale)): increase `scale` "
-                f"above the top eigenvalue ~= {top:.4g}: use scale >= {advice.scale:.4g} (or "
-                "scale='auto')."
-            )
-        elif bottom <= 0:
-            cause = (
-                f"H + damping*I has an eigenvalue ~= {bottom:.4g} <= 0 (Lanczos), so no scale "
-                f"converges: increase damping above {advice.min_damping:.4g} (for example "
-                f"damping={advice.suggested_damping:.3g})."
-            )
-        else:
-            cause = (
-                "the recursion converges only when every eigenvalue of H + damping*I lies in "
-                f"(0, 2*scale); Lanczos estimates [{bottom:.4g}, {top:.4g}]. Use scale >= "
-                f"{advice.scale:.4g} (or scale='auto'); if it still diverges, a negative "
-                "eigenvalue was missed: increase damping."
-            )
-        return SolverDivergedError(f"{head}: {cause} Advice: {advice.summary()}")
-
-    def _depth_text(self, dense: torch.Tensor | None, steps: int) -> str:
-        """The depth this scale needs for rtol, from Lanczos estimates (or how to get it)."""
-        advice = self._fitted_advice(dense, steps)
-        if advice is None:
-            return (
-                "LiSSA(scale='auto') or LiSSA(depth=None) estimate the spectrum at fit time and "
-                "name the depth needed."
-            )
-        if not advice.positive_definite:
-            return (
-                f"Lanczos finds an eigenvalue of H + damping*I ~= {advice.mu_min:.4g} <= 0: use "
-                f"damping > {advice.min_damping:.4g} (e.g. {advice.suggested_damping:.3g})."
-            )
-        need = lissa_depth(advice.mu_min, advice.mu_max, self.scale, self.solver.rtol)
-        if need is None:
-            return f"Advice: {advice.summary()}"
-        return (
-            f"With scale={self.scale:.4g} and Lanczos estimates lambda in "
-            f"[{advice.mu_min:.4g}, {advice.mu_max:.4g}], full-batch LiSSA needs depth >= "
-            f"{need} for rtol={self.solver.rtol:g} (an underestimate if lambda_min is smaller)."
-        )
-
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
         """Run the recursion on all ``k`` right-hand sides at once (``[k, p]``).
 
@@ -684,7 +589,7 @@ class FittedLiSSA(FittedSolver):
         bar = tqdm(total=self.depth * runs, desc="LiSSA", disable=not progress, leave=False)
         try:
             for repeat in range(runs):
-                total += self._recursion(b, bnorm, repeat, generator, dense, history, bar)
+                total += run_recursion(self, b, bnorm, repeat, generator, dense, history, bar)
         finally:
             bar.close()
         value = total / (runs * self.scale)
@@ -697,12 +602,12 @@ class FittedLiSSA(FittedSolver):
         converged = bool((residuals <= cfg.rtol).all())
         trace = torch.cat(history) if history else b.new_empty(0, b.shape[0])
         if not converged:
-            advice = self._depth_text(dense, trace.shape[0])
+            advice = depth_text(self, dense, trace.shape[0])
             warnings.warn(
                 f"LiSSA finished depth={self.depth} with relative residual up to "
                 f"{float(residuals.max()):.3g} > rtol={cfg.rtol:g}. The error shrinks like "
                 f"(1 - lambda_min/scale)^depth: increase depth, add damping, or (for stochastic "
-                f"runs) increase batch_size or repeats{self._noise_text()}. {advice}".rstrip(),
+                f"runs) increase batch_size or repeats{noise_text(self)}. {advice}".rstrip(),
                 InflWarning,
                 stacklevel=2,
             )
@@ -714,88 +619,3 @@ class FittedLiSSA(FittedSolver):
             trace=trace,
             info={**self.info, "dense_matrix": dense is not None, "repeats_run": runs},
         )
-
-    def _noise_text(self) -> str:
-        """The options that remove plain minibatch noise, when a run does not use them."""
-        if self.batch_size is None or self.snapshot_every is not None:
-            return ""
-        return (
-            ", or use snapshot_every='auto' (a control variate that converges to the exact "
-            "answer)" + ("" if self.solver.average else " or average=True (free)")
-        )
-
-    def _products(
-        self, count: int, generator: torch.Generator, dense: torch.Tensor | None
-    ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """The operator of each of the next ``count`` steps, as ``[k, p] -> [k, p]`` maps."""
-        if dense is not None:
-            return [dense.__rmatmul__] * count  # x @ A = (A x^T)^T: A is symmetric
-        if self.batch_size is None:
-            return [self.operator.matmat] * count
-        subs = self.operator.subsample_many(self.batch_size, count, generator)
-        return [sub.matmat for sub in subs]
-
-    def _recursion(
-        self,
-        b: torch.Tensor,
-        bnorm: torch.Tensor,
-        repeat: int,
-        generator: torch.Generator,
-        dense: torch.Tensor | None,
-        history: list[torch.Tensor],
-        bar: Any,
-    ) -> torch.Tensor:
-        """One repeat: :math:`x_T` (not yet divided by :math:`\\sigma`)."""
-        cfg = self.solver
-        period = self.snapshot_every
-        x = b.clone()
-        norms = b.new_empty(cfg.check_every, b.shape[0])
-        anchor = anchor_product = None
-        averaging = cfg.average and self.batch_size is not None
-        tail = torch.zeros_like(b) if averaging else None  # sum of x_t over t > depth // 2
-        done = 0
-        while done < self.depth:
-            width = min(cfg.check_every, self.depth - done)
-            if period is not None:
-                if done % period == 0:
-                    anchor, anchor_product = x.clone(), self.operator.matmat(x)
-                    exact = torch.sub(b, anchor_product, alpha=1.0 / self.scale)
-                    if bool((torch.linalg.vector_norm(exact, dim=1) <= cfg.rtol * bnorm).all()):
-                        return x  # the anchor's exact residual meets rtol: return it
-                width = min(width, period - done % period)
-            products = self._products(width, generator, dense)
-            filled = 0
-            try:
-                for product in products:
-                    if anchor is None or anchor_product is None:
-                        ax = product(x)
-                    else:  # the control variate: A_t (x - anchor) + A anchor
-                        ax = product(x - anchor) + anchor_product
-                    increment = torch.sub(b, ax, alpha=1.0 / self.scale)
-                    x += increment
-                    norms[filled] = torch.linalg.vector_norm(increment, dim=1)
-                    filled += 1
-                    if tail is not None and done + filled > self.depth // 2:
-                        tail += x
-            except NonFiniteError:
-                # the model's product overflowed: report the divergence that led there, if any
-                self._check_window((norms[:filled] / bnorm).cpu(), done, repeat)
-                raise
-            rel = (norms[:filled] / bnorm).cpu()  # the one host synchronisation per window
-            history.append(rel)
-            bar.update(filled)
-            self._check_window(rel, done, repeat)
-            done += filled
-            if self.batch_size is None and bool((rel.amax(dim=1) <= cfg.rtol).any()):
-                break  # the residual (= the increment) only falls from here on
-        if tail is not None:
-            return tail / (self.depth - self.depth // 2)
-        return x
-
-    def _check_window(self, rel: torch.Tensor, done: int, repeat: int) -> None:
-        """Raise for the first step of the window whose increment is non-finite or too large."""
-        worst = rel.amax(dim=1) if rel.numel() else rel.new_empty(0)
-        bad = ~torch.isfinite(worst) | (worst > DIVERGENCE_FACTOR)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0])
-            raise self._diverged(done + first + 1, repeat, float(worst[first]))

@@ -11,20 +11,19 @@ in eval mode when no gradient is recorded, which has no forward-mode derivative 
 padding masks differently from the differentiable path). Second-order products are
 forward-over-reverse by default and switch to reverse-over-reverse, once and with an
 :class:`~infl.errors.InflWarning`, on a model with an operation that has no forward-mode
-derivative (:attr:`ModelWrapper.second_order`).
+derivative (:attr:`ModelWrapper.second_order`); that machinery is
+:mod:`infl.second_order`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import functional_call, grad, vmap
 
 from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
@@ -39,6 +38,17 @@ from infl.model_checks import (
     measure_stationarity,
 )
 from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
+from infl.second_order import (
+    SecondOrder,
+    _missing_forward_ad,
+    _operation_named,
+    dense_ggn,
+    functional_evaluation,
+    ggn_chunk,
+    hvp_double_backward,
+    hvp_forward_over_reverse,
+    second_order_call,
+)
 
 __all__ = [
     "CHECK_EXAMPLES",
@@ -49,71 +59,6 @@ __all__ = [
     "check_eval_mode",
     "functional_evaluation",
 ]
-
-_LOOP_MAX_VECTORS = 4
-_LOOP_MIN_PARAMS = 1000
-"""The double-backward HVP takes one backward pass per vector when ``k <= 4`` or
-``p >= 1000`` (15-20% faster than one batched pass on the digits MLP and CNN, also for a
-dense Hessian's blocks), and one batched pass (``is_grads_batched``) otherwise: on the Iris
-MLP (p = 43) with 10 vectors it is 4x faster than the loop."""
-
-SecondOrder = Literal["auto", "forward-over-reverse", "reverse-over-reverse"]
-"""How :class:`ModelWrapper` differentiates twice (see :attr:`ModelWrapper.second_order`)."""
-
-
-@contextlib.contextmanager
-def functional_evaluation() -> Iterator[None]:
-    """The settings every infl evaluation of the model runs under (restored on exit).
-
-    * ``sdpa_kernel(SDPBackend.MATH)``: scaled dot-product attention is computed from
-      matmuls and a softmax, which have forward-mode and second derivatives and batching
-      rules; the fused flash/memory-efficient kernels have none of these.
-    * ``torch.backends.mha.set_fastpath_enabled(False)``: ``nn.MultiheadAttention`` and
-      ``nn.TransformerEncoderLayer`` never take their fused eval-mode "fast path"
-      (``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``), which is chosen
-      when no gradient is recorded (so under ``torch.no_grad`` and inside ``jvp``), has no
-      forward-mode derivative, and returns zeros at padded positions where the
-      differentiable path does not: values and gradients must come from one function.
-
-    The fast-path switch is a process-wide PyTorch flag; it is set only for the duration of
-    the ``with`` block.
-    """
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _missing_forward_ad(err: BaseException) -> bool:
-    """Whether ``err`` is PyTorch saying an operation has no forward-mode derivative."""
-    text = str(err)
-    return isinstance(err, (NotImplementedError, RuntimeError)) and (
-        "forward AD" in text or "forward mode AD" in text
-    )
-
-
-def _missing_double_backward(err: BaseException) -> bool:
-    """Whether ``err`` is PyTorch saying an operation cannot be differentiated twice."""
-    text = str(err)
-    return isinstance(err, (NotImplementedError, RuntimeError)) and (
-        "once_differentiable" in text or ("derivative for" in text and "not implemented" in text)
-    )
-
-
-def _operation_named(err: BaseException) -> str:
-    """The operation PyTorch names in a missing-derivative error (best effort)."""
-    text = str(err)
-    for marker in ("forward AD with ", "derivative for "):
-        if marker in text:
-            return text.split(marker, 1)[1].split(" ", 1)[0]
-    if "once_differentiable" in text:
-        return "a custom autograd.Function marked @once_differentiable"
-    if "custom autograd.Function" in text:
-        return "a custom autograd.Function without a jvp"
-    return "an operation of the model"
 
 
 class ModelWrapper:
@@ -430,38 +375,13 @@ class ModelWrapper:
 
     def _hvp_double_backward(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
         """Summed (not averaged) HVPs of one chunk by ``torch.autograd`` double backward."""
-        with torch.enable_grad():
-            theta = self.flat_params.detach().requires_grad_(True)
-            total = self._loss_sum(theta, batch)
-            if not total.requires_grad:  # the loss does not depend on the parameters
-                return torch.zeros_like(vectors)
-            (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
-            if not gradient.requires_grad:  # the loss is linear in the parameters: H = 0
-                return torch.zeros_like(vectors)
-            k = vectors.shape[0]
-            if k <= _LOOP_MAX_VECTORS or self.num_params >= _LOOP_MIN_PARAMS:
-                # one backward pass of the graph per vector: measured faster than the batched
-                # pass everywhere but on tiny models with many vectors (benchmarks/bench_hvp.py)
-                rows = [
-                    torch.autograd.grad(gradient, theta, v, retain_graph=i < k - 1)[0]
-                    for i, v in enumerate(vectors)
-                ]
-                return torch.stack(rows)
-            (products,) = torch.autograd.grad(gradient, theta, vectors, is_grads_batched=True)
-            return products
+        return hvp_double_backward(self, batch, vectors)
 
     def _hvp_forward_over_reverse(
         self,
     ) -> Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]:
         """``(vectors [k, p], theta [p], batch) -> [k, p]`` summed HVPs, built once."""
-        if self._for_hvp is None:
-            gradient = grad(self._loss_sum)
-
-            def product(v: torch.Tensor, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-                return jvp(lambda t: gradient(t, batch), (theta,), (v,))[1]
-
-            self._for_hvp = vmap(product, in_dims=(0, None, None))
-        return self._for_hvp
+        return hvp_forward_over_reverse(self)
 
     def ggn_vp(
         self, data: IndexedData | Batch, vectors: torch.Tensor, chunk_size: int
@@ -526,153 +446,19 @@ class ModelWrapper:
     def ggn_matrix(self, data: IndexedData | Batch, chunk_size: int) -> torch.Tensor | None:
         """The dense Gauss-Newton matrix :math:`G` ``[p, p]`` from per-example output Jacobians.
 
-        .. math::
-
-            G = \\frac1n \\sum_i J_i^T H_{out,i} J_i + \\Lambda
-              = \\frac1n\\,\\mathbf{J}^T (\\mathbf{H}_{out}\\mathbf{J}) + \\Lambda,
-
-        with :math:`J_i` ``[K, p]`` the Jacobian of example ``i``'s ``K`` outputs
-        (``vmap(jacrev)``: ``K`` backward passes per example) and :math:`H_{out,i}` ``[K, K]``
-        its loss's output Hessian (``K`` output-Hessian products); per chunk one matrix product
-        of ``[p, bK]`` by ``[bK, p]``. It equals :math:`p` Gauss-Newton-vector products of
-        the identity to round-off at a cost of ``K`` instead of ``p`` backward passes per
-        example, and memory ``chunk_size * K * p``. The result is symmetrised.
-
-        Returns ``None`` (assemble from products instead) when the model's output is not one
-        tensor or has more than 256 numbers per example.
+        :math:`G = \\frac1n \\sum_i J_i^T H_{out,i} J_i + \\Lambda`, symmetrised, with
+        :math:`J_i` ``[K, p]`` by ``vmap(jacrev)`` (``K`` backward passes per example instead of
+        ``p`` products; memory ``chunk_size * K * p``). Returns ``None`` (assemble from
+        products instead) when the model's output is not one tensor or has more than 256
+        numbers per example. See :func:`infl.second_order.dense_ggn`.
         """
-        loss = output_hessian_loss(self.objective.per_example_loss)
-        chunks = data.chunks(chunk_size) if isinstance(data, IndexedData) else [(0, data)]
-        p = self.num_params
-        total = torch.zeros(p, p, dtype=self.dtype, device=self.device)
-        count = 0
-        for _, raw in chunks:
-            batch = self.prepare(raw)
-            inputs, targets = loss.split(batch)
-
-            def single(params: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
-                one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
-                return self.functional_model(params)(one).reshape(-1)
-
-            with torch.no_grad(), functional_evaluation():
-                outputs = self.functional_model(self.params)(inputs)
-            if not isinstance(outputs, torch.Tensor) or outputs[0].numel() > 256:
-                return None
-            b, k = outputs.shape[0], outputs[0].numel()
-            with functional_evaluation():
-                jac = self.flatten(
-                    vmap(torch.func.jacrev(single), in_dims=(None, 0))(self.params, inputs),
-                    batch_dims=2,
-                )  # [b, K, p]
-                basis = torch.eye(k, dtype=self.dtype, device=self.device)
-                columns = [
-                    loss.output_hessian_product(
-                        outputs, targets, basis[c].reshape(outputs.shape[1:]).expand_as(outputs)
-                    ).reshape(b, k)
-                    for c in range(k)
-                ]
-            h_out = torch.stack(columns, dim=-1)  # [b, K, K]: H_out e_c in column c
-            weighted = torch.einsum("bkc,bcp->bkp", h_out, jac)
-            total += jac.reshape(b * k, p).T @ weighted.reshape(b * k, p)
-            count += b
-        dense = total / count
-        dense = (dense + dense.T) / 2
-        if self.has_decay:
-            dense = dense + torch.diag(self.decay)
-        if not torch.isfinite(dense).all():
-            raise NonFiniteError(
-                "the Gauss-Newton matrix is not finite; the loss or its curvature overflows "
-                "at the trained parameters (check for exploding logits or NaN inputs)"
-            )
-        return dense
+        return dense_ggn(self, data, chunk_size)
 
     def _ggn_chunk(
         self, batch: Batch, vectors: torch.Tensor, *, forward_mode: bool
     ) -> torch.Tensor:
         """Summed (not averaged) GGN products of one chunk; ``J v`` by ``jvp`` or by ``vjp``."""
-        loss = output_hessian_loss(self.objective.per_example_loss)
-        inputs, targets = loss.split(batch)
-
-        def forward(params: dict[str, torch.Tensor]) -> Any:
-            return self.functional_model(params)(inputs)
-
-        primal = vjp(forward, self.params)
-        outputs, pullback = primal[0], primal[1]
-
-        if forward_mode:
-
-            def jacobian_product(v: torch.Tensor) -> torch.Tensor:
-                return jvp(forward, (self.params,), (self.unflatten(v),))[1]
-
-        else:
-            # u -> J^T u is linear, so its vector-Jacobian product at any u is J v
-            def transpose(u: torch.Tensor) -> dict[str, torch.Tensor]:
-                return vjp(forward, self.params)[1](u)[0]
-
-            linear = vjp(transpose, torch.zeros_like(outputs))[1]
-
-            def jacobian_product(v: torch.Tensor) -> torch.Tensor:
-                return linear(self.unflatten(v))[0]
-
-        def gv(v: torch.Tensor) -> torch.Tensor:
-            jv = jacobian_product(v)
-            (jt,) = pullback(loss.output_hessian_product(outputs, targets, jv))
-            return self.flatten(jt)
-
-        return vmap(gv)(vectors)
-
-    def _second_order_call(
-        self, one_chunk: Callable[[Batch], torch.Tensor], batch: Batch, what: str
-    ) -> torch.Tensor:
-        """``one_chunk(batch)``; under ``"auto"``, switching mode once if a derivative is missing.
-
-        Reverse-over-reverse needs every operation's second derivative (double backward),
-        forward-over-reverse every operation's forward-mode derivative; a model that lacks
-        the one needed by the current mode moves to the other mode (once, with a warning),
-        unless the mode was fixed by the user.
-        """
-        try:
-            with functional_evaluation():
-                return one_chunk(batch)
-        except (NotImplementedError, RuntimeError) as first:
-            err: BaseException = first
-            mode = self.second_order
-            forward_missing = mode == "forward-over-reverse" and _missing_forward_ad(err)
-            double_missing = mode == "reverse-over-reverse" and _missing_double_backward(err)
-            if not (forward_missing or double_missing):
-                raise _second_derivative_error(err, what) from err
-            op = _operation_named(err)
-            other = "reverse-over-reverse" if forward_missing else "forward-over-reverse"
-            needs = "forward-mode derivative" if forward_missing else "second derivative"
-            if self.requested_second_order != "auto":
-                raise ModelStateError(
-                    f"{what} needs the {needs} of {op}, which PyTorch does not implement, "
-                    f"and second_order={mode!r} was asked for. Use second_order='auto' or "
-                    f"{other!r}."
-                ) from err
-            self.second_order = other
-            how = (
-                "vjp of grad instead of jvp of grad: the same products, with the backward "
-                "graph of the gradient kept in memory"
-                if forward_missing
-                else "jvp of grad instead of a double backward: the same products"
-            )
-            warnings.warn(
-                f"the model uses {op}, which has no {needs} in PyTorch, so infl computes its "
-                f"second-order products {other} from now on ({how}). "
-                "ModelWrapper.second_order records the mode; pass "
-                f"second_order={other!r} to start there.",
-                InflWarning,
-                stacklevel=4,
-            )
-        try:
-            with functional_evaluation():
-                return one_chunk(batch)
-        except (NotImplementedError, RuntimeError) as retry_err:
-            if _missing_forward_ad(retry_err) or _missing_double_backward(retry_err):
-                # neither mode can differentiate the model twice: name the first failure
-                raise _second_derivative_error(err, what) from retry_err
-            raise _second_derivative_error(retry_err, what) from retry_err
+        return ggn_chunk(self, batch, vectors, forward_mode=forward_mode)
 
     # ---------------------------------------------------------------- checks
     def check_data(self, data: IndexedData) -> None:
@@ -790,12 +576,12 @@ class ModelWrapper:
         if isinstance(data, IndexedData):
             out = torch.zeros_like(vectors)
             for _, batch in data.chunks(chunk_size):
-                out += self._second_order_call(one_chunk, self.prepare(batch), what)
+                out += second_order_call(self, one_chunk, self.prepare(batch), what)
             n = len(data)
         else:
             batch = self.prepare(data)
             n = batch_size(batch)
-            out = self._second_order_call(one_chunk, batch, what)
+            out = second_order_call(self, one_chunk, batch, what)
         out = out / n
         if self.has_decay:
             out = out + self.decay * vectors
@@ -805,15 +591,3 @@ class ModelWrapper:
                 "at the trained parameters (check for exploding logits or NaN inputs)"
             )
         return out
-
-
-def _second_derivative_error(err: BaseException, what: str) -> BaseException:
-    """A missing second derivative as a ModelStateError; any other error unchanged."""
-    text = str(err)
-    if "derivative for" in text and "not implemented" in text:
-        return ModelStateError(
-            f"{what} needs the second derivative of {_operation_named(err)}, which PyTorch "
-            "does not implement. Use a solver that needs only per-example gradients "
-            "(infl.KFAC or infl.EKFAC), or replace that operation in the model."
-        )
-    return err

@@ -1,0 +1,310 @@
+"""How infl differentiates the model twice: Hessian- and Gauss-Newton-vector products.
+
+The second-order machinery behind :class:`~infl.model.ModelWrapper` (whose methods delegate
+here): the evaluation settings under which the model has forward-mode and second derivatives
+(:func:`functional_evaluation`), the reverse-over-reverse (``torch.autograd`` double backward)
+and forward-over-reverse (``jvp`` of ``grad``) Hessian-vector products of one chunk, the
+Gauss-Newton products of one chunk (``J v`` by ``jvp`` or by the ``vjp`` of
+:math:`u \\mapsto J^T u`), the dense Gauss-Newton matrix from per-example output Jacobians,
+and the one-time switch between modes when PyTorch lacks a derivative
+(:func:`second_order_call`). Products here are summed over a chunk, not averaged; the mean
+and the weight decay are added by :class:`~infl.model.ModelWrapper`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch.func import grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from infl.data import Batch, IndexedData, tree_map_tensors
+from infl.errors import InflWarning, ModelStateError, NonFiniteError
+from infl.objective import output_hessian_loss
+
+if TYPE_CHECKING:
+    from infl.model import ModelWrapper
+
+__all__ = [
+    "SecondOrder",
+    "dense_ggn",
+    "functional_evaluation",
+    "ggn_chunk",
+    "hvp_double_backward",
+    "hvp_forward_over_reverse",
+    "second_order_call",
+]
+
+_LOOP_MAX_VECTORS = 4
+_LOOP_MIN_PARAMS = 1000
+"""The double-backward HVP takes one backward pass per vector when ``k <= 4`` or
+``p >= 1000`` (15-20% faster than one batched pass on the digits MLP and CNN, also for a
+dense Hessian's blocks), and one batched pass (``is_grads_batched``) otherwise: on the Iris
+MLP (p = 43) with 10 vectors it is 4x faster than the loop."""
+
+SecondOrder = Literal["auto", "forward-over-reverse", "reverse-over-reverse"]
+"""How :class:`ModelWrapper` differentiates twice (see :attr:`ModelWrapper.second_order`)."""
+
+
+@contextlib.contextmanager
+def functional_evaluation() -> Iterator[None]:
+    """The settings every infl evaluation of the model runs under (restored on exit).
+
+    * ``sdpa_kernel(SDPBackend.MATH)``: scaled dot-product attention is computed from
+      matmuls and a softmax, which have forward-mode and second derivatives and batching
+      rules; the fused flash/memory-efficient kernels have none of these.
+    * ``torch.backends.mha.set_fastpath_enabled(False)``: ``nn.MultiheadAttention`` and
+      ``nn.TransformerEncoderLayer`` never take their fused eval-mode "fast path"
+      (``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``), which is chosen
+      when no gradient is recorded (so under ``torch.no_grad`` and inside ``jvp``), has no
+      forward-mode derivative, and returns zeros at padded positions where the
+      differentiable path does not: values and gradients must come from one function.
+
+    The fast-path switch is a process-wide PyTorch flag; it is set only for the duration of
+    the ``with`` block.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _missing_forward_ad(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch saying an operation has no forward-mode derivative."""
+    text = str(err)
+    return isinstance(err, (NotImplementedError, RuntimeError)) and (
+        "forward AD" in text or "forward mode AD" in text
+    )
+
+
+def _missing_double_backward(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch saying an operation cannot be differentiated twice."""
+    text = str(err)
+    return isinstance(err, (NotImplementedError, RuntimeError)) and (
+        "once_differentiable" in text or ("derivative for" in text and "not implemented" in text)
+    )
+
+
+def _operation_named(err: BaseException) -> str:
+    """The operation PyTorch names in a missing-derivative error (best effort)."""
+    text = str(err)
+    for marker in ("forward AD with ", "derivative for "):
+        if marker in text:
+            return text.split(marker, 1)[1].split(" ", 1)[0]
+    if "once_differentiable" in text:
+        return "a custom autograd.Function marked @once_differentiable"
+    if "custom autograd.Function" in text:
+        return "a custom autograd.Function without a jvp"
+    return "an operation of the model"
+
+
+def _second_derivative_error(err: BaseException, what: str) -> BaseException:
+    """A missing second derivative as a ModelStateError; any other error unchanged."""
+    text = str(err)
+    if "derivative for" in text and "not implemented" in text:
+        return ModelStateError(
+            f"{what} needs the second derivative of {_operation_named(err)}, which PyTorch "
+            "does not implement. Use a solver that needs only per-example gradients "
+            "(infl.KFAC or infl.EKFAC), or replace that operation in the model."
+        )
+    return err
+
+
+def hvp_double_backward(wrapper: ModelWrapper, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
+    """Summed (not averaged) HVPs of one chunk by ``torch.autograd`` double backward."""
+    with torch.enable_grad():
+        theta = wrapper.flat_params.detach().requires_grad_(True)
+        total = wrapper._loss_sum(theta, batch)
+        if not total.requires_grad:  # the loss does not depend on the parameters
+            return torch.zeros_like(vectors)
+        (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
+        if not gradient.requires_grad:  # the loss is linear in the parameters: H = 0
+            return torch.zeros_like(vectors)
+        k = vectors.shape[0]
+        if k <= _LOOP_MAX_VECTORS or wrapper.num_params >= _LOOP_MIN_PARAMS:
+            # one backward pass of the graph per vector: measured faster than the batched
+            # pass everywhere but on tiny models with many vectors (benchmarks/bench_hvp.py)
+            rows = [
+                torch.autograd.grad(gradient, theta, v, retain_graph=i < k - 1)[0]
+                for i, v in enumerate(vectors)
+            ]
+            return torch.stack(rows)
+        (products,) = torch.autograd.grad(gradient, theta, vectors, is_grads_batched=True)
+        return products
+
+
+def hvp_forward_over_reverse(
+    wrapper: ModelWrapper,
+) -> Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]:
+    """``(vectors [k, p], theta [p], batch) -> [k, p]`` summed HVPs, built once per wrapper."""
+    if wrapper._for_hvp is None:
+        gradient = grad(wrapper._loss_sum)
+
+        def product(v: torch.Tensor, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+            return jvp(lambda t: gradient(t, batch), (theta,), (v,))[1]
+
+        wrapper._for_hvp = vmap(product, in_dims=(0, None, None))
+    return wrapper._for_hvp
+
+
+def ggn_chunk(
+    wrapper: ModelWrapper, batch: Batch, vectors: torch.Tensor, *, forward_mode: bool
+) -> torch.Tensor:
+    """Summed (not averaged) GGN products of one chunk; ``J v`` by ``jvp`` or by ``vjp``."""
+    loss = output_hessian_loss(wrapper.objective.per_example_loss)
+    inputs, targets = loss.split(batch)
+
+    def forward(params: dict[str, torch.Tensor]) -> Any:
+        return wrapper.functional_model(params)(inputs)
+
+    primal = vjp(forward, wrapper.params)
+    outputs, pullback = primal[0], primal[1]
+
+    if forward_mode:
+
+        def jacobian_product(v: torch.Tensor) -> torch.Tensor:
+            return jvp(forward, (wrapper.params,), (wrapper.unflatten(v),))[1]
+
+    else:
+        # u -> J^T u is linear, so its vector-Jacobian product at any u is J v
+        def transpose(u: torch.Tensor) -> dict[str, torch.Tensor]:
+            return vjp(forward, wrapper.params)[1](u)[0]
+
+        linear = vjp(transpose, torch.zeros_like(outputs))[1]
+
+        def jacobian_product(v: torch.Tensor) -> torch.Tensor:
+            return linear(wrapper.unflatten(v))[0]
+
+    def gv(v: torch.Tensor) -> torch.Tensor:
+        jv = jacobian_product(v)
+        (jt,) = pullback(loss.output_hessian_product(outputs, targets, jv))
+        return wrapper.flatten(jt)
+
+    return vmap(gv)(vectors)
+
+
+def dense_ggn(
+    wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int
+) -> torch.Tensor | None:
+    """The dense Gauss-Newton matrix :math:`G` ``[p, p]`` from per-example output Jacobians.
+
+    .. math::
+
+        G = \\frac1n \\sum_i J_i^T H_{out,i} J_i + \\Lambda
+          = \\frac1n\\,\\mathbf{J}^T (\\mathbf{H}_{out}\\mathbf{J}) + \\Lambda,
+
+    with :math:`J_i` ``[K, p]`` the Jacobian of example ``i``'s ``K`` outputs
+    (``vmap(jacrev)``: ``K`` backward passes per example) and :math:`H_{out,i}` ``[K, K]``
+    its loss's output Hessian (``K`` output-Hessian products); per chunk one matrix product
+    of ``[p, bK]`` by ``[bK, p]``. It equals :math:`p` Gauss-Newton-vector products of
+    the identity to round-off at a cost of ``K`` instead of ``p`` backward passes per
+    example, and memory ``chunk_size * K * p``. The result is symmetrised.
+
+    Returns ``None`` (assemble from products instead) when the model's output is not one
+    tensor or has more than 256 numbers per example.
+    """
+    loss = output_hessian_loss(wrapper.objective.per_example_loss)
+    chunks = data.chunks(chunk_size) if isinstance(data, IndexedData) else [(0, data)]
+    p = wrapper.num_params
+    total = torch.zeros(p, p, dtype=wrapper.dtype, device=wrapper.device)
+    count = 0
+    for _, raw in chunks:
+        batch = wrapper.prepare(raw)
+        inputs, targets = loss.split(batch)
+
+        def single(params: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
+            one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
+            return wrapper.functional_model(params)(one).reshape(-1)
+
+        with torch.no_grad(), functional_evaluation():
+            outputs = wrapper.functional_model(wrapper.params)(inputs)
+        if not isinstance(outputs, torch.Tensor) or outputs[0].numel() > 256:
+            return None
+        b, k = outputs.shape[0], outputs[0].numel()
+        with functional_evaluation():
+            jac = wrapper.flatten(
+                vmap(torch.func.jacrev(single), in_dims=(None, 0))(wrapper.params, inputs),
+                batch_dims=2,
+            )  # [b, K, p]
+            basis = torch.eye(k, dtype=wrapper.dtype, device=wrapper.device)
+            columns = [
+                loss.output_hessian_product(
+                    outputs, targets, basis[c].reshape(outputs.shape[1:]).expand_as(outputs)
+                ).reshape(b, k)
+                for c in range(k)
+            ]
+        h_out = torch.stack(columns, dim=-1)  # [b, K, K]: H_out e_c in column c
+        weighted = torch.einsum("bkc,bcp->bkp", h_out, jac)
+        total += jac.reshape(b * k, p).T @ weighted.reshape(b * k, p)
+        count += b
+    dense = total / count
+    dense = (dense + dense.T) / 2
+    if wrapper.has_decay:
+        dense = dense + torch.diag(wrapper.decay)
+    if not torch.isfinite(dense).all():
+        raise NonFiniteError(
+            "the Gauss-Newton matrix is not finite; the loss or its curvature overflows "
+            "at the trained parameters (check for exploding logits or NaN inputs)"
+        )
+    return dense
+
+
+def second_order_call(
+    wrapper: ModelWrapper, one_chunk: Callable[[Batch], torch.Tensor], batch: Batch, what: str
+) -> torch.Tensor:
+    """``one_chunk(batch)``; under ``"auto"``, switching mode once if a derivative is missing.
+
+    Reverse-over-reverse needs every operation's second derivative (double backward),
+    forward-over-reverse every operation's forward-mode derivative; a model that lacks
+    the one needed by the current mode moves to the other mode (once, with a warning),
+    unless the mode was fixed by the user.
+    """
+    try:
+        with functional_evaluation():
+            return one_chunk(batch)
+    except (NotImplementedError, RuntimeError) as first:
+        err: BaseException = first
+        mode = wrapper.second_order
+        forward_missing = mode == "forward-over-reverse" and _missing_forward_ad(err)
+        double_missing = mode == "reverse-over-reverse" and _missing_double_backward(err)
+        if not (forward_missing or double_missing):
+            raise _second_derivative_error(err, what) from err
+        op = _operation_named(err)
+        other = "reverse-over-reverse" if forward_missing else "forward-over-reverse"
+        needs = "forward-mode derivative" if forward_missing else "second derivative"
+        if wrapper.requested_second_order != "auto":
+            raise ModelStateError(
+                f"{what} needs the {needs} of {op}, which PyTorch does not implement, "
+                f"and second_order={mode!r} was asked for. Use second_order='auto' or "
+                f"{other!r}."
+            ) from err
+        wrapper.second_order = other
+        how = (
+            "vjp of grad instead of jvp of grad: the same products, with the backward "
+            "graph of the gradient kept in memory"
+            if forward_missing
+            else "jvp of grad instead of a double backward: the same products"
+        )
+        warnings.warn(
+            f"the model uses {op}, which has no {needs} in PyTorch, so infl computes its "
+            f"second-order products {other} from now on ({how}). "
+            "ModelWrapper.second_order records the mode; pass "
+            f"second_order={other!r} to start there.",
+            InflWarning,
+            stacklevel=4,
+        )
+    try:
+        with functional_evaluation():
+            return one_chunk(batch)
+    except (NotImplementedError, RuntimeError) as retry_err:
+        if _missing_forward_ad(retry_err) or _missing_double_backward(retry_err):
+            # neither mode can differentiate the model twice: name the first failure
+            raise _second_derivative_error(err, what) from retry_err
+        raise _second_derivative_error(retry_err, what) from retry_err

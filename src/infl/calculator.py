@@ -6,7 +6,6 @@ Hessian from :class:`HessianOperator`, inverse-HVPs from a :class:`Solver`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from collections import OrderedDict
@@ -16,36 +15,23 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import nn
 
-from infl import group_influence, persistence, score_store, streaming, train_gradients
-from infl.data import IndexedData, as_indexed
-from infl.distributed import (
-    ProcessGroup,
-    Shard,
-    ShardedData,
-    data_digest,
-    process_group,
-    shard_operator,
-    tensor_digest,
+from infl import (
+    calculator_setup,
+    group_influence,
+    persistence,
+    score_store,
+    scoring,
+    streaming,
+    train_gradients,
 )
-from infl.errors import InputError
-from infl.export import Ids, scores_to_frame
-from infl.fingerprint import fingerprint
+from infl.calculator_setup import CURVATURES as CURVATURES  # re-exported
+from infl.data import IndexedData
+from infl.distributed import ProcessGroup, Shard
+from infl.export import Ids
 from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
-from infl.operators import (
-    GaussNewtonOperator,
-    HessianOperator,
-    LinearOperator,
-    TrainingDataOperator,
-)
-from infl.persistence import _fingerprint
-from infl.solvers.base import (
-    FittedSolver,
-    Solver,
-    SolveResult,
-    check_damping,
-    solver_spec,
-)
+from infl.operators import LinearOperator
+from infl.solvers.base import FittedSolver, Solver, SolveResult, check_damping
 from infl.train_gradients import TrainGradCache
 
 if TYPE_CHECKING:
@@ -55,12 +41,6 @@ if TYPE_CHECKING:
     from infl.spectral import SolverAdvice
 
 DEFAULT_CACHE_BYTES = 1 << 30
-
-CURVATURES: dict[str, type[TrainingDataOperator]] = {
-    "hessian": HessianOperator,
-    "gauss_newton": GaussNewtonOperator,
-}
-"""``curvature=`` names of :class:`InfluenceCalculator` and the operators they build."""
 
 
 class InfluenceCalculator:
@@ -182,30 +162,16 @@ class InfluenceCalculator:
         check_minimum: bool = True,
         distributed: bool | None = None,
     ) -> None:
-        if not isinstance(objective, Objective):
-            raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
-        if not isinstance(solver, Solver):
-            raise InputError(f"solver must be an infl solver, got {type(solver).__name__}")
-        if chunk_size < 1:
-            raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
-        if not isinstance(curvature, str) or curvature not in CURVATURES:
-            raise InputError(
-                f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}: 'hessian' "
-                "for the Hessian of the objective, 'gauss_newton' for the generalised "
-                "Gauss-Newton matrix (positive semi-definite)"
-            )
+        calculator_setup.check_arguments(objective, solver, chunk_size, curvature)
         self.wrapper = ModelWrapper(model, objective)
         self.objective = objective
         self.train = as_training_data(train_data, "training data")
         self.wrapper.check_data(self.train)
-        self.group: ProcessGroup = process_group(distributed)
-        if self.group.world_size > 1:  # refuse ranks that disagree before any collective
-            self.group.check_same(
-                _rank_facts(self.wrapper, objective, self.train, solver, curvature)
-            )
-        self.shard: Shard = self.group.shard(len(self.train))
-        self.local_train: IndexedData = (
-            self.train if self.group.world_size == 1 else ShardedData(self.train, self.shard)
+        self.group: ProcessGroup
+        self.shard: Shard
+        self.local_train: IndexedData
+        self.group, self.shard, self.local_train = calculator_setup.distribute(
+            self.wrapper, objective, self.train, solver, curvature, distributed
         )
         self.solver = solver
         self.measurement = measurement if measurement is not None else loss_measurement(objective)
@@ -218,27 +184,15 @@ class InfluenceCalculator:
         )
         self.progress = progress and self.group.rank == 0  # one set of bars per job
         self.curvature = curvature
-        self.operator: LinearOperator = shard_operator(
-            CURVATURES[curvature](self.wrapper, self.local_train, chunk_size),
-            self.group,
-            self.local_train,
+        self.operator: LinearOperator = calculator_setup.curvature_operator(
+            curvature, self.wrapper, self.local_train, chunk_size, self.group
         )
         self._fitted: FittedSolver | None = None
         self._grad_cache = TrainGradCache()
         self._ihvp_cache: OrderedDict[str, SolveResult] = OrderedDict()
         self.stationarity: Stationarity | None = None
         if check_minimum:
-            # the pass fills the [n, p] gradient cache (when it fits) that scoring reuses; a
-            # low-rank inverse scores from [n, r] projections and never keeps [n, p]
-            grads = (
-                self.wrapper.iter_train_grads(self.local_train, chunk_size)
-                if solver.low_rank_scoring
-                else train_gradients.iter_train_grads(self, desc="checking the minimum")
-            )
-            self.stationarity = self.wrapper.check_stationarity(
-                grads, self.num_train, all_reduce=self.group.all_reduce_sum
-            )
-            self.stationarity.warn_if_not_minimum(stacklevel=2)
+            self.stationarity = calculator_setup.check_minimum(self)
 
     @property
     def num_train(self) -> int:
@@ -261,19 +215,7 @@ class InfluenceCalculator:
         estimate (and any other factorisation) are reused, so no HVP is spent on the change.
         Inverse-HVPs depend on the solver and are not shared.
         """
-        if not isinstance(solver, Solver):
-            raise InputError(f"solver must be an infl solver, got {type(solver).__name__}")
-        other = copy.copy(self)
-        other.solver = solver
-        other._ihvp_cache = OrderedDict()
-        other._fitted = None
-        if (
-            self._fitted is not None
-            and _same_but_damping(self.solver, solver)
-            and not isinstance(solver.damping, str)  # "auto" is resolved by a new fit
-        ):
-            other._fitted = self._fitted.with_damping(solver.damping)
-        return other
+        return calculator_setup.with_solver(self, solver)
 
     def with_damping(self, damping: float | Literal["auto"]) -> InfluenceCalculator:
         """The same calculator at damping :math:`\\lambda` = ``damping`` (see :meth:`with_solver`).
@@ -368,24 +310,14 @@ class InfluenceCalculator:
 
     def test_grads(self, test_data: Any) -> torch.Tensor:
         """:math:`\\nabla f(z_j)` for every test example: ``[m, p]``."""
-        test = as_indexed(test_data, "test data")
-        rows = [
-            self.wrapper.per_example_grads(self.measurement, batch)
-            for _, batch in test.chunks(self.chunk_size)
-        ]
-        return torch.cat(rows)
+        return scoring.measurement_grads(self, test_data)
 
     def train_grads(self, indices: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Training gradients :math:`g_i` of the examples at ``indices`` (all if ``None``).
 
         Returns ``[k, p]``; for all ``n`` examples this materialises ``[n, p]``.
         """
-        if indices is None:
-            local = torch.cat(
-                [g for _, g in train_gradients.iter_train_grads(self, desc="train gradients")]
-            )
-            return self.group.gather_shard_rows(local, self.num_train)
-        return self.wrapper.train_grads(self.train.select(indices))
+        return scoring.train_grads(self, indices)
 
     def inverse_hvp(self, test_data: Any) -> SolveResult:
         """:math:`A^{-1}\\nabla f(z_j)` for each test example (``value`` is ``[m, p]``).
@@ -393,19 +325,7 @@ class InfluenceCalculator:
         Computed once per distinct test batch and reused by :meth:`influence`,
         :meth:`removal_effect` and :meth:`top_k` (the cache keeps the 8 latest batches).
         """
-        key = _fingerprint(as_indexed(test_data, "test data"))
-        if key in self._ihvp_cache:
-            self._ihvp_cache.move_to_end(key)
-            return self._ihvp_cache[key]
-        fitted = self.fitted_solver()
-        before = fitted.damping
-        result = fitted.solve(self.test_grads(test_data), progress=self.progress)
-        if fitted.damping != before:  # damping="auto" raised it: older results are stale
-            self._ihvp_cache.clear()
-        self._ihvp_cache[key] = result
-        while len(self._ihvp_cache) > 8:
-            self._ihvp_cache.popitem(last=False)
-        return result
+        return scoring.inverse_hvp(self, test_data)
 
     # ------------------------------------------------------------------ scores
     @overload
@@ -457,24 +377,7 @@ class InfluenceCalculator:
         with ``store.scores()`` or export it with ``store.to_frame()`` / ``store.save(...)``.
         Memory: the row block, a chunk and a tile (see ``memory_budget``), not ``[m, n]``.
         """
-        if out is not None:
-            if per_layer:
-                raise InputError("per_layer=True scores cannot be written to a store (out=)")
-            return score_store.influence_to_store(self, test_data, out)
-        if per_layer:
-            return train_gradients.per_layer_influence(self, test_data)
-        low_rank_scores = train_gradients.low_rank_influence(self, test_data)
-        if low_rank_scores is not None:
-            return low_rank_scores
-        blocked = streaming.blocked_influence(self, test_data)
-        if blocked is not None:
-            return blocked
-        ihvp = self.inverse_hvp(test_data).value
-        local_n = len(self.local_train)  # this rank's columns; all n in one process
-        scores = torch.empty(ihvp.shape[0], local_n, dtype=ihvp.dtype, device=ihvp.device)
-        for start, grads in train_gradients.iter_train_grads(self, desc="scoring"):
-            scores[:, start : start + grads.shape[0]] = -(ihvp @ grads.T)
-        return self.group.gather_columns(scores, self.num_train)
+        return scoring.influence(self, test_data, per_layer, out)
 
     def removal_effect(self, test_data: Any) -> torch.Tensor:
         """Predicted change of each test measurement when training example ``i`` is removed.
@@ -640,21 +543,7 @@ class InfluenceCalculator:
         ``memory_budget`` (see :mod:`infl.streaming`). Cost as :meth:`influence`. Under
         ``torch.distributed`` the gathered :meth:`influence` is ranked instead.
         """
-        if not 1 <= k <= self.num_train:
-            raise InputError(f"k must be in 1..{self.num_train}, got {k}")
-        if streaming.single_process(self):
-            return streaming.top_k(self, test_data, k, by)
-        scores = self.influence(test_data)
-        if by == "abs":
-            key = scores.abs()
-        elif by == "helpful":
-            key = -scores
-        elif by == "harmful":
-            key = scores
-        else:
-            raise InputError(f"by must be 'abs', 'helpful' or 'harmful', got {by!r}")
-        idx = key.topk(k, dim=1).indices
-        return idx, scores.gather(1, idx)
+        return scoring.top_k(self, test_data, k, by)
 
     # ------------------------------------------------------------------ export, save, load
     def influence_frame(
@@ -673,13 +562,7 @@ class InfluenceCalculator:
         the ids and ``long`` are those of :func:`infl.export.scores_to_frame` (long form:
         columns ``test_id``, ``train_id``, ``kind``). Needs ``pip install infl[export]``.
         """
-        if kind == "influence":
-            scores = self.influence(test_data)
-        elif kind == "removal_effect":
-            scores = self.removal_effect(test_data)
-        else:
-            raise InputError(f"kind must be 'influence' or 'removal_effect', got {kind!r}")
-        return scores_to_frame(scores, test_ids, train_ids, value_name=kind, long=long)
+        return scoring.influence_frame(self, test_data, test_ids, train_ids, kind, long)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save the fitted solver, so that :meth:`load` rebuilds this calculator with no HVP.
@@ -748,25 +631,3 @@ class InfluenceCalculator:
             progress=progress,
             check_minimum=check_minimum,
         )
-
-
-def _rank_facts(
-    wrapper: ModelWrapper, objective: Objective, train: IndexedData, solver: Solver, curvature: str
-) -> dict[str, str]:
-    """What every rank of a distributed calculator must agree on (compared at construction)."""
-    return {
-        "training examples": str(len(train)),
-        "training data (sampled examples)": data_digest(train),
-        "model parameters": f"p={wrapper.num_params}, sha1 {tensor_digest(wrapper.flat_params)}",
-        "objective": fingerprint(objective, "objective").digest,
-        "solver": repr(solver_spec(solver)),
-        "curvature": curvature,
-        "dtype": str(wrapper.dtype),
-    }
-
-
-def _same_but_damping(old: Solver, new: Solver) -> bool:
-    if type(old) is not type(new):
-        return False
-    fields = [f.name for f in dataclasses.fields(old) if f.name != "damping"]  # type: ignore[arg-type]
-    return all(getattr(old, name) == getattr(new, name) for name in fields)

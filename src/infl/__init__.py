@@ -2,7 +2,8 @@
 
 The top level holds the core: the objective and measurements, data, the functional model, the
 curvature operators, the inverse-HVP solvers, the :class:`InfluenceCalculator`, retraining
-ground truth and the errors. Everything else lives in a namespace of its own:
+ground truth (and :func:`fit_to_minimum`, training to the minimum influence assumes) and the
+errors. Everything else lives in a namespace of its own:
 
 * :mod:`infl.metrics` — fidelity metrics (Pearson, Spearman, top-k overlap, LDS, Taylor gap);
 * :mod:`infl.selection` — choosing test points (highest loss, loss percentiles, top influence);
@@ -43,7 +44,13 @@ from infl.operators import (
     HessianOperator,
     LinearOperator,
 )
-from infl.retrain import GroundTruth, RetrainConfig, retrain_ground_truth, retrain_subsets
+from infl.retrain import (
+    GroundTruth,
+    RetrainConfig,
+    fit_to_minimum,
+    retrain_ground_truth,
+    retrain_subsets,
+)
 from infl.score_store import ScoreStore, StoreWriteError
 from infl.solvers import (
     EKFAC,
@@ -95,6 +102,7 @@ __all__ = [
     "diagnostics",
     "distributed",
     "experiments",
+    "fit_to_minimum",
     "logit_measurement",
     "loss_measurement",
     "margin_measurement",

@@ -4,8 +4,8 @@
 measurement, the data and the :class:`~infl.retrain.RetrainConfig`) and is picklable when those
 are, so the same object runs retrains in this process or in worker processes
 (:func:`run_one`). Full-batch SGD, minibatch SGD/Adam and L-BFGS (strong-Wolfe line search,
-finished near the minimum by a gradient-only polish, see :meth:`RetrainJob._polish`) all
-minimise
+finished near the minimum by a gradient-only polish; the engine of
+:func:`~infl.retrain.fit_to_minimum` in :mod:`infl.retrain.fit`) all minimise
 
 .. math::
 
@@ -31,13 +31,17 @@ from infl.data import IndexedData, batch_to, tensor_leaves
 from infl.errors import InputError, NonFiniteError
 from infl.objective import Objective, PerExampleFn
 from infl.retrain.config import RetrainConfig
+from infl.retrain.fit import (
+    EVAL_CHUNK,
+    decay_term,
+    full_batch_backward,
+    grad_norm_of,
+    lbfgs_to_tolerance,
+)
 from infl.retrain.pbrf import PBRFObjective
 from infl.retrain.records import Outcome, StopReason
 
 __all__ = ["EVAL_CHUNK", "RetrainJob", "flat_params", "run_one", "trainable"]
-
-EVAL_CHUNK = 4096
-"""Examples per chunk when evaluating the full objective or the measurement."""
 
 
 def trainable(net: nn.Module) -> list[torch.Tensor]:
@@ -109,32 +113,16 @@ class RetrainJob:
         """
         if self.pbrf is not None:
             return self.pbrf.backward(net, params, removal)
-        for p in params:
-            p.grad = None
-        n = len(data)
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        for _, batch in data.chunks(EVAL_CHUNK):
-            losses = self.objective.per_example_loss(net, batch_to(batch, self.device, self.dtype))
-            part = losses.sum() / n
-            part.backward()
-            total = total + part.detach()
-        reg = self.decay_term(params)
-        if reg is not None:
-            reg.backward()
-            total = total + reg.detach()
-        return total
+        return full_batch_backward(
+            net, params, self.objective.per_example_loss, self.decays, data, self.device,
+            self.dtype,
+        )  # fmt: skip
 
     def decay_term(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """:math:`\\frac12\\sum_j\\lambda_j\\|\\theta_j\\|^2` (``None`` without decay)."""
-        terms = [0.5 * wd * (p * p).sum() for p, wd in zip(params, self.decays, strict=True) if wd]
-        if not terms:
-            return None
-        return torch.stack(terms).sum()
+        return decay_term(params, self.decays)
 
-    @staticmethod
-    def grad_norm_of(params: list[torch.Tensor]) -> float:
-        sq = sum(float((p.grad * p.grad).sum()) for p in params if p.grad is not None)
-        return math.sqrt(sq)
+    grad_norm_of = staticmethod(grad_norm_of)
 
     def reinit(self, net: nn.Module) -> None:
         frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
@@ -255,133 +243,23 @@ class RetrainJob:
         data: IndexedData,
         removal: tuple[int, ...],
     ) -> tuple[int, bool]:
-        """L-BFGS to ``grad_tol``: the steps taken and whether it stalled before ``max_steps``."""
+        """L-BFGS to ``grad_tol``: the steps taken and whether it stalled before ``max_steps``.
+
+        The engine of :func:`~infl.retrain.fit_to_minimum`
+        (:func:`~infl.retrain.fit.lbfgs_to_tolerance`), on this retrain's objective.
+        """
         cfg = self.config
-        tol = cfg.grad_tol
-        # L-BFGS's own stopping test is on max|g|; max|g| <= tol/sqrt(p) implies ||g|| <= tol.
-        p_count = sum(p.numel() for p in params)
-        inner_tol = 0.0 if tol is None else tol / math.sqrt(p_count)
-        opt = torch.optim.LBFGS(
-            params,
-            lr=cfg.learning_rate,
-            max_iter=20,
-            history_size=20,
-            tolerance_grad=inner_tol,
-            tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
-        )
 
         def closure() -> torch.Tensor:
             return self.objective_backward(net, params, data, removal)
 
-        steps = 0
-        prev = math.inf
-        while steps < cfg.max_steps:
-            for group in opt.param_groups:
-                group["max_iter"] = min(20, cfg.max_steps - steps)
-                group["max_eval"] = group["max_iter"] * 5 // 4 * 2
-            try:
-                value = float(opt.step(closure))
-            except IndexError as err:
-                # torch's strong-Wolfe search fails this way when J is NaN at a trial point
-                if not _in_line_search(err):
-                    raise
-                raise self.failure(
-                    removal, steps, math.nan, where=" in L-BFGS's line search"
-                ) from err
-            if not math.isfinite(value):
-                raise self.failure(removal, steps, value)
-            state = opt.state[opt._params[0]]
-            new_steps = int(state.get("n_iter", 0))
-            self.objective_backward(net, params, data, removal)
-            gnorm = self.grad_norm_of(params)
-            if not math.isfinite(gnorm):
-                raise self.failure(removal, new_steps, gnorm)
-            stalled = new_steps <= steps or gnorm > 0.5 * prev
-            steps, prev = max(new_steps, steps), gnorm
-            if tol is not None and gnorm <= tol:
-                break
-            if stalled:
-                # Near the minimum, J changes by less than its float rounding, so the Wolfe line
-                # search (which compares values of J) and torch's absolute curvature test
-                # (y's > 1e-10) stop L-BFGS short of a tight tolerance. Finish with steps that
-                # look only at gradients.
-                if tol is not None:
-                    steps = self._polish(net, params, data, removal, steps)
-                return steps, True
-        return steps, False
+        def failure(step: int, value: float, where: str) -> Exception:
+            return self.failure(removal, step, value, where=where)
 
-    def _polish(
-        self,
-        net: nn.Module,
-        params: list[torch.Tensor],
-        data: IndexedData,
-        removal: tuple[int, ...],
-        steps: int,
-    ) -> int:
-        """Gradient-only L-BFGS: two-loop recursion, unit step, halved until ||grad J|| drops.
-
-        Used only close to a minimum, where the quasi-Newton step is accurate and the gradient
-        norm is a sound merit function; it needs no values of :math:`J`.
-        """
-        cfg = self.config
-        tol = cfg.grad_tol if cfg.grad_tol is not None else 0.0
-
-        def grad_at(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-            with torch.no_grad():
-                torch.nn.utils.vector_to_parameters(x, params)
-            self.objective_backward(net, params, data, removal)
-            g = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-            return g, float(torch.linalg.vector_norm(g))
-
-        x = torch.nn.utils.parameters_to_vector(params).detach().clone()
-        g, gnorm = grad_at(x)
-        hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        while steps < cfg.max_steps and gnorm > tol:
-            q = -g
-            alphas = []
-            for s_k, y_k, rho in reversed(hist):
-                a = rho * torch.dot(s_k, q)
-                alphas.append(a)
-                q = q - a * y_k
-            if hist:
-                s_k, y_k, _ = hist[-1]
-                q = q * (torch.dot(s_k, y_k) / torch.dot(y_k, y_k))
-            for (s_k, y_k, rho), a in zip(hist, reversed(alphas), strict=True):
-                q = q + s_k * (a - rho * torch.dot(y_k, q))
-            t = 1.0
-            for _ in range(40):
-                x_new = x + t * q
-                g_new, gnorm_new = grad_at(x_new)
-                if gnorm_new < gnorm:
-                    break
-                t *= 0.5
-            else:
-                break  # no step lowers the gradient norm: float precision is exhausted
-            steps += 1
-            s_vec, y_vec = x_new - x, g_new - g
-            ys = float(torch.dot(s_vec, y_vec))
-            if ys > 1e-12 * float(
-                torch.linalg.vector_norm(s_vec) * torch.linalg.vector_norm(y_vec)
-            ):
-                hist.append((s_vec, y_vec, torch.tensor(1.0 / ys, dtype=x.dtype)))
-                hist = hist[-20:]
-            x, g, gnorm = x_new, g_new, gnorm_new
-            if not math.isfinite(gnorm):
-                raise self.failure(removal, steps, gnorm)
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(x, params)
-        return steps
-
-
-def _in_line_search(err: BaseException) -> bool:
-    """Whether ``err`` was raised inside torch's strong-Wolfe line search."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name in ("_strong_wolfe", "_cubic_interpolate"):
-            return True
-        tb = tb.tb_next
-    return False
+        return lbfgs_to_tolerance(
+            params, closure, grad_tol=cfg.grad_tol, max_iter=cfg.max_steps,
+            lr=cfg.learning_rate, failure=failure,
+        )  # fmt: skip
 
 
 def run_one(removal: tuple[int, ...], job: RetrainJob) -> Outcome:

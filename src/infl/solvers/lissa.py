@@ -71,6 +71,17 @@ DENSE_MAX_BYTES = 1 << 28
 (256 MiB: ``p`` up to 5,792 in float64)."""
 
 
+def _check_int_or_auto(name: str, value: Any, none_means: str) -> None:
+    """Refuse ``value`` unless it is a positive integer, ``None`` or ``"auto"``."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise InputError(
+                f"{name} must be a positive integer, {none_means} or 'auto', got {value!r}"
+            )
+    elif value is not None:
+        check_positive(name, value, integer=True)
+
+
 @dataclass(frozen=True)
 class LiSSA(Solver):
     """Stochastic Neumann-series estimate of :math:`(H + \\lambda I)^{-1} b`.
@@ -215,24 +226,10 @@ class LiSSA(Solver):
             check_positive("depth", self.depth, integer=True)
         check_positive("max_depth", self.max_depth, integer=True)
         check_positive("repeats", self.repeats, integer=True)
-        if isinstance(self.batch_size, str):
-            if self.batch_size != "auto":
-                raise InputError(
-                    f"batch_size must be a positive integer, None (full data) or 'auto', got "
-                    f"{self.batch_size!r}"
-                )
-        elif self.batch_size is not None:
-            check_positive("batch_size", self.batch_size, integer=True)
+        _check_int_or_auto("batch_size", self.batch_size, "None (full data)")
         check_positive("rtol", self.rtol)
         check_positive("check_every", self.check_every, integer=True)
-        if isinstance(self.snapshot_every, str):
-            if self.snapshot_every != "auto":
-                raise InputError(
-                    f"snapshot_every must be a positive integer, 'auto' or None, got "
-                    f"{self.snapshot_every!r}"
-                )
-        elif self.snapshot_every is not None:
-            check_positive("snapshot_every", self.snapshot_every, integer=True)
+        _check_int_or_auto("snapshot_every", self.snapshot_every, "None (no control variate)")
         if not isinstance(self.average, bool):
             raise InputError(f"average must be True or False, got {self.average!r}")
         if self.dense not in (True, False, "auto"):

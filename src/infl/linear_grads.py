@@ -16,8 +16,10 @@ batch give every :math:`g_i` and :math:`a_i`, then one batched outer product per
 
 :class:`~infl.model.ModelWrapper` uses it for models whose every trainable parameter is the
 weight or bias of a plain ``nn.Linear`` called once per forward pass on ``[b, in]`` inputs, and
-only after checking it once against ``vmap(grad)`` on the first batch it sees (a model that mixes
-the examples of a batch fails that check and keeps ``vmap``).
+only after checking the first and last rows of the first batch it sees against the plain
+autograd gradients of those examples alone (batches of one): a model that mixes the examples of a
+batch, or a value that depends on the parameters other than through the layers' outputs, fails
+that check and keeps ``vmap``.
 """
 
 from __future__ import annotations

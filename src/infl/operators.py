@@ -7,12 +7,17 @@ Every operator acts on row-stacked vectors: :meth:`LinearOperator.matmat` maps `
 ``[k, p]`` (row ``j`` of the output is :math:`A v_j`). Dense and matrix-free operators share this
 interface, so a solver never knows which it has. Damping is operator algebra:
 ``operator.damped(lam)`` is :math:`A + \\lambda I` and means the same thing to every solver.
+
+A solver about to take many products announces them
+(:meth:`LinearOperator.expect_products`); an operator over training data whose ``[p, p]``
+matrix is cheaper to assemble than those products (small ``p``) assembles it once and answers
+every later product from it (``dense="auto"``, :class:`TrainingDataOperator`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 
@@ -23,6 +28,10 @@ from infl.objective import output_hessian_loss
 
 _T = TypeVar("_T", bound="TrainingDataOperator")
 
+DENSE_AUTO_MAX_BYTES = 1 << 28
+"""``dense="auto"`` assembles an operator's ``[p, p]`` matrix only when it takes at most this many
+bytes (256 MiB: ``p`` up to 5,792 in float64, 8,192 in float32)."""
+
 
 class LinearOperator(ABC):
     """A symmetric ``p x p`` linear operator.
@@ -30,8 +39,12 @@ class LinearOperator(ABC):
     Attributes
     ----------
     num_matvecs : int
-        How many operator-vector products have been taken (a ``[k, p]`` matmat counts ``k``);
-        benchmarks and diagnostics read it.
+        How many operator-vector products have been taken (a ``[k, p]`` matmat counts ``k``),
+        however they were computed; benchmarks and diagnostics read it.
+    num_dense_matvecs : int
+        How many of those were answered from the operator's assembled dense matrix
+        (:meth:`expect_products`) rather than by its own route (a pass over the data for the
+        curvature operators): ``num_matvecs - num_dense_matvecs`` products cost a data pass.
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -39,6 +52,7 @@ class LinearOperator(ABC):
         self.dtype = dtype
         self.device = device
         self.num_matvecs = 0
+        self.num_dense_matvecs = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -56,7 +70,35 @@ class LinearOperator(ABC):
                 f"got {tuple(vectors.shape)}"
             )
         self.num_matvecs += vectors.shape[0]
-        return self._matmat(vectors.to(device=self.device, dtype=self.dtype))
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        dense = self._answering_matrix()
+        if dense is not None:
+            self.num_dense_matvecs += vectors.shape[0]
+            return vectors @ dense  # symmetric: (A v_j)^T = v_j^T A
+        return self._matmat(vectors)
+
+    def _answering_matrix(self) -> torch.Tensor | None:
+        """The assembled ``[p, p]`` matrix that products are answered from, or ``None``."""
+        return None
+
+    @property
+    def answers_dense(self) -> bool:
+        """Whether products are answered from an assembled dense matrix (see
+        :meth:`expect_products`)."""
+        return self._answering_matrix() is not None
+
+    def expect_products(self, count: int, calls: int | None = None) -> bool:
+        """Announce that about ``count`` products (vectors) are coming, in ``calls`` calls of
+        :meth:`matmat` (default: one vector per call); returns :attr:`answers_dense`.
+
+        Solvers call it before an iteration whose products they can bound
+        (``ConjugateGradient``: ``max_iter * k`` in ``max_iter`` calls; ``Arnoldi``:
+        ``krylov_dim`` single products). An operator that can answer them more cheaply from its
+        dense matrix assembles it now (:class:`TrainingDataOperator` with ``dense="auto"``,
+        see :meth:`TrainingDataOperator.dense_pays`); the others ignore it. Either way the
+        products are the same up to round-off.
+        """
+        return self.answers_dense
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         """:math:`A v` for one vector ``[p]``."""
@@ -141,7 +183,18 @@ class DampedOperator(LinearOperator):
         self.damping = damping
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.base.matmat(vectors) + self.damping * vectors
+        before = self.base.num_dense_matvecs
+        out = self.base.matmat(vectors) + self.damping * vectors
+        self.num_dense_matvecs += self.base.num_dense_matvecs - before
+        return out
+
+    @property
+    def answers_dense(self) -> bool:
+        return self.base.answers_dense
+
+    def expect_products(self, count: int, calls: int | None = None) -> bool:
+        """Forwarded to the undamped operator (whose dense matrix then serves both)."""
+        return self.base.expect_products(count, calls)
 
     def to_dense(self, block_size: int = 256) -> torch.Tensor:
         dense = self.base.to_dense(block_size)
@@ -178,17 +231,35 @@ class TrainingDataOperator(LinearOperator):
         The training data (all of it: the operator is the full-data mean), or one batch.
     chunk_size
         Examples per chunk; memory grows with ``chunk_size * k`` for ``k`` vectors.
+    dense
+        Whether products may be answered from the assembled ``[p, p]`` matrix. ``"auto"``
+        (default): once the matrix exists (:meth:`to_dense`, e.g. for ``ExactHessian``), every
+        later product is ``V A`` (:math:`O(kp^2)`, no data pass), and a solver announcing
+        products (:meth:`expect_products`) has it assembled first (``p`` products once, in
+        batched blocks) when that costs fewer passes over the data than the products
+        announced and it fits :data:`DENSE_AUTO_MAX_BYTES` (:meth:`dense_pays`). ``True``: the
+        same, assembling at any announcement whatever ``p``. ``False``: products always take a
+        pass over the data (:meth:`to_dense` still works). The results agree to round-off;
+        :attr:`~LinearOperator.num_dense_matvecs` counts the products answered densely.
     """
 
     def __init__(
-        self, wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int = 256
+        self,
+        wrapper: ModelWrapper,
+        data: IndexedData | Batch,
+        chunk_size: int = 256,
+        *,
+        dense: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__(wrapper.num_params, wrapper.dtype, wrapper.device)
         if chunk_size < 1:
             raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+        if dense not in (True, False, "auto"):
+            raise InputError(f"dense must be True, False or 'auto', got {dense!r}")
         self.wrapper = wrapper
         self.data = data
         self.chunk_size = chunk_size
+        self.dense: bool | Literal["auto"] = dense
         self._dense: torch.Tensor | None = None
 
     def to_dense(self, block_size: int = 256) -> torch.Tensor:
@@ -198,13 +269,45 @@ class TrainingDataOperator(LinearOperator):
         matrix is computed on the first call (``p`` products) and returned from then on (no
         product): the exact solver, the dense spectrum
         (:func:`~infl.diagnostics.hessian_spectrum`), damped views of this operator and later
-        fits (another damping or ``pseudo_inverse``) share one assembly. The tensor returned
-        is the kept one: do not modify it in place. It holds ``p^2`` numbers for the life of
-        the operator.
+        fits (another damping or ``pseudo_inverse``) share one assembly, and (unless
+        ``dense=False``) every later product is answered from it. The tensor returned is the
+        kept one: do not modify it in place. It holds ``p^2`` numbers for the life of the
+        operator.
         """
         if self._dense is None:
             self._dense = super().to_dense(block_size)
         return self._dense
+
+    def _answering_matrix(self) -> torch.Tensor | None:
+        return None if self.dense is False else self._dense
+
+    def dense_pays(self, count: int, calls: int | None = None, block_size: int = 256) -> bool:
+        """Whether ``dense="auto"`` assembles the matrix for ``count`` announced products in
+        ``calls`` calls (default ``count``).
+
+        The cost model counts passes of one gradient over the data: a product of ``k`` vectors
+        costs about :math:`3 + 2k` (a forward and a backward pass that records the gradient's
+        graph, then one backward pass of that graph per vector), so ``count`` products in
+        ``calls`` calls cost :math:`3\\,\\text{calls} + 2\\,\\text{count}` and the assembly
+        (``p`` vectors in blocks of ``block_size``) :math:`3\\lceil p/\\text{block}\\rceil + 2p`.
+        It pays when it costs less and :math:`p^2` numbers fit :data:`DENSE_AUTO_MAX_BYTES`.
+        On Iris (``p = 43``) 30 single products (``Arnoldi(krylov_dim=30)``) already pay for it.
+        """
+        calls = count if calls is None else calls
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        if self.size * self.size * itemsize > DENSE_AUTO_MAX_BYTES:
+            return False
+        assembly = 3 * -(-self.size // block_size) + 2 * self.size
+        return assembly < 3 * calls + 2 * count
+
+    def expect_products(self, count: int, calls: int | None = None) -> bool:
+        """Assemble the matrix now if ``dense`` asks for it (see the class); returns whether
+        products are answered from it."""
+        if self.dense is False:
+            return False
+        if self._dense is None and (self.dense is True or self.dense_pays(count, calls)):
+            self.to_dense()
+        return self._dense is not None
 
     @property
     def supports_subsample(self) -> bool:
@@ -224,7 +327,7 @@ class TrainingDataOperator(LinearOperator):
         n = len(self.data)
         size = min(batch_size, n)
         idx = torch.randperm(n, generator=generator)[:size].sort().values
-        return type(self)(self.wrapper, self.data.select(idx), self.chunk_size)
+        return type(self)(self.wrapper, self.data.select(idx), self.chunk_size, dense=self.dense)
 
 
 class HessianOperator(TrainingDataOperator):
@@ -290,10 +393,15 @@ class GaussNewtonOperator(TrainingDataOperator):
     """
 
     def __init__(
-        self, wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int = 256
+        self,
+        wrapper: ModelWrapper,
+        data: IndexedData | Batch,
+        chunk_size: int = 256,
+        *,
+        dense: bool | Literal["auto"] = "auto",
     ) -> None:
         output_hessian_loss(wrapper.objective.per_example_loss)  # refuses early, naming the fix
-        super().__init__(wrapper, data, chunk_size)
+        super().__init__(wrapper, data, chunk_size, dense=dense)
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size)

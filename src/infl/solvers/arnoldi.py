@@ -90,6 +90,18 @@ class Arnoldi(Solver):
     Ritz residuals :math:`\\|H u_i - \\mu_i u_i\\|` (each :math:`\\mu_i` is within its residual
     of an eigenvalue of :math:`H`).
 
+    Small models: the fit announces its :math:`m` products to the operator
+    (:meth:`~infl.operators.LinearOperator.expect_products`). An operator over training data
+    with ``dense="auto"`` answers them from its ``[p, p]`` matrix when that is already
+    assembled or assembling it (``p`` products in batched blocks) costs fewer passes over the
+    data (:meth:`~infl.operators.TrainingDataOperator.dense_pays`; on Iris, ``p = 43``, for
+    :math:`m \\ge 18`): the same Ritz pairs to round-off, without the per-product overhead. When
+    moreover :math:`m \\ge p` the Lanczos run
+    would exhaust the space, and the pairs come from ``torch.linalg.eigh`` of that matrix
+    instead (all exact). ``info["dense_matrix"]`` and ``info["eigensolver"]`` (``"lanczos"``
+    or ``"eigh"``) say which ran; ``info["num_hvps"]`` counts the products that took a pass
+    over the data (the assembly's ``p`` included), ``lanczos_iterations`` is 0 for ``"eigh"``.
+
     How it fails: directions of :math:`b` outside the top-:math:`r` span are lost (or, with
     ``complement``, scaled by :math:`1/\\lambda`); when the spectrum decays slowly or
     :math:`\\lambda` is small relative to the discarded eigenvalues, the error stays large
@@ -148,7 +160,7 @@ class Arnoldi(Solver):
     def fit(self, operator: LinearOperator, *, progress: bool = False) -> FittedArnoldi:
         """Run Lanczos on the undamped ``operator`` and keep the top ``rank`` eigenpairs.
 
-        Cost: ``krylov_dim`` HVPs.
+        Cost: ``krylov_dim`` HVPs, or the ``p`` of a dense assembly (see Notes).
         """
         p = operator.size
         if self.rank > p:
@@ -158,16 +170,23 @@ class Arnoldi(Solver):
             )
         m = self.krylov_dim if self.krylov_dim is not None else max(2 * self.rank, self.rank + 20)
         m = min(m, p)
-        before = operator.num_matvecs
-        with warnings.catch_warnings():
-            # Arnoldi runs all m steps on purpose; interior Ritz values need not converge.
-            warnings.simplefilter("ignore", InflWarning)
-            res = lanczos(
-                operator, m, which="largest", max_iter=m, tol=1e-14, seed=self.seed,
-                return_vectors=True,
-            )  # fmt: skip
-        assert res.largest_vectors is not None
-        theta, resid, vectors = res.largest, res.largest_residuals, res.largest_vectors
+        before = operator.num_matvecs - operator.num_dense_matvecs
+        dense = operator.expect_products(m)
+        if dense and m >= p:
+            # Lanczos would run to exhaustion (all p eigenpairs): take them from eigh directly
+            theta, resid, vectors = _dense_eigenpairs(operator.to_dense())
+            eigensolver, iterations = "eigh", 0
+        else:
+            with warnings.catch_warnings():
+                # Arnoldi runs all m steps on purpose; interior Ritz values need not converge.
+                warnings.simplefilter("ignore", InflWarning)
+                res = lanczos(
+                    operator, m, which="largest", max_iter=m, tol=1e-14, seed=self.seed,
+                    return_vectors=True,
+                )  # fmt: skip
+            assert res.largest_vectors is not None
+            theta, resid, vectors = res.largest, res.largest_residuals, res.largest_vectors
+            eigensolver, iterations = "lanczos", res.iterations
         by_magnitude = theta.abs().argsort(descending=True, stable=True)[: self.rank]
         num_negative_dropped = 0
         if self.keep == "magnitude":
@@ -186,7 +205,7 @@ class Arnoldi(Solver):
             reasons = []
             if theta.numel() < self.rank:
                 reasons.append(
-                    f"the Krylov space stopped growing at dimension {res.iterations} (an "
+                    f"the Krylov space stopped growing at dimension {iterations} (an "
                     "invariant subspace: the start vector has no component along the rest)"
                 )
             if self.keep == "positive" and bool((theta <= 0).any()):
@@ -203,8 +222,10 @@ class Arnoldi(Solver):
         facts = {
             "rank_requested": self.rank,
             "krylov_dim": m,
-            "lanczos_iterations": res.iterations,
-            "num_hvps": operator.num_matvecs - before,
+            "eigensolver": eigensolver,
+            "dense_matrix": dense,
+            "lanczos_iterations": iterations,
+            "num_hvps": operator.num_matvecs - operator.num_dense_matvecs - before,
             "num_negative_ritz": int((theta < 0).sum()),
             "num_negative_dropped": num_negative_dropped,
             "ritz_residual_max": float(resid[chosen].max()),
@@ -212,7 +233,7 @@ class Arnoldi(Solver):
             "lanczos_max_ritz": float(theta[0]),
             "lanczos_min_ritz": float(theta[-1]),
             "lanczos_min_ritz_residual": float(resid[-1]),
-            "lanczos_exhausted": res.iterations >= p,
+            "lanczos_exhausted": eigensolver == "eigh" or iterations >= p,
         }
         return FittedArnoldi(self, operator, eigenvalues, vectors[chosen].contiguous(), facts)
 
@@ -315,6 +336,16 @@ class FittedArnoldi(FittedSolver):
         return SolveResult(
             value=value, converged=True, iterations=0, residual_norms=residuals, info=self.info
         )
+
+
+def _dense_eigenpairs(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All eigenpairs of a symmetric ``[p, p]`` matrix, as Lanczos returns them: float64
+    eigenvalues (descending), residuals :math:`\\|A u_i - \\mu_i u_i\\|` and ``[p, p]`` unit
+    eigenvectors as rows (in the matrix's dtype)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    values, vectors = values.flip(0), vectors.flip(1).T.contiguous()
+    resid = torch.linalg.vector_norm(vectors @ matrix - values[:, None] * vectors, dim=1)
+    return values.to(torch.float64).cpu(), resid.to(torch.float64).cpu(), vectors
 
 
 def _auto_from_facts(solver: Arnoldi, facts: dict[str, Any]) -> AutoDamping | None:

@@ -95,8 +95,11 @@ class FittedSolver(ABC):
         Solvers add their own keys; every ``SolveResult.info`` starts from this dictionary.
         With ``damping="auto"`` it holds the resolved ``damping``, ``damping_auto=True``, the
         eigenvalue estimates, the margin and the rule (:meth:`AutoDamping.facts`).
+        ``operator_dense`` says whether the operator now answers products from its assembled
+        ``[p, p]`` matrix (:meth:`~infl.operators.LinearOperator.expect_products`).
         """
         out: dict[str, Any] = {"solver": type(self.solver).__name__, "damping": self.damping}
+        out["operator_dense"] = self.base.answers_dense
         if self.auto_damping is not None:
             out.update(self.auto_damping.facts())
         else:

@@ -146,6 +146,7 @@ def lanczos(
     resid = torch.zeros(0, dtype=torch.float64)
     converged = False
     m = 0
+    closed_rows = 0.0  # max row sum of T_m over the rows whose both off-diagonals are known
     for j in range(max_iter):
         q = basis[j]
         w = operator.matvec(q)
@@ -166,8 +167,9 @@ def lanczos(
             scale = float(theta.abs().max())
         else:
             # Nothing to test yet (fewer than k Ritz values): skip the O(m^3) eigensolve and
-            # bound max|theta| <= ||T_m||_inf (Gershgorin) for the breakdown test below.
-            scale = _row_sum_bound(alphas, betas)
+            # bound max|theta| <= ||T_m||_inf (Gershgorin) for the breakdown test below; the
+            # last row's sum is |alpha_j| + |beta_{j-1}|, the earlier ones are closed.
+            scale = max(closed_rows, abs(alpha) + (abs(betas[-1]) if betas else 0.0))
         exhausted = beta <= 10 * eps * max(scale, 1e-300)
         if exhausted and theta.numel() != m:
             theta, vecs, resid = _ritz(alphas, betas, beta)
@@ -180,6 +182,7 @@ def lanczos(
             # An invariant subspace: the Krylov space cannot grow. Its Ritz values are exact.
             converged = m >= k
             break
+        closed_rows = max(closed_rows, abs(alpha) + (abs(betas[-1]) if betas else 0.0) + beta)
         betas.append(beta)
         if j + 1 < max_iter:
             basis[j + 1] = w / beta
@@ -225,12 +228,6 @@ def _ritz(
         tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
     theta, vecs = torch.linalg.eigh(tri)
     return theta, vecs, beta * vecs[-1].abs()
-
-
-def _row_sum_bound(alphas: list[float], betas: list[float]) -> float:
-    """:math:`\\|T_m\\|_\\infty \\ge \\max_i|\\theta_i|`."""
-    off = [0.0, *(abs(b) for b in betas), 0.0]
-    return max(abs(a) + off[i] + off[i + 1] for i, a in enumerate(alphas))
 
 
 def _wanted(resid: torch.Tensor, k: int, which: Which) -> torch.Tensor:

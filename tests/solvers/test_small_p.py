@@ -20,8 +20,10 @@ from infl import (
     ModelWrapper,
     Objective,
 )
-from infl.errors import InputError
+from infl.errors import InputError, NonFiniteError
+from infl.operators import DenseOperator
 from infl.spectral.damping import auto_damping_exact
+from infl.spectral.lanczos import lanczos
 
 
 def _problem(dense="auto"):
@@ -188,3 +190,11 @@ def test_linear_per_example_gradients_are_checked_without_vmap(monkeypatch):
     got = wrapper.per_example_grads(loss, (x, y))
     assert wrapper._linear_verified[loss] is True
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lanczos_refuses_a_non_finite_product(bad):
+    matrix = torch.eye(6, dtype=torch.float64)
+    matrix[2, 2] = bad
+    with pytest.raises(NonFiniteError, match="not finite at step 1"):
+        lanczos(DenseOperator(matrix), 2, max_iter=6)

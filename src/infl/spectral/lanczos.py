@@ -150,8 +150,6 @@ def lanczos(
     for j in range(max_iter):
         q = basis[j]
         w = operator.matvec(q)
-        if not torch.isfinite(w).all():
-            raise NonFiniteError(f"Lanczos: the operator product is not finite at step {j + 1}")
         alpha = float(q @ w)
         w = w - alpha * q
         if j > 0:
@@ -159,7 +157,9 @@ def lanczos(
         active = basis[: j + 1]
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
             w = w - (active @ w) @ active
-        beta = float(w.norm())
+        beta = float(torch.linalg.vector_norm(w))
+        if not (math.isfinite(alpha) and math.isfinite(beta)):  # a NaN/inf in A q reaches both
+            raise NonFiniteError(f"Lanczos: the operator product is not finite at step {j + 1}")
         alphas.append(alpha)
         m = j + 1
         if m >= min(k, p) or m == max_iter:

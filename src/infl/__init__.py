@@ -29,6 +29,7 @@ from infl.errors import (
     StoreMismatchError,
 )
 from infl.gradient_store import GradientStore
+from infl.mixed_precision import MixedPrecisionOperator
 from infl.model import ModelWrapper
 from infl.objective import (
     Objective,
@@ -86,6 +87,7 @@ __all__ = [
     "InputError",
     "LiSSA",
     "LinearOperator",
+    "MixedPrecisionOperator",
     "ModelStateError",
     "ModelWrapper",
     "NonFiniteError",

@@ -28,6 +28,7 @@ from infl.calculator_setup import CURVATURES as CURVATURES  # re-exported
 from infl.data import IndexedData
 from infl.distributed import ProcessGroup, Shard
 from infl.export import Ids
+from infl.mixed_precision import check_curvature_dtype
 from infl.model import ModelWrapper, Stationarity, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
 from infl.operators import LinearOperator
@@ -97,6 +98,13 @@ class InfluenceCalculator:
         :math:`G`, positive semi-definite for the built-in losses; it needs a loss with an
         output-space Hessian, see :func:`~infl.objective.supervised_loss`). Both include
         :math:`\\lambda_{wd} I`.
+    curvature_dtype
+        ``None`` (default): curvature products in the model's dtype. ``torch.float32`` on a
+        float64 model: products on a float32 copy of the model and data (several times
+        cheaper on a CPU), returned in float64 (:mod:`infl.mixed_precision`); CG refines to
+        its float64 tolerance, LiSSA/Arnoldi use the float32 products, exact stays float64.
+        See ``docs/mixed_precision.md``. Lower precisions and ``torch.distributed`` are
+        refused; the model's own dtype means ``None``.
     check_minimum
         Check at construction that the model is at a minimum of the objective (default
         ``True``): one pass of training gradients (the ones the calculator caches when they
@@ -123,6 +131,8 @@ class InfluenceCalculator:
         This rank's examples ``shard.start .. shard.stop - 1`` (all ``n`` in one process).
     local_train : IndexedData
         This rank's shard of the training data (all of it in one process).
+    curvature_dtype : torch.dtype or None
+        The dtype of the curvature products (``None``: the model's).
 
     Notes
     -----
@@ -159,11 +169,13 @@ class InfluenceCalculator:
         memory_budget: int | None = None,
         progress: bool = True,
         curvature: str = "hessian",
+        curvature_dtype: torch.dtype | None = None,
         check_minimum: bool = True,
         distributed: bool | None = None,
     ) -> None:
         calculator_setup.check_arguments(objective, solver, chunk_size, curvature)
         self.wrapper = ModelWrapper(model, objective)
+        self.curvature_dtype = check_curvature_dtype(curvature_dtype, self.wrapper.dtype)
         self.objective = objective
         self.train = as_training_data(train_data, "training data")
         self.wrapper.check_data(self.train)
@@ -185,7 +197,7 @@ class InfluenceCalculator:
         self.progress = progress and self.group.rank == 0  # one set of bars per job
         self.curvature = curvature
         self.operator: LinearOperator = calculator_setup.curvature_operator(
-            curvature, self.wrapper, self.local_train, chunk_size, self.group
+            curvature, self.wrapper, self.local_train, chunk_size, self.group, self.curvature_dtype
         )
         self._fitted: FittedSolver | None = None
         self._grad_cache = TrainGradCache()

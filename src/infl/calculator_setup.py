@@ -15,6 +15,8 @@ import dataclasses
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+import torch
+
 from infl import train_gradients
 from infl.data import IndexedData
 from infl.distributed import (
@@ -28,6 +30,7 @@ from infl.distributed import (
 )
 from infl.errors import InputError
 from infl.fingerprint import fingerprint
+from infl.mixed_precision import mixed_precision_operator
 from infl.model import ModelWrapper, Stationarity
 from infl.objective import Objective
 from infl.operators import (
@@ -92,13 +95,21 @@ def curvature_operator(
     local_train: IndexedData,
     chunk_size: int,
     group: ProcessGroup,
+    curvature_dtype: torch.dtype | None = None,
 ) -> LinearOperator:
-    """The ``curvature=`` operator on this rank's shard, its products all-reduced over ranks."""
-    return shard_operator(
-        CURVATURES[curvature](wrapper, local_train, chunk_size),
-        group,
-        local_train,
-    )
+    """The ``curvature=`` operator on this rank's shard, its products all-reduced over ranks;
+    with ``curvature_dtype`` (checked by :func:`infl.mixed_precision.check_curvature_dtype`)
+    its products are taken in that dtype (:func:`infl.mixed_precision.mixed_precision_operator`,
+    one process only)."""
+    operator = CURVATURES[curvature](wrapper, local_train, chunk_size)
+    if curvature_dtype is None:
+        return shard_operator(operator, group, local_train)
+    if group.world_size > 1:
+        raise InputError(
+            f"curvature_dtype={curvature_dtype} is not supported under torch.distributed "
+            f"({group.world_size} ranks) yet: use curvature_dtype=None, or run one process"
+        )
+    return mixed_precision_operator(operator, curvature_dtype)
 
 
 def check_minimum(calc: InfluenceCalculator) -> Stationarity:

@@ -43,6 +43,7 @@ def save_calculator(calc: InfluenceCalculator, path: str | os.PathLike[str]) -> 
         "solver": solver_spec(calc.solver),
         "damping": fitted.damping,
         "curvature": calc.curvature,
+        "curvature_dtype": _dtype_name(calc.curvature_dtype),
         "chunk_size": calc.chunk_size,
         "identity": _identity(calc.wrapper.model, calc.objective, calc.train),
         "info": info,
@@ -83,6 +84,7 @@ def load_calculator(
         cache_bytes=cache_bytes,
         progress=progress,
         curvature=str(header.get("curvature", "hessian")),
+        curvature_dtype=_dtype_from_name(header.get("curvature_dtype")),
         check_minimum=check_minimum,
     )
     restore_as: Any = solver
@@ -90,6 +92,24 @@ def load_calculator(
         restore_as = dataclasses.replace(restore_as, damping=float(header["damping"]))
     calc._fitted = restore_as.restore(calc.operator, state)
     return calc
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``"float32"`` for ``torch.float32`` (``None`` stays ``None``), for the JSON header."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: Any) -> torch.dtype | None:
+    """The dtype :func:`_dtype_name` wrote (``None`` for none, or a file from before it)."""
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(
+            f"the saved curvature_dtype {name!r} is not a torch dtype: the file was written "
+            "by another version of infl. Refit the solver and save it again."
+        )
+    return dtype
 
 
 def _identity(model: nn.Module, objective: Objective, train: IndexedData) -> dict[str, Any]:

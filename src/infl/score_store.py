@@ -448,6 +448,8 @@ def influence_to_store(
         "solver": solver_spec(calc.solver),
         "curvature": calc.curvature,
     }
+    if calc.curvature_dtype is not None:  # products in another dtype (stores before: none)
+        settings["curvature dtype"] = str(calc.curvature_dtype)
     store = ScoreStore(
         npy,
         settings,

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from infl.errors import InflWarning, InputError, NonFiniteError, NotPositiveDefiniteError
+from infl.mixed_precision import full_precision_operator, product_dtype
 from infl.operators import LinearOperator
 from infl.solvers.arnoldi import Arnoldi
 from infl.solvers.base import (
@@ -26,6 +27,10 @@ from infl.solvers.base import (
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
 from infl.spectral.damping import AUTO_DAMPING_RETRIES, AutoDamping, auto_damping
+
+REFINE_RTOL = 1e-4
+"""Mixed-precision CG: each outer step's inner CG (on the low-precision products) stops when
+its residual is this fraction of the outer residual (or half the tolerance)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class ConjugateGradient(Solver):
         HVPs); a preconditioner that needs :math:`\\lambda > 0` (Arnoldi) gets at least
         :math:`10^{-3}|\\theta_{\\max}|`.
         """
+        operator.expect_products(self.max_iter)  # small p: assemble the matrix once (dense="auto")
         auto = auto_damping(operator) if self.damping == "auto" else None
         if self.preconditioner is None:
             return FittedCG(self, operator, auto_damping=auto)
@@ -201,11 +207,14 @@ class ConjugateGradient(Solver):
 class _NegativeCurvature(Exception):
     """A direction with :math:`p^T A p \\le 0` (internal: turned into an error or a retry)."""
 
-    def __init__(self, iteration: int, rhs_index: int, rayleigh: float) -> None:
+    def __init__(
+        self, iteration: int, rhs_index: int, rayleigh: float, direction: torch.Tensor | None = None
+    ) -> None:
         super().__init__(iteration, rhs_index, rayleigh)
         self.iteration = iteration
         self.rhs_index = rhs_index
         self.rayleigh = rayleigh
+        self.direction = direction  # the direction p (``[p]``), for a check in full precision
 
 
 class FittedCG(FittedSolver):
@@ -322,19 +331,59 @@ class FittedCG(FittedSolver):
         b = as_rhs(rhs, self.operator)
         while True:
             try:
-                return self._solve(b, progress)
+                full = full_precision_operator(self.operator)
+                if full is None or self.operator.answers_dense:  # exact products already
+                    return self._solve(b, progress)
+                return self._solve_refined(b, full, progress)
             except _NegativeCurvature as event:
                 auto = self.auto_damping
                 if auto is None or len(auto.attempts) >= AUTO_DAMPING_RETRIES:
                     raise self._negative_curvature_error(event) from None
                 self._raise_damping(event)
 
+    def _thresholds(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(max(rtol ||b_j||, atol), ||b_j||`` kept above 0)`` per right-hand side."""
+        bnorm = torch.linalg.vector_norm(b, dim=1)
+        threshold = torch.clamp(self.solver.rtol * bnorm, min=self.solver.atol)
+        return threshold, bnorm.clamp_min(torch.finfo(b.dtype).tiny)
+
     def _solve(self, b: torch.Tensor, progress: bool) -> SolveResult:
         cfg = self.solver
         k = b.shape[0]
-        bnorm = torch.linalg.vector_norm(b, dim=1)
-        threshold = torch.clamp(cfg.rtol * bnorm, min=cfg.atol)
-        safe_bnorm = bnorm.clamp_min(torch.finfo(b.dtype).tiny)
+        threshold, safe_bnorm = self._thresholds(b)
+        name = "CG" if self.preconditioner is None else "PCG"
+        with tqdm(total=cfg.max_iter, desc=name, disable=not progress, leave=False) as bar:
+            x, rr, iterations, norms = self._iterate(self.operator, b, threshold, cfg.max_iter, bar)
+        history = [norm / safe_bnorm for norm in norms]
+        residuals = torch.sqrt(rr) / safe_bnorm
+        active = torch.sqrt(rr) > threshold
+        converged = not bool(active.any())
+        if not converged:
+            self._warn_not_converged(name, residuals, int(active.sum()), k)
+        return SolveResult(
+            value=x,
+            converged=converged,
+            iterations=iterations,
+            residual_norms=residuals,
+            trace=torch.stack(history),
+            info={**self.info, "iterations": iterations},
+        )
+
+    def _iterate(
+        self,
+        operator: LinearOperator,
+        b: torch.Tensor,
+        threshold: torch.Tensor,
+        max_iter: int,
+        bar: Any,
+        rows: torch.Tensor | None = None,
+        first: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
+        """(P)CG on ``operator`` from :math:`x_0 = 0` until each :math:`\\|r_j\\| \\le`
+        ``threshold[j]`` or ``max_iter`` iterations: ``(x, r^T r, iterations, [||r||] per
+        iteration)``; the residual is the recursive one. ``rows`` (the rows of ``b`` in the
+        caller's right-hand sides) and ``first`` (iterations before this call) only name
+        things in errors."""
         x = torch.zeros_like(b)
         r = b.clone()
         rr = (r * r).sum(dim=1)  # squared residual norms
@@ -342,29 +391,31 @@ class FittedCG(FittedSolver):
         z = torch.zeros_like(b)
         rz = rr.clone()  # r^T M^-1 r (= r^T r without a preconditioner)
         start = active.nonzero().reshape(-1)
+        ids = rows if rows is not None else torch.arange(b.shape[0], device=b.device)
         if start.numel():
             z[start] = self._precondition(r[start])
             rz[start] = (r[start] * z[start]).sum(dim=1)
-            self._check_rz(rz[start], start, 0)
+            self._check_rz(rz[start], ids[start], first)
         d = z.clone()
-        history = [torch.sqrt(rr) / safe_bnorm]
+        norms = [torch.sqrt(rr)]
         iterations = 0
         name = "CG" if self.preconditioner is None else "PCG"
-        bar = tqdm(total=cfg.max_iter, desc=name, disable=not progress, leave=False)
-        while bool(active.any()) and iterations < cfg.max_iter:
+        while bool(active.any()) and iterations < max_iter:
             idx = active.nonzero().reshape(-1)
-            ad = self.operator.matmat(d[idx])
+            ad = operator.matmat(d[idx])
             curvature = (d[idx] * ad).sum(dim=1)
             if not torch.isfinite(ad).all():
                 raise NonFiniteError(
-                    f"{name}: the operator product is not finite at iteration {iterations + 1}"
+                    f"{name}: the operator product is not finite at iteration "
+                    f"{first + iterations + 1}"
                 )
             if bool((curvature <= 0).any()):
                 bad = int((curvature <= 0).nonzero()[0])
                 j = int(idx[bad])
                 rayleigh = float(curvature[bad] / (d[j] * d[j]).sum())
-                bar.close()
-                raise _NegativeCurvature(iterations + 1, j, rayleigh)
+                raise _NegativeCurvature(
+                    first + iterations + 1, int(ids[j]), rayleigh, d[j].clone()
+                )
             alpha = rz[idx] / curvature
             x[idx] += alpha[:, None] * d[idx]
             r[idx] -= alpha[:, None] * ad
@@ -375,31 +426,146 @@ class FittedCG(FittedSolver):
             if still.numel():
                 z_new = self._precondition(r[still])
                 rz_new = (r[still] * z_new).sum(dim=1)
-                self._check_rz(rz_new, still, iterations)
+                self._check_rz(rz_new, ids[still], first + iterations)
                 beta = rz_new / rz[still]
                 d[still] = z_new + beta[:, None] * d[still]
                 rz[still] = rz_new
-            history.append(torch.sqrt(rr) / safe_bnorm)
+            norms.append(torch.sqrt(rr))
             bar.update(1)
-        bar.close()
-        residuals = torch.sqrt(rr) / safe_bnorm
+        return x, rr, iterations, norms
+
+    def _solve_refined(self, b: torch.Tensor, full: LinearOperator, progress: bool) -> SolveResult:
+        """CG with mixed-precision iterative refinement (``self.operator``'s products are of a
+        lower precision; ``full`` is the same operator in the model's dtype).
+
+        Outer step ``s``: the true residual :math:`r_s = b - A x_s` (one ``full`` product),
+        then (P)CG on the low-precision products solves :math:`\\tilde A d = r_s` until
+        :math:`\\|\\tilde r\\| \\le \\max(\\eta\\|r_s\\|, \\tau/2)` (:math:`\\eta` =
+        :data:`REFINE_RTOL`, :math:`\\tau` the threshold) and :math:`x_{s+1} = x_s + d`. Each
+        step divides the residual by about :math:`1/\\max(\\eta, \\kappa\\varepsilon_{32})`;
+        a step that does not halve it (:math:`\\kappa\\varepsilon_{32} \\gtrsim 1/2`) switches
+        the inner solves to ``full`` (a warning; ``info["refinement_fallback"]``).
+        """
+        threshold, safe_bnorm = self._thresholds(b)
+        name = "CG" if self.preconditioner is None else "PCG"
+        with tqdm(
+            total=self.solver.max_iter, desc=f"{name} mixed", disable=not progress, leave=False
+        ) as bar:
+            return self._refine(b, full, bar, threshold, safe_bnorm)
+
+    def _refine(
+        self,
+        b: torch.Tensor,
+        full: LinearOperator,
+        bar: Any,
+        threshold: torch.Tensor,
+        safe_bnorm: torch.Tensor,
+    ) -> SolveResult:
+        cfg = self.solver
+        k = b.shape[0]
+        name = "CG" if self.preconditioner is None else "PCG"
+        x = torch.zeros_like(b)
+        r = b.clone()
+        res = torch.linalg.vector_norm(r, dim=1)  # the true residual norms (x = 0)
+        active = res > threshold
+        current = res / safe_bnorm
+        history = [current]
+        inner = outer = full_products = 0
+        fallback = False
+        while bool(active.any()) and inner < cfg.max_iter:
+            idx = active.nonzero().reshape(-1)
+            target = torch.maximum(REFINE_RTOL * res[idx], threshold[idx] / 2)
+            op = full if fallback else self.operator
+            budget = cfg.max_iter - inner
+            try:
+                d, _, its, norms = self._iterate(op, r[idx], target, budget, bar, idx, inner)
+            except _NegativeCurvature as event:
+                if fallback or event.direction is None:
+                    raise
+                # negative in low precision: real (raise), or round-off (go on in full)
+                v = event.direction.reshape(1, -1)
+                curvature = float((v * full.matmat(v)).sum())
+                full_products += 1
+                if curvature <= 0:
+                    rayleigh = curvature / float((v * v).sum())
+                    raise _NegativeCurvature(event.iteration, event.rhs_index, rayleigh) from None
+                inner, fallback = event.iteration, True
+                self._warn_fallback(full.dtype, None)
+                continue
+            inner += its
+            outer += 1
+            r_before = r[idx]
+            x[idx] += d
+            r[idx] = b[idx] - full.matmat(x[idx])
+            full_products += idx.numel()
+            new = torch.linalg.vector_norm(r[idx], dim=1)
+            worse = new > res[idx]
+            if bool(worse.any()):  # the correction made these worse: keep x as it was
+                back = idx[worse]
+                x[back] -= d[worse]
+                r[back] = r_before[worse]
+                new[worse] = res[back]
+            for norm in norms[1:]:
+                current = current.clone()
+                current[idx] = norm / safe_bnorm[idx]
+                history.append(current)
+            current = current.clone()
+            current[idx] = new / safe_bnorm[idx]
+            history[-1] = current
+            if not fallback and its < budget and bool((new > res[idx] / 2).any()):
+                fallback = True
+                self._warn_fallback(full.dtype, float((new / res[idx]).max()))
+            res[idx] = new
+            active[idx] = new > threshold[idx]
+        residuals = res / safe_bnorm
         converged = not bool(active.any())
         if not converged:
-            warnings.warn(
-                f"{name} stopped at max_iter={cfg.max_iter} with relative residual up to "
-                f"{float(residuals.max()):.3g} on {int(active.sum())} of {k} right-hand sides "
-                f"(rtol={cfg.rtol:g}). Increase max_iter, or add damping to improve the "
-                "conditioning of H + damping*I. CG needs at most ~sqrt(kappa)/2 * ln(2/rtol) "
-                "iterations, kappa the condition number of H + damping*I: "
-                "infl.diagnostics.advise(operator, damping=...) estimates both.",
-                InflWarning,
-                stacklevel=3,
-            )
+            self._warn_not_converged(name, residuals, int(active.sum()), k, stacklevel=5)
+        info = {
+            **self.info,
+            "iterations": inner,
+            "product_dtype": str(product_dtype(self.operator)).removeprefix("torch."),
+            "refinement_steps": outer,
+            "inner_iterations": inner,
+            "full_precision_matvecs": full_products,
+            "refinement_fallback": fallback,
+        }
         return SolveResult(
             value=x,
             converged=converged,
-            iterations=iterations,
+            iterations=inner,
             residual_norms=residuals,
             trace=torch.stack(history),
-            info={**self.info, "iterations": iterations},
+            info=info,
+        )
+
+    def _warn_fallback(self, dtype: torch.dtype, ratio: float | None) -> None:
+        found = (
+            f"the low-precision products showed negative curvature that the {dtype} products do not"
+            if ratio is None
+            else f"a refinement step left the {dtype} residual at {ratio:.3g} times its value "
+            "(more than 1/2)"
+        )
+        warnings.warn(
+            f"CG with low-precision products: {found}, so H + damping*I is too ill-conditioned "
+            f"for the low-precision products (condition number x round-off ~ 1). The remaining "
+            f"iterations use {dtype} products; the answer still meets rtol/atol. Add damping, "
+            "or use curvature_dtype=None.",
+            InflWarning,
+            stacklevel=5,
+        )
+
+    def _warn_not_converged(
+        self, name: str, residuals: torch.Tensor, left: int, k: int, stacklevel: int = 4
+    ) -> None:
+        cfg = self.solver
+        warnings.warn(
+            f"{name} stopped at max_iter={cfg.max_iter} with relative residual up to "
+            f"{float(residuals.max()):.3g} on {left} of {k} right-hand sides "
+            f"(rtol={cfg.rtol:g}). Increase max_iter, or add damping to improve the "
+            "conditioning of H + damping*I. CG needs at most ~sqrt(kappa)/2 * ln(2/rtol) "
+            "iterations, kappa the condition number of H + damping*I: "
+            "infl.diagnostics.advise(operator, damping=...) estimates both.",
+            InflWarning,
+            stacklevel=stacklevel,
         )

@@ -29,35 +29,14 @@ from infl.studies.models import mlp
 WEIGHT_DECAY = 1e-3
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, objective: infl.Objective):
-    """Full-batch L-BFGS on the objective J = mean cross-entropy + (wd/2)||theta||^2."""
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        lr=1.0,
-        max_iter=300,
-        tolerance_grad=1e-9,
-        tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective.per_example_loss(model, (x, y)).mean()
-        loss = loss + 0.5 * objective.weight_decay * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)  # type: ignore[arg-type]
-    return model.eval()
-
-
 def main() -> None:
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and safe on a busy machine
     split = load_digits(seed=0, test_fraction=0.5, dtype=torch.float64)  # 898 / 899, 64 features
     objective = infl.Objective("cross_entropy", weight_decay=WEIGHT_DECAY)
     model = mlp(64, 10, width=16, depth=1, activation="tanh", seed=0).double()
     start = time.perf_counter()
-    train(model, *split.train, objective)
+    infl.fit_to_minimum(model, objective, split.train, grad_tol=1e-6, max_iter=2000)  # theta*
+    model.eval()
     with torch.no_grad():
         accuracy = (model(split.x_test).argmax(1) == split.y_test).double().mean()
     print(f"trained in {time.perf_counter() - start:.1f} s; test accuracy {accuracy:.3f}")

@@ -25,23 +25,14 @@ from infl.studies.datasets import load_digits
 WEIGHT_DECAY = 1e-3
 
 
-def trained_model(x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+def trained_model(x: torch.Tensor, y: torch.Tensor, objective: infl.Objective) -> nn.Module:
     """The same model on every rank: a fixed seed and full-batch L-BFGS (deterministic).
 
     In real use, train once and load the same checkpoint on every rank.
     """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss = loss + 0.5 * WEIGHT_DECAY * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    infl.fit_to_minimum(model, objective, (x, y), grad_tol=1e-6, max_iter=2000)
     return model.eval()
 
 
@@ -55,11 +46,12 @@ def main() -> None:
     split = load_digits(seed=0, test_fraction=0.5, dtype=torch.float64)  # 899 training digits
     train = (split.x_train, split.y_train)
     test = (split.x_test[:5], split.y_test[:5])
-    model = trained_model(*train)
+    objective = infl.Objective("cross_entropy", weight_decay=WEIGHT_DECAY)
+    model = trained_model(*train, objective)
 
     calc = infl.InfluenceCalculator(
         model,
-        infl.Objective("cross_entropy", weight_decay=WEIGHT_DECAY),
+        objective,
         train,  # the whole training set on every rank: the calculator shards it
         infl.ConjugateGradient(damping=0.01, rtol=1e-8, max_iter=300),
         progress=False,

@@ -17,6 +17,7 @@ from infl import (
     InfluenceCalculator,
     Objective,
     RetrainConfig,
+    fit_to_minimum,
     retrain_ground_truth,
 )
 from infl.metrics import fidelity_report, top_k_overlap
@@ -32,24 +33,7 @@ def main() -> None:
     model = nn.Linear(d, 1).double()
     objective = Objective("bce_with_logits", weight_decay=wd)
     # theta*: the minimum of J (train tightly: influence functions assume a minimum)
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        max_iter=500,
-        tolerance_grad=1e-12,
-        tolerance_change=0.0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        params = list(model.parameters())
-        loss = objective.per_example_loss(model, train).mean() + wd / 2 * sum(
-            (p**2).sum() for p in params
-        )
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_to_minimum(model, objective, train, grad_tol=1e-12)
     model.eval()
 
     calc = InfluenceCalculator(model, objective, train, ExactHessian(), progress=False)

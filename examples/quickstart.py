@@ -1,7 +1,8 @@
 """Quickstart: which training digits drive a prediction, and do the estimates hold up?
 
 Trains an L2-regularised softmax regression on the digits shipped with infl (scikit-learn's
-8x8 images, 1,797 examples; no download), explains the three worst-predicted test digits with
+8x8 images, 1,797 examples; no download) to the minimum of its objective (infl.fit_to_minimum),
+explains the three worst-predicted test digits with
 infl.InfluenceCalculator (conjugate gradient inverse-HVPs), then checks the predictions
 against actual leave-one-out retraining of the most influential training points.
 
@@ -24,33 +25,15 @@ torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100) -> nn.Module:
-    """Full-batch L-BFGS on mean cross-entropy + (weight_decay/2)||theta||^2."""
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        lr=1.0,
-        max_iter=steps,
-        tolerance_grad=1e-10,
-        tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss = loss + 0.5 * WEIGHT_DECAY * sum((p**2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return model
-
-
 def main() -> None:
     split = load_digits(seed=0, test_fraction=0.44, dtype=torch.float64)  # 1,005 train
     x_train, y_train, x_test, y_test = split.x_train, split.y_train, split.x_test, split.y_test
 
-    model = train(nn.Linear(64, 10), x_train, y_train, steps=500).eval()
+    # theta*: the minimum of mean cross-entropy + (weight_decay/2)||theta||^2 (influence assumes it)
+    objective = infl.Objective("cross_entropy", weight_decay=WEIGHT_DECAY)
+    model = nn.Linear(64, 10)
+    infl.fit_to_minimum(model, objective, (x_train, y_train), grad_tol=1e-8, max_iter=500)
+    model.eval()
     with torch.no_grad():
         test_losses = nn.functional.cross_entropy(model(x_test), y_test, reduction="none")
         accuracy = (model(x_test).argmax(1) == y_test).double().mean()
@@ -61,7 +44,7 @@ def main() -> None:
 
     calc = infl.InfluenceCalculator(
         model,
-        infl.Objective("cross_entropy", weight_decay=WEIGHT_DECAY),
+        objective,
         (x_train, y_train),
         infl.ConjugateGradient(rtol=1e-8, max_iter=300),
         progress=False,
@@ -91,7 +74,8 @@ def main() -> None:
         keep = torch.arange(len(y_train)) != i
         retrained = nn.Linear(64, 10)
         retrained.load_state_dict(model.state_dict())  # warm start from theta*
-        retrained = train(retrained, x_train[keep], y_train[keep], steps=300).eval()
+        infl.fit_to_minimum(retrained, objective, (x_train[keep], y_train[keep]), grad_tol=1e-8)
+        retrained.eval()
         with torch.no_grad():
             new_loss = nn.functional.cross_entropy(retrained(test[0][:1]), test[1][:1])
         actual.append(float(new_loss - test_losses[worst[row]]))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
+from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.linear_grads import LinearPerExampleGradients
 from infl.model_checks import (
@@ -293,7 +293,7 @@ class ModelWrapper:
             return None
         if verified is None:
             rows = [0] if b == 1 else [0, b - 1]
-            reference = torch.stack([self._single_grad(fn, batch, i) for i in rows])
+            reference = self._single_grads(fn, batch, rows)
             eps = torch.finfo(reference.dtype).eps
             scale = float(reference.abs().max()) if reference.numel() else 0.0
             agree = bool(((fast[rows] - reference).abs() <= eps**0.5 * max(scale, 1.0)).all())
@@ -309,19 +309,30 @@ class ModelWrapper:
                 lambda params: self._batch_value(fn, params, batch), self.params, b
             )
 
-    def _single_grad(self, fn: PerExampleFn, batch: Batch, i: int) -> torch.Tensor:
-        """``[p]``: the gradient of ``fn`` on example ``i`` of ``batch`` alone (plain autograd on
-        a batch of one, as ``vmap(grad)`` evaluates it)."""
-        one = tree_map_tensors(lambda t: t[i : i + 1], batch)
+    def _single_grads(self, fn: PerExampleFn, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """``[len(rows), p]``: the gradient of ``fn`` on each example ``rows[j]`` of ``batch``
+        alone (plain autograd on a batch of one, as ``vmap(grad)`` evaluates it).
+
+        Each example is evaluated on its own copy of the parameters, so that one backward pass
+        through the sum of the values gives every gradient."""
+        copies = []
+        total: Any = 0.0
         with torch.enable_grad(), functional_evaluation():
-            leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-            value = self._batch_value(fn, leaves, one).sum()
-            if not value.requires_grad:
-                return torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-            grads = torch.autograd.grad(
-                value, list(leaves.values()), allow_unused=True, materialize_grads=True
-            )
-        return self.flatten(dict(zip(leaves, grads, strict=True)))
+            for i in rows:
+                leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+                one = slice_batch(batch, slice(i, i + 1))
+                total = total + self._batch_value(fn, leaves, one).sum()
+                copies.append(leaves)
+            if not isinstance(total, torch.Tensor) or not total.requires_grad:
+                return torch.zeros(len(rows), self.num_params, dtype=self.dtype, device=self.device)
+            flat = [t for leaves in copies for t in leaves.values()]
+            grads = torch.autograd.grad(total, flat, allow_unused=True, materialize_grads=True)
+        size = len(self.params)
+        out = [
+            dict(zip(self.params, grads[j * size : (j + 1) * size], strict=True))
+            for j in range(len(rows))
+        ]
+        return torch.stack([self.flatten(g) for g in out])
 
     def train_grads(self, batch: Batch) -> torch.Tensor:
         """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from infl import EKFAC, ConjugateGradient, Objective
+from infl import EKFAC, ConjugateGradient, Objective, fit_to_minimum
 from infl.audit import AuditReport, audit
 from infl.audit.run import pick_test_points
 from infl.audit.thresholds import EXACT_MAX_PARAMS, PEARSON_TRUSTED
@@ -185,7 +185,7 @@ def test_ekfac_on_an_unsupported_layer_is_skipped_with_its_reason():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
     model = model.double().eval()
     objective = Objective("cross_entropy", weight_decay=1e-2)
-    _fit(model, objective, x[:24], y[:24])  # near a minimum: the retrains are short
+    fit_to_minimum(model, objective, (x[:24], y[:24]), grad_tol=1e-7, num_threads=1)
     report = audit(
         model,
         objective,
@@ -208,23 +208,6 @@ def test_ekfac_on_an_unsupported_layer_is_skipped_with_its_reason():
     assert len(report.points) == 1
 
 
-def _fit(model: nn.Module, objective: Objective, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Full-batch L-BFGS on the objective (mean loss + weight decay), in place."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.LBFGS(
-        params, max_iter=300, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective.per_example_loss(model, (x, y)).mean()
-        loss = loss + 0.5 * objective.weight_decay * sum((p * p).sum() for p in params)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-
-
 @pytest.mark.slow
 def test_above_exact_max_params_tight_cg_is_the_reference_and_matches_the_closed_form(tmp_path):
     # p = 2001 > EXACT_MAX_PARAMS: the dense Hessian is not built, CG at rtol 1e-8 is the
@@ -235,7 +218,7 @@ def test_above_exact_max_params_tight_cg_is_the_reference_and_matches_the_closed
     y = (torch.rand(n + 4, generator=gen, dtype=torch.float64) < 0.5).to(torch.float64)
     model = nn.Linear(d, 1).double().eval()
     objective = Objective("bce_with_logits", weight_decay=wd)
-    _fit(model, objective, x[:n], y[:n])
+    fit_to_minimum(model, objective, (x[:n], y[:n]), grad_tol=1e-10)
     assert sum(p.numel() for p in model.parameters()) > EXACT_MAX_PARAMS
     report = audit(
         model,

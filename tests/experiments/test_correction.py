@@ -45,24 +45,7 @@ class Case:
 
 
 def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    obj = infl.Objective("cross_entropy", WD)
-    opt = torch.optim.LBFGS(
-        net.parameters(),
-        lr=1,
-        max_iter=500,
-        tolerance_grad=1e-12,
-        tolerance_change=0,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = obj.per_example_loss(net, (x, y)).mean()
-        loss = loss + 0.5 * WD * sum((p**2).sum() for p in net.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)  # type: ignore[arg-type]
+    infl.fit_to_minimum(net, infl.Objective("cross_entropy", WD), (x, y), grad_tol=1e-10)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -155,6 +155,15 @@ def test_float32_stalls_short_of_an_unreachable_tolerance_and_says_why():
     assert result.grad_norm < 1e-4  # it still got close
 
 
+def test_fits_inside_no_grad():
+    X, y, _, _ = make_problem(n=30, m=1)
+    model = _linear()
+    with torch.no_grad():
+        result = fit_to_minimum(model, Objective("bce_with_logits", weight_decay=WD), (X, y))
+    assert result.converged
+    assert np.allclose(theta_of(model), newton_fit(X.numpy(), y.numpy(), WD), atol=1e-6)
+
+
 def test_threads_are_restored():
     X, y, _, _ = make_problem(n=20, m=1)
     before = torch.get_num_threads()

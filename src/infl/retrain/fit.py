@@ -46,8 +46,11 @@ __all__ = [
 EVAL_CHUNK = 4096
 """Examples per chunk when evaluating the full objective or the measurement."""
 
+ROUND = 20
+"""L-BFGS iterations between two checks of the full gradient norm."""
+
 HISTORY = 20
-"""Correction pairs L-BFGS (and its gradient-only polish) keep."""
+"""Correction pairs the retrains' L-BFGS (and its gradient-only polish) keep."""
 
 Failure = Callable[[int, float, str], Exception]
 """``failure(iteration, value, where)``: the error to raise when J or its gradient is ``value``
@@ -141,6 +144,7 @@ def fit_to_minimum(
     grad_tol: float = 1e-6,
     max_iter: int = 1000,
     lr: float = 1.0,
+    history_size: int = 100,
     num_threads: int | None = None,
 ) -> FitResult:
     """Train ``model`` in place to the minimum of ``objective`` on ``train``, by full-batch L-BFGS.
@@ -162,8 +166,8 @@ def fit_to_minimum(
 
     Stopping rule: as soon as :math:`\\|\\nabla J(\\theta)\\|_2 \\le` ``grad_tol`` (full
     batch, checked after every 20 L-BFGS iterations, and by L-BFGS itself through
-    :math:`\\max_k|g_k| \\le` ``grad_tol`` :math:`/\\sqrt p`). L-BFGS (strong-Wolfe line search,
-    20 correction pairs) stops short of a tight tolerance near the minimum, where :math:`J`
+    :math:`\\max_k|g_k| \\le` ``grad_tol`` :math:`/\\sqrt p`). L-BFGS (strong-Wolfe line search)
+    stops short of a tight tolerance near the minimum, where :math:`J`
     changes by less than its rounding; it is then finished by quasi-Newton steps that look
     only at gradients (the same polish as :class:`~infl.RetrainConfig`'s ``"lbfgs"``). It
     ends, not converged, when ``max_iter`` iterations are spent or no step lowers
@@ -172,8 +176,9 @@ def fit_to_minimum(
     Parameters
     ----------
     model
-        The module to train, in place. Its train/eval mode is not changed; dropout or
-        batch-norm in training mode is refused (the objective would be random).
+        The module to train, in place (gradients are enabled for the fit, also inside
+        ``torch.no_grad()``). Its train/eval mode is not changed; dropout or batch-norm in
+        training mode is refused (the objective would be random).
     objective
         The :class:`~infl.Objective` the influence will be computed with.
     train
@@ -188,6 +193,10 @@ def fit_to_minimum(
         Most quasi-Newton iterations (L-BFGS and polish steps together), ``>= 1``.
     lr
         L-BFGS's first step length (the line search adapts it), ``> 0``.
+    history_size
+        Correction pairs L-BFGS keeps, ``>= 1`` (torch's default, 100). Memory
+        :math:`2\\cdot` ``history_size`` :math:`\\cdot p` numbers; fewer pairs take more
+        iterations on ill-conditioned problems.
     num_threads
         Torch CPU threads while fitting (restored afterwards); ``None`` keeps the current
         number. One thread is fastest for small models.
@@ -203,7 +212,7 @@ def fit_to_minimum(
     InputError
         ``model`` not an ``nn.Module`` or without trainable parameters, ``objective`` not an
         :class:`~infl.Objective`, unusable ``train``, or ``grad_tol``/``max_iter``/``lr``/
-        ``num_threads`` out of range.
+        ``history_size``/``num_threads`` out of range.
     ModelStateError
         Dropout or batch-norm in training mode (call ``model.eval()`` first).
     NonFiniteError
@@ -214,8 +223,8 @@ def fit_to_minimum(
     -----
     Cost: each iteration evaluates :math:`J` and :math:`\\nabla J` over all :math:`n`
     examples about 1-2 times (forward and backward passes; more while the line search
-    backtracks); memory is one chunk's activations plus :math:`2\\cdot 20` vectors of size
-    :math:`p` of L-BFGS history.
+    backtracks); memory is one chunk's activations plus the L-BFGS history,
+    :math:`2\\cdot` ``history_size`` vectors of size :math:`p`.
 
     Examples
     --------
@@ -239,6 +248,8 @@ def fit_to_minimum(
             "loss: Objective('cross_entropy', weight_decay=...) or Objective(per_example_fn)"
         )
     _check_settings(grad_tol, max_iter, lr, num_threads)
+    if not _positive_int(history_size):
+        raise InputError(f"history_size must be a positive integer, got {history_size!r}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise InputError("the model has no trainable parameters (requires_grad=True) to fit")
@@ -264,12 +275,13 @@ def fit_to_minimum(
     try:
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        iterations, stalled = lbfgs_to_tolerance(
-            params, backward, grad_tol=float(grad_tol), max_iter=int(max_iter), lr=float(lr),
-            failure=failure, polish_when="flat",
-        )  # fmt: skip
-        value = float(backward())
-        gnorm = grad_norm_of(params)
+        with torch.enable_grad():  # also under a caller's torch.no_grad()
+            iterations, stalled = lbfgs_to_tolerance(
+                params, backward, grad_tol=float(grad_tol), max_iter=int(max_iter), lr=float(lr),
+                failure=failure, polish_when="flat", history=int(history_size),
+            )  # fmt: skip
+            value = float(backward())
+            gnorm = grad_norm_of(params)
     finally:
         for p in params:
             p.grad = None
@@ -354,21 +366,23 @@ def lbfgs_to_tolerance(
     lr: float,
     failure: Failure,
     polish_when: PolishRule = "slow",
+    history: int = HISTORY,
 ) -> tuple[int, bool]:
     """L-BFGS on ``params`` until :math:`\\|\\nabla J\\|_2 \\le` ``grad_tol``.
 
     ``backward()`` must clear and accumulate :math:`\\nabla J` into the ``.grad`` of
-    ``params`` and return :math:`J` (0-d). ``grad_tol=None`` runs the full ``max_iter``
-    (or until L-BFGS stalls). Returns the iterations taken and whether L-BFGS stopped on its
-    own before ``max_iter`` (then finished, when ``grad_tol`` is set, by :func:`_polish`).
-    Non-finite values raise ``failure(iteration, value, where)``.
+    ``params`` and return :math:`J` (0-d); ``history`` correction pairs are kept.
+    ``grad_tol=None`` runs the full ``max_iter`` (or until L-BFGS stalls). Returns the
+    iterations taken and whether L-BFGS stopped on its own before ``max_iter`` (then finished,
+    when ``grad_tol`` is set, by :func:`_polish`). Non-finite values raise
+    ``failure(iteration, value, where)``.
 
-    L-BFGS runs in rounds of 20 iterations; after a round it counts as stopped on its own when
-    it took no iteration, or, with ``polish_when="slow"`` (warm-started retrains, already near
-    the minimum), when :math:`\\|\\nabla J\\|` fell by less than half over the round, or, with
-    ``"flat"`` (training from anywhere, where slow rounds far from the minimum are normal),
-    when :math:`J` fell by no more than its rounding (:data:`FLAT_EPS` units of the dtype's
-    epsilon, relative).
+    L-BFGS runs in rounds of :data:`ROUND` iterations; after a round it counts as stopped on
+    its own when it took no iteration, or, with ``polish_when="slow"`` (warm-started retrains,
+    already near the minimum), when :math:`\\|\\nabla J\\|` fell by less than half over the
+    round, or, with ``"flat"`` (training from anywhere, where slow rounds far from the minimum
+    are normal), when :math:`J` fell by no more than its rounding (:data:`FLAT_EPS` units of
+    the dtype's epsilon, relative).
     """
     eps = FLAT_EPS * torch.finfo(params[0].dtype).eps
     # L-BFGS's own stopping test is on max|g|; max|g| <= tol/sqrt(p) implies ||g|| <= tol.
@@ -377,8 +391,8 @@ def lbfgs_to_tolerance(
     opt = torch.optim.LBFGS(
         params,
         lr=lr,
-        max_iter=HISTORY,
-        history_size=HISTORY,
+        max_iter=ROUND,
+        history_size=history,
         tolerance_grad=inner_tol,
         tolerance_change=0.0,
         line_search_fn="strong_wolfe",
@@ -388,7 +402,7 @@ def lbfgs_to_tolerance(
     prev = math.inf
     while steps < max_iter:
         for group in opt.param_groups:
-            group["max_iter"] = min(HISTORY, max_iter - steps)
+            group["max_iter"] = min(ROUND, max_iter - steps)
             group["max_eval"] = group["max_iter"] * 5 // 4 * 2
         try:
             value = float(opt.step(backward))
@@ -418,7 +432,7 @@ def lbfgs_to_tolerance(
             # (y's > 1e-10) stop L-BFGS short of a tight tolerance. Finish with steps that
             # look only at gradients.
             if grad_tol is not None:
-                steps = _polish(params, backward, grad_tol, max_iter, steps, failure)
+                steps = _polish(params, backward, grad_tol, max_iter, steps, failure, history)
             return steps, True
     return steps, False
 
@@ -430,6 +444,7 @@ def _polish(
     max_iter: int,
     steps: int,
     failure: Failure,
+    history: int,
 ) -> int:
     """Gradient-only L-BFGS: two-loop recursion, unit step, halved until ||grad J|| drops.
 
@@ -473,7 +488,7 @@ def _polish(
         ys = float(torch.dot(s_vec, y_vec))
         if ys > 1e-12 * float(torch.linalg.vector_norm(s_vec) * torch.linalg.vector_norm(y_vec)):
             hist.append((s_vec, y_vec, torch.tensor(1.0 / ys, dtype=x.dtype)))
-            hist = hist[-HISTORY:]
+            hist = hist[-history:]
         x, g, gnorm = x_new, g_new, gnorm_new
         if not math.isfinite(gnorm):
             raise failure(steps, gnorm, "")

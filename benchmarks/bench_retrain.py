@@ -30,7 +30,7 @@ import torch
 from sklearn.datasets import load_iris
 from torch import nn
 
-from infl import Objective, RetrainConfig
+from infl import Objective, RetrainConfig, fit_to_minimum
 from infl.retrain import retrain_ground_truth
 
 
@@ -41,23 +41,7 @@ def setup() -> tuple[nn.Module, Objective, tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     objective = Objective("cross_entropy", weight_decay=1e-3)
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        max_iter=2000,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9,
-        tolerance_change=0,
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective.per_example_loss(model, (X, y)).mean() + 5e-4 * sum(
-            (p**2).sum() for p in model.parameters()
-        )
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    fit_to_minimum(model, objective, (X, y), grad_tol=1e-6)
     return model.eval(), objective, (X, y)
 
 

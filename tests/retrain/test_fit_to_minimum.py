@@ -23,6 +23,7 @@ from helpers_gt import make_problem, newton_fit, theta_of
 from infl import ExactHessian, InfluenceCalculator, Objective
 from infl.errors import InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.retrain import FitResult, fit_to_minimum
+from infl.retrain import fit as fit_module
 
 WD = 0.05
 
@@ -115,7 +116,7 @@ def test_frozen_parameters_are_left_alone_and_undecayed():
     assert _grad_norm(model, objective, (X, y)) <= 1e-10
 
 
-def test_an_mlp_with_chunked_data_converges():
+def test_an_mlp_from_its_initialisation_converges():
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(50, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (50,), generator=gen)
@@ -125,6 +126,16 @@ def test_an_mlp_with_chunked_data_converges():
     result = fit_to_minimum(model, objective, (X, y), grad_tol=1e-8, num_threads=1)
     assert result.converged
     assert _grad_norm(model, objective, (X, y)) <= 1e-8
+
+
+def test_chunked_evaluation_reaches_the_same_minimum(monkeypatch):
+    X, y, _, _ = make_problem(n=50, m=1)
+    objective = Objective("bce_with_logits", weight_decay=WD)
+    monkeypatch.setattr(fit_module, "EVAL_CHUNK", 7)  # 8 chunks, the last one of 1 example
+    model = _linear()
+    result = fit_to_minimum(model, objective, (X, y), grad_tol=1e-10)
+    assert result.converged
+    assert np.allclose(theta_of(model), newton_fit(X.numpy(), y.numpy(), WD), rtol=0, atol=1e-9)
 
 
 def test_budget_exhausted_is_reported_not_raised():

@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
+from infl.finite import all_finite, first_nonfinite_row
 from infl.linear_grads import LinearPerExampleGradients
 from infl.model_checks import (
     CHECK_EXAMPLES,
@@ -248,8 +249,8 @@ class ModelWrapper:
             flat = self._vmapped_grads(fn, batch)
         if add_weight_decay and self.has_decay:
             flat = flat + self.decay * self.flat_params
-        if not torch.isfinite(flat).all():
-            bad = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0])
+        bad = first_nonfinite_row(flat)
+        if bad is not None:
             raise NonFiniteError(
                 f"the gradient of example {bad} of this chunk (of {b}) is not finite; check the "
                 "inputs for NaN/inf and that the loss is finite at the trained parameters"
@@ -620,7 +621,7 @@ class ModelWrapper:
         out = out / n
         if self.has_decay:
             out = out + self.decay * vectors
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise NonFiniteError(
                 f"{what} is not finite; the loss or its curvature overflows "
                 "at the trained parameters (check for exploding logits or NaN inputs)"

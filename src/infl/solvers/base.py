@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from infl.errors import InputError, NonFiniteError
+from infl.finite import all_finite
 from infl.operators import LinearOperator
 from infl.spectral.damping import AutoDamping
 
@@ -316,7 +317,7 @@ def as_rhs(rhs: torch.Tensor, operator: LinearOperator) -> torch.Tensor:
         )
     if rhs.shape[0] == 0:
         raise InputError("no right-hand sides to solve (k = 0)")
-    if not torch.isfinite(rhs).all():
+    if not all_finite(rhs):
         raise NonFiniteError("a right-hand side contains NaN or infinite values")
     return rhs.to(device=operator.device, dtype=operator.dtype)
 

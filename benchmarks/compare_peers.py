@@ -27,6 +27,12 @@ infl's automatic scale sigma, estimated once beforehand, and runs the full depth
 repeated (3 in all, best kept) for every library alike; a peer's run is stopped after
 ``--peer-timeout`` seconds.
 
+``--variants`` adds columns for infl's opt-in speed options (``variants``): float32 curvature
+products on the float64 models, and CG preconditioned by 20 Arnoldi eigenpairs. Accuracy is
+reported as Pearson and as the largest relative error over test points; the column "best infl
+at equal accuracy" picks the fastest infl run whose Pearson is within ``EQUAL_ACCURACY`` of the
+fastest peer's.
+
 Peers (pyDVL, Captum, dattri, kronfluence) are never infl dependencies: install them in a
 separate virtualenv (benchmarks/README.md, "Side by side with peers"); any that is missing is
 skipped with a note, so the script also runs with infl alone.
@@ -34,7 +40,7 @@ skipped with a note, so the script also runs with infl alone.
 Run:  python benchmarks/compare_peers.py [--quick] [--models iris,mlp,cnn]
           [--solvers exact,cg,lissa,arnoldi,kfac,ekfac] [--peers pydvl,captum,dattri,kronfluence]
           [--cnn-exact] [--lissa-depth T] [--peer-timeout 300] [--peer-exact-max-p 1000]
-          [--threads 1] [--json out.json]
+          [--threads 1] [--variants] [--json out.json]
 (about 7 minutes on a quiet 2-core machine; each model's rows are printed to stderr and saved
 to the JSON file as soon as they are final).
 """
@@ -185,12 +191,14 @@ def objective() -> infl.Objective:
     return infl.Objective("cross_entropy", weight_decay=0.0)
 
 
-def infl_solver(setting: Setting) -> infl.Solver:
+def infl_solver(setting: Setting, preconditioner: infl.Solver | None = None) -> infl.Solver:
     lam = setting.damping
     if setting.method == "exact":
         return infl.ExactHessian(damping=lam)
     if setting.method == "cg":
-        return infl.ConjugateGradient(damping=lam, rtol=1e-10, max_iter=setting.max_iter)
+        return infl.ConjugateGradient(
+            damping=lam, rtol=1e-10, max_iter=setting.max_iter, preconditioner=preconditioner
+        )
     if setting.method == "lissa":
         return infl.LiSSA(
             damping=lam,
@@ -208,7 +216,7 @@ def infl_solver(setting: Setting) -> infl.Solver:
     raise ValueError(setting.method)
 
 
-def calculator(problem: Problem, solver: infl.Solver) -> infl.InfluenceCalculator:
+def calculator(problem: Problem, solver: infl.Solver, **options: Any) -> infl.InfluenceCalculator:
     return infl.InfluenceCalculator(
         problem.fresh_model(),
         objective(),
@@ -217,13 +225,40 @@ def calculator(problem: Problem, solver: infl.Solver) -> infl.InfluenceCalculato
         chunk_size=CHUNK,
         progress=False,
         check_minimum=False,
+        **options,
     )
 
 
-def run_infl(problem: Problem, setting: Setting) -> tuple[torch.Tensor, dict[str, Any]]:
+Variant = dict[str, Any]
+"""An infl option set beside the default run: ``calculator`` keywords, and ``preconditioner``
+(an unfitted solver) for CG."""
+
+
+def variants(problem: Problem, method: str) -> dict[str, Variant]:
+    """infl's opt-in speed options worth a row of their own for this model and solver.
+
+    ``float32 products`` (float64 models): the curvature products in float32, the answer in
+    float64 (CG refines against float64 products to the same rtol; LiSSA and Arnoldi use the
+    float32 products, their own error being far larger than float32 round-off).
+    ``Arnoldi-20 preconditioned`` (CG): PCG whose preconditioner inverts the top 20 eigenpairs
+    found by 40 Lanczos steps.
+    """
+    out: dict[str, Variant] = {}
+    if problem.dtype == torch.float64 and method in ("cg", "lissa", "arnoldi"):
+        out["float32 products"] = {"curvature_dtype": torch.float32}
+    if method == "cg" and problem.p > 1_000:
+        out["Arnoldi-20 preconditioned"] = {"preconditioner": infl.Arnoldi(rank=20, krylov_dim=40)}
+    return out
+
+
+def run_infl(
+    problem: Problem, setting: Setting, variant: Variant | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """infl's scores and its run record: seconds, solver iterations, full-data HVPs made."""
+    options = dict(variant or {})
+    pre = options.pop("preconditioner", None)
     start = time.perf_counter()
-    calc = calculator(problem, infl_solver(setting))
+    calc = calculator(problem, infl_solver(setting, pre), **options)
     scores = calc.influence((problem.x_test, problem.y_test))
     seconds = time.perf_counter() - start
     result = calc.inverse_hvp((problem.x_test, problem.y_test))
@@ -310,6 +345,14 @@ def reference(problem: Problem, exact_scores: torch.Tensor | None, damping: floa
     return calculator(big, solver).influence((big.x_test, big.y_test)).detach()
 
 
+def relative_error(scores: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest over test points of ``||s_j - ref_j|| / ||ref_j||`` (float64)."""
+    a, b = scores.detach().double(), ref.detach().double()
+    if a.shape != b.shape:
+        return float("nan")
+    return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
+
+
 def pearson(scores: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean over test points of the Pearson correlation with the reference."""
     a = np.asarray(scores.detach().double())
@@ -344,6 +387,8 @@ def _with_timeout(fn: Callable[[], Any], seconds: int) -> Any:
         signal.signal(signal.SIGALRM, previous)
 
 
+EQUAL_ACCURACY = 5e-4  # Pearson: an infl run counts as "equally accurate" this close to the peer
+
 SHORT = 2.0  # seconds: runs faster than this are repeated (3 in all) and the best time kept
 
 
@@ -370,8 +415,9 @@ def compare(
     peers: list[Any],
     timeout: int,
     exact_max_p: int,
+    with_variants: bool = False,
 ) -> dict[str, Any]:
-    """infl, then every peer that has ``setting.method``, back to back."""
+    """infl (and its ``variants`` when asked), then every peer with ``setting.method``."""
     row: dict[str, Any] = {
         "model": problem.name,
         "p": problem.p,
@@ -393,6 +439,15 @@ def compare(
         except Exception as err:  # report, keep going
             traceback.print_exc(limit=3, file=sys.stderr)
             row["runs"]["infl"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        for label, variant in (variants(problem, name) if with_variants else {}).items():
+            key = f"infl, {label}"
+            try:
+                row["runs"][key] = _repeat_if_short(
+                    lambda variant=variant: run_infl(problem, setting, variant)
+                )
+            except Exception as err:
+                traceback.print_exc(limit=3, file=sys.stderr)
+                row["runs"][key] = {"error": f"{type(err).__name__}: {err}"[:300]}
         for peer in peers:
             why = peer.supports(problem, setting)
             if why is None and name == "exact" and problem.p > exact_max_p:
@@ -423,18 +478,35 @@ def compare(
 def finish(
     row: dict[str, Any], problem: Problem, setting: Setting, ref: torch.Tensor | None
 ) -> None:
-    """Pearson against the reference, the fastest peer, and infl's floor."""
+    """Accuracy against the reference, the fastest peer, infl's floor and its best option.
+
+    ``best_infl``: the fastest infl run (default or a variant) whose Pearson is at most
+    ``EQUAL_ACCURACY`` below the fastest peer's, i.e. the ratio at equal accuracy.
+    """
     for run in row["runs"].values():
         scores = run.pop("scores", None)
         if scores is not None:
             run["pearson"] = float("nan") if ref is None else pearson(scores, ref)
+            run["relative_error"] = float("nan") if ref is None else relative_error(scores, ref)
     ours = row["runs"].get("infl", {})
-    peers = {k: v for k, v in row["runs"].items() if k != "infl" and "seconds" in v}
+    peers = {k: v for k, v in row["runs"].items() if not k.startswith("infl") and "seconds" in v}
     if peers:
         fastest = min(peers, key=lambda k: peers[k]["seconds"])
         row["fastest_peer"] = fastest
         if "seconds" in ours:
             row["infl_over_fastest_peer"] = ours["seconds"] / peers[fastest]["seconds"]
+        target = peers[fastest].get("pearson", float("nan"))
+        ok = {
+            k: v
+            for k, v in row["runs"].items()
+            if k.startswith("infl")
+            and "seconds" in v
+            and not (v.get("pearson", float("nan")) < target - EQUAL_ACCURACY)
+        }
+        if ok:
+            best = min(ok, key=lambda k: ok[k]["seconds"])
+            row["best_infl"] = best
+            row["best_infl_over_fastest_peer"] = ok[best]["seconds"] / peers[fastest]["seconds"]
     if "seconds" in ours:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -452,35 +524,46 @@ def _cell(run: dict[str, Any] | None) -> str:
         return f"> {run['timeout']} s (stopped)"
     if "error" in run:
         return "fails"
-    return f"{run['seconds']:.3g} s ({run['pearson']:.3f})"
+    err = run.get("relative_error", float("nan"))
+    return f"{run['seconds']:.3g} s ({run['pearson']:.3f}; {err:.0e})"
+
+
+def _ratio(ratio: float | None, who: str | None) -> str:
+    if ratio is None:
+        return "—"
+    if ratio >= 1:
+        return f"{ratio:.2g}× slower ({who})"
+    return f"{1 / ratio:.2g}× faster ({who})"
 
 
 def table(rows: list[dict[str, Any]], peer_names: list[str]) -> str:
+    """Markdown: one row per (model, solver); infl, its option variants, then each peer."""
+    variant_names = sorted({k for row in rows for k in row["runs"] if k.startswith("infl, ")})
     head = [
         "model",
         "solver",
         "infl",
+        *variant_names,
         *peer_names,
         "infl / fastest peer",
+        "best infl at equal accuracy / fastest peer",
         "infl floor",
         "infl / floor",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in rows:
-        ratio = row.get("infl_over_fastest_peer")
-        if ratio is None:
-            rel = "—"
-        elif ratio >= 1:
-            rel = f"{ratio:.2g}× slower ({row['fastest_peer']})"
-        else:
-            rel = f"{1 / ratio:.2g}× faster ({row['fastest_peer']})"
         floor = row.get("infl_floor_seconds")
+        best = row.get("best_infl")
         cells = [
             f"{row['model']} (p = {row['p']:,}, n = {row['n']:,}, {row['dtype']})",
             row["solver"],
             _cell(row["runs"].get("infl")),
+            *(_cell(row["runs"].get(name)) for name in variant_names),
             *(_cell(row["runs"].get(name)) for name in peer_names),
-            rel,
+            _ratio(row.get("infl_over_fastest_peer"), row.get("fastest_peer")),
+            "—"
+            if best is None
+            else f"{_ratio(row['best_infl_over_fastest_peer'], row['fastest_peer'])} [{best}]",
             "—" if floor is None else f"{floor:.3g} s",
             "—" if floor is None else f"{row['infl_over_floor']:.2f}",
         ]
@@ -529,6 +612,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lissa-depth", type=int, help="LiSSA depth T for every model (default: LISSA_DEPTH)"
     )
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also run infl's opt-in speed options (float32 products, PCG) as extra columns",
+    )
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -567,7 +655,15 @@ def main(argv: list[str] | None = None) -> None:
         model_rows = []
         exact_scores = None
         for name, setting in todo:
-            row = compare(problem, name, setting, peers, args.peer_timeout, args.peer_exact_max_p)
+            row = compare(
+                problem,
+                name,
+                setting,
+                peers,
+                args.peer_timeout,
+                args.peer_exact_max_p,
+                args.variants,
+            )
             if name == "exact" and "scores" in row["runs"]["infl"]:
                 exact_scores = row["runs"]["infl"]["scores"]
             model_rows.append((row, setting))
@@ -592,7 +688,8 @@ def main(argv: list[str] | None = None) -> None:
     if notes(rows):
         print("\n" + notes(rows))
     print(
-        f"\nseconds (Pearson with the exact answer, mean over test points); "
+        f"\nseconds (Pearson with the exact answer, mean over test points; largest relative "
+        f"error over test points); "
         f"{args.threads} thread(s); total {time.perf_counter() - started:.0f} s"
     )
     if args.json:

@@ -382,3 +382,29 @@ def test_small_p_dense_matrix_answers_instead_of_float32_products(mlp_problem):
     assert "refinement_steps" not in result.info
     assert mixed.operator.low_precision.num_matvecs == 0  # type: ignore[attr-defined]
     assert torch.equal(result.value, plain.inverse_hvp(test).value)
+
+
+def test_gauss_newton_curvature_in_float32(cnn_problem):
+    model, x, y = cnn_problem
+    test = _test(cnn_problem)
+
+    def calc(solver, dtype=None):
+        c = InfluenceCalculator(
+            model,
+            Objective("cross_entropy", weight_decay=WD),
+            (x, y),
+            solver,
+            chunk_size=128,
+            progress=False,
+            check_minimum=False,
+            curvature="gauss_newton",
+            curvature_dtype=dtype,
+        )
+        op = c.operator
+        (op.full_precision if dtype else op).dense = False  # type: ignore[attr-defined]
+        return c
+
+    exact = calc(ExactHessian(damping=DAMPING)).influence(test)
+    mixed = calc(ConjugateGradient(damping=DAMPING, rtol=1e-10, max_iter=500), torch.float32)
+    assert rel_err(mixed.influence(test), exact) < 1e-8
+    assert mixed.inverse_hvp(test).info["refinement_steps"] >= 2

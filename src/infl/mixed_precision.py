@@ -290,6 +290,20 @@ def mixed_precision_operator(
         ``operator`` is not a curvature operator over training data, or the model cannot be
         copied or evaluated in ``product_dtype`` (it holds tensors of its own dtype that are
         neither parameters nor buffers).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from infl import HessianOperator, IndexedData, ModelWrapper, Objective
+    >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+    >>> w = ModelWrapper(nn.Linear(3, 2).double(), Objective("cross_entropy"))
+    >>> op = mixed_precision_operator(HessianOperator(w, IndexedData((X, y))), torch.float32)
+    >>> v = torch.randn(1, 8, dtype=torch.float64)
+    >>> op.matmat(v).dtype, op.low_precision.dtype
+    (torch.float64, torch.float32)
+    >>> bool(((op.matmat(v) - op.full_precision.matmat(v)).norm() < 1e-5 * v.norm()))
+    True
     """
     if not isinstance(operator, TrainingDataOperator):
         raise InputError(

@@ -40,7 +40,7 @@ skipped with a note, so the script also runs with infl alone.
 Run:  python benchmarks/compare_peers.py [--quick] [--models iris,mlp,cnn]
           [--solvers exact,cg,lissa,arnoldi,kfac,ekfac] [--peers pydvl,captum,dattri,kronfluence]
           [--cnn-exact] [--lissa-depth T] [--peer-timeout 300] [--peer-exact-max-p 1000]
-          [--threads 1] [--variants] [--json out.json]
+          [--threads 1] [--cg-rtol 1e-10] [--variants] [--json out.json]
 (about 7 minutes on a quiet 2-core machine; each model's rows are printed to stderr and saved
 to the JSON file as soon as they are final).
 """
@@ -157,6 +157,7 @@ def settings(
     scale: Callable[[float, int | None], float],
     lissa_depth: int | None = None,
     cnn_exact: bool = False,
+    cg_rtol: float = 1e-10,
 ) -> dict[str, Setting]:
     """The solver settings for ``problem`` (``scale(damping, batch)`` gives LiSSA's sigma).
 
@@ -168,7 +169,7 @@ def settings(
         depth = lissa_depth
     out = {
         "exact": Setting("exact", lam),
-        "cg": Setting("cg", lam, max_iter=10 if quick else 100),
+        "cg": Setting("cg", lam, max_iter=10 if quick else 100, rtol=cg_rtol),
         "arnoldi": Setting(
             "arnoldi",
             lam,
@@ -197,7 +198,10 @@ def infl_solver(setting: Setting, preconditioner: infl.Solver | None = None) -> 
         return infl.ExactHessian(damping=lam)
     if setting.method == "cg":
         return infl.ConjugateGradient(
-            damping=lam, rtol=1e-10, max_iter=setting.max_iter, preconditioner=preconditioner
+            damping=lam,
+            rtol=setting.rtol,
+            max_iter=setting.max_iter,
+            preconditioner=preconditioner,
         )
     if setting.method == "lissa":
         return infl.LiSSA(
@@ -613,6 +617,12 @@ def main(argv: list[str] | None = None) -> None:
         "--lissa-depth", type=int, help="LiSSA depth T for every model (default: LISSA_DEPTH)"
     )
     parser.add_argument(
+        "--cg-rtol",
+        type=float,
+        default=1e-10,
+        help="CG's relative residual tolerance for every library (default 1e-10: run them all)",
+    )
+    parser.add_argument(
         "--variants",
         action="store_true",
         help="also run infl's opt-in speed options (float32 products, PCG) as extra columns",
@@ -650,6 +660,7 @@ def main(argv: list[str] | None = None) -> None:
                 functools.partial(lissa_scale, problem),
                 args.lissa_depth,
                 args.cnn_exact,
+                args.cg_rtol,
             )
         todo = [(s, all_settings[s]) for s in solvers if s in all_settings]
         model_rows = []

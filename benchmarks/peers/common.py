@@ -58,6 +58,21 @@ class Problem:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def test_grad_norms(self) -> torch.Tensor:
+        """``[m]``: the norm of each test point's cross-entropy gradient (CG's right-hand sides).
+
+        Peers whose CG tolerance is absolute get ``rtol * min_j ||b_j||`` from it.
+        """
+        model = self.fresh_model()
+        params = [q for q in model.parameters() if q.requires_grad]
+        norms = []
+        for j in range(self.m):
+            x, y = self.x_test[j : j + 1], self.y_test[j : j + 1]
+            loss = nn.functional.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, params)
+            norms.append(torch.sqrt(sum((g * g).sum() for g in grads)))
+        return torch.stack(norms).detach()
+
     def fresh_model(self) -> nn.Module:
         """A deep copy of the trained model (eval mode, gradients enabled)."""
         model = copy.deepcopy(self.model)
@@ -76,7 +91,11 @@ class Setting:
     damping
         lambda in ``H + lambda I`` (every library's own name for it is set to this value).
     max_iter
-        CG iterations (the tolerance is set so that all of them run unless converged).
+        CG iterations: at most this many.
+    rtol
+        CG stops system ``j`` at a residual ``||b_j - A x_j|| <= rtol ||b_j||`` (1e-10, the
+        default, lets every iteration run unless converged); each adapter converts it to its
+        library's convention.
     depth
         LiSSA recursion depth T.
     batch_size
@@ -92,6 +111,7 @@ class Setting:
     method: str
     damping: float
     max_iter: int = 100
+    rtol: float = 1e-10
     depth: int = 5000
     batch_size: int | None = None
     scale: float = 1.0
@@ -100,7 +120,7 @@ class Setting:
 
     def label(self) -> str:
         if self.method == "cg":
-            return f"CG {self.max_iter}"
+            return f"CG {self.max_iter}" + ("" if self.rtol == 1e-10 else f", rtol {self.rtol:g}")
         if self.method == "lissa":
             batch = "full batch" if self.batch_size is None else f"batch {self.batch_size}"
             return f"LiSSA {batch}, depth {self.depth}"

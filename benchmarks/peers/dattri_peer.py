@@ -1,7 +1,7 @@
 """dattri (``dattri.algorithm.influence_function``, tested with 0.3.0).
 
 Attributors: ``IFAttributorExplicit`` (dense Hessian, ``regularization`` = lambda),
-``IFAttributorCG`` (``max_iter``, ``tol`` set tiny so that all iterations run unless converged),
+``IFAttributorCG`` (``max_iter``; ``tol``, absolute: ``rtol`` x the smallest test gradient norm),
 ``IFAttributorLiSSA`` (Koh & Liang's recursion ``x <- v + (1 - d) x - H x / s``; its fixed point
 is ``(H + d s I)^{-1} v``, so ``d = lambda / sigma`` and ``s = sigma``), ``IFAttributorArnoldi``
 (``proj_dim`` = rank, ``max_iter`` = Krylov steps) and ``IFAttributorEKFAC`` (``nn.Linear``
@@ -80,7 +80,11 @@ def scores(problem: Problem, setting: Setting) -> torch.Tensor:
         attributor = dif.IFAttributorExplicit(task=task, regularization=lam)
     elif setting.method == "cg":
         attributor = dif.IFAttributorCG(
-            task=task, max_iter=setting.max_iter, tol=1e-12, regularization=lam
+            task=task,
+            max_iter=setting.max_iter,
+            # dattri's tol is absolute on ||r||: the relative rtol of the smallest rhs
+            tol=setting.rtol * float(problem.test_grad_norms().min()),
+            regularization=lam,
         )
     elif setting.method == "lissa":
         attributor = dif.IFAttributorLiSSA(

@@ -69,7 +69,7 @@ def scores(problem: Problem, setting: Setting) -> torch.Tensor:
             model,
             mean_cross_entropy,
             regularization=lam,
-            rtol=1e-10,
+            rtol=setting.rtol**0.5,  # pyDVL stops at ||r|| <= rtol^2 ||b||
             atol=0.0,
             maxiter=setting.max_iter,
             solve_simultaneously=True,  # block CG over the m right-hand sides: its fastest mode

@@ -49,17 +49,17 @@ EVAL_CHUNK = 4096
 ROUND = 20
 """L-BFGS iterations between two checks of the full gradient norm."""
 
-HISTORY = 20
-"""Correction pairs the retrains' L-BFGS (and its gradient-only polish) keep."""
+HISTORY = 100
+"""Correction pairs the retrains' L-BFGS (and its gradient-only polish) keep: torch's default.
+With 20, warm-started retrains of a 131-parameter tanh MLP on Iris hit a 200-step budget
+(10 of 21) where 100 pairs converged in about 80 steps each. Memory: ``2 * HISTORY`` vectors
+of the parameters' size."""
 
 Failure = Callable[[int, float, str], Exception]
 """``failure(iteration, value, where)``: the error to raise when J or its gradient is ``value``
 (non-finite) at ``iteration``; ``where`` is ``""`` or e.g. ``" in L-BFGS's line search"``."""
 
 FitStop = Literal["converged", "stalled", "max_iter"]
-
-PolishRule = Literal["slow", "flat"]
-"""When :func:`lbfgs_to_tolerance` hands over to the gradient-only polish (see there)."""
 
 FLAT_EPS = 16
 """A round of L-BFGS that lowers J by at most this many epsilons (relative) found J flat."""
@@ -278,7 +278,7 @@ def fit_to_minimum(
         with torch.enable_grad():  # also under a caller's torch.no_grad()
             iterations, stalled = lbfgs_to_tolerance(
                 params, backward, grad_tol=float(grad_tol), max_iter=int(max_iter), lr=float(lr),
-                failure=failure, polish_when="flat", history=int(history_size),
+                failure=failure, history=int(history_size),
             )  # fmt: skip
             value = float(backward())
             gnorm = grad_norm_of(params)
@@ -353,7 +353,8 @@ def _not_converged(
     fix = "fit in float64 or" if dtype != torch.float64 else "the model may be ill-conditioned;"
     return (
         f"{head}: no step lowered the gradient norm any more (floating-point precision is "
-        f"exhausted, so raising max_iter will not help); {fix} accept a looser grad_tol"
+        f"exhausted, or J is not differentiable there, e.g. at a ReLU kink; raising max_iter "
+        f"will not help); {fix} accept a looser grad_tol"
     )
 
 
@@ -365,7 +366,6 @@ def lbfgs_to_tolerance(
     max_iter: int,
     lr: float,
     failure: Failure,
-    polish_when: PolishRule = "slow",
     history: int = HISTORY,
 ) -> tuple[int, bool]:
     """L-BFGS on ``params`` until :math:`\\|\\nabla J\\|_2 \\le` ``grad_tol``.
@@ -378,11 +378,14 @@ def lbfgs_to_tolerance(
     ``failure(iteration, value, where)``.
 
     L-BFGS runs in rounds of :data:`ROUND` iterations; after a round it counts as stopped on
-    its own when it took no iteration, or, with ``polish_when="slow"`` (warm-started retrains,
-    already near the minimum), when :math:`\\|\\nabla J\\|` fell by less than half over the
-    round, or, with ``"flat"`` (training from anywhere, where slow rounds far from the minimum
-    are normal), when :math:`J` fell by no more than its rounding (:data:`FLAT_EPS` units of
-    the dtype's epsilon, relative).
+    its own when it took no iteration or :math:`J` fell by no more than its rounding
+    (:data:`FLAT_EPS` units of the dtype's epsilon, relative): only then can the line search,
+    which compares values of :math:`J`, no longer make progress. (An earlier rule for
+    warm-started retrains also handed over when :math:`\\|\\nabla J\\|` fell by less than
+    half in a round; on non-convex models that happens far from the minimum, where the polish
+    cannot work, and most retrains of a tanh MLP stopped at :math:`\\|\\nabla J\\|`
+    up to :math:`3\\cdot10^{-4}` for a tolerance of :math:`10^{-7}`.) The polish starts from
+    the correction pairs L-BFGS collected.
     """
     eps = FLAT_EPS * torch.finfo(params[0].dtype).eps
     # L-BFGS's own stopping test is on max|g|; max|g| <= tol/sqrt(p) implies ||g|| <= tol.
@@ -399,7 +402,6 @@ def lbfgs_to_tolerance(
     )
 
     steps = 0
-    prev = math.inf
     while steps < max_iter:
         for group in opt.param_groups:
             group["max_iter"] = min(ROUND, max_iter - steps)
@@ -419,11 +421,8 @@ def lbfgs_to_tolerance(
         gnorm = grad_norm_of(params)
         if not math.isfinite(gnorm):
             raise failure(new_steps, gnorm, "")
-        if polish_when == "slow":
-            stalled = new_steps <= steps or gnorm > 0.5 * prev
-        else:
-            stalled = new_steps <= steps or value - after <= eps * abs(value)
-        steps, prev = max(new_steps, steps), gnorm
+        stalled = new_steps <= steps or value - after <= eps * abs(value)
+        steps = max(new_steps, steps)
         if grad_tol is not None and gnorm <= grad_tol:
             break
         if stalled:
@@ -432,7 +431,10 @@ def lbfgs_to_tolerance(
             # (y's > 1e-10) stop L-BFGS short of a tight tolerance. Finish with steps that
             # look only at gradients.
             if grad_tol is not None:
-                steps = _polish(params, backward, grad_tol, max_iter, steps, failure, history)
+                pairs = _lbfgs_pairs(state, history)
+                steps = _polish(
+                    params, backward, grad_tol, max_iter, steps, failure, history, pairs
+                )
             return steps, True
     return steps, False
 
@@ -445,11 +447,18 @@ def _polish(
     steps: int,
     failure: Failure,
     history: int,
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> int:
     """Gradient-only L-BFGS: two-loop recursion, unit step, halved until ||grad J|| drops.
 
     Used only close to a minimum, where the quasi-Newton step is accurate and the gradient
-    norm is a sound merit function; it needs no values of :math:`J`.
+    norm is a sound merit function; it needs no values of :math:`J`. It starts from ``pairs``
+    (``(s, y, 1/y's)``, oldest first: L-BFGS's own). When no step along the quasi-Newton
+    direction lowers the gradient norm, the pairs are dropped and it tries again from
+    :math:`-\\nabla J`; when that fails too, it stops (float precision is exhausted, or
+    :math:`J` is not differentiable there, e.g. at a ReLU kink). With L-BFGS's pairs and the
+    restart, all 21 warm-started retrains of the Iris tanh MLP (20 removals and the control run)
+    reached :math:`\\|\\nabla J\\| \\le 10^{-10}` in float64; from an empty history, 12.
     """
 
     def grad_at(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -461,7 +470,7 @@ def _polish(
 
     x = torch.nn.utils.parameters_to_vector(params).detach().clone()
     g, gnorm = grad_at(x)
-    hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = list(pairs or [])
     while steps < max_iter and gnorm > grad_tol:
         q = -g
         alphas = []
@@ -482,7 +491,11 @@ def _polish(
                 break
             t *= 0.5
         else:
-            break  # no step lowers the gradient norm: float precision is exhausted
+            if hist:
+                # the quasi-Newton model points nowhere useful: start again from -g
+                hist = []
+                continue
+            break  # not even along -g: float precision is exhausted, or J has a kink here
         steps += 1
         s_vec, y_vec = x_new - x, g_new - g
         ys = float(torch.dot(s_vec, y_vec))
@@ -495,6 +508,17 @@ def _polish(
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(x, params)
     return steps
+
+
+def _lbfgs_pairs(
+    state: dict[str, Any], history: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The correction pairs ``(s, y, 1/y's)`` torch's L-BFGS kept, oldest first."""
+    ys = state.get("old_dirs") or []
+    ss = state.get("old_stps") or []
+    ros = state.get("ro") or []
+    pairs = [(s, y, torch.as_tensor(r)) for s, y, r in zip(ss, ys, ros, strict=True)]
+    return pairs[-history:]
 
 
 def _in_line_search(err: BaseException) -> bool:

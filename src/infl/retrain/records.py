@@ -15,7 +15,9 @@ StopReason = Literal["converged", "max_steps", "stalled"]
 """Why a retrain stopped: ``"converged"`` (``||grad J|| <= grad_tol``), ``"max_steps"`` (the
 step budget ran out) or ``"stalled"`` (L-BFGS stopped on its own before ``max_steps``: its line
 search or curvature test could make no more progress, and the gradient-only polish could not
-lower ``||grad J||`` further in the floating-point precision)."""
+lower ``||grad J||`` further: floating-point precision was exhausted, or ``J`` is not
+differentiable there, e.g. at a ReLU kink). Every retrain that ends above ``grad_tol`` is
+``"max_steps"`` or ``"stalled"``, and :func:`~infl.retrain_ground_truth` warns about it."""
 
 
 @dataclass

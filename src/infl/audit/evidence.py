@@ -524,6 +524,8 @@ def retraining_evidence(
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
     threads = 1 if size <= SINGLE_THREAD_MAX_PARAMS else None
 
+    misses: dict[int, float] = {}  # retrains (-1: the control run) that stopped above grad_tol
+
     def run(removals: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         gt = retrain_ground_truth(
             model,
@@ -536,6 +538,12 @@ def retraining_evidence(
             store=retrains,
             num_threads=threads,
         )
+        if cfg.grad_tol is not None:  # the audit silences InflWarning: record the misses
+            for index, g in zip(removals, gt.grad_norm.tolist(), strict=True):
+                if g > cfg.grad_tol:
+                    misses[int(index)] = g
+            if gt.control_grad_norm > cfg.grad_tol:
+                misses[-1] = gt.control_grad_norm
         return gt.corrected_change, gt.param_change_norm
 
     changes: list[torch.Tensor] = []
@@ -626,6 +634,16 @@ def retraining_evidence(
             f" Taylor gap: predicted vs retrained parameter-change norms Spearman "
             f"{show(numbers['taylor_gap_spearman'])}, median retrained/predicted ratio "
             f"{show(numbers['taylor_gap_median_ratio'])}."
+        )
+    numbers["grad_tol"] = cfg.grad_tol
+    numbers["unconverged_retrains"] = sorted(misses)  # -1: the control run
+    numbers["max_unconverged_grad_norm"] = num(max(misses.values()), 3) if misses else None
+    if misses:
+        reading += (
+            f" Retrains stopped above grad_tol={cfg.grad_tol:g} (||grad J|| up to "
+            f"{show(numbers['max_unconverged_grad_norm'])}) for removals {sorted(misses)} "
+            "(-1: the control run): not leave-one-out minima (train the model to a minimum, "
+            "e.g. infl.fit_to_minimum; a ReLU kink can also stop them)."
         )
     numbers["removed"] = done
     numbers["scatter"] = scatter

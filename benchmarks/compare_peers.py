@@ -30,8 +30,8 @@ repeated (3 in all, best kept) for every library alike; a peer's run is stopped 
 ``--variants`` adds columns for infl's opt-in speed options (``variants``): float32 curvature
 products on the float64 models, and CG preconditioned by 20 Arnoldi eigenpairs. Accuracy is
 reported as Pearson and as the largest relative error over test points; the column "best infl
-at equal accuracy" picks the fastest infl run whose Pearson is within ``EQUAL_ACCURACY`` of the
-fastest peer's.
+at equal accuracy" picks the fastest infl run as accurate as the fastest peer's (Pearson and
+relative error; see ``finish``).
 
 Peers (pyDVL, Captum, dattri, kronfluence) are never infl dependencies: install them in a
 separate virtualenv (benchmarks/README.md, "Side by side with peers"); any that is missing is
@@ -391,7 +391,11 @@ def _with_timeout(fn: Callable[[], Any], seconds: int) -> Any:
         signal.signal(signal.SIGALRM, previous)
 
 
-EQUAL_ACCURACY = 5e-4  # Pearson: an infl run counts as "equally accurate" this close to the peer
+# an infl run is "equally accurate" as a peer's when its Pearson is at most EQUAL_ACCURACY lower
+# and its relative error at most EQUAL_ERROR_FACTOR times the peer's (or below EQUAL_ERROR_FLOOR)
+EQUAL_ACCURACY = 5e-4
+EQUAL_ERROR_FACTOR = 1.25
+EQUAL_ERROR_FLOOR = 1e-6
 
 SHORT = 2.0  # seconds: runs faster than this are repeated (3 in all) and the best time kept
 
@@ -485,7 +489,9 @@ def finish(
     """Accuracy against the reference, the fastest peer, infl's floor and its best option.
 
     ``best_infl``: the fastest infl run (default or a variant) whose Pearson is at most
-    ``EQUAL_ACCURACY`` below the fastest peer's, i.e. the ratio at equal accuracy.
+    ``EQUAL_ACCURACY`` below the fastest peer's and whose relative error is at most
+    ``EQUAL_ERROR_FACTOR`` times the peer's (or under ``EQUAL_ERROR_FLOOR``): the ratio at
+    equal accuracy.
     """
     for run in row["runs"].values():
         scores = run.pop("scores", None)
@@ -500,12 +506,17 @@ def finish(
         if "seconds" in ours:
             row["infl_over_fastest_peer"] = ours["seconds"] / peers[fastest]["seconds"]
         target = peers[fastest].get("pearson", float("nan"))
+        target_err = peers[fastest].get("relative_error", float("nan"))
         ok = {
             k: v
             for k, v in row["runs"].items()
             if k.startswith("infl")
             and "seconds" in v
             and not (v.get("pearson", float("nan")) < target - EQUAL_ACCURACY)
+            and not (
+                v.get("relative_error", float("nan"))
+                > max(EQUAL_ERROR_FACTOR * target_err, EQUAL_ERROR_FLOOR)
+            )
         }
         if ok:
             best = min(ok, key=lambda k: ok[k]["seconds"])

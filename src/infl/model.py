@@ -40,6 +40,7 @@ from infl.model_checks import (
 )
 from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
 from infl.second_order import (
+    GradientGraphs,
     SecondOrder,
     _missing_forward_ad,
     _operation_named,
@@ -365,7 +366,11 @@ class ModelWrapper:
         return total / len(data) + self.decay * self.flat_params
 
     def hvp(
-        self, data: IndexedData | Batch, vectors: torch.Tensor, chunk_size: int
+        self,
+        data: IndexedData | Batch,
+        vectors: torch.Tensor,
+        chunk_size: int,
+        graphs: GradientGraphs | None = None,
     ) -> torch.Tensor:
         """Hessian-vector products :math:`H V^T` with :math:`H = \\nabla^2 J`: ``[k, p]``.
 
@@ -392,12 +397,21 @@ class ModelWrapper:
             ``[k, p]``.
         chunk_size
             Examples per chunk: peak memory grows with ``chunk_size`` (and with ``k``).
+        graphs
+            Reverse-over-reverse only: keep each chunk's gradient graph here and reuse it in
+            later calls with the same ``data`` and ``chunk_size`` (:class:`GradientGraphs`;
+            what a fixed operator passes). ``None``: build every graph afresh.
         """
         self._check_vectors(vectors, "HVP")
+        if graphs is not None:
+            graphs.calls += 1
+        position = [0]
 
         def one_chunk(batch: Batch) -> torch.Tensor:
             if self.second_order == "reverse-over-reverse":
-                return self._hvp_double_backward(batch, vectors)
+                chunk = position[0]
+                position[0] += 1
+                return hvp_double_backward(self, batch, vectors, graphs, chunk)
             return self._hvp_forward_over_reverse()(vectors, self.flat_params, batch)
 
         return self._curvature_products(

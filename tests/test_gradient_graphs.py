@@ -1,0 +1,74 @@
+"""Kept gradient graphs (``GradientGraphs``): the same HVPs as building every graph afresh."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from infl import HessianOperator, IndexedData, ModelWrapper, Objective
+from infl.second_order import GradientGraphs
+
+
+def _problem(n: int = 23, seed: int = 0) -> tuple[ModelWrapper, IndexedData]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(n, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,))
+    wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=1e-2))
+    return wrapper, IndexedData((x, y))
+
+
+def test_kept_graphs_give_the_same_products_bit_for_bit() -> None:
+    wrapper, data = _problem()
+    op = HessianOperator(wrapper, data, chunk_size=5, dense=False)
+    v = torch.randn(3, wrapper.num_params, dtype=torch.float64)
+    fresh = wrapper.hvp(data, v, 5)
+    first = op.matmat(v)
+    assert op._graphs is not None
+    assert not op._graphs.kept
+    second = op.matmat(v)
+    assert len(op._graphs.kept) == 5  # 23 examples in chunks of 5
+    assert op._graphs.used_bytes > 0
+    third = op.matmat(v)  # answered from the kept graphs
+    for out in (first, second, third):
+        assert torch.equal(out, fresh)
+    w = torch.randn(7, wrapper.num_params, dtype=torch.float64)  # other vectors, other k
+    assert torch.equal(op.matmat(w), wrapper.hvp(data, w, 5))
+
+
+def test_the_budget_limits_what_is_kept_and_never_changes_the_products() -> None:
+    wrapper, data = _problem()
+    v = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    fresh = wrapper.hvp(data, v, 5)
+    probe = GradientGraphs()
+    for _ in range(2):
+        wrapper.hvp(data, v, 5, probe)
+    per_chunk = probe.used_bytes // len(probe.kept)
+    for budget, kept in ((0, 0), (2 * per_chunk + per_chunk // 2, 2)):
+        graphs = GradientGraphs(budget_bytes=budget)
+        outs = [wrapper.hvp(data, v, 5, graphs) for _ in range(3)]
+        assert len(graphs.kept) == kept
+        assert graphs.full
+        assert all(torch.equal(out, fresh) for out in outs)
+
+
+def test_a_minibatch_operator_used_once_keeps_no_graph() -> None:
+    wrapper, data = _problem()
+    op = HessianOperator(wrapper, data, chunk_size=5, dense=False)
+    sub = op.subsample(8, torch.Generator().manual_seed(0))
+    sub.matmat(torch.randn(1, wrapper.num_params, dtype=torch.float64))
+    assert sub._graphs is None or not sub._graphs.kept
+
+
+def test_forward_over_reverse_keeps_no_graph() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    wrapper = ModelWrapper(model, Objective("cross_entropy"), second_order="forward-over-reverse")
+    data = IndexedData((torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 3, (11,))))
+    op = HessianOperator(wrapper, data, chunk_size=4, dense=False)
+    v = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    reverse = ModelWrapper(model, Objective("cross_entropy")).hvp(data, v, 4)
+    for _ in range(3):
+        assert torch.allclose(op.matmat(v), reverse, rtol=1e-12, atol=1e-14)
+    assert op._graphs is not None
+    assert not op._graphs.kept

@@ -40,15 +40,14 @@ import infl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import (  # the benchmarks folder is not a package
-    CHUNK,
     DAMPING,
     build_problem,
     infl_solver,
     lissa_scale,
-    objective,
     reference,
     settings,
 )
+from compare_peers import calculator as peer_calculator
 from peers.common import Problem
 
 
@@ -56,16 +55,7 @@ def calculator(
     problem: Problem, solver: infl.Solver, dtype: torch.dtype | None
 ) -> infl.InfluenceCalculator:
     """compare_peers' calculator, with ``curvature_dtype=dtype``."""
-    return infl.InfluenceCalculator(
-        problem.fresh_model(),
-        objective(),
-        (problem.x_train, problem.y_train),
-        solver,
-        chunk_size=CHUNK,
-        progress=False,
-        check_minimum=False,
-        curvature_dtype=dtype,
-    )
+    return peer_calculator(problem, solver, curvature_dtype=dtype)
 
 
 def load_problem(cache: Path) -> Problem:

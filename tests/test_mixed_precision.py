@@ -80,7 +80,7 @@ def cnn_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return _train(model, x, y), x, y
 
 
-def _calc(problem, solver, dtype=None, *, dense=False) -> InfluenceCalculator:
+def _calc(problem, solver, dtype=None, *, dense=False, curvature="hessian") -> InfluenceCalculator:
     """A calculator; ``dense=False`` keeps the small-p dense shortcut off, so that products
     are taken (in float32 with ``dtype``) instead of answered from the float64 matrix."""
     model, x, y = problem
@@ -92,6 +92,7 @@ def _calc(problem, solver, dtype=None, *, dense=False) -> InfluenceCalculator:
         chunk_size=128,
         progress=False,
         check_minimum=False,
+        curvature=curvature,
         curvature_dtype=dtype,
     )
     op = calc.operator
@@ -385,24 +386,10 @@ def test_small_p_dense_matrix_answers_instead_of_float32_products(mlp_problem):
 
 
 def test_gauss_newton_curvature_in_float32(cnn_problem):
-    model, x, y = cnn_problem
     test = _test(cnn_problem)
 
     def calc(solver, dtype=None):
-        c = InfluenceCalculator(
-            model,
-            Objective("cross_entropy", weight_decay=WD),
-            (x, y),
-            solver,
-            chunk_size=128,
-            progress=False,
-            check_minimum=False,
-            curvature="gauss_newton",
-            curvature_dtype=dtype,
-        )
-        op = c.operator
-        (op.full_precision if dtype else op).dense = False  # type: ignore[attr-defined]
-        return c
+        return _calc(cnn_problem, solver, dtype, curvature="gauss_newton")
 
     exact = calc(ExactHessian(damping=DAMPING)).influence(test)
     mixed = calc(ConjugateGradient(damping=DAMPING, rtol=1e-10, max_iter=500), torch.float32)

@@ -17,15 +17,6 @@ from infl.retrain.batched import BatchedSGD
 from infl.retrain.stacked_linear import StackedSequential
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is far faster (and immune to a loaded machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def mlp_problem():
     gen = torch.Generator().manual_seed(0)

@@ -42,15 +42,6 @@ from infl.retrain import RetrainConfig, retrain_ground_truth, retrain_subsets
 WD = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is far faster (and immune to a loaded machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def convex():
     X, y, Xt, yt = make_problem()

@@ -36,14 +36,6 @@ from infl.retrain import fit as fit_module
 from infl.retrain.single import RetrainJob, trainable
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _grad_norm(model: nn.Module, objective: Objective, data) -> float:
     """||grad J|| by plain autograd on the whole batch (one weight decay for all tensors)."""
     params = list(model.parameters())

@@ -23,14 +23,6 @@ from problems import LogisticProblem, make_logistic_problem
 K = 8  # leave-one-out removals per test (each retrain ~0.05 s)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def prob() -> LogisticProblem:
     return make_logistic_problem()

@@ -97,7 +97,7 @@ class _Kronecker(Solver):
     damping: float | Literal["heuristic"] = "heuristic"  # type: ignore[assignment]
     fisher: FisherType = "true"
     unsupported: Literal["error", "diagonal"] = "error"
-    mc_samples: int = 1
+    mc_samples: int | Literal["exact"] = 1
     seed: int = 0
     chunk_size: int | None = None
 
@@ -115,10 +115,12 @@ class _Kronecker(Solver):
                 f"unsupported must be 'error' or 'diagonal' (Fisher diagonal for parameters "
                 f"outside nn.Linear/nn.Conv2d), got {self.unsupported!r}"
             )
-        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int):
-            raise InputError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
-        if self.mc_samples < 1:
-            raise InputError(f"mc_samples must be a positive integer, got {self.mc_samples}")
+        mc = self.mc_samples
+        if mc != "exact" and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+            raise InputError(
+                f"mc_samples must be a positive integer or 'exact' (the expectation over the "
+                f"labels, one backward pass per model output), got {mc!r}"
+            )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InputError(
                 f"chunk_size must be a positive integer or None, got {self.chunk_size}"
@@ -247,7 +249,11 @@ class KFAC(_Kronecker):
         of them by its Fisher diagonal :math:`E[(\\partial\\ell/\\partial\\theta_j)^2]` (same
         label choice as ``fisher``).
     mc_samples
-        Label draws per example for ``fisher="true"`` (ignored for ``"empirical"``).
+        Label draws per example for ``fisher="true"`` (ignored for ``"empirical"``), or
+        ``"exact"``: the expectation over the labels computed exactly, :math:`E_y[gg^T] =
+        \\sum_j (J^T r_j)(J^T r_j)^T` with :math:`\\sum_j r_j r_j^T` the loss's output Hessian
+        (``diag(p) - p p^T`` for ``cross_entropy``): one backward pass per output of an example
+        (``C`` for ``C`` classes) and no sampling noise, so ``seed`` is unused.
     seed
         Seeds the label draws (pass 1 uses ``seed``, EK-FAC's pass 2 ``seed + 1``).
     chunk_size
@@ -255,9 +261,10 @@ class KFAC(_Kronecker):
 
     Notes
     -----
-    Cost: ``fit`` is one forward and ``mc_samples`` backward passes over the data, then one
-    eigendecomposition per factor (:math:`O(in^3 + out^3)` per layer); memory is the factors,
-    :math:`\\sum_l in_l^2 + out_l^2` numbers. A solve of ``k`` vectors costs
+    Cost: ``fit`` is one forward and ``mc_samples`` backward passes over the data (``"exact"``:
+    one per output of an example, e.g. ``C``), then one eigendecomposition per factor
+    (:math:`O(in^3 + out^3)` per layer); memory is the factors, :math:`\\sum_l in_l^2 +
+    out_l^2` numbers. A solve of ``k`` vectors costs
     :math:`O(k \\sum_l (out_l^2 in_l + out_l in_l^2))`. ``residual_norms`` are NaN: the
     approximate system is solved exactly, and the residual against the true operator
     would cost a pass over the data (compute it with
@@ -522,6 +529,7 @@ class FittedKronecker(FittedSolver):
             **super().info,
             "damping_rule": self.damping_rule,
             "fisher": self.solver.fisher,
+            "mc_samples": self.solver.mc_samples,
             "weight_decay": self.weight_decay,
             "mean_eigenvalue": self._mean_eig,
             "min_eigenvalue": self._min_eig,

@@ -27,7 +27,12 @@ Martens & Grosse (2015). Convolutions use ``unfold`` patches as :math:`a_{i,t}` 
 
 Labels: ``fisher="true"`` draws :math:`y \\sim p(y|f(x))` from the model's predictive
 distribution with a seeded generator (so :math:`E[gg^T]` is the Gauss-Newton matrix in
-expectation); ``"empirical"`` uses the data's own labels.
+expectation); ``"empirical"`` uses the data's own labels. ``mc_samples="exact"`` replaces the
+draws by the expectation itself: with :math:`J` the Jacobian of example :math:`i`'s outputs and
+:math:`H_f = E_y[\\nabla_f\\ell\\,\\nabla_f\\ell^T]` the loss's output Hessian (``diag(p) - p
+p^T`` for cross-entropy), :math:`E_y[gg^T] = \\sum_j (J^T r_j)(J^T r_j)^T` for any columns
+:math:`r_j` with :math:`\\sum_j r_j r_j^T = H_f`, so one backward pass per column gives the
+factors with no sampling noise (:func:`fisher_root_columns`).
 
 This module only computes; :mod:`infl.solvers.kfac` turns the factors into a solver.
 """
@@ -46,7 +51,7 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
-from infl.losses import _LOSSES, SupervisedLoss, _split_supervised
+from infl.losses import _LOSSES, PerExampleFn, SupervisedLoss, _split_supervised
 from infl.model import ModelWrapper
 
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
@@ -268,9 +273,11 @@ class ChunkRecord:
     """One chunk and one label draw: what every accumulator needs.
 
     ``acts[name]`` is ``[b, T, in_dim]``, ``grads[name]`` ``[b, T, out_dim]`` (gradients of the
-    per-example losses), ``loss_batch`` the batch with the labels used (sampled or true), and
-    ``weight`` the Monte-Carlo weight of this draw (``1 / mc_samples``) and ``draw`` its
-    index (the activations are the same for every draw of a chunk).
+    per-example losses), ``loss_batch`` the batch whose per-example ``loss_fn`` was
+    differentiated (the labels used, sampled or true; for ``mc_samples="exact"`` the inputs and
+    one column :math:`r_j` of the output Hessian's square root), ``weight`` the Monte-Carlo
+    weight of this draw (``1 / mc_samples``; 1 for an exact column) and ``draw`` its index
+    (the activations are the same for every draw of a chunk).
     """
 
     size: int
@@ -279,6 +286,7 @@ class ChunkRecord:
     loss_batch: Batch
     weight: float
     draw: int
+    loss_fn: PerExampleFn
 
 
 def builtin_loss_name(wrapper: ModelWrapper) -> str | None:
@@ -304,6 +312,54 @@ def _sample_labels(name: str, outputs: torch.Tensor, generator: torch.Generator)
     return out + noise * (0.5**0.5)
 
 
+def fisher_root_columns(name: str, outputs: torch.Tensor) -> list[torch.Tensor]:
+    """Columns :math:`r_j` (shaped like ``outputs``) with :math:`\\sum_j r_j r_j^T = H_f`.
+
+    :math:`H_f = E_{y\\sim p(y|f)}[\\nabla_f\\ell\\,\\nabla_f\\ell^T]`, per example, is the
+    Fisher of the predictive distribution that the loss ``name`` is the NLL of (equal to the
+    loss's output Hessian): ``cross_entropy`` ``diag(p) - p p^T`` per location, whose square
+    root has the columns :math:`\\sqrt{p_k}(p - e_k)` (the gradient for label :math:`k`
+    weighted by :math:`\\sqrt{p_k}`: :math:`\\sum_k p_k (p - e_k)(p - e_k)^T = \\mathrm{diag}(p) -
+    p p^T` as :math:`\\sum_k p_k = 1`);
+    ``bce_with_logits`` :math:`\\mathrm{diag}(\\sigma(1-\\sigma))`; ``mse`` :math:`2I`.
+    Column ``j`` of a multi-location output is non-zero at one location only, so locations stay
+    independent, as the sampled labels are.
+
+    Returns ``D`` tensors, ``D`` = the number of outputs of one example (``C`` for
+    classification into ``C`` classes); each costs one backward pass.
+    """
+    out = outputs.detach()
+    b = out.shape[0]
+    columns = []
+    if name == "cross_entropy":
+        probs = torch.softmax(out, dim=1).reshape(b, out.shape[1], -1)  # [b, C, L]
+        for k in range(probs.shape[1]):
+            for loc in range(probs.shape[2]):
+                p = probs[:, :, loc]  # [b, C]
+                r = torch.zeros_like(probs)
+                r[:, :, loc] = p * p[:, k : k + 1].sqrt()
+                r[:, k, loc] -= p[:, k].sqrt()
+                columns.append(r.reshape(out.shape))
+        return columns
+    if name == "bce_with_logits":
+        s = torch.sigmoid(out).reshape(b, -1)
+        scale = (s * (1 - s)).sqrt()
+    else:  # mse: the NLL of N(f, I/2), so H_f = 2 I
+        scale = torch.full_like(out.reshape(b, -1), 2.0**0.5)
+    for j in range(scale.shape[1]):
+        r = torch.zeros_like(scale)
+        r[:, j] = scale[:, j]
+        columns.append(r.reshape(out.shape))
+    return columns
+
+
+def _linearised_loss(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
+    """Per example :math:`\\langle f(x), r\\rangle` (``r`` fixed): its gradient is :math:`J^T r`."""
+    inputs, r = _split_supervised(batch)
+    out = model(inputs)
+    return (out * r).reshape(out.shape[0], -1).sum(dim=1)
+
+
 def stream(
     wrapper: ModelWrapper,
     data: IndexedData,
@@ -313,11 +369,14 @@ def stream(
     fisher: str,
     chunk_size: int,
     generator: torch.Generator,
-    mc_samples: int,
+    mc_samples: int | str,
     desc: str,
     progress: bool,
 ) -> None:
     """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
+
+    ``mc_samples`` label draws per example for ``fisher="true"``, or ``"exact"``: one
+    backward pass per column of :func:`fisher_root_columns` instead of the draws.
 
     Temporary forward hooks on the layers record their inputs and outputs during a
     ``functional_call`` of the user's module at infl's parameters; they are removed in
@@ -352,20 +411,31 @@ def stream(
             b = batch_size(batch)
             for rec in records.values():
                 rec.clear()
-            draws: list[tuple[torch.Tensor, Batch]] = []
+            draws: list[tuple[torch.Tensor, Batch, PerExampleFn]] = []
             with torch.enable_grad():
                 active[0] = True
                 try:
                     if loss_name is None:
-                        losses = wrapper.objective.per_example_loss(model_fn, batch)
-                        draws.append((losses.sum(), batch))
+                        loss_fn = wrapper.objective.per_example_loss
+                        draws.append((loss_fn(model_fn, batch).sum(), batch, loss_fn))
                     else:
                         inputs, _ = _split_supervised(batch)
                         outputs = model_fn(inputs)
-                        for _ in range(mc_samples):
-                            labels = _sample_labels(loss_name, outputs, generator)
-                            loss = _LOSSES[loss_name](outputs, labels).sum()
-                            draws.append((loss, (inputs, labels)))
+                        if mc_samples == "exact":
+                            if not torch.isfinite(outputs).all():
+                                raise NonFiniteError(
+                                    "the model's outputs on a chunk are not finite at the "
+                                    "trained parameters; check the inputs for NaN/inf"
+                                )
+                            for col in fisher_root_columns(loss_name, outputs):
+                                pseudo = (outputs * col).sum()
+                                draws.append((pseudo, (inputs, col), _linearised_loss))
+                        else:
+                            sampled = SupervisedLoss(loss_name)  # type: ignore[arg-type]
+                            for _ in range(int(mc_samples)):
+                                labels = _sample_labels(loss_name, outputs, generator)
+                                loss = _LOSSES[loss_name](outputs, labels).sum()
+                                draws.append((loss, (inputs, labels), sampled))
                 finally:
                     active[0] = False
                 _check_calls(layers, records, b)
@@ -374,7 +444,9 @@ def stream(
                     ly.name: torch.cat([ly.activations(a) for a, _ in records[ly.name]], dim=1)
                     for ly in layers
                 }
-                for r, (loss, loss_batch) in enumerate(draws):
+                exact = loss_name is not None and mc_samples == "exact"
+                weight = 1.0 if exact else 1.0 / len(draws)
+                for r, (loss, loss_batch, loss_fn) in enumerate(draws):
                     if not torch.isfinite(loss):
                         raise NonFiniteError(
                             "the training loss of a chunk is not finite at the trained "
@@ -394,7 +466,7 @@ def stream(
                                 ly.output_grads(torch.zeros_like(o) if g is None else g)
                             )
                         grads[ly.name] = torch.cat(per_call, dim=1).detach()
-                    visit(ChunkRecord(b, acts, grads, loss_batch, 1.0 / len(draws), r))
+                    visit(ChunkRecord(b, acts, grads, loss_batch, weight, r, loss_fn))
     finally:
         for handle in handles:
             handle.remove()
@@ -435,16 +507,15 @@ def _check_calls(
 
 
 def diagonal_sq_grads(
-    wrapper: ModelWrapper, blocks: list[DiagonalBlock], loss_batch: Batch, *, empirical: bool
+    wrapper: ModelWrapper, blocks: list[DiagonalBlock], loss_batch: Batch, loss_fn: PerExampleFn
 ) -> dict[str, torch.Tensor]:
-    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` over a chunk, for the diagonal blocks."""
+    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` over a chunk, for the diagonal blocks.
+
+    ``loss_fn(model, batch) -> [b]`` is the per-example loss the chunk's draw differentiated.
+    """
     names = [blk.name for blk in blocks]
     sub = {n: wrapper.params[n] for n in names}
     others = {n: p for n, p in wrapper.params.items() if n not in sub}
-    if empirical:
-        loss_fn = wrapper.objective.per_example_loss
-    else:
-        loss_fn = SupervisedLoss(builtin_loss_name(wrapper))  # type: ignore[arg-type]
 
     def single(sub_params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
@@ -462,13 +533,14 @@ def collect_factors(
     fisher: str,
     chunk_size: int,
     generator: torch.Generator,
-    mc_samples: int,
+    mc_samples: int | str,
     progress: bool,
 ) -> None:
     """Pass 1: fill ``A``, ``S`` of every layer and ``diag`` of every diagonal block (in place).
 
-    Cost: one forward and ``mc_samples`` backward passes over the data (plus one vmapped
-    per-example gradient of the diagonal blocks' parameters per draw); memory
+    Cost: one forward and ``mc_samples`` backward passes over the data (``"exact"``: one per
+    output of an example) plus one vmapped per-example gradient of the diagonal blocks'
+    parameters per draw; memory
     :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors.
     """
     dtype, device = wrapper.dtype, wrapper.device
@@ -496,9 +568,7 @@ def collect_factors(
             flat_g = g.reshape(-1, g.shape[-1])
             S[ly.name] += (flat_g.T @ flat_g) * (rec.weight / g.shape[1])
         if part.diagonal:
-            sq = diagonal_sq_grads(
-                wrapper, part.diagonal, rec.loss_batch, empirical=fisher != "true"
-            )
+            sq = diagonal_sq_grads(wrapper, part.diagonal, rec.loss_batch, rec.loss_fn)
             for name, value in sq.items():
                 diag[name] += value * rec.weight
 
@@ -542,7 +612,7 @@ def collect_eigen_diagonal(
     fisher: str,
     chunk_size: int,
     generator: torch.Generator,
-    mc_samples: int,
+    mc_samples: int | str,
     progress: bool,
 ) -> None:
     """Pass 2 (EK-FAC): :math:`E_i[(Q_S^T G_i Q_A)^2]` per layer, into ``eigen_diag``.

@@ -628,14 +628,19 @@ def collect_eigen_diagonal(
         for ly in part.layers
     }
 
+    rotated_acts: dict[str, torch.Tensor] = {}  # Q_A^T a of the chunk, shared by its draws
+
     def visit(rec: ChunkRecord) -> None:
         for ly in part.layers:
             assert ly.Q_A is not None
             assert ly.Q_S is not None
-            a = rec.acts[ly.name] @ ly.Q_A  # [b, T, in]
+            if rec.draw == 0:
+                a = rec.acts[ly.name] @ ly.Q_A  # [b, T, in]
+                rotated_acts[ly.name] = a[:, 0] ** 2 if a.shape[1] == 1 else a
+            a = rotated_acts[ly.name]
             g = rec.grads[ly.name] @ ly.Q_S  # [b, T, out]
-            if a.shape[1] == 1:
-                acc[ly.name] += (g[:, 0] ** 2).T @ (a[:, 0] ** 2) * rec.weight
+            if a.dim() == 2:  # one location: a holds (Q_A^T a)^2, [b, in]
+                acc[ly.name] += (g[:, 0] ** 2).T @ a * rec.weight
             else:
                 rotated = torch.einsum("bto,bti->boi", g, a)
                 acc[ly.name] += (rotated**2).sum(0) * rec.weight

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
@@ -50,6 +53,41 @@ def test_the_budget_limits_what_is_kept_and_never_changes_the_products() -> None
         assert len(graphs.kept) == kept
         assert graphs.full
         assert all(torch.equal(out, fresh) for out in outs)
+
+
+def test_kept_graphs_hold_no_python_saved_tensor_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes are counted by Python hooks on a graph used once; the kept graphs are built
+    without them, so products from kept graphs call no Python unpack function."""
+    calls = {"pack": 0, "unpack": 0}
+    real = torch.autograd.graph.saved_tensors_hooks
+
+    def counting(pack: Any, unpack: Any) -> Any:
+        def counted_pack(t: torch.Tensor) -> Any:
+            calls["pack"] += 1
+            return pack(t)
+
+        def counted_unpack(t: Any) -> torch.Tensor:
+            calls["unpack"] += 1
+            return unpack(t)
+
+        return real(counted_pack, counted_unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", counting)
+    wrapper, data = _problem()
+    op = HessianOperator(wrapper, data, chunk_size=5, dense=False)
+    v = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    op.matmat(v)  # counts each chunk's bytes on graphs it then drops
+    assert calls["pack"] > 0
+    assert calls["unpack"] > 0
+    assert op._graphs is not None
+    assert len(op._graphs.chunk_bytes) == 5
+    op.matmat(v)  # builds and keeps the graphs, without hooks
+    assert len(op._graphs.kept) == 5
+    assert op._graphs.used_bytes == sum(op._graphs.chunk_bytes.values())
+    before = dict(calls)
+    out = op.matmat(v)  # from the kept graphs only
+    assert calls == before
+    assert torch.equal(out, wrapper.hvp(data, v, 5))
 
 
 def test_a_minibatch_operator_used_once_keeps_no_graph() -> None:

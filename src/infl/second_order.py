@@ -145,6 +145,10 @@ class GradientGraphs:
         self.calls = 0
         self.full = False
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # bytes of each chunk's saved tensors, counted (by Python saved-tensor hooks) on a graph
+        # that is used once and dropped: a kept graph is built without hooks, so it holds no
+        # Python callables (none to call per product, none to release at interpreter exit)
+        self.chunk_bytes: dict[int, int] = {}
 
     @property
     def keeping(self) -> bool:
@@ -195,10 +199,13 @@ def hvp_double_backward(
         theta, gradient = entry
         keep = True
     else:
-        counting = graphs is not None and graphs.keeping
+        counting = graphs is not None and not graphs.full and chunk not in graphs.chunk_bytes
         theta, gradient, nbytes = _gradient_graph(wrapper, batch, counting)
         keep = False
         if graphs is not None and counting:
+            graphs.chunk_bytes[chunk] = nbytes
+        elif graphs is not None and graphs.keeping:
+            nbytes = graphs.chunk_bytes[chunk]
             if graphs.used_bytes + nbytes <= graphs.budget_bytes:
                 graphs.kept[chunk] = (theta, gradient)
                 graphs.used_bytes += nbytes

@@ -69,6 +69,7 @@ from infl import metrics
 from infl.studies import datasets, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import time_to_accuracy as tta
 from peers import ALL as PEERS
 from peers.common import Problem, Setting
 
@@ -391,11 +392,7 @@ def _with_timeout(fn: Callable[[], Any], seconds: int) -> Any:
         signal.signal(signal.SIGALRM, previous)
 
 
-# an infl run is "equally accurate" as a peer's when its Pearson is at most EQUAL_ACCURACY lower
-# and its relative error at most EQUAL_ERROR_FACTOR times the peer's (or below EQUAL_ERROR_FLOOR)
-EQUAL_ACCURACY = 5e-4
-EQUAL_ERROR_FACTOR = 1.25
-EQUAL_ERROR_FLOOR = 1e-6
+# "equally accurate" (Pearson and largest relative error) is time_to_accuracy.as_accurate
 
 SHORT = 2.0  # seconds: runs faster than this are repeated (3 in all) and the best time kept
 
@@ -488,10 +485,10 @@ def finish(
 ) -> None:
     """Accuracy against the reference, the fastest peer, infl's floor and its best option.
 
-    ``best_infl``: the fastest infl run (default or a variant) whose Pearson is at most
-    ``EQUAL_ACCURACY`` below the fastest peer's and whose relative error is at most
-    ``EQUAL_ERROR_FACTOR`` times the peer's (or under ``EQUAL_ERROR_FLOOR``): the ratio at
-    equal accuracy.
+    ``best_infl``: the fastest infl run (default or a variant) as accurate as the fastest
+    peer's (:func:`time_to_accuracy.as_accurate`): the ratio at equal accuracy, all at the
+    setting's own budget. With ``--ladder`` runs (keys ``"<library> @ <budget>"``) also
+    ``strictest`` (:func:`time_to_accuracy.strictest`).
     """
     for run in row["runs"].values():
         scores = run.pop("scores", None)
@@ -499,29 +496,25 @@ def finish(
             run["pearson"] = float("nan") if ref is None else pearson(scores, ref)
             run["relative_error"] = float("nan") if ref is None else relative_error(scores, ref)
     ours = row["runs"].get("infl", {})
-    peers = {k: v for k, v in row["runs"].items() if not k.startswith("infl") and "seconds" in v}
+    own_budget = {k: v for k, v in row["runs"].items() if tta.SEPARATOR not in k}
+    peers = {k: v for k, v in own_budget.items() if not k.startswith("infl") and "seconds" in v}
     if peers:
         fastest = min(peers, key=lambda k: peers[k]["seconds"])
         row["fastest_peer"] = fastest
         if "seconds" in ours:
             row["infl_over_fastest_peer"] = ours["seconds"] / peers[fastest]["seconds"]
-        target = peers[fastest].get("pearson", float("nan"))
-        target_err = peers[fastest].get("relative_error", float("nan"))
         ok = {
             k: v
-            for k, v in row["runs"].items()
-            if k.startswith("infl")
-            and "seconds" in v
-            and not (v.get("pearson", float("nan")) < target - EQUAL_ACCURACY)
-            and not (
-                v.get("relative_error", float("nan"))
-                > max(EQUAL_ERROR_FACTOR * target_err, EQUAL_ERROR_FLOOR)
-            )
+            for k, v in own_budget.items()
+            if k.startswith("infl") and "seconds" in v and tta.as_accurate(v, peers[fastest])
         }
         if ok:
             best = min(ok, key=lambda k: ok[k]["seconds"])
             row["best_infl"] = best
             row["best_infl_over_fastest_peer"] = ok[best]["seconds"] / peers[fastest]["seconds"]
+    if any(tta.SEPARATOR in k for k in row["runs"]):
+        row["budget"] = tta.budget_label(setting)
+        row["strictest"] = tta.strictest(row)
     if "seconds" in ours:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -638,6 +631,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also run infl's opt-in speed options (float32 products, PCG) as extra columns",
     )
+    parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help="also run every library's CG and LiSSA at smaller budgets and report the time to "
+        "equal accuracy against every peer run (time_to_accuracy.py)",
+    )
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -686,6 +685,18 @@ def main(argv: list[str] | None = None) -> None:
                 args.peer_exact_max_p,
                 args.variants,
             )
+            for label, smaller in tta.ladder(setting) if args.ladder else []:
+                sub = compare(
+                    problem,
+                    name,
+                    smaller,
+                    peers,
+                    args.peer_timeout,
+                    args.peer_exact_max_p,
+                    args.variants,
+                )
+                for key, run in sub["runs"].items():
+                    row["runs"][f"{key}{tta.SEPARATOR}{label}"] = run
             if name == "exact" and "scores" in row["runs"]["infl"]:
                 exact_scores = row["runs"]["infl"]["scores"]
             model_rows.append((row, setting))
@@ -709,6 +720,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, names))
     if notes(rows):
         print("\n" + notes(rows))
+    if args.ladder:
+        print("\nTime to equal accuracy (every peer run against infl's fastest as accurate):\n")
+        print(tta.table(rows))
+        print("\n" + tta.all_runs(rows))
     print(
         f"\nseconds (Pearson with the exact answer, mean over test points; largest relative "
         f"error over test points); "

@@ -32,7 +32,7 @@ draws by the expectation itself: with :math:`J` the Jacobian of example :math:`i
 :math:`H_f = E_y[\\nabla_f\\ell\\,\\nabla_f\\ell^T]` the loss's output Hessian (``diag(p) - p
 p^T`` for cross-entropy), :math:`E_y[gg^T] = \\sum_j (J^T r_j)(J^T r_j)^T` for any columns
 :math:`r_j` with :math:`\\sum_j r_j r_j^T = H_f`, so one backward pass per column gives the
-factors with no sampling noise (:func:`fisher_root_columns`).
+factors with no sampling noise (:func:`fisher_root`).
 
 This module only computes; :mod:`infl.solvers.kfac` turns the factors into a solver.
 """
@@ -312,45 +312,51 @@ def _sample_labels(name: str, outputs: torch.Tensor, generator: torch.Generator)
     return out + noise * (0.5**0.5)
 
 
-def fisher_root_columns(name: str, outputs: torch.Tensor) -> list[torch.Tensor]:
-    """Columns :math:`r_j` (shaped like ``outputs``) with :math:`\\sum_j r_j r_j^T = H_f`.
+def fisher_root(name: str, outputs: torch.Tensor) -> tuple[int, Callable[[int], torch.Tensor]]:
+    """``(D, column)``: ``column(j)`` (shaped like ``outputs``), ``j < D``, with
+    :math:`\\sum_j r_j r_j^T = H_f`.
 
     :math:`H_f = E_{y\\sim p(y|f)}[\\nabla_f\\ell\\,\\nabla_f\\ell^T]`, per example, is the
     Fisher of the predictive distribution that the loss ``name`` is the NLL of (equal to the
     loss's output Hessian): ``cross_entropy`` ``diag(p) - p p^T`` per location, whose square
     root has the columns :math:`\\sqrt{p_k}(p - e_k)` (the gradient for label :math:`k`
     weighted by :math:`\\sqrt{p_k}`: :math:`\\sum_k p_k (p - e_k)(p - e_k)^T = \\mathrm{diag}(p) -
-    p p^T` as :math:`\\sum_k p_k = 1`);
-    ``bce_with_logits`` :math:`\\mathrm{diag}(\\sigma(1-\\sigma))`; ``mse`` :math:`2I`.
-    Column ``j`` of a multi-location output is non-zero at one location only, so locations stay
-    independent, as the sampled labels are.
+    p p^T` as :math:`\\sum_k p_k = 1`); ``bce_with_logits``
+    :math:`\\mathrm{diag}(\\sigma(1-\\sigma))`; ``mse`` :math:`2I`. Column ``j`` of a
+    multi-location output is non-zero at one location only, so locations stay independent, as
+    the sampled labels are.
 
-    Returns ``D`` tensors, ``D`` = the number of outputs of one example (``C`` for
-    classification into ``C`` classes); each costs one backward pass.
+    ``D`` is the number of outputs of one example (``C`` for classification into ``C``
+    classes); each column costs one backward pass and is made only when asked for (memory: one
+    column at a time).
     """
     out = outputs.detach()
     b = out.shape[0]
-    columns = []
     if name == "cross_entropy":
         probs = torch.softmax(out, dim=1).reshape(b, out.shape[1], -1)  # [b, C, L]
-        for k in range(probs.shape[1]):
-            for loc in range(probs.shape[2]):
-                p = probs[:, :, loc]  # [b, C]
-                r = torch.zeros_like(probs)
-                r[:, :, loc] = p * p[:, k : k + 1].sqrt()
-                r[:, k, loc] -= p[:, k].sqrt()
-                columns.append(r.reshape(out.shape))
-        return columns
+        locations = probs.shape[2]
+
+        def ce_column(j: int) -> torch.Tensor:
+            k, loc = divmod(j, locations)
+            p = probs[:, :, loc]  # [b, C]
+            r = torch.zeros_like(probs)
+            r[:, :, loc] = p * p[:, k : k + 1].sqrt()
+            r[:, k, loc] -= p[:, k].sqrt()
+            return r.reshape(out.shape)
+
+        return probs.shape[1] * locations, ce_column
     if name == "bce_with_logits":
         s = torch.sigmoid(out).reshape(b, -1)
         scale = (s * (1 - s)).sqrt()
     else:  # mse: the NLL of N(f, I/2), so H_f = 2 I
         scale = torch.full_like(out.reshape(b, -1), 2.0**0.5)
-    for j in range(scale.shape[1]):
+
+    def unit_column(j: int) -> torch.Tensor:
         r = torch.zeros_like(scale)
         r[:, j] = scale[:, j]
-        columns.append(r.reshape(out.shape))
-    return columns
+        return r.reshape(out.shape)
+
+    return scale.shape[1], unit_column
 
 
 def _linearised_loss(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
@@ -358,6 +364,35 @@ def _linearised_loss(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
     inputs, r = _split_supervised(batch)
     out = model(inputs)
     return (out * r).reshape(out.shape[0], -1).sum(dim=1)
+
+
+Draw = tuple[torch.Tensor, Batch, PerExampleFn]
+"""One label draw of a chunk: its summed loss, the batch that loss saw, its per-example loss."""
+
+
+def _label_draws(
+    loss_name: str,
+    mc_samples: int | str,
+    inputs: Any,
+    outputs: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[int, Callable[[int], Draw]]:
+    """``(number of draws, draw r -> Draw)`` for ``fisher="true"``, made one at a time."""
+    if mc_samples == "exact":
+        num_columns, column = fisher_root(loss_name, outputs)
+
+        def exact_draw(r: int) -> Draw:
+            col = column(r)
+            return (outputs * col).sum(), (inputs, col), _linearised_loss
+
+        return num_columns, exact_draw
+    sampled = SupervisedLoss(loss_name)  # type: ignore[arg-type]
+
+    def sampled_draw(r: int) -> Draw:
+        labels = _sample_labels(loss_name, outputs, generator)
+        return _LOSSES[loss_name](outputs, labels).sum(), (inputs, labels), sampled
+
+    return int(mc_samples), sampled_draw
 
 
 def stream(
@@ -376,7 +411,8 @@ def stream(
     """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
 
     ``mc_samples`` label draws per example for ``fisher="true"``, or ``"exact"``: one
-    backward pass per column of :func:`fisher_root_columns` instead of the draws.
+    backward pass per column of :func:`fisher_root` instead of the draws. A chunk's draws
+    are made one at a time, each just before its backward pass.
 
     Temporary forward hooks on the layers record their inputs and outputs during a
     ``functional_call`` of the user's module at infl's parameters; they are removed in
@@ -411,31 +447,20 @@ def stream(
             b = batch_size(batch)
             for rec in records.values():
                 rec.clear()
-            draws: list[tuple[torch.Tensor, Batch, PerExampleFn]] = []
+            empirical: Draw | None = None
             with torch.enable_grad():
                 active[0] = True
                 try:
                     if loss_name is None:
                         loss_fn = wrapper.objective.per_example_loss
-                        draws.append((loss_fn(model_fn, batch).sum(), batch, loss_fn))
+                        empirical = (loss_fn(model_fn, batch).sum(), batch, loss_fn)
+                        num_draws, make_draw = 1, None
                     else:
                         inputs, _ = _split_supervised(batch)
                         outputs = model_fn(inputs)
-                        if mc_samples == "exact":
-                            if not torch.isfinite(outputs).all():
-                                raise NonFiniteError(
-                                    "the model's outputs on a chunk are not finite at the "
-                                    "trained parameters; check the inputs for NaN/inf"
-                                )
-                            for col in fisher_root_columns(loss_name, outputs):
-                                pseudo = (outputs * col).sum()
-                                draws.append((pseudo, (inputs, col), _linearised_loss))
-                        else:
-                            sampled = SupervisedLoss(loss_name)  # type: ignore[arg-type]
-                            for _ in range(int(mc_samples)):
-                                labels = _sample_labels(loss_name, outputs, generator)
-                                loss = _LOSSES[loss_name](outputs, labels).sum()
-                                draws.append((loss, (inputs, labels), sampled))
+                        num_draws, make_draw = _label_draws(
+                            loss_name, mc_samples, inputs, outputs, generator
+                        )
                 finally:
                     active[0] = False
                 _check_calls(layers, records, b)
@@ -445,15 +470,18 @@ def stream(
                     for ly in layers
                 }
                 exact = loss_name is not None and mc_samples == "exact"
-                weight = 1.0 if exact else 1.0 / len(draws)
-                for r, (loss, loss_batch, loss_fn) in enumerate(draws):
+                weight = 1.0 if exact else 1.0 / num_draws
+                for r in range(num_draws):
+                    draw = make_draw(r) if make_draw is not None else empirical
+                    assert draw is not None
+                    loss, loss_batch, loss_fn = draw
                     if not torch.isfinite(loss):
                         raise NonFiniteError(
                             "the training loss of a chunk is not finite at the trained "
                             "parameters; check the inputs for NaN/inf"
                         )
                     out_grads = torch.autograd.grad(
-                        loss, outs, retain_graph=r < len(draws) - 1, allow_unused=True
+                        loss, outs, retain_graph=r < num_draws - 1, allow_unused=True
                     )
                     pos = 0
                     grads = {}

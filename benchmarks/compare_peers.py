@@ -27,8 +27,11 @@ infl's automatic scale sigma, estimated once beforehand, and runs the full depth
 repeated (3 in all, best kept) for every library alike; a peer's run is stopped after
 ``--peer-timeout`` seconds.
 
-``--variants`` adds columns for infl's opt-in speed options (``variants``): float32 curvature
-products on the float64 models, and CG preconditioned by 20 Arnoldi eigenpairs. Accuracy is
+``--variants`` adds columns for infl's opt-in options (``variants``): float32 curvature
+products on the float64 models, CG preconditioned by 20 Arnoldi eigenpairs, and K-FAC/EK-FAC
+with the exact expectation over the labels. ``--ladder`` also runs every library's CG and
+LiSSA at smaller budgets and reports the time to equal accuracy (``time_to_accuracy.py``).
+Accuracy is
 reported as Pearson and as the largest relative error over test points; the column "best infl
 at equal accuracy" picks the fastest infl run as accurate as the fastest peer's (Pearson and
 relative error; see ``finish``).
@@ -40,7 +43,7 @@ skipped with a note, so the script also runs with infl alone.
 Run:  python benchmarks/compare_peers.py [--quick] [--models iris,mlp,cnn]
           [--solvers exact,cg,lissa,arnoldi,kfac,ekfac] [--peers pydvl,captum,dattri,kronfluence]
           [--cnn-exact] [--lissa-depth T] [--peer-timeout 300] [--peer-exact-max-p 1000]
-          [--threads 1] [--cg-rtol 1e-10] [--variants] [--json out.json]
+          [--threads 1] [--cg-rtol 1e-10] [--variants] [--ladder] [--json out.json]
 (about 7 minutes on a quiet 2-core machine; each model's rows are printed to stderr and saved
 to the JSON file as soon as they are final).
 """
@@ -48,6 +51,7 @@ to the JSON file as soon as they are final).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -193,7 +197,15 @@ def objective() -> infl.Objective:
     return infl.Objective("cross_entropy", weight_decay=0.0)
 
 
-def infl_solver(setting: Setting, preconditioner: infl.Solver | None = None) -> infl.Solver:
+def infl_solver(
+    setting: Setting, preconditioner: infl.Solver | None = None, **options: Any
+) -> infl.Solver:
+    """infl's solver for ``setting``; ``options`` are extra solver fields (a variant's)."""
+    solver = _default_solver(setting, preconditioner)
+    return dataclasses.replace(solver, **options) if options else solver
+
+
+def _default_solver(setting: Setting, preconditioner: infl.Solver | None) -> infl.Solver:
     lam = setting.damping
     if setting.method == "exact":
         return infl.ExactHessian(damping=lam)
@@ -235,8 +247,8 @@ def calculator(problem: Problem, solver: infl.Solver, **options: Any) -> infl.In
 
 
 Variant = dict[str, Any]
-"""An infl option set beside the default run: ``calculator`` keywords, and ``preconditioner``
-(an unfitted solver) for CG."""
+"""An infl option set beside the default run: ``calculator`` keywords, ``preconditioner`` (an
+unfitted solver) for CG, and ``solver`` (a dict of solver fields)."""
 
 
 def variants(problem: Problem, method: str) -> dict[str, Variant]:
@@ -246,13 +258,17 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
     float64 (CG refines against float64 products to the same rtol; LiSSA and Arnoldi use the
     float32 products, their own error being far larger than float32 round-off).
     ``Arnoldi-20 preconditioned`` (CG): PCG whose preconditioner inverts the top 20 eigenpairs
-    found by 40 Lanczos steps.
+    found by 40 Lanczos steps. ``exact label expectation`` (K-FAC, EK-FAC):
+    ``mc_samples="exact"``, the true Fisher's expectation over the labels instead of one
+    sampled label per example.
     """
     out: dict[str, Variant] = {}
     if problem.dtype == torch.float64 and method in ("cg", "lissa", "arnoldi"):
         out["float32 products"] = {"curvature_dtype": torch.float32}
     if method == "cg" and problem.p > 1_000:
         out["Arnoldi-20 preconditioned"] = {"preconditioner": infl.Arnoldi(rank=20, krylov_dim=40)}
+    if method in ("kfac", "ekfac"):
+        out["exact label expectation"] = {"solver": {"mc_samples": "exact"}}
     return out
 
 
@@ -262,8 +278,9 @@ def run_infl(
     """infl's scores and its run record: seconds, solver iterations, full-data HVPs made."""
     options = dict(variant or {})
     pre = options.pop("preconditioner", None)
+    solver_options = options.pop("solver", {})
     start = time.perf_counter()
-    calc = calculator(problem, infl_solver(setting, pre), **options)
+    calc = calculator(problem, infl_solver(setting, pre, **solver_options), **options)
     scores = calc.influence((problem.x_test, problem.y_test))
     seconds = time.perf_counter() - start
     result = calc.inverse_hvp((problem.x_test, problem.y_test))

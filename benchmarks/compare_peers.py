@@ -260,7 +260,9 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
     ``Arnoldi-20 preconditioned`` (CG): PCG whose preconditioner inverts the top 20 eigenpairs
     found by 40 Lanczos steps. ``exact label expectation`` (K-FAC, EK-FAC):
     ``mc_samples="exact"``, the true Fisher's expectation over the labels instead of one
-    sampled label per example.
+    sampled label per example. ``control variate`` (minibatch LiSSA):
+    ``snapshot_every="auto"``, a full-data product at an anchor every ``4n/b`` steps, so the
+    recursion converges instead of stalling at the minibatch noise (same scale and depth).
     """
     out: dict[str, Variant] = {}
     if problem.dtype == torch.float64 and method in ("cg", "lissa", "arnoldi"):
@@ -269,6 +271,13 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
         out["Arnoldi-20 preconditioned"] = {"preconditioner": infl.Arnoldi(rank=20, krylov_dim=40)}
     if method in ("kfac", "ekfac"):
         out["exact label expectation"] = {"solver": {"mc_samples": "exact"}}
+    if method == "lissa" and problem.name != "iris":  # minibatch LiSSA
+        out["control variate"] = {"solver": {"snapshot_every": "auto"}}
+        if problem.dtype == torch.float64:
+            out["control variate, float32 products"] = {
+                "solver": {"snapshot_every": "auto"},
+                "curvature_dtype": torch.float32,
+            }
     return out
 
 
@@ -563,7 +572,14 @@ def _ratio(ratio: float | None, who: str | None) -> str:
 
 def table(rows: list[dict[str, Any]], peer_names: list[str]) -> str:
     """Markdown: one row per (model, solver); infl, its option variants, then each peer."""
-    variant_names = sorted({k for row in rows for k in row["runs"] if k.startswith("infl, ")})
+    variant_names = sorted(
+        {
+            k
+            for row in rows
+            for k in row["runs"]
+            if k.startswith("infl, ") and tta.SEPARATOR not in k  # ladder runs: tta.all_runs
+        }
+    )
     head = [
         "model",
         "solver",

@@ -258,7 +258,9 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
     float64 (CG refines against float64 products to the same rtol; LiSSA and Arnoldi use the
     float32 products, their own error being far larger than float32 round-off).
     ``Arnoldi-20 preconditioned`` (CG): PCG whose preconditioner inverts the top 20 eigenpairs
-    found by 40 Lanczos steps. ``exact label expectation`` (K-FAC, EK-FAC):
+    found by 40 Lanczos steps. ``block`` (CG): ``block=True``, breakdown-free block CG (one
+    Krylov space shared by the right-hand sides), alone and with the options above.
+    ``exact label expectation`` (K-FAC, EK-FAC):
     ``mc_samples="exact"``, the true Fisher's expectation over the labels instead of one
     sampled label per example. ``control variate`` (minibatch LiSSA):
     ``snapshot_every="auto"``, a full-data product at an anchor every ``4n/b`` steps, so the
@@ -269,6 +271,18 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
         out["float32 products"] = {"curvature_dtype": torch.float32}
     if method == "cg" and problem.p > 1_000:
         out["Arnoldi-20 preconditioned"] = {"preconditioner": infl.Arnoldi(rank=20, krylov_dim=40)}
+    if method == "cg":
+        out["block"] = {"solver": {"block": True}}
+        if problem.dtype == torch.float64:
+            out["block, float32 products"] = {
+                "solver": {"block": True},
+                "curvature_dtype": torch.float32,
+            }
+        if problem.p > 1_000:
+            out["block, Arnoldi-20 preconditioned"] = {
+                "solver": {"block": True},
+                "preconditioner": infl.Arnoldi(rank=20, krylov_dim=40),
+            }
     if method in ("kfac", "ekfac"):
         out["exact label expectation"] = {"solver": {"mc_samples": "exact"}}
     if method == "lissa" and problem.name != "iris":  # minibatch LiSSA

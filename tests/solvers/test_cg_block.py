@@ -16,7 +16,7 @@ from infl import (
     NotPositiveDefiniteError,
 )
 from infl.mixed_precision import MixedPrecisionOperator
-from infl.solvers.base import relative_residuals
+from infl.solvers.base import relative_residuals, solver_from_spec, solver_spec
 from reference import rel_err
 
 
@@ -202,3 +202,14 @@ def test_block_cg_in_mixed_precision_refinement():
     assert result.info["refinement_steps"] >= 2
     assert float(relative_residuals(DenseOperator(matrix), result.value, rhs).max()) <= 1e-10
     assert rel_err(result.value, _exact(matrix, rhs)) < 1e-7
+
+
+def test_block_is_left_out_of_the_spec_at_its_default() -> None:
+    """Stores and saved fits written before the field existed hold specs without it: at the
+    default the spec is unchanged, so they still match; block=True is recorded and restored."""
+    plain = solver_spec(ConjugateGradient(damping=0.1))
+    assert "block" not in plain["fields"]
+    assert solver_from_spec(plain) == ConjugateGradient(damping=0.1)
+    blocked = solver_spec(ConjugateGradient(damping=0.1, block=True))
+    assert blocked["fields"]["block"] is True
+    assert solver_from_spec(blocked) == ConjugateGradient(damping=0.1, block=True)

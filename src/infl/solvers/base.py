@@ -221,11 +221,21 @@ def state_tensor(
     return value.to(device=operator.device)
 
 
+SPEC_OMIT_DEFAULT = "spec_omit_default"
+"""Field metadata key: the field is left out of :func:`solver_spec` while it has its default.
+
+For fields added after stores and saved fits recorded their solver's spec: at the default
+(the behaviour before the field existed) the spec stays the one those files hold, so they
+still match; :func:`solver_from_spec` fills the default back in."""
+
+
 def solver_spec(solver: Solver) -> dict[str, Any]:
     """A solver's class name and hyperparameters as plain JSON values (nested solvers too)."""
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(solver):  # type: ignore[arg-type]
         value = getattr(solver, f.name)
+        if f.metadata.get(SPEC_OMIT_DEFAULT) and value == f.default:
+            continue
         fields[f.name] = solver_spec(value) if isinstance(value, Solver) else value
     return {"solver": type(solver).__name__, "fields": fields}
 

@@ -15,6 +15,7 @@ from infl.mixed_precision import full_precision_operator, product_dtype
 from infl.operators import LinearOperator
 from infl.solvers.arnoldi import Arnoldi
 from infl.solvers.base import (
+    SPEC_OMIT_DEFAULT,
     FittedSolver,
     Solver,
     SolveResult,
@@ -187,7 +188,7 @@ class ConjugateGradient(Solver):
     atol: float = 0.0
     max_iter: int = 100
     preconditioner: Solver | None = None
-    block: bool = False
+    block: bool = dataclasses.field(default=False, metadata={SPEC_OMIT_DEFAULT: True})
 
     def __post_init__(self) -> None:
         check_damping(self.damping, allow_auto=True)

@@ -19,35 +19,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hvp_routes import best
 from compare_peers import CHUNK, build_problem, calculator
 
 import infl
-
-
-def best(fn: Callable[[], object], repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def gemm_rate(rows: int, inner: int, cols: int, dtype: torch.dtype) -> float:
     """FLOP/s of one ``[rows, inner] @ [inner, cols]`` product (best of 5)."""
     a = torch.randn(rows, inner, dtype=dtype)
     b = torch.randn(inner, cols, dtype=dtype)
-    return 2 * rows * inner * cols / best(lambda: a @ b)
+    return 2 * rows * inner * cols / best(lambda: a @ b, repeat=5)
 
 
 def main() -> None:
@@ -68,7 +57,7 @@ def main() -> None:
     with counter:
         op.matmat(vectors)
     flops = counter.get_total_flops()
-    seconds = best(lambda: op.matmat(vectors))
+    seconds = best(lambda: op.matmat(vectors), repeat=5)
     widths = [q.shape for q in problem.model.parameters() if q.dim() == 2]
     width = max(min(shape) for shape in widths) if widths else 64
     peak = gemm_rate(min(CHUNK, problem.n), width, width, problem.dtype)

@@ -25,6 +25,7 @@ from infl.solvers.base import (
     solver_from_spec,
     solver_spec,
 )
+from infl.solvers.block_cg import iterate_block
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
 from infl.spectral.damping import AUTO_DAMPING_RETRIES, AutoDamping, auto_damping
@@ -32,36 +33,6 @@ from infl.spectral.damping import AUTO_DAMPING_RETRIES, AutoDamping, auto_dampin
 REFINE_RTOL = 1e-4
 """Mixed-precision CG: each outer step's inner CG (on the low-precision products) stops when
 its residual is this fraction of the outer residual (or half the tolerance)."""
-
-BLOCK_DEFLATION_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-5}
-"""Block CG: a new block of search directions keeps only the directions whose singular value is
-above this fraction of the largest (other dtypes: :math:`\\sqrt{\\varepsilon}`). A direction at
-:math:`\\delta` times the largest is a difference of nearly parallel columns, computed with a
-relative error :math:`\\approx\\varepsilon/\\delta` that breaks its conjugacy to the earlier
-blocks; dropping it instead only delays the system that needed it until the others have
-converged. Measured on right-hand sides with a near-copy at relative distance :math:`10^{-6}` to
-:math:`10^{-13}` (float64, ``rtol=1e-10``): :math:`10^{-8}` never took more than 20 iterations
-where full rank took 12, :math:`10^{-10}` up to 89 (plain CG: 39); on independent right-hand
-sides every value from :math:`10^{-6}` to :math:`10^{-14}` took the same iterations. float32
-(``rtol=1e-5``): :math:`10^{-5}` at most 37 where full rank took 15; :math:`3.5\\times 10^{-4}`
-cost 45 instead of 32 iterations on 16 independent right-hand sides."""
-
-
-def _deflation_rtol(dtype: torch.dtype) -> float:
-    """:data:`BLOCK_DEFLATION_RTOL` for ``dtype`` (:math:`\\sqrt{\\varepsilon}` if not listed)."""
-    return BLOCK_DEFLATION_RTOL.get(dtype, float(torch.finfo(dtype).eps) ** 0.5)
-
-
-def _orth(w: torch.Tensor, rtol: float, max_rank: int) -> torch.Tensor:
-    """Orthonormal rows spanning the row space of ``w`` (``[a, p]``), deflated: the right singular
-    vectors whose singular value exceeds ``rtol`` times the largest, at most ``max_rank`` of them
-    (``[s, p]``, ``s <= min(a, max_rank)``). Cost :math:`O(p a^2)` (one thin SVD)."""
-    if w.shape[0] == 0:
-        return w
-    _, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-    keep = sigma > rtol * sigma[0]  # sigma is sorted, largest first; all False if w = 0
-    keep[max_rank:] = False
-    return vh[keep]
 
 
 @dataclass(frozen=True)
@@ -126,7 +97,8 @@ class ConjugateGradient(Solver):
             P = \\operatorname{orth}\\bigl(Z - P(P^TQ)^{-1}Q^TZ\\bigr),
 
         where :math:`\\operatorname{orth}` is an orthonormal basis (thin SVD) that drops the
-        directions whose singular value is below :data:`BLOCK_DEFLATION_RTOL` (``1e-8`` in
+        directions whose singular value is below
+        :data:`~infl.solvers.block_cg.BLOCK_DEFLATION_RTOL` (``1e-8`` in
         float64, ``1e-5`` in float32) times the largest, after scaling each system's column by
         its tolerance. That deflation is what removes plain block CG's breakdown (its block
         loses rank when right-hand sides are dependent or some converge first); the block also
@@ -454,7 +426,7 @@ class FittedCG(FittedSolver):
         caller's right-hand sides) and ``first`` (iterations before this call) only name
         things in errors."""
         if self.solver.block:
-            return self._iterate_block(operator, b, threshold, max_iter, bar, rows, first)
+            return iterate_block(self, operator, b, threshold, max_iter, bar, rows, first)
         x = torch.zeros_like(b)
         r = b.clone()
         rr = (r * r).sum(dim=1)  # squared residual norms
@@ -503,81 +475,6 @@ class FittedCG(FittedSolver):
                 rz[still] = rz_new
             norms.append(torch.sqrt(rr))
             bar.update(1)
-        return x, rr, iterations, norms
-
-    def _iterate_block(
-        self,
-        operator: LinearOperator,
-        b: torch.Tensor,
-        threshold: torch.Tensor,
-        max_iter: int,
-        bar: Any,
-        rows: torch.Tensor | None = None,
-        first: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
-        """Breakdown-free block (P)CG (Ji & Li 2017), returning what :meth:`_iterate` returns.
-
-        Rows are vectors: ``R`` ``[a, p]`` holds the residuals of the ``a`` active systems and
-        ``P`` ``[s, p]`` orthonormal search directions (``s <= a``). Per iteration, with
-        ``Q = A P`` (one ``matmat`` of ``s`` vectors) and ``G = P Q^T`` (``[s, s]``, SPD):
-        ``alpha = G^-1 P R^T``, ``X += alpha^T P``, ``R -= alpha^T Q``; then with
-        ``Z = M^-1 R`` (the systems still active), ``beta = -G^-1 Q Z^T`` and
-        ``P = orth((Z + beta^T P) / threshold)``. Dividing each row by its system's threshold
-        only chooses which directions the deflation in :func:`_orth` drops (a system's own scale,
-        not the largest system's, decides); converged systems leave ``R`` and stay fixed.
-        """
-        name = self._name
-        k = b.shape[0]
-        ids = rows if rows is not None else torch.arange(k, device=b.device)
-        tol = _deflation_rtol(b.dtype)
-        x = torch.zeros_like(b)
-        r = b.clone()
-        rr = (r * r).sum(dim=1)
-        active = torch.sqrt(rr) > threshold
-        norms = [torch.sqrt(rr)]
-        iterations = 0
-        idx = active.nonzero().reshape(-1)
-        if not idx.numel():
-            return x, rr, iterations, norms
-        z = self._precondition(r[idx])
-        self._check_rz((r[idx] * z).sum(dim=1), ids[idx], first)
-        p = _orth(z / threshold[idx, None], tol, k)
-        while p.shape[0] and iterations < max_iter:
-            q = operator.matmat(p)
-            if not torch.isfinite(q).all():
-                raise NonFiniteError(
-                    f"{name}: the operator product is not finite at iteration "
-                    f"{first + iterations + 1}"
-                )
-            gram = p @ q.T
-            gram = (gram + gram.T) / 2  # P^T A P, symmetric up to round-off
-            evals, evecs = torch.linalg.eigh(gram)
-            pr = p @ r[idx].T  # [s, a]
-            if float(evals[0]) <= 0:  # P orthonormal: evals[0] is a Rayleigh quotient of A
-                direction = evecs[:, 0] @ p
-                j = int(idx[int((evecs[:, 0] @ pr).abs().argmax())])
-                raise _NegativeCurvature(
-                    first + iterations + 1, int(ids[j]), float(evals[0]), direction
-                )
-            inverse = (evecs / evals) @ evecs.T  # G^-1
-            alpha = inverse @ pr
-            x[idx] += alpha.T @ p
-            r[idx] -= alpha.T @ q
-            rr[idx] = (r[idx] * r[idx]).sum(dim=1)
-            active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
-            iterations += 1
-            norms.append(torch.sqrt(rr))
-            bar.update(1)
-            idx = active.nonzero().reshape(-1)
-            if not idx.numel():
-                break
-            z = self._precondition(r[idx])
-            self._check_rz((r[idx] * z).sum(dim=1), ids[idx], first + iterations)
-            beta = -(inverse @ (q @ z.T))  # [s, a]
-            # the block never grows (in exact arithmetic block Krylov increments shrink): a
-            # direction dropped once must not come back, unconjugated to the earlier blocks
-            p = _orth((z + beta.T @ p) / threshold[idx, None], tol, p.shape[0])
-
         return x, rr, iterations, norms
 
     def _solve_refined(self, b: torch.Tensor, full: LinearOperator, progress: bool) -> SolveResult:

@@ -1,0 +1,125 @@
+"""Breakdown-free block CG (Ji & Li, BIT 2017), behind ``ConjugateGradient(block=True)``.
+
+The ``k`` right-hand sides share one block Krylov space, deflated by a thin SVD at every
+iteration (:func:`orth`) so that dependent or converged directions leave the block instead of
+breaking it down. :func:`iterate_block` runs it for a :class:`~infl.solvers.cg.FittedCG`,
+which supplies the preconditioner, the positive-definiteness checks and the name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from infl.errors import NonFiniteError
+from infl.operators import LinearOperator
+
+if TYPE_CHECKING:
+    from infl.solvers.cg import FittedCG
+
+BLOCK_DEFLATION_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-5}
+"""Block CG: a new block of search directions keeps only the directions whose singular value is
+above this fraction of the largest (other dtypes: :math:`\\sqrt{\\varepsilon}`). A direction at
+:math:`\\delta` times the largest is a difference of nearly parallel columns, computed with a
+relative error :math:`\\approx\\varepsilon/\\delta` that breaks its conjugacy to the earlier
+blocks; dropping it instead only delays the system that needed it until the others have
+converged. Measured on right-hand sides with a near-copy at relative distance :math:`10^{-6}` to
+:math:`10^{-13}` (float64, ``rtol=1e-10``): :math:`10^{-8}` never took more than 20 iterations
+where full rank took 12, :math:`10^{-10}` up to 89 (plain CG: 39); on independent right-hand
+sides every value from :math:`10^{-6}` to :math:`10^{-14}` took the same iterations. float32
+(``rtol=1e-5``): :math:`10^{-5}` at most 37 where full rank took 15; :math:`3.5\\times 10^{-4}`
+cost 45 instead of 32 iterations on 16 independent right-hand sides."""
+
+
+def deflation_rtol(dtype: torch.dtype) -> float:
+    """:data:`BLOCK_DEFLATION_RTOL` for ``dtype`` (:math:`\\sqrt{\\varepsilon}` if not listed)."""
+    return BLOCK_DEFLATION_RTOL.get(dtype, float(torch.finfo(dtype).eps) ** 0.5)
+
+
+def orth(w: torch.Tensor, rtol: float, max_rank: int) -> torch.Tensor:
+    """Orthonormal rows spanning the row space of ``w`` (``[a, p]``), deflated: the right singular
+    vectors whose singular value exceeds ``rtol`` times the largest, at most ``max_rank`` of them
+    (``[s, p]``, ``s <= min(a, max_rank)``). Cost :math:`O(p a^2)` (one thin SVD)."""
+    if w.shape[0] == 0:
+        return w
+    _, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+    keep = sigma > rtol * sigma[0]  # sigma is sorted, largest first; all False if w = 0
+    keep[max_rank:] = False
+    return vh[keep]
+
+
+def iterate_block(
+    fitted: FittedCG,
+    operator: LinearOperator,
+    b: torch.Tensor,
+    threshold: torch.Tensor,
+    max_iter: int,
+    bar: Any,
+    rows: torch.Tensor | None = None,
+    first: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
+    """Breakdown-free block (P)CG (Ji & Li 2017), returning what ``FittedCG._iterate``
+    returns (``fitted`` supplies the preconditioner, the checks and the name).
+
+    Rows are vectors: ``R`` ``[a, p]`` holds the residuals of the ``a`` active systems and
+    ``P`` ``[s, p]`` orthonormal search directions (``s <= a``). Per iteration, with
+    ``Q = A P`` (one ``matmat`` of ``s`` vectors) and ``G = P Q^T`` (``[s, s]``, SPD):
+    ``alpha = G^-1 P R^T``, ``X += alpha^T P``, ``R -= alpha^T Q``; then with
+    ``Z = M^-1 R`` (the systems still active), ``beta = -G^-1 Q Z^T`` and
+    ``P = orth((Z + beta^T P) / threshold)``. Dividing each row by its system's threshold
+    only chooses which directions the deflation in :func:`orth` drops (a system's own scale,
+    not the largest system's, decides); converged systems leave ``R`` and stay fixed.
+    """
+    from infl.solvers.cg import _NegativeCurvature as NegativeCurvature  # cg imports this module
+
+    name = fitted._name
+    k = b.shape[0]
+    ids = rows if rows is not None else torch.arange(k, device=b.device)
+    tol = deflation_rtol(b.dtype)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    rr = (r * r).sum(dim=1)
+    active = torch.sqrt(rr) > threshold
+    norms = [torch.sqrt(rr)]
+    iterations = 0
+    idx = active.nonzero().reshape(-1)
+    if not idx.numel():
+        return x, rr, iterations, norms
+    z = fitted._precondition(r[idx])
+    fitted._check_rz((r[idx] * z).sum(dim=1), ids[idx], first)
+    p = orth(z / threshold[idx, None], tol, k)
+    while p.shape[0] and iterations < max_iter:
+        q = operator.matmat(p)
+        if not torch.isfinite(q).all():
+            raise NonFiniteError(
+                f"{name}: the operator product is not finite at iteration {first + iterations + 1}"
+            )
+        gram = p @ q.T
+        gram = (gram + gram.T) / 2  # P^T A P, symmetric up to round-off
+        evals, evecs = torch.linalg.eigh(gram)
+        pr = p @ r[idx].T  # [s, a]
+        if float(evals[0]) <= 0:  # P orthonormal: evals[0] is a Rayleigh quotient of A
+            direction = evecs[:, 0] @ p
+            j = int(idx[int((evecs[:, 0] @ pr).abs().argmax())])
+            raise NegativeCurvature(first + iterations + 1, int(ids[j]), float(evals[0]), direction)
+        inverse = (evecs / evals) @ evecs.T  # G^-1
+        alpha = inverse @ pr
+        x[idx] += alpha.T @ p
+        r[idx] -= alpha.T @ q
+        rr[idx] = (r[idx] * r[idx]).sum(dim=1)
+        active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
+        iterations += 1
+        norms.append(torch.sqrt(rr))
+        bar.update(1)
+        idx = active.nonzero().reshape(-1)
+        if not idx.numel():
+            break
+        z = fitted._precondition(r[idx])
+        fitted._check_rz((r[idx] * z).sum(dim=1), ids[idx], first + iterations)
+        beta = -(inverse @ (q @ z.T))  # [s, a]
+        # the block never grows (in exact arithmetic block Krylov increments shrink): a
+        # direction dropped once must not come back, unconjugated to the earlier blocks
+        p = orth((z + beta.T @ p) / threshold[idx, None], tol, p.shape[0])
+
+    return x, rr, iterations, norms

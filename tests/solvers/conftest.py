@@ -17,3 +17,13 @@ def hessian_problem(logistic):
     dense = reference.hessian(logistic.theta, logistic.x, logistic.y, logistic.wd)
     rhs = torch.randn(4, dense.shape[0], dtype=torch.float64)
     return op, dense, rhs
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test (restored after it); modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

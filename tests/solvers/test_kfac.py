@@ -22,14 +22,7 @@ from infl import (
     Objective,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """float64 for this module's tests only (restored after each)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 # ------------------------------------------------------------------ independent references

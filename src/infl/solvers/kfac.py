@@ -55,9 +55,9 @@ from infl.solvers.base import (
     check_damping,
     state_tensor,
 )
+from infl.solvers.fisher_labels import builtin_loss_name
 from infl.solvers.kronecker import (
     Partition,
-    builtin_loss_name,
     collect_eigen_diagonal,
     collect_factors,
     eigendecompose,

@@ -32,7 +32,7 @@ draws by the expectation itself: with :math:`J` the Jacobian of example :math:`i
 :math:`H_f = E_y[\\nabla_f\\ell\\,\\nabla_f\\ell^T]` the loss's output Hessian (``diag(p) - p
 p^T`` for cross-entropy), :math:`E_y[gg^T] = \\sum_j (J^T r_j)(J^T r_j)^T` for any columns
 :math:`r_j` with :math:`\\sum_j r_j r_j^T = H_f`, so one backward pass per column gives the
-factors with no sampling noise (:func:`fisher_root`).
+factors with no sampling noise (:func:`~infl.solvers.fisher_labels.fisher_root`).
 
 This module only computes; :mod:`infl.solvers.kfac` turns the factors into a solver.
 """
@@ -51,8 +51,9 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
-from infl.losses import _LOSSES, PerExampleFn, SupervisedLoss, _split_supervised
+from infl.losses import PerExampleFn, _split_supervised
 from infl.model import ModelWrapper
+from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
 
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
 
@@ -289,112 +290,6 @@ class ChunkRecord:
     loss_fn: PerExampleFn
 
 
-def builtin_loss_name(wrapper: ModelWrapper) -> str | None:
-    """The name of the objective's built-in loss (``None`` for a custom callable)."""
-    loss = wrapper.objective.loss
-    name = getattr(loss, "name", None) if isinstance(loss, SupervisedLoss) else None
-    return name if isinstance(name, str) and name in _LOSSES else None
-
-
-def _sample_labels(name: str, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Labels drawn from the predictive distribution that the loss ``name`` is the NLL of."""
-    out = outputs.detach()
-    if name == "cross_entropy":
-        probs = torch.softmax(out, dim=1)
-        flat = probs.movedim(1, -1).reshape(-1, probs.shape[1])
-        draws = torch.multinomial(flat, 1, generator=generator).reshape(-1)
-        return draws.reshape(probs.movedim(1, -1).shape[:-1])
-    if name == "bce_with_logits":
-        u = torch.rand(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-        return (u < torch.sigmoid(out)).to(out.dtype)
-    # mse: sum (f - y)^2 is the NLL of N(f, I/2), so E[grad grad^T] = 2 I = its Hessian in f
-    noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-    return out + noise * (0.5**0.5)
-
-
-def fisher_root(name: str, outputs: torch.Tensor) -> tuple[int, Callable[[int], torch.Tensor]]:
-    """``(D, column)``: ``column(j)`` (shaped like ``outputs``), ``j < D``, with
-    :math:`\\sum_j r_j r_j^T = H_f`.
-
-    :math:`H_f = E_{y\\sim p(y|f)}[\\nabla_f\\ell\\,\\nabla_f\\ell^T]`, per example, is the
-    Fisher of the predictive distribution that the loss ``name`` is the NLL of (equal to the
-    loss's output Hessian): ``cross_entropy`` ``diag(p) - p p^T`` per location, whose square
-    root has the columns :math:`\\sqrt{p_k}(p - e_k)` (the gradient for label :math:`k`
-    weighted by :math:`\\sqrt{p_k}`: :math:`\\sum_k p_k (p - e_k)(p - e_k)^T = \\mathrm{diag}(p) -
-    p p^T` as :math:`\\sum_k p_k = 1`); ``bce_with_logits``
-    :math:`\\mathrm{diag}(\\sigma(1-\\sigma))`; ``mse`` :math:`2I`. Column ``j`` of a
-    multi-location output is non-zero at one location only, so locations stay independent, as
-    the sampled labels are.
-
-    ``D`` is the number of outputs of one example (``C`` for classification into ``C``
-    classes); each column costs one backward pass and is made only when asked for (memory: one
-    column at a time).
-    """
-    out = outputs.detach()
-    b = out.shape[0]
-    if name == "cross_entropy":
-        probs = torch.softmax(out, dim=1).reshape(b, out.shape[1], -1)  # [b, C, L]
-        locations = probs.shape[2]
-
-        def ce_column(j: int) -> torch.Tensor:
-            k, loc = divmod(j, locations)
-            p = probs[:, :, loc]  # [b, C]
-            r = torch.zeros_like(probs)
-            r[:, :, loc] = p * p[:, k : k + 1].sqrt()
-            r[:, k, loc] -= p[:, k].sqrt()
-            return r.reshape(out.shape)
-
-        return probs.shape[1] * locations, ce_column
-    if name == "bce_with_logits":
-        s = torch.sigmoid(out).reshape(b, -1)
-        scale = (s * (1 - s)).sqrt()
-    else:  # mse: the NLL of N(f, I/2), so H_f = 2 I
-        scale = torch.full_like(out.reshape(b, -1), 2.0**0.5)
-
-    def unit_column(j: int) -> torch.Tensor:
-        r = torch.zeros_like(scale)
-        r[:, j] = scale[:, j]
-        return r.reshape(out.shape)
-
-    return scale.shape[1], unit_column
-
-
-def _linearised_loss(model: Callable[..., Any], batch: Batch) -> torch.Tensor:
-    """Per example :math:`\\langle f(x), r\\rangle` (``r`` fixed): its gradient is :math:`J^T r`."""
-    inputs, r = _split_supervised(batch)
-    out = model(inputs)
-    return (out * r).reshape(out.shape[0], -1).sum(dim=1)
-
-
-Draw = tuple[torch.Tensor, Batch, PerExampleFn]
-"""One label draw of a chunk: its summed loss, the batch that loss saw, its per-example loss."""
-
-
-def _label_draws(
-    loss_name: str,
-    mc_samples: int | str,
-    inputs: Any,
-    outputs: torch.Tensor,
-    generator: torch.Generator,
-) -> tuple[int, Callable[[int], Draw]]:
-    """``(number of draws, draw r -> Draw)`` for ``fisher="true"``, made one at a time."""
-    if mc_samples == "exact":
-        num_columns, column = fisher_root(loss_name, outputs)
-
-        def exact_draw(r: int) -> Draw:
-            col = column(r)
-            return (outputs * col).sum(), (inputs, col), _linearised_loss
-
-        return num_columns, exact_draw
-    sampled = SupervisedLoss(loss_name)  # type: ignore[arg-type]
-
-    def sampled_draw(r: int) -> Draw:
-        labels = _sample_labels(loss_name, outputs, generator)
-        return _LOSSES[loss_name](outputs, labels).sum(), (inputs, labels), sampled
-
-    return int(mc_samples), sampled_draw
-
-
 def stream(
     wrapper: ModelWrapper,
     data: IndexedData,
@@ -411,8 +306,8 @@ def stream(
     """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
 
     ``mc_samples`` label draws per example for ``fisher="true"``, or ``"exact"``: one
-    backward pass per column of :func:`fisher_root` instead of the draws. A chunk's draws
-    are made one at a time, each just before its backward pass.
+    backward pass per column of :func:`~infl.solvers.fisher_labels.fisher_root` instead of
+    the draws. A chunk's draws are made one at a time, each just before its backward pass.
 
     Temporary forward hooks on the layers record their inputs and outputs during a
     ``functional_call`` of the user's module at infl's parameters; they are removed in
@@ -458,7 +353,7 @@ def stream(
                     else:
                         inputs, _ = _split_supervised(batch)
                         outputs = model_fn(inputs)
-                        num_draws, make_draw = _label_draws(
+                        num_draws, make_draw = label_draws(
                             loss_name, mc_samples, inputs, outputs, generator
                         )
                 finally:

@@ -251,7 +251,7 @@ Variant = dict[str, Any]
 unfitted solver) for CG, and ``solver`` (a dict of solver fields)."""
 
 
-def variants(problem: Problem, method: str) -> dict[str, Variant]:
+def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
     """infl's opt-in speed options worth a row of their own for this model and solver.
 
     ``float32 products`` (float64 models): the curvature products in float32, the answer in
@@ -266,6 +266,7 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
     ``snapshot_every="auto"``, a full-data product at an anchor every ``4n/b`` steps, so the
     recursion converges instead of stalling at the minibatch noise (same scale and depth).
     """
+    method = setting.method
     out: dict[str, Variant] = {}
     if problem.dtype == torch.float64 and method in ("cg", "lissa", "arnoldi"):
         out["float32 products"] = {"curvature_dtype": torch.float32}
@@ -282,6 +283,13 @@ def variants(problem: Problem, method: str) -> dict[str, Variant]:
             out["block, Arnoldi-20 preconditioned"] = {
                 "solver": {"block": True},
                 "preconditioner": infl.Arnoldi(rank=20, krylov_dim=40),
+            }
+    if method == "arnoldi" and setting.krylov > setting.rank:
+        out["every Ritz pair"] = {"solver": {"rank": setting.krylov}}
+        if problem.dtype == torch.float64:
+            out["every Ritz pair, float32 products"] = {
+                "solver": {"rank": setting.krylov},
+                "curvature_dtype": torch.float32,
             }
     if method in ("kfac", "ekfac"):
         out["exact label expectation"] = {"solver": {"mc_samples": "exact"}}
@@ -484,7 +492,7 @@ def compare(
         except Exception as err:  # report, keep going
             traceback.print_exc(limit=3, file=sys.stderr)
             row["runs"]["infl"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-        for label, variant in (variants(problem, name) if with_variants else {}).items():
+        for label, variant in (variants(problem, setting) if with_variants else {}).items():
             key = f"infl, {label}"
             try:
                 row["runs"][key] = _repeat_if_short(

@@ -1,6 +1,7 @@
 """Time to equal accuracy: every library's iterative solver at several budgets, side by side.
 
-One run of an iterative solver at one budget (CG ``max_iter``, LiSSA ``depth``) says how
+One run of an iterative solver at one budget (CG ``max_iter``, LiSSA ``depth``, Arnoldi
+``krylov``) says how
 fast a library is at *that* budget's accuracy. A library whose solver plateaus early (pyDVL's
 block CG reaches its final accuracy by about 20 iterations) or converges faster per step
 (infl's CG to 1e-10) is misjudged by a single budget. ``compare_peers.py --ladder`` therefore
@@ -30,11 +31,13 @@ EQUAL_ERROR_FACTOR = 1.25
 EQUAL_ERROR_FLOOR = 1e-6
 
 LADDERS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "cg": ("max_iter", (5, 10, 20, 40)),
+    "cg": ("max_iter", (3, 5, 10, 20, 40)),
     "lissa": ("depth", (0.1, 0.2, 0.4, 0.6)),
+    "arnoldi": ("krylov", (0.6, 0.8)),
 }
 """Per method: the budget field of :class:`Setting` and the budgets below the default one (CG:
-iteration counts; LiSSA: fractions of the default depth)."""
+iteration counts; LiSSA: fractions of the default depth; Arnoldi: fractions of the default
+Krylov dimension, the rank capped at it)."""
 
 SEPARATOR = " @ "
 
@@ -50,7 +53,10 @@ def ladder(setting: Setting) -> list[tuple[str, Setting]]:
         budget = int(step) if step >= 1 else max(1, round(step * default))
         if budget < default:
             label = f"{field} {budget}"
-            out.append((label, dataclasses.replace(setting, **{field: budget})))
+            smaller = dataclasses.replace(setting, **{field: budget})
+            if setting.method == "arnoldi":
+                smaller = dataclasses.replace(smaller, rank=min(setting.rank, budget))
+            out.append((label, smaller))
     return out
 
 

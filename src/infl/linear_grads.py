@@ -115,13 +115,22 @@ class LinearPerExampleGradients:
             for handle in handles:
                 handle.remove()
         at_output = dict(zip(order, grads, strict=True))
-        parts = []
-        for name in self.names:
+        # each layer's outer products are written straight into their columns of the [b, p]
+        # result: building them apart and concatenating moved every byte twice (the result is
+        # the largest tensor of a scoring pass: 87 MB per 256 examples of an 85k model)
+        sizes = [params[name].numel() for name in self.names]
+        first = at_output[self.owner[self.names[0]][0]]
+        flat = torch.empty(batch_size, sum(sizes), dtype=first.dtype, device=first.device)
+        start = 0
+        for name, size in zip(self.names, sizes, strict=True):
             prefix, kind = self.owner[name]
-            g = at_output[prefix]
+            g = at_output[prefix].detach()
+            columns = flat[:, start : start + size]
+            start += size
             if kind == "bias":
-                parts.append(g)
+                columns.copy_(g)
             else:
                 a = inputs[prefix]
-                parts.append(torch.einsum("bo,bi->boi", g, a).reshape(batch_size, -1))
-        return torch.cat(parts, dim=1).detach()
+                rows = columns.view(batch_size, g.shape[1], a.shape[1])
+                torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=rows)
+        return flat

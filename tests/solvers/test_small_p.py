@@ -57,7 +57,8 @@ def test_cg_on_the_dense_matrix_equals_matrix_free_cg():
     assert not want.info["operator_dense"]
     # the assembly is the only pass over the data: p products, the iterations are dense
     assert auto.num_matvecs - auto.num_dense_matvecs == auto.size
-    assert 0 < auto.num_dense_matvecs <= 3 * got.iterations
+    assert got.info["true_residual_checked"]  # one more product of the 3 right-hand sides
+    assert 0 < auto.num_dense_matvecs <= 3 * got.iterations + 3
     assert free.num_dense_matvecs == 0
 
 

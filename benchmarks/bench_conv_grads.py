@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_hvp_routes import best
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -89,16 +88,6 @@ def vmapped_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.cat([grads[name].reshape(x.shape[0], -1) for name in params], dim=1)
 
 
-def best_seconds(fn: Callable[[], Any], repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -132,8 +121,8 @@ def main() -> None:
         wide = copy.deepcopy(model).double()
         ours, reference = hooked_grads(wide, x.double(), y), vmapped_grads(wide, x.double(), y)
         diff = float((ours - reference).abs().max() / reference.abs().max())
-        hooks = best_seconds(lambda: hooked_grads(model, x, y), args.repeat)  # noqa: B023
-        vmapped = best_seconds(lambda: vmapped_grads(model, x, y), args.repeat)  # noqa: B023
+        hooks = best(lambda: hooked_grads(model, x, y), args.repeat)  # noqa: B023
+        vmapped = best(lambda: vmapped_grads(model, x, y), args.repeat)  # noqa: B023
         p = sum(q.numel() for q in model.parameters())
         cells = [label, f"{p:,}", f"{diff:.1e}", f"{hooks:.4f}", f"{vmapped:.4f}"]
         print("| " + " | ".join([*cells, f"{vmapped / hooks:.2f}"]) + " |")

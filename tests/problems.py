@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import reference
+from infl.operators import DenseOperator
 
 
 @dataclass
@@ -32,3 +33,12 @@ def make_logistic_problem(n: int = 60, d: int = 4, wd: float = 0.05, seed: int =
     theta = reference.newton_fit(x[:n], y[:n], wd)
     model = reference.load_into(nn.Linear(d, 1).double(), theta)
     return LogisticProblem(model, x[:n], y[:n], x[n:], y[n:], wd, theta)
+
+
+def planted(eigenvalues: torch.Tensor, seed: int = 0) -> DenseOperator:
+    """A dense symmetric operator ``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q``
+    (float64; cast ``.matrix`` for another dtype)."""
+    p = eigenvalues.numel()
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))
+    return DenseOperator((q * eigenvalues.double()) @ q.T)

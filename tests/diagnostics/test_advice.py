@@ -14,16 +14,10 @@ from infl.data import IndexedData
 from infl.diagnostics import advise, hessian_spectrum, lissa_contraction, lissa_depth
 from infl.errors import InflWarning, InputError, NotPositiveDefiniteError, SolverDivergedError
 from infl.model import ModelWrapper
-from infl.operators import DenseOperator, HessianOperator
+from infl.operators import HessianOperator
+from problems import planted
 
 F64 = torch.float64
-
-
-def planted(eigenvalues: torch.Tensor, seed: int = 0) -> DenseOperator:
-    p = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=F64))
-    return DenseOperator((q * eigenvalues) @ q.T)
 
 
 def rhs(p: int, k: int = 3, seed: int = 1) -> torch.Tensor:

@@ -26,16 +26,9 @@ from infl.diagnostics import (
 from infl.errors import InflWarning, InputError
 from infl.model import ModelWrapper
 from infl.operators import DenseOperator, HessianOperator
+from problems import planted
 
 F64 = torch.float64
-
-
-def planted(eigenvalues: torch.Tensor, seed: int = 0) -> DenseOperator:
-    """A dense symmetric operator Q diag(eigenvalues) Q^T with a random orthogonal Q."""
-    p = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=F64))
-    return DenseOperator((q * eigenvalues) @ q.T)
 
 
 def tiny_mlp_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], float]:

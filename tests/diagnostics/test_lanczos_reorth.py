@@ -11,15 +11,9 @@ from infl.diagnostics import lanczos
 from infl.errors import InflWarning
 from infl.operators import DenseOperator
 from infl.spectral.lanczos import _reorthogonalise
+from problems import planted
 
 F64 = torch.float64
-
-
-def planted(eigenvalues: torch.Tensor, seed: int = 0) -> DenseOperator:
-    p = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=F64))
-    return DenseOperator((q * eigenvalues) @ q.T)
 
 
 def orthonormality_error(vectors: torch.Tensor) -> float:

@@ -3,6 +3,7 @@ drift from it (tolerance below sqrt(eps) of the product dtype)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -11,13 +12,13 @@ import torch
 from infl import ConjugateGradient
 from infl.errors import InflWarning
 from infl.operators import DenseOperator
+from problems import planted
 
 
 def spd(p: int, condition: float, dtype: torch.dtype, seed: int = 0) -> DenseOperator:
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))
-    mu = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), p, dtype=torch.float64)
-    return DenseOperator(((q * mu) @ q.T).to(dtype))
+    """Eigenvalues log-spaced from 1 down to 1/condition."""
+    mu = torch.logspace(0, -math.log10(condition), p, dtype=torch.float64)
+    return DenseOperator(planted(mu, seed).matrix.to(dtype))
 
 
 def rhs(k: int, p: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:

@@ -42,3 +42,15 @@ def planted(eigenvalues: torch.Tensor, seed: int = 0) -> DenseOperator:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))
     return DenseOperator((q * eigenvalues.double()) @ q.T)
+
+
+class WithLayerNorm(nn.Module):
+    """``LayerNorm(Linear(4, 3))``: a layer K-FAC has no Kronecker factors for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.ln = nn.LayerNorm(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.lin(x))

@@ -21,6 +21,7 @@ from infl import (
     NotPositiveDefiniteError,
     Objective,
 )
+from problems import WithLayerNorm
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -307,14 +308,6 @@ def test_no_hooks_remain_and_parameters_unchanged():
 
 
 # ------------------------------------------------------------------ bad input
-class WithLayerNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-        self.ln = nn.LayerNorm(3)
-
-    def forward(self, x):
-        return self.ln(self.lin(x))
 
 
 class WithBareParameter(nn.Module):

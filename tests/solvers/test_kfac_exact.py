@@ -22,6 +22,7 @@ from infl import (
     ModelWrapper,
     Objective,
 )
+from problems import WithLayerNorm
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -201,15 +202,6 @@ def test_monte_carlo_converges_to_the_exact_expectation():
 def test_exact_diagonal_blocks_are_the_expected_squared_gradients():
     """unsupported='diagonal': diag = (1/n) sum_i sum_k p_ik (d l(x_i, k) / d theta_j)^2."""
     torch.manual_seed(6)
-
-    class WithLayerNorm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-            self.ln = nn.LayerNorm(3)
-
-        def forward(self, x):
-            return self.ln(self.lin(x))
 
     model, x = WithLayerNorm(), torch.randn(7, 4)
     solver = KFAC(mc_samples="exact", unsupported="diagonal", damping=0.1)

@@ -412,7 +412,8 @@ class FittedCG(FittedSolver):
         unattained = claimed & active
         converged = not bool(active.any())
         if bool(unattained.any()):
-            self._warn_unattained(name, residuals[unattained], int(unattained.sum()), k, b.dtype)
+            dtype = product_dtype(self.operator)
+            self._warn_unattained(name, residuals[unattained], int(unattained.sum()), k, dtype)
         if bool((active & ~claimed).any()):
             self._warn_not_converged(name, residuals, int((active & ~claimed).sum()), k)
         return SolveResult(

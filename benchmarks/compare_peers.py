@@ -265,6 +265,10 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
     sampled label per example. ``control variate`` (minibatch LiSSA):
     ``snapshot_every="auto"``, a full-data product at an anchor every ``4n/b`` steps, so the
     recursion converges instead of stalling at the minibatch noise (same scale and depth).
+    ``every Ritz pair`` (Arnoldi): ``rank = krylov_dim``, every Ritz pair of the same Lanczos
+    run instead of the top half. ``every Ritz pair, complement`` (Arnoldi, damping > 0): the
+    same with ``complement=True``, the part of each gradient outside the Krylov space scaled by
+    ``1/lambda`` instead of dropped (no extra HVP; scoring then needs the full train gradients).
     """
     method = setting.method
     out: dict[str, Variant] = {}
@@ -289,6 +293,14 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
         if problem.dtype == torch.float64:
             out["every Ritz pair, float32 products"] = {
                 "solver": {"rank": setting.krylov},
+                "curvature_dtype": torch.float32,
+            }
+    if method == "arnoldi" and setting.damping > 0:
+        complement = {"rank": setting.krylov, "complement": True}
+        out["every Ritz pair, complement"] = {"solver": complement}
+        if problem.dtype == torch.float64:
+            out["every Ritz pair, complement, float32 products"] = {
+                "solver": complement,
                 "curvature_dtype": torch.float32,
             }
     if method in ("kfac", "ekfac"):

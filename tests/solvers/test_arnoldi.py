@@ -151,6 +151,24 @@ def test_matches_its_formula_with_and_without_complement(hessian_problem):
     torch.testing.assert_close(checked.residual_norms, expected)
 
 
+def test_complement_is_exact_in_the_limit_of_a_negligible_discarded_spectrum():
+    # ten large eigenvalues and 190 of size delta << lambda: the top ten are found to
+    # round-off, and the complement's only error is 1/lambda in place of 1/(delta + lambda)
+    lam = 0.1
+    rhs = torch.randn(3, 200, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    errors = {}
+    for delta in (1e-3, 1e-5):
+        mu = torch.cat([torch.logspace(1, 0, 10, dtype=torch.float64), torch.full((190,), delta)])
+        op, _ = planted(mu.double())
+        exact = torch.linalg.solve(op.matrix + lam * torch.eye(200).double(), rhs.T).T
+        plain = Arnoldi(rank=10, krylov_dim=40, damping=lam).fit(op).solve(rhs).value
+        comp = Arnoldi(rank=10, krylov_dim=40, damping=lam, complement=True).fit(op)
+        errors[delta] = rel_err(comp.solve(rhs).value, exact)
+        assert rel_err(plain, exact) > 0.9  # most of b lies outside the top ten
+        assert errors[delta] <= 1.1 * delta / lam, errors  # |1/lam - 1/(delta+lam)| * lam
+    assert errors[1e-5] < 0.02 * errors[1e-3]
+
+
 def test_large_damping_with_complement_tends_to_v_over_lambda(hessian_problem):
     op, _, rhs = hessian_problem
     value = Arnoldi(rank=2, damping=1e6, complement=True).fit(op).solve(rhs).value

@@ -74,7 +74,11 @@ class Arnoldi(Solver):
         an indefinite operator when :math:`\\mu_i + \\lambda < 0`).
     complement
         Add :math:`(I - U^TU)b/\\lambda` (needs :math:`\\lambda > 0`). This makes the inverse
-        positive definite, as a CG preconditioner needs, but it is no longer low-rank.
+        positive definite, as a CG preconditioner needs, but it is no longer low-rank. When
+        the eigenvalues left out are small next to :math:`\\lambda` it is far more accurate
+        for the same HVPs (digits MLP, :math:`\\lambda = 0.1`, ``rank = krylov_dim = 30``:
+        Pearson 0.977 with the exact scores against 0.893 without); when they are not, the
+        ranking still improves but the values overshoot (docs/solvers.md, "Arnoldi").
     seed
         Seeds Lanczos's start vector (same seed, same eigenpairs).
     check_residuals

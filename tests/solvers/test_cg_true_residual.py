@@ -1,5 +1,5 @@
-"""CG's tolerance is on the true residual: measured once at the end when the recursive one can
-drift from it (tolerance below sqrt(eps) of the product dtype)."""
+"""CG's tolerance is on the true residual: measured at the end when the recursive one can drift
+from it (tolerance below sqrt(eps) of the product dtype; see also test_cg_floor)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def test_float32_below_attainable_accuracy_is_reported_not_converged(block):
     rounding = 10 * 2**-23 * torch.linalg.matrix_norm(a64, 2) * x64.norm(dim=1) / b64.norm(dim=1)
     assert bool(((result.residual_norms.double() - exact).abs() <= rounding).all())
     assert float(result.residual_norms.max()) > 1e-10
-    # and the recursive residual did claim the tolerance: its trace ends below it
-    assert float(result.trace[-1].max()) <= 1e-10
+    # each system either stopped at the round-off floor (infl.solvers.cg_floor) or had its
+    # recursive residual claim the tolerance (its trace ends below it)
+    claimed = int((result.trace[-1] <= 1e-10).sum())
+    assert result.info["roundoff_floor_stops"] + claimed == 3
 
 
 def test_float32_tolerance_it_can_reach_costs_no_extra_product():

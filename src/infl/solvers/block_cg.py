@@ -17,6 +17,7 @@ from infl.operators import LinearOperator
 
 if TYPE_CHECKING:
     from infl.solvers.cg import FittedCG
+    from infl.solvers.cg_floor import RoundoffFloor
 
 BLOCK_DEFLATION_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-8, torch.float32: 1e-5}
 """Block CG: a new block of search directions keeps only the directions whose singular value is
@@ -58,9 +59,11 @@ def iterate_block(
     bar: Any,
     rows: torch.Tensor | None = None,
     first: int = 0,
+    floor: RoundoffFloor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
     """Breakdown-free block (P)CG (Ji & Li 2017), returning what ``FittedCG._iterate``
-    returns (``fitted`` supplies the preconditioner, the checks and the name).
+    returns (``fitted`` supplies the preconditioner, the checks and the name; ``floor``, when
+    given, stops systems at the round-off floor).
 
     Rows are vectors: ``R`` ``[a, p]`` holds the residuals of the ``a`` active systems and
     ``P`` ``[s, p]`` orthonormal search directions (``s <= a``). Per iteration, with
@@ -106,10 +109,14 @@ def iterate_block(
         inverse = (evecs / evals) @ evecs.T  # G^-1
         alpha = inverse @ pr
         x[idx] += alpha.T @ p
-        r[idx] -= alpha.T @ q
+        update = alpha.T @ q
+        r[idx] -= update
         rr[idx] = (r[idx] * r[idx]).sum(dim=1)
         active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
         iterations += 1
+        if floor is not None:
+            floor.add(idx, torch.linalg.vector_norm(update, dim=1))
+            floor.review(x, rr, active)
         norms.append(torch.sqrt(rr))
         bar.update(1)
         idx = active.nonzero().reshape(-1)

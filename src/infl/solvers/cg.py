@@ -26,6 +26,7 @@ from infl.solvers.base import (
     solver_spec,
 )
 from infl.solvers.block_cg import iterate_block
+from infl.solvers.cg_floor import RoundoffFloor
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
 from infl.spectral.damping import AUTO_DAMPING_RETRIES, AutoDamping, auto_damping
@@ -398,15 +399,25 @@ class FittedCG(FittedSolver):
         k = b.shape[0]
         threshold, safe_bnorm = self._thresholds(b)
         name = self._name
+        below = self._below_recursive_accuracy(threshold / safe_bnorm)
+        floor = RoundoffFloor(self.operator, b, threshold) if below else None
         with tqdm(total=cfg.max_iter, desc=name, disable=not progress, leave=False) as bar:
-            x, rr, iterations, norms = self._iterate(self.operator, b, threshold, cfg.max_iter, bar)
+            x, rr, iterations, norms = self._iterate(
+                self.operator, b, threshold, cfg.max_iter, bar, floor=floor
+            )
         history = [norm / safe_bnorm for norm in norms]
-        claimed = torch.sqrt(rr) <= threshold
+        if floor is None:
+            stalled = verified = torch.zeros_like(threshold, dtype=torch.bool)
+        else:
+            stalled, verified = floor.stalled, floor.verified
+        claimed = (torch.sqrt(rr) <= threshold) | stalled  # stalled: reached what it can
+        pending = claimed & ~verified
+        if below and bool(pending.any()):  # the recursive residual may have left the true one
+            rows = (~verified).nonzero().reshape(-1)  # every residual reported is then true
+            rr[rows] = (b[rows] - self.operator.matmat(x[rows])).square().sum(dim=1)
         info = {**self.info, "iterations": iterations}
-        checked = bool(claimed.any()) and self._below_recursive_accuracy(threshold / safe_bnorm)
-        if checked:  # one more product: the recursive residual may have left the true one
-            rr = (b - self.operator.matmat(x)).square().sum(dim=1)
-        info["true_residual_checked"] = checked
+        info["true_residual_checked"] = below and bool(claimed.any())
+        info["roundoff_floor_stops"] = int(stalled.sum())
         residuals = torch.sqrt(rr) / safe_bnorm
         active = torch.sqrt(rr) > threshold
         unattained = claimed & active
@@ -428,7 +439,8 @@ class FittedCG(FittedSolver):
     def _below_recursive_accuracy(self, relative: torch.Tensor) -> bool:
         """Whether some system's relative tolerance is below :math:`\\sqrt{\\varepsilon}` of the
         product dtype, where CG's recursively updated residual can drift from the true one
-        (by :math:`O(\\varepsilon \\kappa)`): the true residual is then measured once at the
+        (by :math:`O(\\varepsilon \\kappa)`): the true residual is then measured where the
+        recursive one passes the round-off floor (:mod:`infl.solvers.cg_floor`) and at the
         end, as the tolerance promises."""
         eps = float(torch.finfo(product_dtype(self.operator)).eps)
         return bool((relative < eps**0.5).any())
@@ -438,11 +450,12 @@ class FittedCG(FittedSolver):
     ) -> None:
         worst = float(residuals.max())
         warnings.warn(
-            f"{name}: the recursive residual of {count} of {k} right-hand sides met "
-            f"rtol={self.solver.rtol:g}, but the true relative residual ||b - A x|| / ||b|| is "
-            f"up to {worst:.3g}: {str(dtype).removeprefix('torch.')} products cannot resolve "
-            f"these systems further. Those systems are reported as not converged, with their "
-            f"true residuals. Use rtol >= {worst:.0e}, or a float64 model.",
+            f"{name}: {count} of {k} right-hand sides cannot reach rtol={self.solver.rtol:g} "
+            f"with {str(dtype).removeprefix('torch.')} products: the residual CG updates goes on "
+            f"falling, but the true relative residual ||b - A x|| / ||b|| stays at up to "
+            f"{worst:.3g} (CG stops a system once the two have parted). Those systems are "
+            f"reported as not converged, with their true residuals. Use rtol >= {worst:.0e}, "
+            "or a float64 model.",
             InflWarning,
             stacklevel=4,
         )
@@ -456,14 +469,15 @@ class FittedCG(FittedSolver):
         bar: Any,
         rows: torch.Tensor | None = None,
         first: int = 0,
+        floor: RoundoffFloor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
         """(P)CG on ``operator`` from :math:`x_0 = 0` until each :math:`\\|r_j\\| \\le`
         ``threshold[j]`` or ``max_iter`` iterations: ``(x, r^T r, iterations, [||r||] per
-        iteration)``; the residual is the recursive one. ``rows`` (the rows of ``b`` in the
-        caller's right-hand sides) and ``first`` (iterations before this call) only name
-        things in errors."""
+        iteration)``; the residual is the recursive one, except for systems that ``floor``
+        stopped (their true one). ``rows`` (the rows of ``b`` in the caller's right-hand
+        sides) and ``first`` (iterations before this call) only name things in errors."""
         if self.solver.block:
-            return iterate_block(self, operator, b, threshold, max_iter, bar, rows, first)
+            return iterate_block(self, operator, b, threshold, max_iter, bar, rows, first, floor)
         x = torch.zeros_like(b)
         r = b.clone()
         rr = (r * r).sum(dim=1)  # squared residual norms
@@ -502,6 +516,9 @@ class FittedCG(FittedSolver):
             rr[idx] = (r[idx] * r[idx]).sum(dim=1)
             active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
             iterations += 1
+            if floor is not None:
+                floor.add(idx, alpha.abs() * torch.linalg.vector_norm(ad, dim=1))
+                floor.review(x, rr, active)
             still = idx[active[idx]]
             if still.numel():
                 z_new = self._precondition(r[still])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,3 +55,29 @@ class WithLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln(self.lin(x))
+
+
+def log_spectrum_spd(p: int, condition: float, dtype: torch.dtype, seed: int = 0) -> DenseOperator:
+    """:func:`planted` with eigenvalues log-spaced from 1 down to ``1/condition``, in ``dtype``."""
+    mu = torch.logspace(0, -math.log10(condition), p, dtype=torch.float64)
+    return DenseOperator(planted(mu, seed).matrix.to(dtype))
+
+
+def random_rhs(k: int, p: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    """``[k, p]`` standard normal right-hand sides (drawn in float64, then cast)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(k, p, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def true_relative_residual(op: DenseOperator, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||b_j - A x_j|| / ||b_j||`` per row, computed in float64."""
+    a, x, b = op.matrix.double(), x.double(), b.double()
+    return (b - x @ a).norm(dim=1) / b.norm(dim=1)
+
+
+def residual_rounding(op: DenseOperator, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How far a relative residual formed in ``x``'s dtype may be from the float64 one:
+    ``10 eps ||A||_2 ||x_j|| / ||b_j||`` per row."""
+    eps = torch.finfo(x.dtype).eps
+    a, x64, b64 = op.matrix.double(), x.double(), b.double()
+    return 10 * eps * torch.linalg.matrix_norm(a, 2) * x64.norm(dim=1) / b64.norm(dim=1)

@@ -12,28 +12,19 @@ from infl import ConjugateGradient
 from infl.errors import InflWarning
 from infl.operators import DenseOperator
 from infl.solvers import cg_floor
+from infl.solvers.base import SolveResult
 from infl.solvers.cg_floor import RoundoffFloor
-from problems import planted
+from problems import (
+    log_spectrum_spd,
+    random_rhs,
+    residual_rounding,
+    true_relative_residual,
+)
 
 
-def spd(p: int, condition: float, dtype: torch.dtype, seed: int = 0) -> DenseOperator:
-    mu = torch.logspace(0, -math.log10(condition), p, dtype=torch.float64)
-    return DenseOperator(planted(mu, seed).matrix.to(dtype))
-
-
-def rhs(k: int, p: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(k, p, generator=gen, dtype=torch.float64).to(dtype)
-
-
-def true_relative_residual(op: DenseOperator, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, x, b = op.matrix.double(), x.double(), b.double()
-    return (b - x @ a).norm(dim=1) / b.norm(dim=1)
-
-
-def solve_float32(block: bool) -> tuple[DenseOperator, torch.Tensor, object]:
-    op = spd(80, 1e4, torch.float32)
-    b = rhs(4, 80, torch.float32)
+def solve_float32(block: bool) -> tuple[DenseOperator, torch.Tensor, SolveResult]:
+    op = log_spectrum_spd(80, 1e4, torch.float32)
+    b = random_rhs(4, 80, torch.float32)
     with pytest.warns(InflWarning, match="cannot reach rtol=1e-10 with float32"):
         result = ConjugateGradient(rtol=1e-10, max_iter=1000, block=block).solve(op, b)
     return op, b, result
@@ -47,8 +38,7 @@ def test_float32_stops_at_the_floor_sooner_and_no_less_accurate(block, monkeypat
     assert floored.info["roundoff_floor_stops"] == 4
     # the reported residuals are the true ones, up to the float32 round-off of forming b - A x
     exact = true_relative_residual(op, floored.value, b)
-    a64, x64, b64 = op.matrix.double(), floored.value.double(), b.double()
-    rounding = 10 * 2**-23 * torch.linalg.matrix_norm(a64, 2) * x64.norm(dim=1) / b64.norm(dim=1)
+    rounding = residual_rounding(op, floored.value, b)
     assert bool(((floored.residual_norms.double() - exact).abs() <= rounding).all())
     # the same solve without stopping at the floor (a stall never counts): it runs until the
     # updated residual meets 1e-10, many iterations later, and is no more accurate
@@ -69,10 +59,10 @@ def _floor(op: DenseOperator, b: torch.Tensor, threshold: float) -> RoundoffFloo
 
 
 def test_review_stops_converged_and_stalled_systems_and_rechecks_the_rest():
-    op = spd(10, 10.0, torch.float64)
-    b = rhs(3, 10, torch.float64)
+    op = log_spectrum_spd(10, 10.0, torch.float64)
+    b = random_rhs(3, 10, torch.float64)
     exact = torch.linalg.solve(op.matrix, b.T).T
-    direction = rhs(1, 10, torch.float64, seed=5)[0]
+    direction = random_rhs(1, 10, torch.float64, seed=5)[0]
     # system 0 solved; system 1 off by a true residual of 1e-3; system 2 likewise
     x = torch.stack([exact[0], exact[1] + 1e-3 * direction, exact[2] + 1e-3 * direction])
     true = torch.linalg.vector_norm(b - x @ op.matrix, dim=1)
@@ -97,8 +87,8 @@ def test_review_stops_converged_and_stalled_systems_and_rechecks_the_rest():
 
 
 def test_review_waits_for_the_updated_residual_to_pass_tau():
-    op = spd(10, 10.0, torch.float64)
-    b = rhs(2, 10, torch.float64)
+    op = log_spectrum_spd(10, 10.0, torch.float64)
+    b = random_rhs(2, 10, torch.float64)
     floor = RoundoffFloor(op, b, torch.full((2,), 1e-14, dtype=torch.float64))
     floor.add(torch.arange(2), torch.ones(2, dtype=torch.float64))  # tau = eps64
     rr = torch.full((2,), 1e-20, dtype=torch.float64)  # updated residual 1e-10 > tau

@@ -31,6 +31,9 @@ repeated (3 in all, best kept) for every library alike; a peer's run is stopped 
 products on the float64 models, CG preconditioned by 20 Arnoldi eigenpairs, and K-FAC/EK-FAC
 with the exact expectation over the labels. ``--ladder`` also runs every library's CG and
 LiSSA at smaller budgets and reports the time to equal accuracy (``time_to_accuracy.py``).
+``--seeds S`` draws every library's stochastic runs (minibatch LiSSA; K-FAC / EK-FAC with
+sampled labels) at seeds ``0 .. S-1`` and reports their mean accuracy (the time is seed 0's),
+so that a lucky or unlucky draw does not decide "as accurate".
 Accuracy is
 reported as Pearson and as the largest relative error over test points; the column "best infl
 at equal accuracy" picks the fastest infl run as accurate as the fastest peer's (Pearson and
@@ -43,7 +46,7 @@ skipped with a note, so the script also runs with infl alone.
 Run:  python benchmarks/compare_peers.py [--quick] [--models iris,mlp,cnn]
           [--solvers exact,cg,lissa,arnoldi,kfac,ekfac] [--peers pydvl,captum,dattri,kronfluence]
           [--cnn-exact] [--lissa-depth T] [--peer-timeout 300] [--peer-exact-max-p 1000]
-          [--threads 1] [--cg-rtol 1e-10] [--variants] [--ladder] [--json out.json]
+          [--threads 1] [--cg-rtol 1e-10] [--variants] [--ladder] [--seeds 1] [--json out.json]
 (about 7 minutes on a quiet 2-core machine; each model's rows are printed to stderr and saved
 to the JSON file as soon as they are final).
 """
@@ -55,6 +58,7 @@ import dataclasses
 import functools
 import json
 import math
+import random
 import signal
 import sys
 import time
@@ -457,6 +461,31 @@ def _with_timeout(fn: Callable[[], Any], seconds: int) -> Any:
 SHORT = 2.0  # seconds: runs faster than this are repeated (3 in all) and the best time kept
 
 
+def stochastic(setting: Setting) -> bool:
+    """Whether every library's answer for ``setting`` depends on a random draw: minibatch
+    LiSSA (the minibatches) and K-FAC / EK-FAC (the sampled labels of the true Fisher)."""
+    if setting.method == "lissa":
+        return setting.batch_size is not None
+    return setting.method in ("kfac", "ekfac")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators a peer may draw from (torch, NumPy, ``random``)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy global generator is what a peer may use)
+    torch.manual_seed(seed)
+
+
+def _more_draws(
+    run: dict[str, Any], draw: Callable[[int], torch.Tensor], seeds: int
+) -> dict[str, Any]:
+    """``run`` with ``seed_scores``: the scores of seeds ``1 .. seeds - 1`` (untimed), which
+    :func:`finish` averages with the timed seed-0 run's accuracy."""
+    if seeds > 1 and "scores" in run:
+        run["seed_scores"] = [draw(seed) for seed in range(1, seeds)]
+    return run
+
+
 def _repeat_if_short(fn: Callable[[], tuple[torch.Tensor, dict[str, Any]]]) -> dict[str, Any]:
     """Run ``fn``; when it took under ``SHORT`` s, run it twice more and keep the best time.
 
@@ -481,8 +510,15 @@ def compare(
     timeout: int,
     exact_max_p: int,
     with_variants: bool = False,
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """infl (and its ``variants`` when asked), then every peer with ``setting.method``."""
+    """infl (and its ``variants`` when asked), then every peer with ``setting.method``.
+
+    For a :func:`stochastic` setting every run is seeded (infl: the solver's ``seed``; a peer:
+    :func:`seed_everything` before its run) and, with ``seeds > 1``, drawn again at seeds
+    ``1 .. seeds - 1`` untimed: its accuracy is then the mean over the draws.
+    """
+    draws = seeds if stochastic(setting) else 1
     row: dict[str, Any] = {
         "model": problem.name,
         "p": problem.p,
@@ -499,16 +535,21 @@ def compare(
         row["scale"] = setting.scale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            row["runs"]["infl"] = _repeat_if_short(lambda: run_infl(problem, setting))
-        except Exception as err:  # report, keep going
-            traceback.print_exc(limit=3, file=sys.stderr)
-            row["runs"]["infl"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-        for label, variant in (variants(problem, setting) if with_variants else {}).items():
-            key = f"infl, {label}"
+        options: dict[str, Variant] = {"": {}}
+        if with_variants:
+            options.update(variants(problem, setting))
+        for label, variant in options.items():
+            key = f"infl, {label}" if label else "infl"
+
+            def infl_draw(seed: int, variant: Variant = variant) -> torch.Tensor:
+                seeded = {**variant, "solver": {**variant.get("solver", {}), "seed": seed}}
+                return run_infl(problem, setting, seeded)[0]
+
             try:
-                row["runs"][key] = _repeat_if_short(
-                    lambda variant=variant: run_infl(problem, setting, variant)
+                row["runs"][key] = _more_draws(
+                    _repeat_if_short(lambda variant=variant: run_infl(problem, setting, variant)),
+                    infl_draw,
+                    draws,
                 )
             except Exception as err:
                 traceback.print_exc(limit=3, file=sys.stderr)
@@ -525,13 +566,20 @@ def compare(
                 row["skipped"][peer.NAME] = why
                 continue
 
-            def run_peer(peer: Any = peer) -> tuple[torch.Tensor, dict[str, Any]]:
+            def run_peer(peer: Any = peer, seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+                seed_everything(seed)
                 start = time.perf_counter()
                 scores = peer.scores(problem, setting)
                 return scores, {"seconds": time.perf_counter() - start}
 
+            def peer_draw(seed: int, peer: Any = peer) -> torch.Tensor:
+                return run_peer(peer, seed)[0]
+
             try:
-                row["runs"][peer.NAME] = _with_timeout(lambda: _repeat_if_short(run_peer), timeout)
+                row["runs"][peer.NAME] = _with_timeout(
+                    lambda: _more_draws(_repeat_if_short(run_peer), peer_draw, draws),
+                    timeout * draws,
+                )
             except PeerTimeout:
                 row["runs"][peer.NAME] = {"error": f"stopped after {timeout} s", "timeout": timeout}
             except Exception as err:
@@ -545,6 +593,9 @@ def finish(
 ) -> None:
     """Accuracy against the reference, the fastest peer, infl's floor and its best option.
 
+    A run with ``seed_scores`` (``--seeds``) gets the mean Pearson and relative error over its
+    draws, and the draws' Pearsons as ``pearson_seeds``.
+
     ``best_infl``: the fastest infl run (default or a variant) as accurate as the fastest
     peer's (:func:`time_to_accuracy.as_accurate`): the ratio at equal accuracy, all at the
     setting's own budget. With ``--ladder`` runs (keys ``"<library> @ <budget>"``) also
@@ -552,9 +603,14 @@ def finish(
     """
     for run in row["runs"].values():
         scores = run.pop("scores", None)
-        if scores is not None:
-            run["pearson"] = float("nan") if ref is None else pearson(scores, ref)
-            run["relative_error"] = float("nan") if ref is None else relative_error(scores, ref)
+        if scores is not None and ref is None:
+            run["pearson"] = run["relative_error"] = float("nan")
+        elif scores is not None:
+            draws = [scores, *run.pop("seed_scores", [])]
+            run["pearson"] = float(np.mean([pearson(s, ref) for s in draws]))
+            run["relative_error"] = float(np.mean([relative_error(s, ref) for s in draws]))
+            if len(draws) > 1:
+                run["pearson_seeds"] = [pearson(s, ref) for s in draws]
     ours = row["runs"].get("infl", {})
     own_budget = {k: v for k, v in row["runs"].items() if tta.SEPARATOR not in k}
     peers = {k: v for k, v in own_budget.items() if not k.startswith("infl") and "seconds" in v}
@@ -704,6 +760,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also run every library's CG and LiSSA at smaller budgets and report the time to "
         "equal accuracy against every peer run (time_to_accuracy.py)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="draw every library's stochastic runs (minibatch LiSSA, K-FAC/EK-FAC with sampled "
+        "labels) at this many seeds and report the mean accuracy (the time is seed 0's)",
+    )
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -751,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.peer_timeout,
                 args.peer_exact_max_p,
                 args.variants,
+                args.seeds,
             )
             for label, smaller in tta.ladder(setting) if args.ladder else []:
                 sub = compare(
@@ -761,6 +825,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.peer_timeout,
                     args.peer_exact_max_p,
                     args.variants,
+                    args.seeds,
                 )
                 for key, run in sub["runs"].items():
                     row["runs"][f"{key}{tta.SEPARATOR}{label}"] = run

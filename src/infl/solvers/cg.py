@@ -406,15 +406,14 @@ class FittedCG(FittedSolver):
                 self.operator, b, threshold, cfg.max_iter, bar, floor=floor
             )
         history = [norm / safe_bnorm for norm in norms]
-        if floor is None:
-            stalled = verified = torch.zeros_like(threshold, dtype=torch.bool)
-        else:
-            stalled, verified = floor.stalled, floor.verified
-        claimed = (torch.sqrt(rr) <= threshold) | stalled  # stalled: reached what it can
-        pending = claimed & ~verified
-        if below and bool(pending.any()):  # the recursive residual may have left the true one
-            rows = (~verified).nonzero().reshape(-1)  # every residual reported is then true
-            rr[rows] = (b[rows] - self.operator.matmat(x[rows])).square().sum(dim=1)
+        claimed = torch.sqrt(rr) <= threshold
+        stalled = torch.zeros_like(claimed)
+        if floor is not None:  # the recursive residual may have left the true one
+            stalled = floor.stalled
+            claimed |= stalled  # stalled: reached what it can
+            if bool((claimed & ~floor.verified).any()):  # one more product, then all are true
+                rows = (~floor.verified).nonzero().reshape(-1)
+                rr[rows] = floor.true_norms(x, rows).square()
         info = {**self.info, "iterations": iterations}
         info["true_residual_checked"] = below and bool(claimed.any())
         info["roundoff_floor_stops"] = int(stalled.sum())

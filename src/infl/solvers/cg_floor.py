@@ -61,6 +61,10 @@ class RoundoffFloor:
         """Record :math:`\\|\\alpha_j A d_j\\|` of this iteration's update of systems ``rows``."""
         self.updates[rows] += update_norms
 
+    def true_norms(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """:math:`\\|b_j - A x_j\\|` for the systems ``rows`` (one ``matmat`` of them)."""
+        return torch.linalg.vector_norm(self.b[rows] - self.operator.matmat(x[rows]), dim=1)
+
     def review(self, x: torch.Tensor, rr: torch.Tensor, active: torch.Tensor) -> None:
         """Measure the systems that are due and stop those that converged or stalled (in place
         on ``rr`` and ``active``)."""
@@ -69,7 +73,7 @@ class RoundoffFloor:
         if not bool(due.any()):
             return
         rows = due.nonzero().reshape(-1)
-        true = torch.linalg.vector_norm(self.b[rows] - self.operator.matmat(x[rows]), dim=1)
+        true = self.true_norms(x, rows)
         self.checks += 1
         done = true <= self.threshold[rows]
         stalled = ~done & (true > FLOOR_GAP * updated[rows])

@@ -21,7 +21,8 @@ infl's route (compile seconds / seconds saved per product; "never" when it saves
 double-backward graphs have no compiled counterpart; the comparison is the compiled
 forward-over-reverse product against whatever infl does now.
 
-Run:  python benchmarks/bench_compile.py --models cnn mlp [--float32] [--json out.json]
+Run:  python benchmarks/bench_compile.py --models cnn mlp [--float32] [--device cuda]
+          [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,12 +52,22 @@ CHUNK = 256
 MINIBATCH = 128
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def best(fn: Callable[[], object], repeat: int) -> float:
     fn()
     times = []
     for _ in range(repeat):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -72,14 +83,17 @@ def _batches(calc: infl.InfluenceCalculator, setting: str) -> list[Any]:
 
 
 def _problem_calc(name: str, dtype_name: str) -> infl.InfluenceCalculator:
-    """The calculator of compare_peers' model ``name`` with model and data in ``dtype``."""
+    """The calculator of compare_peers' model ``name``, model and data in ``dtype`` on
+    :data:`DEVICE` (trained on the CPU first, as compare_peers trains it)."""
     problem = build_problem(name, quick=False)
     dtype = getattr(torch, dtype_name)
     copy = dataclasses.replace(
         problem,
-        model=problem.fresh_model().to(dtype),
-        x_train=problem.x_train.to(dtype),
-        x_test=problem.x_test.to(dtype),
+        model=problem.fresh_model().to(DEVICE, dtype),
+        x_train=problem.x_train.to(DEVICE, dtype),
+        y_train=problem.y_train.to(DEVICE),
+        x_test=problem.x_test.to(DEVICE, dtype),
+        y_test=problem.y_test.to(DEVICE),
     )
     return calculator(copy, infl.ConjugateGradient(damping=0.01))
 
@@ -100,7 +114,7 @@ def measure_infl(
 ) -> dict[str, float]:
     """Seconds per product of ``k`` vectors: infl's route and its eager forward-over-reverse."""
     op = calc.operator
-    vectors = torch.randn(k, calc.num_params, dtype=calc.wrapper.dtype)
+    vectors = torch.randn(k, calc.num_params, dtype=calc.wrapper.dtype, device=DEVICE)
     if setting == "full":
         infl_s = best(lambda: op.matmat(vectors), repeat)
     else:
@@ -116,13 +130,15 @@ def measure_compiled(
     calc: infl.InfluenceCalculator, setting: str, k: int, repeat: int
 ) -> dict[str, float]:
     """The first compiled call's seconds, then seconds per compiled product (this process)."""
-    vectors = torch.randn(k, calc.num_params, dtype=calc.wrapper.dtype)
+    vectors = torch.randn(k, calc.num_params, dtype=calc.wrapper.dtype, device=DEVICE)
     batches = _batches(calc, setting)
     product = hvp_forward_over_reverse(calc.wrapper)
     reference = _summed(calc, product, vectors, batches)
     compiled = torch.compile(product, dynamic=False)
+    _sync()
     start = time.perf_counter()
     result = _summed(calc, compiled, vectors, batches)
+    _sync()
     compile_s = time.perf_counter() - start
     compiled_s = best(lambda: _summed(calc, compiled, vectors, batches), repeat)
     error = float((result - reference).norm() / reference.norm())
@@ -133,6 +149,7 @@ def _child(case: list[str], repeat: int, cache: str) -> dict[str, float]:
     """:func:`measure_compiled` in a fresh process whose inductor cache is ``cache``."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     command = [sys.executable, __file__, "--child", *case, "--repeat", str(repeat)]
+    command += ["--device", str(DEVICE)]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -198,9 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["iris", "cnn", "mlp"])
     parser.add_argument("--float32", action="store_true", help="also float32 copies of f64 models")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     if args.child:
         name, dtype, setting, k = args.child

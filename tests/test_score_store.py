@@ -49,15 +49,26 @@ def _calc(model, objective, train, damping: float = 1.0) -> InfluenceCalculator:
 
 
 def _count_train_chunks(monkeypatch, calc) -> list[int]:
-    """Count the chunks of training gradients computed (the work a tile costs)."""
+    """Count the chunks of training gradients computed (the work a tile costs): formed
+    (``train_grads``) or multiplied without forming them (``train_grad_products``)."""
     calls = [0]
-    original = calc.wrapper.train_grads
+    inside = [False]
+    grads, products = calc.wrapper.train_grads, calc.wrapper.train_grad_products
 
-    def counted(batch):
+    def counted_grads(batch):
+        calls[0] += not inside[0]
+        return grads(batch)
+
+    def counted_products(batch, vectors):
         calls[0] += 1
-        return original(batch)
+        inside[0] = True
+        try:
+            return products(batch, vectors)
+        finally:
+            inside[0] = False
 
-    monkeypatch.setattr(calc.wrapper, "train_grads", counted)
+    monkeypatch.setattr(calc.wrapper, "train_grads", counted_grads)
+    monkeypatch.setattr(calc.wrapper, "train_grad_products", counted_products)
     return calls
 
 

@@ -340,6 +340,51 @@ class ModelWrapper:
         """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``."""
         return self.per_example_grads(self.objective.per_example_loss, batch, add_weight_decay=True)
 
+    @property
+    def forms_products_directly(self) -> bool:
+        """Whether :meth:`train_grad_products` can skip the ``[b, p]`` gradients: every
+        trainable parameter is in a plain ``nn.Linear`` and the check of
+        :meth:`per_example_grads` has not refused the shortcut for the loss."""
+        loss = self.objective.per_example_loss
+        return self._linear_grads.applicable and self._linear_verified.get(loss) is not False
+
+    def train_grad_products(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
+        """:math:`V g_i` for the training gradients of a batch: ``vectors @ train_grads(batch).T``.
+
+        Parameters
+        ----------
+        batch
+            ``b`` training examples.
+        vectors
+            ``V``, ``[k, p]`` (inverse-HVPs, a low-rank basis); the products are in its dtype.
+
+        Returns
+        -------
+        ``[k, b]``. When :attr:`forms_products_directly` and the loss's shortcut is checked,
+        from each layer's inputs and output gradients without forming the ``[b, p]``
+        gradients (:meth:`LinearPerExampleGradients.products
+        <infl.linear_grads.LinearPerExampleGradients.products>`; the weight-decay term
+        :math:`V \\Lambda\\theta` is added to every column). Otherwise, and for a batch whose
+        products are not all finite (so that the error names the example), from
+        :meth:`train_grads`.
+        """
+        self._check_vectors(vectors, "train-gradient product")
+        batch = self.prepare(batch)
+        loss = self.objective.per_example_loss
+        if self._linear_grads.applicable and self._linear_verified.get(loss) is True:
+            with functional_evaluation():
+                out = self._linear_grads.products(
+                    lambda params: self._batch_value(loss, params, batch),
+                    self.params,
+                    batch_size(batch),
+                    vectors,
+                )
+            if out is not None and all_finite(out):
+                if self.has_decay:
+                    out += (vectors @ (self.decay * self.flat_params).to(vectors)).unsqueeze(1)
+                return out
+        return vectors @ self.train_grads(batch).to(vectors).T
+
     def iter_train_grads(
         self, data: IndexedData, chunk_size: int
     ) -> Iterator[tuple[int, torch.Tensor]]:

@@ -94,8 +94,8 @@ def influence(
     ihvp = calc.inverse_hvp(test_data).value
     local_n = len(calc.local_train)  # this rank's columns; all n in one process
     scores = torch.empty(ihvp.shape[0], local_n, dtype=ihvp.dtype, device=ihvp.device)
-    for start, grads in train_gradients.iter_train_grads(calc, desc="scoring"):
-        scores[:, start : start + grads.shape[0]] = -(ihvp @ grads.T)
+    for start, products in train_gradients.iter_train_products(calc, ihvp, desc="scoring"):
+        scores[:, start : start + products.shape[1]] = -products
     return calc.group.gather_columns(scores, calc.num_train)
 
 

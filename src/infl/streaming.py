@@ -113,22 +113,6 @@ def _refuse_distributed(calc: InfluenceCalculator, what: str) -> None:
         )
 
 
-def _train_chunks(
-    calc: InfluenceCalculator, skip: int, desc: str
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Training gradients chunk by chunk from chunk ``skip`` on (``skip=0``: the calculator's
-    own pass, which fills its cache when it fits)."""
-    if skip == 0 or calc._grad_cache.value is not None:
-        for start, grads in train_gradients.iter_train_grads(calc, desc=desc):
-            if start >= skip * calc.chunk_size:
-                yield start, grads
-        return
-    wrapper = calc.wrapper
-    for start, batch in calc.train.chunks(calc.chunk_size, skip=skip):
-        wrapper.check_targets(batch, offset=start, what=calc.train.name)
-        yield start, wrapper.train_grads(batch)
-
-
 def score_tiles(
     calc: InfluenceCalculator,
     test_data: Any,
@@ -196,8 +180,11 @@ def score_tiles(
             else:
                 ihvp = fitted.solve(grads, progress=False).value
             del grads
-            for start, g in _train_chunks(calc, skip, desc=f"{desc}, train pass"):
-                yield row_start, start, -(ihvp @ g.T)
+            products = train_gradients.iter_train_products(
+                calc, ihvp, desc=f"{desc}, train pass", skip=skip
+            )
+            for start, block in products:
+                yield row_start, start, -block
                 bar.update(1)
     finally:
         bar.close()

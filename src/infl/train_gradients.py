@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainGradCache",
     "iter_train_grads",
+    "iter_train_products",
     "low_rank_influence",
     "low_rank_self_influence",
     "per_layer_influence",
@@ -86,6 +87,43 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
     calc._grad_cache.value = cache
 
 
+def iter_train_products(
+    calc: InfluenceCalculator, vectors: torch.Tensor, desc: str, *, skip: int = 0
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, vectors @ g[start:start+b].T)``, ``[k, b]`` per chunk, from chunk ``skip`` on.
+
+    From the ``[n, p]`` cache when it is filled. Otherwise, for a model of plain ``nn.Linear``
+    layers (:attr:`ModelWrapper.forms_products_directly
+    <infl.model.ModelWrapper.forms_products_directly>`), each chunk's products come from its
+    layers' inputs and output gradients and ``[n, p]`` is neither formed nor cached: that pass
+    costs about what a product with the filled cache does (0.105 s against 0.079 s on the 85k
+    digits MLP, ``k = 10``), where forming the gradients costs 0.30 s more and ``n p`` values of
+    memory. Any other model takes :func:`iter_train_grads` (which fills the cache when it fits;
+    ``skip > 0`` never fills it). Under ``torch.distributed`` the chunks are this rank's shard.
+    """
+    cached = calc._grad_cache.value
+    if cached is None and skip == 0 and not calc.wrapper.forms_products_directly:
+        for start, grads in iter_train_grads(calc, desc):
+            yield start, vectors @ grads.to(vectors).T
+        return
+    if cached is not None:
+        local_n = len(calc.local_train)
+        for start in range(skip * calc.chunk_size, local_n, calc.chunk_size):
+            yield start, vectors @ cached[start : start + calc.chunk_size].to(vectors).T
+        return
+    wrapper = calc.wrapper
+    bar = tqdm(
+        calc.local_train.chunks(calc.chunk_size, skip=skip),
+        total=calc.local_train.num_chunks(calc.chunk_size) - skip,
+        desc=desc,
+        disable=not calc.progress,
+        leave=False,
+    )
+    for start, batch in bar:
+        wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
+        yield start, wrapper.train_grad_products(batch, vectors)
+
+
 def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, torch.Tensor]:
     """``{block: [m, n]}`` from the fitted solver's parameter blocks (one training pass)."""
     blocks = calc.fitted_solver().blocks()
@@ -128,22 +166,20 @@ def train_projection(calc: InfluenceCalculator, basis: torch.Tensor) -> torch.Te
         return cached
     local_n = len(calc.local_train)
     proj = torch.empty(local_n, basis.shape[0], dtype=basis.dtype, device=basis.device)
-    full = calc._grad_cache.value
-    if full is not None:
-        chunks: Any = (
-            (start, full[start : start + calc.chunk_size])
-            for start in range(0, local_n, calc.chunk_size)
-        )
-    else:
-        chunks = tqdm(
+    if calc._grad_cache.value is None and not calc.wrapper.forms_products_directly:
+        # the [n, p] cache is not filled for a projection: the gradients are streamed
+        chunks: Any = tqdm(
             calc.wrapper.iter_train_grads(calc.local_train, calc.chunk_size),
             total=calc.local_train.num_chunks(calc.chunk_size),
             desc="projecting train gradients",
             disable=not calc.progress,
             leave=False,
         )
-    for start, grads in chunks:
-        proj[start : start + grads.shape[0]] = grads.to(basis) @ basis.T
+        products: Any = ((start, basis @ grads.to(basis).T) for start, grads in chunks)
+    else:
+        products = iter_train_products(calc, basis, "projecting train gradients")
+    for start, block in products:
+        proj[start : start + block.shape[1]] = block.T
     proj = calc.group.gather_shard_rows(proj, calc.num_train)
     calc._grad_cache.add_projection(basis, proj)
     return proj

@@ -1,0 +1,131 @@
+"""Products with the training gradients, ``V g_i``, without forming ``[b, p]`` for nn.Linear
+models: equal to the formed gradients' products, and what scoring uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from infl import Arnoldi, ExactHessian, InfluenceCalculator, ModelWrapper, Objective
+from infl.errors import NonFiniteError
+from infl.streaming import SOLVER_WORK_VECTORS
+
+DECAY = 0.1
+
+
+def _mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model[2].weight.requires_grad_(False)  # a frozen weight: its bias stays in the space
+    return model.to(dtype).eval()
+
+
+def _data(n: int, dtype: torch.dtype = torch.float64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _formed(wrapper: ModelWrapper) -> list[int]:
+    """Count the calls that form ``[b, p]`` training gradients."""
+    calls = [0]
+    original = wrapper.train_grads
+
+    def counted(batch):
+        calls[0] += 1
+        return original(batch)
+
+    wrapper.train_grads = counted  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])  # 8 > every layer's inputs: row blocks
+def test_products_equal_the_formed_gradients_times_the_vectors(k):
+    wrapper = ModelWrapper(_mlp(), Objective("cross_entropy", weight_decay=DECAY))
+    x, y = _data(12)
+    vectors = torch.randn(k, wrapper.num_params, dtype=torch.float64)
+    formed = _formed(wrapper)
+    first = wrapper.train_grad_products((x[:5], y[:5]), vectors)  # checks the shortcut
+    second = wrapper.train_grad_products((x[5:], y[5:]), vectors)
+    assert formed[0] == 1  # the first batch only: the check, then products directly
+    assert wrapper.forms_products_directly
+    expected = vectors @ wrapper.train_grads((x, y)).T  # weight decay included
+    torch.testing.assert_close(torch.cat([first, second], 1), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_products_are_in_the_vectors_dtype():
+    wrapper = ModelWrapper(_mlp(torch.float32), Objective("cross_entropy", weight_decay=DECAY))
+    x, y = _data(7, torch.float32)
+    vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    wrapper.train_grad_products((x, y), vectors)
+    got = wrapper.train_grad_products((x, y), vectors)
+    assert got.dtype == torch.float64
+    expected = vectors @ wrapper.train_grads((x, y)).double().T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _BatchCentred(nn.Module):
+    """nn.Linear layers only, but the hidden units are centred over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(dim=0, keepdim=True) + 0.5 * h)
+
+
+def test_a_model_that_mixes_the_batch_forms_its_gradients():
+    wrapper = ModelWrapper(_BatchCentred().double().eval(), Objective())
+    x, y = _data(6)
+    vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    assert wrapper.forms_products_directly  # not yet checked
+    got = wrapper.train_grad_products((x, y), vectors)
+    assert not wrapper.forms_products_directly  # the check refused the shortcut
+    torch.testing.assert_close(got, vectors @ wrapper.train_grads((x, y)).T)
+
+
+def test_a_non_finite_gradient_is_named_by_its_example():
+    wrapper = ModelWrapper(_mlp(), Objective())
+    x, y = _data(6)
+    vectors = torch.randn(1, wrapper.num_params, dtype=torch.float64)
+    wrapper.train_grad_products((x, y), vectors)
+    x[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="example 3"):
+        wrapper.train_grad_products((x, y), vectors)
+
+
+def _calculators(solver, chunk_size: int = 16, **options):
+    """The same calculator twice: products formed directly, and through ``[n, p]``."""
+    x, y = _data(40, seed=1)
+    objective = Objective("cross_entropy", weight_decay=DECAY)
+    out = []
+    for direct in (True, False):
+        calc = InfluenceCalculator(
+            _mlp(), objective, (x, y), solver, chunk_size=chunk_size, progress=False,
+            check_minimum=False, **options,
+        )  # fmt: skip
+        calc.wrapper._linear_grads.applicable = direct
+        out.append(calc)
+    return out, _data(3, seed=2)
+
+
+@pytest.mark.parametrize("solver", [ExactHessian(damping=1.0), Arnoldi(rank=8, damping=1.0)])
+def test_influence_from_products_equals_influence_from_formed_gradients(solver):
+    (direct, formed), test = _calculators(solver)
+    got = direct.influence(test)
+    torch.testing.assert_close(got, formed.influence(test), rtol=1e-10, atol=1e-12)
+    assert direct._grad_cache.value is None  # [n, p] was never formed nor kept
+
+
+def test_tiles_under_a_memory_budget_equal_the_formed_gradients(tmp_path):
+    p = sum(q.numel() for q in _mlp().parameters() if q.requires_grad)
+    budget = 2 * (SOLVER_WORK_VECTORS * p + 16) * 8  # one test row per block: three blocks
+    (direct, formed), test = _calculators(
+        ExactHessian(damping=1.0), chunk_size=4, memory_budget=budget
+    )
+    store = direct.influence(test, out=tmp_path / "scores.npy")
+    assert store.row_blocks == 3
+    torch.testing.assert_close(store.scores(), formed.influence(test), rtol=1e-10, atol=1e-12)

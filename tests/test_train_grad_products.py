@@ -1,14 +1,25 @@
-"""Products with the training gradients, ``V g_i``, without forming ``[b, p]`` for nn.Linear
-models: equal to the formed gradients' products, and what scoring uses."""
+"""Products and moments of the training gradients without forming ``[b, p]`` for nn.Linear
+models: ``V g_i`` (what scoring uses) and the sums the minimum check needs, each equal to what
+the formed gradients give."""
 
 from __future__ import annotations
+
+import dataclasses
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from infl import Arnoldi, ExactHessian, InfluenceCalculator, ModelWrapper, Objective
-from infl.errors import NonFiniteError
+from infl import (
+    Arnoldi,
+    ExactHessian,
+    InfluenceCalculator,
+    ModelWrapper,
+    Objective,
+    calculator_setup,
+)
+from infl.errors import InflWarning, NonFiniteError
 from infl.streaming import SOLVER_WORK_VECTORS
 
 DECAY = 0.1
@@ -129,3 +140,45 @@ def test_tiles_under_a_memory_budget_equal_the_formed_gradients(tmp_path):
     store = direct.influence(test, out=tmp_path / "scores.npy")
     assert store.row_blocks == 3
     torch.testing.assert_close(store.scores(), formed.influence(test), rtol=1e-10, atol=1e-12)
+
+
+def test_moments_equal_those_of_the_formed_gradients():
+    wrapper = ModelWrapper(_mlp(), Objective("cross_entropy", weight_decay=DECAY))
+    x, y = _data(12)
+    formed = _formed(wrapper)
+    first = wrapper.train_grad_moments((x[:5], y[:5]))  # checks the shortcut
+    second = wrapper.train_grad_moments((x[5:], y[5:]))
+    assert formed[0] == 1
+    grads = wrapper.train_grads((x, y))  # weight decay included
+    torch.testing.assert_close(first[0] + second[0], grads.sum(0), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(first[1] + second[1], (grads * grads).sum().reshape(1))
+
+
+def test_a_non_finite_moment_is_named_by_its_example():
+    wrapper = ModelWrapper(_mlp(), Objective())
+    x, y = _data(6)
+    wrapper.train_grad_moments((x, y))
+    x[4, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="example 4"):
+        wrapper.train_grad_moments((x, y))
+
+
+def test_the_minimum_check_of_a_linear_model_forms_no_gradients():
+    x, y = _data(40, seed=1)
+    objective = Objective("cross_entropy", weight_decay=DECAY)
+    found = []
+    for direct in (True, False):
+        calc = InfluenceCalculator(
+            _mlp(), objective, (x, y), ExactHessian(damping=1.0), chunk_size=16,
+            progress=False, check_minimum=False,
+        )  # fmt: skip
+        calc.wrapper._linear_grads.applicable = direct
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InflWarning)  # an untrained model: not a minimum
+            found.append(calculator_setup.check_minimum(calc))
+        assert (calc._grad_cache.value is None) is direct  # formed and cached without it
+    (direct, formed) = (dataclasses.asdict(s) for s in found)
+    assert direct.keys() == formed.keys()
+    for key, value in direct.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(formed[key], rel=1e-10, abs=1e-14), key

@@ -118,16 +118,22 @@ def check_minimum(calc: InfluenceCalculator) -> Stationarity:
     Warns (:class:`~infl.errors.InflWarning`, at the caller of the constructor) when the
     model is not at a minimum of the objective.
     """
-    # the pass fills the [n, p] gradient cache (when it fits) that scoring reuses; a
-    # low-rank inverse scores from [n, r] projections and never keeps [n, p]
-    grads = (
-        calc.wrapper.iter_train_grads(calc.local_train, calc.chunk_size)
-        if calc.solver.low_rank_scoring
-        else train_gradients.iter_train_grads(calc, desc="checking the minimum")
-    )
-    stationarity = calc.wrapper.check_stationarity(
-        grads, calc.num_train, all_reduce=calc.group.all_reduce_sum
-    )
+    # the pass fills the [n, p] gradient cache (when it fits) that scoring reuses, except
+    # where scoring never needs [n, p]: a low-rank inverse scores from [n, r] projections,
+    # and nn.Linear models multiply their gradients without forming them
+    wrapper = calc.wrapper
+    if calc.solver.low_rank_scoring or wrapper.forms_products_directly:
+        stationarity = wrapper.stationarity_from_moments(
+            train_gradients.iter_train_moments(calc, desc="checking the minimum"),
+            calc.num_train,
+            all_reduce=calc.group.all_reduce_sum,
+        )
+    else:
+        stationarity = wrapper.check_stationarity(
+            train_gradients.iter_train_grads(calc, desc="checking the minimum"),
+            calc.num_train,
+            all_reduce=calc.group.all_reduce_sum,
+        )
     stationarity.warn_if_not_minimum(stacklevel=3)  # the constructor's caller
     return stationarity
 

@@ -20,6 +20,10 @@ only after checking the first and last rows of the first batch it sees against t
 autograd gradients of those examples alone (batches of one): a model that mixes the examples of a
 batch, or a value that depends on the parameters other than through the layers' outputs, fails
 that check and keeps ``vmap``.
+
+Scoring needs only products of these gradients with a few vectors (inverse-HVPs, a low-rank
+basis), and :meth:`LinearPerExampleGradients.products` forms those from the same two passes
+without the ``[b, p]`` gradients: for a weight, :math:`V \\cdot g_i a_i^T = g_i^T V a_i`.
 """
 
 from __future__ import annotations
@@ -141,6 +145,37 @@ class LinearPerExampleGradients:
                 through_inputs = torch.matmul(weights[r : r + step], a.T)  # [rows, o, b]
                 out[r : r + step] += torch.einsum("kob,bo->kb", through_inputs, g)
         return out
+
+    def moments(
+        self,
+        evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        batch_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(sum over the batch of G's rows [p], sum of their squared norms [1])`` for the
+        per-example gradients ``G`` of :meth:`__call__`, in float64, without forming ``G``;
+        ``None`` where :meth:`__call__` gives ``None``.
+
+        A weight's rows sum to :math:`\\sum_x g_x a_x^T` (one matrix product) and its part of
+        example ``x``'s squared norm is :math:`\\|g_x\\|^2 \\|a_x\\|^2`; a bias contributes
+        :math:`\\sum_x g_x` and :math:`\\|g_x\\|^2`.
+        """
+        factors = self.factors(evaluate, params, batch_size)
+        if factors is None:
+            return None
+        parts = []
+        squares = torch.zeros(1, dtype=torch.float64, device=next(iter(params.values())).device)
+        for name in self.names:
+            prefix, kind = self.owner[name]
+            a, g = (t.to(torch.float64) for t in factors[prefix])
+            g_sq = (g * g).sum(dim=1)
+            if kind == "bias":
+                parts.append(g.sum(dim=0))
+                squares += g_sq.sum()
+            else:
+                parts.append((g.T @ a).reshape(-1))
+                squares += g_sq @ (a * a).sum(dim=1)
+        return torch.cat(parts), squares
 
     def factors(
         self,

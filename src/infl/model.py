@@ -36,6 +36,7 @@ from infl.model_checks import (
     as_training_data,
     check_eval_mode,
     forward_error,
+    gradient_moments,
     measure_stationarity,
 )
 from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
@@ -385,6 +386,36 @@ class ModelWrapper:
                 return out
         return vectors @ self.train_grads(batch).to(vectors).T
 
+    def train_grad_moments(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum of a batch's training gradients ``[p]`` and of their squared norms ``[1]``,
+        in float64: what :meth:`check_stationarity` needs from each chunk.
+
+        When :attr:`forms_products_directly` and the loss's shortcut is checked, from each
+        layer's inputs and output gradients
+        (:meth:`LinearPerExampleGradients.moments
+        <infl.linear_grads.LinearPerExampleGradients.moments>`) with the weight decay
+        :math:`c = \\Lambda\\theta` added as :math:`\\sum_i (g_i + c)` and
+        :math:`\\sum_i \\|g_i\\|^2 + 2 c^T \\sum_i g_i + b \\|c\\|^2`; otherwise, and for a batch
+        whose moments are not finite (so that the error names the example), from
+        :meth:`train_grads`.
+        """
+        batch = self.prepare(batch)
+        loss = self.objective.per_example_loss
+        if self._linear_grads.applicable and self._linear_verified.get(loss) is True:
+            b = batch_size(batch)
+            with functional_evaluation():
+                found = self._linear_grads.moments(
+                    lambda params: self._batch_value(loss, params, batch), self.params, b
+                )
+            if found is not None and all_finite(found[0]) and all_finite(found[1]):
+                total, squares = found
+                if self.has_decay:
+                    c = (self.decay * self.flat_params).to(torch.float64)
+                    squares = squares + 2 * (c @ total) + b * (c @ c)
+                    total = total + b * c
+                return total, squares
+        return next(gradient_moments([(0, self.train_grads(batch))]))
+
     def iter_train_grads(
         self, data: IndexedData, chunk_size: int
     ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -641,8 +672,21 @@ class ModelWrapper:
         are this rank's shard, ``num_train`` all ranks' total and ``all_reduce`` sums over the
         ranks (:meth:`infl.distributed.ProcessGroup.all_reduce_sum`).
         """
+        return self.stationarity_from_moments(
+            gradient_moments(train_grads), num_train, all_reduce=all_reduce
+        )
+
+    def stationarity_from_moments(
+        self,
+        moments: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        num_train: int,
+        *,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Stationarity:
+        """:meth:`check_stationarity` from each chunk's gradient sum and sum of squared norms
+        (:meth:`train_grad_moments`), so that no chunk's ``[b, p]`` gradients need forming."""
         return measure_stationarity(
-            train_grads,
+            moments,
             num_train,
             names=self.names,
             numels=self.numels,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,8 +148,18 @@ def forward_error(
     )
 
 
-def measure_stationarity(
+def gradient_moments(
     train_grads: Iterable[tuple[int, torch.Tensor]],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per chunk of ``(start, [b, p] gradients)``: their sum ``[p]`` and the sum of their
+    squared norms ``[1]``, in float64 (what :func:`measure_stationarity` adds up)."""
+    for _, grads in train_grads:
+        g = grads.to(torch.float64)
+        yield g.sum(dim=0), (g * g).sum().reshape(1)
+
+
+def measure_stationarity(
+    moments: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_train: int,
     *,
     names: Sequence[str],
@@ -162,6 +172,9 @@ def measure_stationarity(
     """:class:`Stationarity` from one pass of training gradients (see
     :meth:`ModelWrapper.check_stationarity <infl.model.ModelWrapper.check_stationarity>`).
 
+    ``moments`` yields, per chunk, the sum of its gradients ``[p]`` and of their squared norms
+    ``[1]`` (:func:`gradient_moments`, or
+    :meth:`ModelWrapper.train_grad_moments <infl.model.ModelWrapper.train_grad_moments>`).
     ``names`` and ``numels`` are the trainable parameters in flat order, ``theta`` the flat
     parameters ``[p]``, ``decay`` the diagonal of :math:`\\Lambda` ``[p]``. ``all_reduce``
     sums the gradient sums over the ranks of a ``torch.distributed`` job, whose
@@ -169,10 +182,9 @@ def measure_stationarity(
     """
     total = torch.zeros(theta.numel(), dtype=torch.float64, device=theta.device)
     squares = torch.zeros(1, dtype=torch.float64, device=theta.device)
-    for _, grads in train_grads:
-        g = grads.to(torch.float64)
-        total += g.sum(dim=0)
-        squares += (g * g).sum()
+    for chunk_total, chunk_squares in moments:
+        total += chunk_total.to(total)
+        squares += chunk_squares.to(squares)
     if all_reduce is not None:
         both = all_reduce(torch.cat([total, squares]))
         total, squares = both[:-1], both[-1:]

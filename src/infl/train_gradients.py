@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainGradCache",
     "iter_train_grads",
+    "iter_train_moments",
     "iter_train_products",
     "low_rank_influence",
     "low_rank_self_influence",
@@ -122,6 +123,26 @@ def iter_train_products(
     for start, batch in bar:
         wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
         yield start, wrapper.train_grad_products(batch, vectors)
+
+
+def iter_train_moments(
+    calc: InfluenceCalculator, desc: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per chunk of this rank's training data, the sum of its training gradients ``[p]`` and of
+    their squared norms ``[1]`` (:meth:`ModelWrapper.train_grad_moments
+    <infl.model.ModelWrapper.train_grad_moments>`: without forming ``[b, p]`` for
+    ``nn.Linear`` models); the cache is not filled."""
+    wrapper = calc.wrapper
+    bar = tqdm(
+        calc.local_train.chunks(calc.chunk_size),
+        total=calc.local_train.num_chunks(calc.chunk_size),
+        desc=desc,
+        disable=not calc.progress,
+        leave=False,
+    )
+    for start, batch in bar:
+        wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
+        yield wrapper.train_grad_moments(batch)
 
 
 def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, torch.Tensor]:

@@ -20,21 +20,30 @@ from infl import (
     calculator_setup,
 )
 from infl.errors import InflWarning, NonFiniteError
+from infl.linear_grads import LinearPerExampleGradients
 from infl.streaming import SOLVER_WORK_VECTORS
 
 DECAY = 0.1
 
 
 def _mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """p = 295; the weights in the space have output widths 12 + 3, so products of up to
+    295 / (2 * 15) = 9 vectors are taken directly."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = nn.Sequential(
+        nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)
+    )  # fmt: skip
     model[2].weight.requires_grad_(False)  # a frozen weight: its bias stays in the space
     return model.to(dtype).eval()
 
 
+DIRECT = 9
+
+
 def _data(n: int, dtype: torch.dtype = torch.float64, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
+    x = torch.randn(n, 20, generator=gen, dtype=dtype)
+    return x, torch.randint(0, 3, (n,), generator=gen)
 
 
 def _formed(wrapper: ModelWrapper) -> list[int]:
@@ -50,7 +59,7 @@ def _formed(wrapper: ModelWrapper) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("k", [1, 3, 8])  # 8 > every layer's inputs: row blocks
+@pytest.mark.parametrize("k", [1, 3, DIRECT])
 def test_products_equal_the_formed_gradients_times_the_vectors(k):
     wrapper = ModelWrapper(_mlp(), Objective("cross_entropy", weight_decay=DECAY))
     x, y = _data(12)
@@ -59,9 +68,39 @@ def test_products_equal_the_formed_gradients_times_the_vectors(k):
     first = wrapper.train_grad_products((x[:5], y[:5]), vectors)  # checks the shortcut
     second = wrapper.train_grad_products((x[5:], y[5:]), vectors)
     assert formed[0] == 1  # the first batch only: the check, then products directly
-    assert wrapper.forms_products_directly
+    assert wrapper.multiplies_directly(k)
     expected = vectors @ wrapper.train_grads((x, y)).T  # weight decay included
     torch.testing.assert_close(torch.cat([first, second], 1), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_more_vectors_than_pay_form_the_gradients():
+    wrapper = ModelWrapper(_mlp(), Objective("cross_entropy", weight_decay=DECAY))
+    x, y = _data(12)
+    vectors = torch.randn(DIRECT + 1, wrapper.num_params, dtype=torch.float64)
+    formed = _formed(wrapper)
+    got = [wrapper.train_grad_products((x[i : i + 4], y[i : i + 4]), vectors) for i in (0, 4, 8)]
+    assert formed[0] == 3
+    assert wrapper.has_linear_shortcut
+    assert not wrapper.multiplies_directly(DIRECT + 1)
+    expected = vectors @ wrapper.train_grads((x, y)).T
+    torch.testing.assert_close(torch.cat(got, 1), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_linear_products_in_row_blocks_equal_the_formed_products():
+    model = _mlp()
+    names = [n for n, q in model.named_parameters() if q.requires_grad]
+    shortcut = LinearPerExampleGradients(model, names)
+    params = {n: q.detach() for n, q in model.named_parameters() if q.requires_grad}
+    x, y = _data(7)
+
+    def evaluate(leaves):
+        out = torch.func.functional_call(model, leaves, (x,))
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    p = sum(q.numel() for q in params.values())
+    vectors = torch.randn(25, p, dtype=torch.float64)  # more rows than any layer has inputs
+    got = shortcut.products(evaluate, params, 7, vectors)
+    torch.testing.assert_close(got, vectors @ shortcut(evaluate, params, 7).T)
 
 
 def test_products_are_in_the_vectors_dtype():
@@ -81,7 +120,7 @@ class _BatchCentred(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(4)
-        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.a, self.b = nn.Linear(20, 5), nn.Linear(5, 3)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
@@ -92,9 +131,9 @@ def test_a_model_that_mixes_the_batch_forms_its_gradients():
     wrapper = ModelWrapper(_BatchCentred().double().eval(), Objective())
     x, y = _data(6)
     vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
-    assert wrapper.forms_products_directly  # not yet checked
+    assert wrapper.has_linear_shortcut  # not yet checked
     got = wrapper.train_grad_products((x, y), vectors)
-    assert not wrapper.forms_products_directly  # the check refused the shortcut
+    assert not wrapper.has_linear_shortcut  # the check refused the shortcut
     torch.testing.assert_close(got, vectors @ wrapper.train_grads((x, y)).T)
 
 

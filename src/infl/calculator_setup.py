@@ -122,7 +122,7 @@ def check_minimum(calc: InfluenceCalculator) -> Stationarity:
     # where scoring never needs [n, p]: a low-rank inverse scores from [n, r] projections,
     # and nn.Linear models multiply their gradients without forming them
     wrapper = calc.wrapper
-    if calc.solver.low_rank_scoring or wrapper.forms_products_directly:
+    if calc.solver.low_rank_scoring or wrapper.has_linear_shortcut:
         stationarity = wrapper.stationarity_from_moments(
             train_gradients.iter_train_moments(calc, desc="checking the minimum"),
             calc.num_train,

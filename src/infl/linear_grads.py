@@ -69,6 +69,20 @@ class LinearPerExampleGradients:
         self.applicable = all(name in self.owner for name in names)
         used = {self.owner[name][0] for name in names} if self.applicable else set()
         self.layers = {prefix: m for prefix, m in self.layers.items() if prefix in used}
+        self.output_width = 0
+        for name in names if self.applicable else []:
+            prefix, kind = self.owner[name]
+            layer = self.layers[prefix]
+            if kind == "weight" and isinstance(layer, nn.Linear):
+                self.output_width += layer.out_features
+
+    def products_pay(self, k: int, num_params: int) -> bool:
+        """Whether :meth:`products` of ``k`` vectors beats forming ``G`` and multiplying:
+        ``2 k O <= p``, with ``O`` the output widths of the layers whose weights are in the
+        space. Its work tensors hold ``k O`` numbers per example where ``G`` holds ``p``, and
+        both make the same multiply-adds (measured on the 85k digits MLP, ``p / 2O = 81``:
+        4.7x faster at ``k = 10``, 1.4x at 50, 0.9x at 100; ``benchmarks/bench_scoring.py``)."""
+        return 2 * k * self.output_width <= num_params
 
     def __call__(
         self,
@@ -118,10 +132,9 @@ class LinearPerExampleGradients:
         ``[o, i]``, :math:`V_j \\cdot (g_x a_x^T) = g_x^T V_j a_x`: one matrix product
         :math:`V_j A^T` (``[o, b]``) per layer and a sum over ``o`` against the output gradients,
         the same multiply-adds as ``vectors @ G^T`` without the :math:`b \\cdot p` outer products
-        written and read back (3.6x faster than forming ``G`` and multiplying on the 85k
-        digits MLP, ``k = 10``). The work tensor is at most ``[i, o, b]`` per layer (row blocks
-        of ``i``), never larger than that layer's columns of ``G``. Computed in
-        ``vectors.dtype``.
+        written and read back (when that pays: :meth:`products_pay`). The work tensor is at
+        most ``[i, o, b]`` per layer (row blocks of ``i``), never larger than that layer's
+        columns of ``G``. Computed in ``vectors.dtype``.
         """
         factors = self.factors(evaluate, params, batch_size)
         if factors is None:

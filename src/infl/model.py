@@ -342,12 +342,20 @@ class ModelWrapper:
         return self.per_example_grads(self.objective.per_example_loss, batch, add_weight_decay=True)
 
     @property
-    def forms_products_directly(self) -> bool:
-        """Whether :meth:`train_grad_products` can skip the ``[b, p]`` gradients: every
-        trainable parameter is in a plain ``nn.Linear`` and the check of
-        :meth:`per_example_grads` has not refused the shortcut for the loss."""
+    def has_linear_shortcut(self) -> bool:
+        """Whether every trainable parameter is in a plain ``nn.Linear`` and the check of
+        :meth:`per_example_grads` has not refused that shortcut for the loss: then
+        :meth:`train_grad_moments` never forms ``[b, p]``, and :meth:`train_grad_products`
+        does not for few vectors (:meth:`multiplies_directly`)."""
         loss = self.objective.per_example_loss
         return self._linear_grads.applicable and self._linear_verified.get(loss) is not False
+
+    def multiplies_directly(self, k: int) -> bool:
+        """Whether :meth:`train_grad_products` of ``k`` vectors skips the ``[b, p]`` gradients:
+        :attr:`has_linear_shortcut`, and ``k`` small enough for that to pay
+        (:meth:`LinearPerExampleGradients.products_pay
+        <infl.linear_grads.LinearPerExampleGradients.products_pay>`)."""
+        return self.has_linear_shortcut and self._linear_grads.products_pay(k, self.num_params)
 
     def train_grad_products(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
         """:math:`V g_i` for the training gradients of a batch: ``vectors @ train_grads(batch).T``.
@@ -361,7 +369,7 @@ class ModelWrapper:
 
         Returns
         -------
-        ``[k, b]``. When :attr:`forms_products_directly` and the loss's shortcut is checked,
+        ``[k, b]``. When :meth:`multiplies_directly` and the loss's shortcut is checked,
         from each layer's inputs and output gradients without forming the ``[b, p]``
         gradients (:meth:`LinearPerExampleGradients.products
         <infl.linear_grads.LinearPerExampleGradients.products>`; the weight-decay term
@@ -372,7 +380,8 @@ class ModelWrapper:
         self._check_vectors(vectors, "train-gradient product")
         batch = self.prepare(batch)
         loss = self.objective.per_example_loss
-        if self._linear_grads.applicable and self._linear_verified.get(loss) is True:
+        checked = self._linear_verified.get(loss) is True
+        if checked and self.multiplies_directly(vectors.shape[0]):
             with functional_evaluation():
                 out = self._linear_grads.products(
                     lambda params: self._batch_value(loss, params, batch),
@@ -390,7 +399,7 @@ class ModelWrapper:
         """The sum of a batch's training gradients ``[p]`` and of their squared norms ``[1]``,
         in float64: what :meth:`check_stationarity` needs from each chunk.
 
-        When :attr:`forms_products_directly` and the loss's shortcut is checked, from each
+        When :attr:`has_linear_shortcut` and the loss's shortcut is checked, from each
         layer's inputs and output gradients
         (:meth:`LinearPerExampleGradients.moments
         <infl.linear_grads.LinearPerExampleGradients.moments>`) with the weight decay

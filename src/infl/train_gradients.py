@@ -94,16 +94,18 @@ def iter_train_products(
     """``(start, vectors @ g[start:start+b].T)``, ``[k, b]`` per chunk, from chunk ``skip`` on.
 
     From the ``[n, p]`` cache when it is filled. Otherwise, for a model of plain ``nn.Linear``
-    layers (:attr:`ModelWrapper.forms_products_directly
-    <infl.model.ModelWrapper.forms_products_directly>`), each chunk's products come from its
-    layers' inputs and output gradients and ``[n, p]`` is neither formed nor cached: that pass
-    costs about what a product with the filled cache does (0.105 s against 0.079 s on the 85k
-    digits MLP, ``k = 10``), where forming the gradients costs 0.30 s more and ``n p`` values of
-    memory. Any other model takes :func:`iter_train_grads` (which fills the cache when it fits;
-    ``skip > 0`` never fills it). Under ``torch.distributed`` the chunks are this rank's shard.
+    layers and few enough vectors (:meth:`ModelWrapper.multiplies_directly
+    <infl.model.ModelWrapper.multiplies_directly>`), each chunk's products come from its
+    layers' inputs and output gradients and ``[n, p]`` is neither formed nor cached: on the 85k
+    digits MLP with ``k = 10`` that pass takes 0.097 s, about a product with the filled cache
+    (0.076 s), where forming the gradients takes 0.45 s and ``n p`` values of memory
+    (``benchmarks/bench_scoring.py``). Otherwise :func:`iter_train_grads` (which fills the
+    cache when it fits; ``skip > 0`` never fills it). Under ``torch.distributed`` the chunks
+    are this rank's shard.
     """
     cached = calc._grad_cache.value
-    if cached is None and skip == 0 and not calc.wrapper.forms_products_directly:
+    direct = calc.wrapper.multiplies_directly(vectors.shape[0])
+    if cached is None and skip == 0 and not direct:
         for start, grads in iter_train_grads(calc, desc):
             yield start, vectors @ grads.to(vectors).T
         return
@@ -187,7 +189,7 @@ def train_projection(calc: InfluenceCalculator, basis: torch.Tensor) -> torch.Te
         return cached
     local_n = len(calc.local_train)
     proj = torch.empty(local_n, basis.shape[0], dtype=basis.dtype, device=basis.device)
-    if calc._grad_cache.value is None and not calc.wrapper.forms_products_directly:
+    if calc._grad_cache.value is None and not calc.wrapper.multiplies_directly(basis.shape[0]):
         # the [n, p] cache is not filled for a projection: the gradients are streamed
         chunks: Any = tqdm(
             calc.wrapper.iter_train_grads(calc.local_train, calc.chunk_size),

@@ -81,3 +81,17 @@ def residual_rounding(op: DenseOperator, x: torch.Tensor, b: torch.Tensor) -> to
     eps = torch.finfo(x.dtype).eps
     a, x64, b64 = op.matrix.double(), x.double(), b.double()
     return 10 * eps * torch.linalg.matrix_norm(a, 2) * x64.norm(dim=1) / b64.norm(dim=1)
+
+
+class BatchCentred(nn.Module):
+    """``nn.Linear`` layers only, but the hidden units are centred over the batch (a model
+    that mixes the examples of a batch)."""
+
+    def __init__(self, in_features: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(in_features, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(dim=0, keepdim=True) + 0.5 * h)

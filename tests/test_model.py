@@ -8,7 +8,7 @@ from torch import nn
 
 import reference
 from infl import HessianOperator, IndexedData, ModelWrapper, Objective, margin_measurement
-from problems import make_logistic_problem
+from problems import BatchCentred, make_logistic_problem
 
 
 def _mlp() -> nn.Module:
@@ -382,21 +382,8 @@ def test_linear_model_per_example_grads_take_the_batched_path_and_equal_a_loop()
     torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-12, atol=1e-14)
 
 
-class _BatchCentred(nn.Module):
-    """Mixes the examples of a batch (hidden units centred over the batch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h - h.mean(dim=0, keepdim=True) + 0.5 * h)
-
-
 def test_a_model_that_mixes_the_batch_keeps_vmap_per_example_gradients():
-    model = _BatchCentred().double().eval()
+    model = BatchCentred().double().eval()
     wrapper = ModelWrapper(model, Objective())
     x = torch.randn(6, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (6,))

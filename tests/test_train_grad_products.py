@@ -22,6 +22,7 @@ from infl import (
 from infl.errors import InflWarning, NonFiniteError
 from infl.linear_grads import LinearPerExampleGradients
 from infl.streaming import SOLVER_WORK_VECTORS
+from problems import BatchCentred
 
 DECAY = 0.1
 
@@ -114,22 +115,10 @@ def test_products_are_in_the_vectors_dtype():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-class _BatchCentred(nn.Module):
-    """nn.Linear layers only, but the hidden units are centred over the batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.a, self.b = nn.Linear(20, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h - h.mean(dim=0, keepdim=True) + 0.5 * h)
-
-
 def test_a_model_that_mixes_the_batch_forms_its_gradients():
-    wrapper = ModelWrapper(_BatchCentred().double().eval(), Objective())
+    wrapper = ModelWrapper(BatchCentred(in_features=20).double().eval(), Objective())
     x, y = _data(6)
+    y = y % 2  # two classes
     vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
     assert wrapper.has_linear_shortcut  # not yet checked
     got = wrapper.train_grad_products((x, y), vectors)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from infl import gradient_products
 from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
@@ -358,72 +359,23 @@ class ModelWrapper:
         return self.has_linear_shortcut and self._linear_grads.products_pay(k, self.num_params)
 
     def train_grad_products(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
-        """:math:`V g_i` for the training gradients of a batch: ``vectors @ train_grads(batch).T``.
+        """:math:`V g_i` for the training gradients of a batch: ``vectors @ train_grads(batch).T``
+        (``[k, b]``, in ``vectors.dtype``; ``vectors`` is ``[k, p]``).
 
-        Parameters
-        ----------
-        batch
-            ``b`` training examples.
-        vectors
-            ``V``, ``[k, p]`` (inverse-HVPs, a low-rank basis); the products are in its dtype.
-
-        Returns
-        -------
-        ``[k, b]``. When :meth:`multiplies_directly` and the loss's shortcut is checked,
-        from each layer's inputs and output gradients without forming the ``[b, p]``
-        gradients (:meth:`LinearPerExampleGradients.products
-        <infl.linear_grads.LinearPerExampleGradients.products>`; the weight-decay term
-        :math:`V \\Lambda\\theta` is added to every column). Otherwise, and for a batch whose
-        products are not all finite (so that the error names the example), from
-        :meth:`train_grads`.
+        Without forming the ``[b, p]`` gradients when :meth:`multiplies_directly` and the
+        loss's shortcut is checked (:func:`infl.gradient_products.train_grad_products`).
         """
         self._check_vectors(vectors, "train-gradient product")
-        batch = self.prepare(batch)
-        loss = self.objective.per_example_loss
-        checked = self._linear_verified.get(loss) is True
-        if checked and self.multiplies_directly(vectors.shape[0]):
-            with functional_evaluation():
-                out = self._linear_grads.products(
-                    lambda params: self._batch_value(loss, params, batch),
-                    self.params,
-                    batch_size(batch),
-                    vectors,
-                )
-            if out is not None and all_finite(out):
-                if self.has_decay:
-                    out += (vectors @ (self.decay * self.flat_params).to(vectors)).unsqueeze(1)
-                return out
-        return vectors @ self.train_grads(batch).to(vectors).T
+        return gradient_products.train_grad_products(self, self.prepare(batch), vectors)
 
     def train_grad_moments(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum of a batch's training gradients ``[p]`` and of their squared norms ``[1]``,
         in float64: what :meth:`check_stationarity` needs from each chunk.
 
-        When :attr:`has_linear_shortcut` and the loss's shortcut is checked, from each
-        layer's inputs and output gradients
-        (:meth:`LinearPerExampleGradients.moments
-        <infl.linear_grads.LinearPerExampleGradients.moments>`) with the weight decay
-        :math:`c = \\Lambda\\theta` added as :math:`\\sum_i (g_i + c)` and
-        :math:`\\sum_i \\|g_i\\|^2 + 2 c^T \\sum_i g_i + b \\|c\\|^2`; otherwise, and for a batch
-        whose moments are not finite (so that the error names the example), from
-        :meth:`train_grads`.
+        Without forming the ``[b, p]`` gradients when :attr:`has_linear_shortcut` and the
+        loss's shortcut is checked (:func:`infl.gradient_products.train_grad_moments`).
         """
-        batch = self.prepare(batch)
-        loss = self.objective.per_example_loss
-        if self._linear_grads.applicable and self._linear_verified.get(loss) is True:
-            b = batch_size(batch)
-            with functional_evaluation():
-                found = self._linear_grads.moments(
-                    lambda params: self._batch_value(loss, params, batch), self.params, b
-                )
-            if found is not None and all_finite(found[0]) and all_finite(found[1]):
-                total, squares = found
-                if self.has_decay:
-                    c = (self.decay * self.flat_params).to(torch.float64)
-                    squares = squares + 2 * (c @ total) + b * (c @ c)
-                    total = total + b * c
-                return total, squares
-        return next(gradient_moments([(0, self.train_grads(batch))]))
+        return gradient_products.train_grad_moments(self, self.prepare(batch))
 
     def iter_train_grads(
         self, data: IndexedData, chunk_size: int

@@ -70,7 +70,7 @@ def train_grad_moments(wrapper: ModelWrapper, batch: Batch) -> tuple[torch.Tenso
     is checked; else from :meth:`ModelWrapper.train_grads <infl.model.ModelWrapper.train_grads>`.
     """
     loss = wrapper.objective.per_example_loss
-    if wrapper._linear_grads.applicable and _checked(wrapper):
+    if _checked(wrapper):  # a checked shortcut is an applicable one
         b = batch_size(batch)
         with functional_evaluation():
             found = wrapper._linear_grads.moments(

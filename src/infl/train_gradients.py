@@ -89,7 +89,12 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
 
 
 def iter_train_products(
-    calc: InfluenceCalculator, vectors: torch.Tensor, desc: str, *, skip: int = 0
+    calc: InfluenceCalculator,
+    vectors: torch.Tensor,
+    desc: str,
+    *,
+    skip: int = 0,
+    fill_cache: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, vectors @ g[start:start+b].T)``, ``[k, b]`` per chunk, from chunk ``skip`` on.
 
@@ -100,12 +105,12 @@ def iter_train_products(
     digits MLP with ``k = 10`` that pass takes 0.097 s, about a product with the filled cache
     (0.076 s), where forming the gradients takes 0.45 s and ``n p`` values of memory
     (``benchmarks/bench_scoring.py``). Otherwise :func:`iter_train_grads` (which fills the
-    cache when it fits; ``skip > 0`` never fills it). Under ``torch.distributed`` the chunks
-    are this rank's shard.
+    cache when it fits), or with ``skip > 0`` or ``fill_cache=False`` each chunk's gradients
+    formed and dropped. Under ``torch.distributed`` the chunks are this rank's shard.
     """
     cached = calc._grad_cache.value
     direct = calc.wrapper.multiplies_directly(vectors.shape[0])
-    if cached is None and skip == 0 and not direct:
+    if cached is None and skip == 0 and fill_cache and not direct:
         for start, grads in iter_train_grads(calc, desc):
             yield start, vectors @ grads.to(vectors).T
         return
@@ -189,18 +194,8 @@ def train_projection(calc: InfluenceCalculator, basis: torch.Tensor) -> torch.Te
         return cached
     local_n = len(calc.local_train)
     proj = torch.empty(local_n, basis.shape[0], dtype=basis.dtype, device=basis.device)
-    if calc._grad_cache.value is None and not calc.wrapper.multiplies_directly(basis.shape[0]):
-        # the [n, p] cache is not filled for a projection: the gradients are streamed
-        chunks: Any = tqdm(
-            calc.wrapper.iter_train_grads(calc.local_train, calc.chunk_size),
-            total=calc.local_train.num_chunks(calc.chunk_size),
-            desc="projecting train gradients",
-            disable=not calc.progress,
-            leave=False,
-        )
-        products: Any = ((start, basis @ grads.to(basis).T) for start, grads in chunks)
-    else:
-        products = iter_train_products(calc, basis, "projecting train gradients")
+    # the [n, p] cache is not filled for a projection (a low-rank inverse never needs it)
+    products = iter_train_products(calc, basis, "projecting train gradients", fill_cache=False)
     for start, block in products:
         proj[start : start + block.shape[1]] = block.T
     proj = calc.group.gather_shard_rows(proj, calc.num_train)

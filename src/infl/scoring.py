@@ -85,17 +85,21 @@ def influence(
         return score_store.influence_to_store(calc, test_data, out)
     if per_layer:
         return train_gradients.per_layer_influence(calc, test_data)
-    low_rank_scores = train_gradients.low_rank_influence(calc, test_data)
-    if low_rank_scores is not None:
-        return low_rank_scores
     blocked = streaming.blocked_influence(calc, test_data)
     if blocked is not None:
         return blocked
+    low_rank_scores = train_gradients.low_rank_influence(calc, test_data)
+    if low_rank_scores is not None:
+        return low_rank_scores
     ihvp = calc.inverse_hvp(test_data).value
     local_n = len(calc.local_train)  # this rank's columns; all n in one process
     scores = torch.empty(ihvp.shape[0], local_n, dtype=ihvp.dtype, device=ihvp.device)
-    for start, products in train_gradients.iter_train_products(calc, ihvp, desc="scoring"):
-        scores[:, start : start + products.shape[1]] = -products
+    # a low-rank solver scoring without its projections (see train_gradients.projects) keeps
+    # its promise never to hold [n, p]
+    fill = not calc.solver.low_rank_scoring
+    blocks = train_gradients.iter_train_products(calc, ihvp, desc="scoring", fill_cache=fill)
+    for start, block in blocks:
+        scores[:, start : start + block.shape[1]] = -block
     return calc.group.gather_columns(scores, calc.num_train)
 
 

@@ -6,7 +6,8 @@ A score matrix ``[m, n]`` is produced tile by tile: the test examples in *row bl
 ``[b_r, p]`` are taken and solved once (:math:`A^{-1}\\nabla f(z_j)`, ``[b_r, p]``); the
 training gradients then stream past them, chunk by chunk, each tile being
 ``-ihvp @ g_chunk.T`` (``[b_r, chunk_size]``). A low-rank inverse
-:math:`U^T\\operatorname{diag}(w)U` scores from the ``[n, r]`` projections instead (no solve).
+:math:`U^T\\operatorname{diag}(w)U` scores from the ``[n, r]`` projections instead (no solve)
+when :func:`~infl.train_gradients.projects` finds that they pay.
 
 What holds memory: the row block (about ``6 b_r p`` numbers with a Krylov solver's work
 vectors), one chunk of per-example gradients (``chunk_size * p``, plus the model's
@@ -156,6 +157,11 @@ def score_tiles(
         return
     fitted = calc.fitted_solver()
     low = fitted.low_rank()
+    if low is not None:
+        todo = [r for r, d in enumerate(finished) if d < col_chunks]
+        m_todo = sum(min(rows, m - r * rows) for r in todo)
+        if not train_gradients.projects(calc, low[0], m_todo, passes=len(todo)):
+            low = None  # the row blocks' inverse-HVPs multiply the training gradients instead
     train_proj = train_gradients.train_projection(calc, low[0]) if low is not None else None
     bar = tqdm(total=total, desc=desc, disable=not calc.progress, leave=False, unit="tile")
     try:
@@ -181,7 +187,11 @@ def score_tiles(
                 ihvp = fitted.solve(grads, progress=False).value
             del grads
             products = train_gradients.iter_train_products(
-                calc, ihvp, desc=f"{desc}, train pass", skip=skip
+                calc,
+                ihvp,
+                desc=f"{desc}, train pass",
+                skip=skip,
+                fill_cache=not calc.solver.low_rank_scoring,  # a low-rank fit never holds [n, p]
             )
             for start, block in products:
                 yield row_start, start, -block

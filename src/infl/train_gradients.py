@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from infl.data import as_indexed
 from infl.errors import InflError, InputError
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "low_rank_influence",
     "low_rank_self_influence",
     "per_layer_influence",
+    "projects",
     "self_influence",
     "sharded_self_influence",
     "train_projection",
@@ -39,12 +41,25 @@ class TrainGradCache:
     """The ``[n, p]`` training gradients once computed, shared by derived calculators.
 
     Also holds their ``[n, r]`` projections onto low-rank bases (keyed by the basis tensor
-    itself, so a ``with_damping`` calculator, whose fitted solver keeps the basis, reuses them).
+    itself, so a ``with_damping`` calculator, whose fitted solver keeps the basis, reuses them),
+    and per basis the cost of the passes scored without projecting (:func:`projects`).
     """
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
         self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.unprojected: list[tuple[torch.Tensor, int]] = []
+
+    def unprojected_cost(self, basis: torch.Tensor) -> int:
+        for key, cost in self.unprojected:
+            if key is basis:
+                return cost
+        return 0
+
+    def add_unprojected_cost(self, basis: torch.Tensor, cost: int) -> None:
+        total = self.unprojected_cost(basis) + cost
+        kept = [(key, c) for key, c in self.unprojected if key is not basis]
+        self.unprojected = [*kept[-3:], (basis, total)]
 
     def projection(self, basis: torch.Tensor) -> torch.Tensor | None:
         for key, proj in self.projections:
@@ -172,13 +187,47 @@ def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, 
     return {name: calc.group.gather_columns(s, calc.num_train) for name, s in scores.items()}
 
 
+PASS_COST = 3
+"""One pass over the training data, in units of one vector multiplied by every training
+gradient (``2 n p`` flops): the forward and backward passes that give the gradients' factors."""
+
+
+def projects(calc: InfluenceCalculator, basis: torch.Tensor, m: int, passes: int = 1) -> bool:
+    """Whether ``m`` test rows are scored against a low-rank inverse :math:`U^T
+    \\operatorname{diag}(w) U` (``basis`` = ``U``, ``[r, p]``) through the ``[n, r]``
+    projections :math:`G U^T` (``True``), or by ``passes`` passes over the training data that
+    multiply the gradients by the rows' ``[m, p]`` inverse-HVPs (``False``; their cost is then
+    recorded on the calculator's cache).
+
+    Both give the same scores up to round-off. Projecting costs one pass with ``r`` vectors,
+    ``r + c`` units of ``2 n p`` flops (``c`` = :data:`PASS_COST`), once: later queries reuse the
+    projections. Multiplying by the inverse-HVPs costs ``m + passes c`` units, every query. Not
+    knowing which queries follow, the rule is the ski-rental one: multiply by the inverse-HVPs
+    while the units so spent on this basis, this query included, stay below ``r + c``, then
+    project. It never spends more than about twice the cheaper choice made with hindsight, and a
+    single query with ``m < r`` never projects (the 85k digits MLP with ``r = 50``, ``m = 10``:
+    0.06 s instead of 0.33 s for the scoring pass).
+    """
+    cache = calc._grad_cache
+    if cache.projection(basis) is not None:
+        return True
+    cost = m + passes * PASS_COST
+    if cache.unprojected_cost(basis) + cost < basis.shape[0] + PASS_COST:
+        cache.add_unprojected_cost(basis, cost)
+        return False
+    return True
+
+
 def low_rank_influence(calc: InfluenceCalculator, test_data: Any) -> torch.Tensor | None:
     """:math:`-(T U^T) \\operatorname{diag}(w) (G U^T)^T` when the fitted solver is a
-    low-rank inverse :math:`U^T \\operatorname{diag}(w) U` (else ``None``)."""
+    low-rank inverse :math:`U^T \\operatorname{diag}(w) U` and :func:`projects` chooses the
+    projections (else ``None``: the caller multiplies by the inverse-HVPs)."""
     low = calc.fitted_solver().low_rank()
     if low is None:
         return None
     basis, weights = low
+    if not projects(calc, basis, len(as_indexed(test_data, "test data"))):
+        return None
     train_proj = train_projection(calc, basis)  # [n, r]
     test_proj = calc.test_grads(test_data).to(basis) @ basis.T  # [m, r]
     return -(test_proj * weights) @ train_proj.T

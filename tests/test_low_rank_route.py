@@ -1,0 +1,138 @@
+"""Low-rank (Arnoldi) scoring chooses, query by query, between the ``[n, r]`` projections and a
+pass that multiplies the training gradients by the queries' inverse-HVPs
+(``train_gradients.projects``): the scores are the same either way, and the choice follows the
+ski-rental rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from infl import Arnoldi, InfluenceCalculator, Objective
+from infl.train_gradients import PASS_COST
+from problems import WithLayerNorm
+
+RANK = 10
+BUDGET = RANK + PASS_COST  # what projecting costs, in units of 2 n p flops
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()  # p = 83
+
+
+def _data(n: int, features: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=gen
+    )
+
+
+def _calc(model: nn.Module | None = None, features: int = 6, **options) -> InfluenceCalculator:
+    return InfluenceCalculator(
+        model if model is not None else _mlp(),
+        Objective("cross_entropy", weight_decay=0.01),
+        _data(40, features),
+        Arnoldi(rank=RANK, damping=0.1),
+        progress=False,
+        check_minimum=False,
+        **options,
+    )
+
+
+def _expected(calc: InfluenceCalculator, test) -> torch.Tensor:
+    """``-T U^T diag(w) U G^T`` from gradients formed outside the calculator's cache."""
+    basis, weights = calc.fitted_solver().low_rank()
+    g_train = calc.wrapper.train_grads(calc.train.select(range(calc.num_train)))
+    g_test = calc.test_grads(test)
+    return -(g_test @ basis.T * weights) @ (g_train @ basis.T).T
+
+
+def _passes(calc: InfluenceCalculator) -> list[int]:
+    """Count the training-data chunks multiplied by vectors (either route)."""
+    calls = [0]
+    original = calc.wrapper.train_grad_products
+
+    def counted(batch, vectors):
+        calls[0] += 1
+        return original(batch, vectors)
+
+    calc.wrapper.train_grad_products = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_query_with_fewer_rows_than_the_rank_is_scored_without_projecting():
+    calc = _calc()
+    test = _data(3, seed=1)
+    scores = calc.influence(test)
+    basis, _ = calc.fitted_solver().low_rank()
+    assert calc._grad_cache.projection(basis) is None
+    assert calc._grad_cache.unprojected_cost(basis) == 3 + PASS_COST
+    assert calc._grad_cache.value is None  # nor was [n, p] kept
+    torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
+
+
+def test_repeated_queries_project_once_passing_would_cost_more_than_projecting():
+    calc = _calc()
+    queries = [_data(2, seed=s) for s in range(1, 6)]
+    cost = 2 + PASS_COST
+    assert 2 * cost < BUDGET < 3 * cost  # two passes, then the projections
+    passes = _passes(calc)
+    chunks = -(-calc.num_train // calc.chunk_size)
+    basis = None
+    for i, test in enumerate(queries):
+        before = passes[0]
+        scores = calc.influence(test)
+        basis, _ = calc.fitted_solver().low_rank()
+        projected = calc._grad_cache.projection(basis) is not None
+        assert projected == (i >= 2)
+        assert passes[0] - before == (chunks if i <= 2 else 0)  # the 3rd query projects
+        torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
+    assert calc._grad_cache.unprojected_cost(basis) == 2 * cost
+
+
+def test_a_query_with_as_many_rows_as_the_rank_projects_at_once():
+    calc = _calc()
+    test = _data(RANK, seed=1)
+    scores = calc.influence(test)
+    basis, _ = calc.fitted_solver().low_rank()
+    assert calc._grad_cache.projection(basis) is not None
+    assert calc._grad_cache.unprojected_cost(basis) == 0
+    torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
+
+
+def test_with_damping_shares_the_cost_spent_without_projecting():
+    calc = _calc()
+    calc.influence(_data(4, seed=1))  # 4 + c
+    stiffer = calc.with_damping(0.5)
+    test = _data(4, seed=2)
+    scores = stiffer.influence(test)  # 2 (4 + c) > r + c: projects
+    basis, _ = calc.fitted_solver().low_rank()
+    assert calc._grad_cache.projection(basis) is not None
+    torch.testing.assert_close(scores, _expected(stiffer, test), rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_without_the_linear_shortcut_forms_its_gradients_but_keeps_none():
+    calc = _calc(WithLayerNorm().double().eval(), features=4)
+    test = _data(2, features=4, seed=1)
+    scores = calc.influence(test)
+    basis, _ = calc.fitted_solver().low_rank()
+    assert not calc.wrapper.has_linear_shortcut
+    assert calc._grad_cache.projection(basis) is None
+    assert calc._grad_cache.value is None
+    torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("m", "projected"), [(3, False), (5, True)])
+def test_row_blocks_count_one_pass_each(m, projected):
+    # chunk 16, p = 83: the smallest budget allowed holds row blocks of 2 test examples, so
+    # m = 3 costs 3 + 2c <= r + c and m = 5 costs 5 + 3c > r + c
+    calc = _calc(chunk_size=16, memory_budget=2 * 16 * 83 * 8)
+    test = _data(m, seed=1)
+    scores = calc.influence(test)
+    basis, _ = calc.fitted_solver().low_rank()
+    assert (calc._grad_cache.projection(basis) is not None) == projected
+    torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
+    idx, top = calc.top_k(test, 4)
+    torch.testing.assert_close(top, scores.gather(1, idx), rtol=1e-10, atol=1e-12)

@@ -113,14 +113,25 @@ def test_with_damping_shares_the_cost_spent_without_projecting():
     torch.testing.assert_close(scores, _expected(stiffer, test), rtol=1e-10, atol=1e-12)
 
 
-def test_a_model_without_the_linear_shortcut_forms_its_gradients_but_keeps_none():
+def test_a_model_whose_gradients_must_be_formed_projects_at_once():
+    # forming the gradients costs more than multiplying them by r vectors
     calc = _calc(WithLayerNorm().double().eval(), features=4)
+    assert not calc.wrapper.has_linear_shortcut  # a LayerNorm
     test = _data(2, features=4, seed=1)
     scores = calc.influence(test)
     basis, _ = calc.fitted_solver().low_rank()
-    assert not calc.wrapper.has_linear_shortcut
-    assert calc._grad_cache.projection(basis) is None
+    assert calc._grad_cache.projection(basis) is not None
     assert calc._grad_cache.value is None
+    torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
+
+
+def test_a_filled_gradient_cache_is_multiplied_without_projecting():
+    calc = _calc(WithLayerNorm().double().eval(), features=4)
+    calc.train_grads()  # fills [n, p]: a pass is then one matrix product
+    test = _data(2, features=4, seed=1)
+    scores = calc.influence(test)
+    basis, _ = calc.fitted_solver().low_rank()
+    assert calc._grad_cache.projection(basis) is None
     torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
 
 

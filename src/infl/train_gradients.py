@@ -188,8 +188,9 @@ def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, 
 
 
 PASS_COST = 3
-"""One pass over the training data, in units of one vector multiplied by every training
-gradient (``2 n p`` flops): the forward and backward passes that give the gradients' factors."""
+"""A pass over the training data that multiplies without forming the gradients, in units of one
+vector multiplied by every training gradient (``2 n p`` flops): the forward and backward passes
+that give the layers' factors (measured: 1–2 units on the 85k digits MLP)."""
 
 
 def projects(calc: InfluenceCalculator, basis: torch.Tensor, m: int, passes: int = 1) -> bool:
@@ -199,17 +200,23 @@ def projects(calc: InfluenceCalculator, basis: torch.Tensor, m: int, passes: int
     multiply the gradients by the rows' ``[m, p]`` inverse-HVPs (``False``; their cost is then
     recorded on the calculator's cache).
 
-    Both give the same scores up to round-off. Projecting costs one pass with ``r`` vectors,
-    ``r + c`` units of ``2 n p`` flops (``c`` = :data:`PASS_COST`), once: later queries reuse the
-    projections. Multiplying by the inverse-HVPs costs ``m + passes c`` units, every query. Not
-    knowing which queries follow, the rule is the ski-rental one: multiply by the inverse-HVPs
-    while the units so spent on this basis, this query included, stay below ``r + c``, then
-    project. It never spends more than about twice the cheaper choice made with hindsight, and a
-    single query with ``m < r`` never projects (the 85k digits MLP with ``r = 50``, ``m = 10``:
-    0.06 s instead of 0.33 s for the scoring pass).
+    Both give the same scores up to round-off. When a pass must form the per-example gradients,
+    forming them costs more than multiplying them by ``r`` vectors, so the projections are
+    taken at once: one pass, reused by every later query. When a pass needs no forming (a
+    filled ``[n, p]`` cache, or the direct products of ``nn.Linear`` models,
+    :meth:`~infl.model.ModelWrapper.multiplies_directly`), projecting costs ``r + c`` units of
+    ``2 n p`` flops (``c`` = :data:`PASS_COST`) and multiplying by the inverse-HVPs
+    ``m + passes c`` units, every query. Not knowing which queries follow, the rule is then the
+    ski-rental one: multiply by the inverse-HVPs while the units so spent on this basis, this
+    query included, stay below ``r + c``, then project. That never spends more than about twice
+    the cheaper choice made with hindsight, and a single query with ``m < r`` never projects
+    (the 85k digits MLP with ``r = 50``, ``m = 10``: a 0.06 s pass instead of 0.42 s,
+    ``benchmarks/bench_scoring.py``).
     """
     cache = calc._grad_cache
     if cache.projection(basis) is not None:
+        return True
+    if cache.value is None and not calc.wrapper.multiplies_directly(m):
         return True
     cost = m + passes * PASS_COST
     if cache.unprojected_cost(basis) + cost < basis.shape[0] + PASS_COST:

@@ -322,3 +322,33 @@ def test_models_outside_the_stacked_form_keep_vmap(mlp_problem, model):
     assert not StackedSequential(model, params).applicable
     engine = BatchedSGD(model, objective.per_example_loss, 0.0, IndexedData((X, y)), lr=0.1)
     assert engine._stacked is None
+
+
+def test_a_model_at_an_exact_minimum_still_takes_the_batched_path(monkeypatch):
+    """Every ReLU dead and the output bias at the log class frequencies: the gradient is zero
+    up to round-off, which the engine's check must not compare with round-off."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    y = torch.arange(40) % 3
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.fill_(-5.0)
+        model[2].weight.zero_()
+        model[2].bias.copy_((torch.bincount(y, minlength=3).double() / 40).log())
+    objective = Objective("cross_entropy")
+    loss = nn.functional.cross_entropy(model(X), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert max(float(g.abs().max()) for g in grads) < 1e-15
+    problem = (model, objective, (X, y), (X[:5], y[:5]))
+    kw = {
+        "config": RetrainConfig(optimizer="sgd", lr=0.2, momentum=0.9, max_steps=30, grad_tol=None),
+        "progress": False,
+    }
+    alone = retrain_ground_truth(*problem, [0, 1, [2, 3]], parallel_runs=1, **kw)
+    calls = _count_sequential(monkeypatch)
+    batched = retrain_ground_truth(*problem, [0, 1, [2, 3]], parallel_runs=3, **kw)
+    assert calls == []
+    torch.testing.assert_close(batched.raw_change, alone.raw_change, atol=1e-12, rtol=1e-10)
+    assert float(alone.param_change_norm.min()) > 1e-4  # the output bias moved

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rerun the fragility study (Iris exact-Hessian MLPs and a small CNN) and "
         "write CSV/JSON results, PNG figures and a markdown report beside the paper's numbers. "
         "Presets: quick (~5 min on 2 CPU cores), full (~10 h on 2 cores with --workers 2; use "
-        "--parts to run Iris (~60 min) and the CNN separately).",
+        "--parts to run Iris (~35 min) and the CNN separately).",
     )
     preset = frag.add_mutually_exclusive_group()
     preset.add_argument(
@@ -220,11 +220,13 @@ def _fragility(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {"cnn_dataset": dataset, "data_dir": args.data_dir}
     if args.seeds:
         changes["seeds"] = tuple(range(args.seeds))
+    shipped = preset
     preset = dataclasses.replace(preset, **changes)
     out = args.out or f"results/fragility-{name}"
+    minutes = shipped.expected_minutes_for(parts) * len(preset.seeds) / max(1, len(shipped.seeds))
     print(
-        f"infl fragility: preset {name} ({len(preset.seeds)} seeds, expected "
-        f"~{preset.expected_minutes:g} min on 2 CPU cores), results in {out}"
+        f"infl fragility: preset {name}, {' and '.join(parts)} ({len(preset.seeds)} seeds, "
+        f"expected ~{minutes:.3g} min on 2 CPU cores with --workers 2), results in {out}"
     )
     run = run_fragility(
         preset,

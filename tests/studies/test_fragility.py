@@ -135,6 +135,11 @@ def test_a_results_directory_of_other_settings_is_refused(tmp_path):
 def test_presets_state_their_runtime_and_quick_is_smaller():
     quick, full = PRESETS["quick"], PRESETS["full"]
     assert quick.expected_minutes <= 5 < full.expected_minutes
+    iris, cnn = full.expected_minutes_for(("iris",)), full.expected_minutes_for(("cnn",))
+    assert 0 < iris < cnn < full.expected_minutes_for(("cnn", "iris")) == full.expected_minutes
+    assert iris + cnn == full.expected_minutes
+    assert quick.expected_minutes_for(("iris",)) == quick.expected_minutes  # no split known
+    assert "expected_iris_minutes" not in full.config()  # not a setting of the results
     assert len(full.seeds) >= 5
     assert full.iris_train_steps == 60_000
     assert full.iris_retrain_steps == 7_500

@@ -29,12 +29,14 @@ def _data(n: int, features: int = 6, seed: int = 0):
     )
 
 
-def _calc(model: nn.Module | None = None, features: int = 6, **options) -> InfluenceCalculator:
+def _calc(
+    model: nn.Module | None = None, features: int = 6, rank: int = RANK, **options
+) -> InfluenceCalculator:
     return InfluenceCalculator(
         model if model is not None else _mlp(),
         Objective("cross_entropy", weight_decay=0.01),
         _data(40, features),
-        Arnoldi(rank=RANK, damping=0.1),
+        Arnoldi(rank=rank, damping=0.1),
         progress=False,
         check_minimum=False,
         **options,
@@ -135,11 +137,13 @@ def test_a_filled_gradient_cache_is_multiplied_without_projecting():
     torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(("m", "projected"), [(3, False), (5, True)])
+@pytest.mark.parametrize(("m", "projected"), [(2, False), (3, True)])
 def test_row_blocks_count_one_pass_each(m, projected):
-    # chunk 16, p = 83: the smallest budget allowed holds row blocks of 2 test examples, so
-    # m = 3 costs 3 + 2c <= r + c and m = 5 costs 5 + 3c > r + c
-    calc = _calc(chunk_size=16, memory_budget=2 * 16 * 83 * 8)
+    # chunk 8, p = 83: the smallest budget allowed holds row blocks of 1 test example, so with
+    # r = 6 a query of m = 2 costs 2 + 2c < r + c and m = 3 costs 3 + 3c > r + c (one pass per
+    # query, 3 + c, would not project); both are few enough vectors for the direct products
+    calc = _calc(rank=6, chunk_size=8, memory_budget=2 * 8 * 83 * 8)
+    assert calc.wrapper.multiplies_directly(3)
     test = _data(m, seed=1)
     scores = calc.influence(test)
     basis, _ = calc.fitted_solver().low_rank()

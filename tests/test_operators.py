@@ -117,6 +117,19 @@ def test_ggn_dense_from_output_jacobians_equals_the_product_assembly(loss):
     assert op.to_dense() is dense  # kept
 
 
+def test_a_block_of_the_dense_ggn_is_that_block_of_the_whole_matrix():
+    model = _mlp()
+    x, y = _data("cross_entropy")
+    wrapper = ModelWrapper(model, Objective("cross_entropy", WD))
+    data = IndexedData((x, y))
+    index = torch.tensor([0, 3, 4, 17, 30, wrapper.num_params - 1])
+    whole = wrapper.ggn_matrix(data, 5)
+    block = wrapper.ggn_matrix(data, 5, index=index)
+    assert whole is not None
+    assert block is not None
+    torch.testing.assert_close(block, whole[index][:, index], rtol=1e-13, atol=1e-15)
+
+
 def test_ggn_dense_of_a_wide_output_is_assembled_from_products():
     # 300 outputs per example exceed the Jacobian path's bound: p products instead
     model = nn.Linear(2, 300).double().eval()

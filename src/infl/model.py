@@ -530,16 +530,19 @@ class ModelWrapper:
             data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product"
         )
 
-    def ggn_matrix(self, data: IndexedData | Batch, chunk_size: int) -> torch.Tensor | None:
+    def ggn_matrix(
+        self, data: IndexedData | Batch, chunk_size: int, index: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The dense Gauss-Newton matrix :math:`G` ``[p, p]`` from per-example output Jacobians.
 
         :math:`G = \\frac1n \\sum_i J_i^T H_{out,i} J_i + \\Lambda`, symmetrised, with
         :math:`J_i` ``[K, p]`` by ``vmap(jacrev)`` (``K`` backward passes per example instead of
         ``p`` products; memory ``chunk_size * K * p``). Returns ``None`` (assemble from
         products instead) when the model's output is not one tensor or has more than 256
-        numbers per example. See :func:`infl.second_order.dense_ggn`.
+        numbers per example. ``index``: only the block of those flat parameter indices
+        (``[q, q]``). See :func:`infl.second_order.dense_ggn`.
         """
-        return dense_ggn(self, data, chunk_size)
+        return dense_ggn(self, data, chunk_size, index)
 
     def _ggn_chunk(
         self, batch: Batch, vectors: torch.Tensor, *, forward_mode: bool

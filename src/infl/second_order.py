@@ -280,7 +280,10 @@ def ggn_chunk(
 
 
 def dense_ggn(
-    wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int
+    wrapper: ModelWrapper,
+    data: IndexedData | Batch,
+    chunk_size: int,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The dense Gauss-Newton matrix :math:`G` ``[p, p]`` from per-example output Jacobians.
 
@@ -297,11 +300,13 @@ def dense_ggn(
     example, and memory ``chunk_size * K * p``. The result is symmetrised.
 
     Returns ``None`` (assemble from products instead) when the model's output is not one
-    tensor or has more than 256 numbers per example.
+    tensor or has more than 256 numbers per example. With ``index`` (``[q]`` flat parameter
+    indices) only the block :math:`G_{\text{index},\text{index}}` ``[q, q]`` is formed: the
+    matrix product shrinks by :math:`(q/p)^2`.
     """
     loss = output_hessian_loss(wrapper.objective.per_example_loss)
     chunks = data.chunks(chunk_size) if isinstance(data, IndexedData) else [(0, data)]
-    p = wrapper.num_params
+    p = wrapper.num_params if index is None else int(index.numel())
     total = torch.zeros(p, p, dtype=wrapper.dtype, device=wrapper.device)
     count = 0
     for _, raw in chunks:
@@ -322,6 +327,8 @@ def dense_ggn(
                 vmap(torch.func.jacrev(single), in_dims=(None, 0))(wrapper.params, inputs),
                 batch_dims=2,
             )  # [b, K, p]
+            if index is not None:
+                jac = jac[:, :, index.to(jac.device)]
             basis = torch.eye(k, dtype=wrapper.dtype, device=wrapper.device)
             columns = [
                 loss.output_hessian_product(
@@ -336,7 +343,8 @@ def dense_ggn(
     dense = total / count
     dense = (dense + dense.T) / 2
     if wrapper.has_decay:
-        dense = dense + torch.diag(wrapper.decay)
+        decay = wrapper.decay if index is None else wrapper.decay[index.to(wrapper.decay.device)]
+        dense = dense + torch.diag(decay)
     if not torch.isfinite(dense).all():
         raise NonFiniteError(
             "the Gauss-Newton matrix is not finite; the loss or its curvature overflows "

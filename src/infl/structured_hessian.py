@@ -20,14 +20,15 @@ diagonal block (:math:`\\partial^2 f / \\partial W_l^2 = 0`); only pairs of laye
 
 1. The parameters are grouped by the module that owns them.
 2. One probe per group ``a``, a random vector :math:`v_a` on that group's coordinates, gives
-   :math:`R v_a = H v_a - G v_a` (one HVP each). Block :math:`R_{ba}` is taken as zero when
-   :math:`\\|(R v_a)_b\\| \\le \\tau \\|H v_a\\|` with :math:`\\tau = 10^3\\varepsilon`: a
-   non-zero block maps a random vector to zero with probability zero, so this certifies the
-   block, up to round-off.
+   :math:`R v_a = H v_a - G v_a` (one HVP and one Gauss-Newton product each). Block
+   :math:`R_{ba}` is taken as zero when :math:`\\|(R v_a)_b\\| \\le \\tau \\|H v_a\\|` with
+   :math:`\\tau = 10^3\\varepsilon`: a non-zero block maps a random vector to zero with
+   probability zero, so this certifies the block, up to round-off.
 3. The columns of :math:`H` are computed by HVPs for a set ``S`` of groups that touches every
    non-zero block of :math:`R` (each group with a non-zero diagonal block, and one group of each
    coupled pair): the minimum-weight vertex cover of the coupling graph. The rest of the matrix
-   is :math:`G`: :math:`H_{S^c S^c} = G_{S^c S^c}`, since :math:`R` vanishes there.
+   is :math:`G`: :math:`H_{S^c S^c} = G_{S^c S^c}`, since :math:`R` vanishes there; only that
+   block of :math:`G` is formed.
 4. A last random vector over all parameters checks the assembled matrix against one HVP
    (relative error at most :math:`\\tau`); if the check fails, the matrix is assembled from
    ``p`` products as before.
@@ -181,9 +182,10 @@ def assemble_hessian(
 
     Notes
     -----
-    Cost: the Gauss-Newton matrix (``K`` backward passes per example and one ``[p, bK]`` by
-    ``[bK, p]`` product per chunk), one HVP per parameter group, one per column of the groups in
-    the cover and one check; memory ``p^2`` plus the columns of one block.
+    Cost: one HVP and one Gauss-Newton product per parameter group, then the Gauss-Newton
+    block of the ``q`` parameters outside the cover (``K`` backward passes per example and one
+    ``[q, bK]`` by ``[bK, q]`` product per chunk), one HVP per parameter in the cover and one
+    check; memory ``p^2 + q^2`` plus one block of columns.
     """
     wrapper = operator.wrapper
     p = operator.size
@@ -224,12 +226,17 @@ def assemble_hessian(
         why = f"the residual couples groups covering {columns.numel()} of {p} parameters"
         matrix, record = _from_products(operator, block_size, sizes, why)
         return matrix, replace(record, products=operator.num_matvecs - before, coupled=coupled)
-    ggn = wrapper.ggn_matrix(operator.data, operator.chunk_size)
+    in_cover = torch.zeros(p, dtype=torch.bool)
+    in_cover[columns] = True
+    rest = torch.nonzero(~in_cover).reshape(-1).to(operator.device)
+    ggn = wrapper.ggn_matrix(operator.data, operator.chunk_size, index=rest)  # only G_rest,rest
     if ggn is None:
         why = "the model's output is not one tensor of at most 256 numbers per example"
         matrix, record = _from_products(operator, block_size, sizes, why)
         return matrix, replace(record, products=operator.num_matvecs - before, coupled=coupled)
-    matrix = ggn  # overwritten in place: the Gauss-Newton matrix is not kept apart
+    matrix = torch.zeros(p, p, dtype=operator.dtype, device=operator.device)
+    matrix[rest.unsqueeze(1), rest.unsqueeze(0)] = ggn
+    del ggn
     columns = columns.to(operator.device)
     eye = torch.eye(p, dtype=operator.dtype, device=operator.device)
     for start in range(0, columns.numel(), block_size):

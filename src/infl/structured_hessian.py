@@ -41,7 +41,7 @@ On the digits CNN (``p = 2,514``: conv 120, conv 1,744, linear 650; ReLU and max
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,7 +71,7 @@ _MIN_SAVING = 0.25
 _TOLERANCE_EPS = 1e3
 """``tau`` in units of the dtype's machine epsilon (2.2e-13 in float64)."""
 
-_EXACT_COVER_MAX_GROUPS = 20
+_EXACT_COVER_MAX_GROUPS = 16
 """Up to this many groups the cover is the exact minimum; beyond, a greedy one."""
 
 
@@ -94,6 +94,8 @@ class DenseAssembly:
         The final check's relative error (``None`` when no check ran).
     reason
         Why ``"products"`` was used (empty for ``"gauss-newton"``).
+    coupled
+        The pairs of groups whose block of the residual term the probes found non-zero.
     """
 
     method: str
@@ -102,7 +104,7 @@ class DenseAssembly:
     column_groups: tuple[str, ...] = ()
     check_error: float | None = None
     reason: str = ""
-    coupled: tuple[tuple[str, str], ...] = field(default=())
+    coupled: tuple[tuple[str, str], ...] = ()
 
 
 def parameter_groups(names: list[str], numels: list[int]) -> list[tuple[str, torch.Tensor]]:
@@ -238,10 +240,11 @@ def assemble_hessian(
     matrix[rest.unsqueeze(1), rest.unsqueeze(0)] = ggn
     del ggn
     columns = columns.to(operator.device)
-    eye = torch.eye(p, dtype=operator.dtype, device=operator.device)
     for start in range(0, columns.numel(), block_size):
         rows = columns[start : start + block_size]
-        block = operator.matmat(eye[rows])  # [b, p]: rows of H (= its columns)
+        basis = torch.zeros(rows.numel(), p, dtype=operator.dtype, device=operator.device)
+        basis[torch.arange(rows.numel(), device=operator.device), rows] = 1
+        block = operator.matmat(basis)  # [b, p]: rows of H (= its columns)
         matrix[rows, :] = block
         matrix[:, rows] = block.T
     inner = matrix[columns][:, columns]

@@ -216,3 +216,14 @@ def test_the_exact_solver_uses_it_through_the_operator() -> None:
     )
     plain.operator._dense = LinearOperator.to_dense(plain.operator)  # type: ignore[attr-defined]
     assert rel_err(scores, plain.influence((x[:3], y[:3]))) < 1e-10
+
+
+def test_the_assembly_shows_a_progress_bar_when_asked(capsys) -> None:
+    model = _relu_mlp()
+    x, y = _data((6,))
+    sh.assemble_hessian(_operator(model, x, y), min_params=0, block_size=8, progress=True)
+    assert "Hessian columns" in capsys.readouterr().err
+    sh.assemble_hessian(_operator(model, x, y), block_size=8, progress=True)  # p products
+    assert "dense matrix" in capsys.readouterr().err
+    sh.assemble_hessian(_operator(model, x, y), min_params=0, block_size=8)
+    assert capsys.readouterr().err == ""

@@ -171,10 +171,10 @@ class MixedPrecisionOperator(LinearOperator):
         full = self._full
         return False if full is None else full.expect_products(count, calls)
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The full-precision ``[p, p]`` matrix (:meth:`LinearOperator.to_dense` of
         :attr:`full_precision`, kept there): dense solvers stay in the model's dtype."""
-        return self.full_precision.to_dense(block_size)
+        return self.full_precision.to_dense(block_size, progress=progress)
 
     @property
     def supports_subsample(self) -> bool:

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from typing import Literal, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData
 from infl.errors import InputError
@@ -106,15 +107,17 @@ class LinearOperator(ABC):
         """:math:`A v` for one vector ``[p]``."""
         return self.matmat(vector.reshape(1, -1)).reshape(-1)
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix, assembled from ``p`` matvecs in blocks of ``block_size``.
 
         Costs ``p`` operator applications and ``p^2`` numbers of memory: use it for small ``p``.
-        The result is symmetrised (``(A + A^T)/2``) to remove round-off asymmetry.
+        The result is symmetrised (``(A + A^T)/2``) to remove round-off asymmetry. ``progress``
+        shows a bar over the blocks.
         """
         cols = []
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-        for start in range(0, self.size, block_size):
+        starts = range(0, self.size, block_size)
+        for start in tqdm(starts, desc="dense matrix", disable=not progress, leave=False):
             cols.append(self.matmat(eye[start : start + block_size]))
         dense = torch.cat(cols, dim=0)
         return (dense + dense.T) / 2
@@ -172,7 +175,7 @@ class DenseOperator(LinearOperator):
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return vectors @ self.matrix.T
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         return self.matrix
 
 
@@ -198,8 +201,8 @@ class DampedOperator(LinearOperator):
         """Forwarded to the undamped operator (whose dense matrix then serves both)."""
         return self.base.expect_products(count, calls)
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
-        dense = self.base.to_dense(block_size)
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
+        dense = self.base.to_dense(block_size, progress=progress)
         return dense + self.damping * torch.eye(self.size, dtype=dense.dtype, device=dense.device)
 
     @property
@@ -264,7 +267,7 @@ class TrainingDataOperator(LinearOperator):
         self.dense: bool | Literal["auto"] = dense
         self._dense: torch.Tensor | None = None
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix (:meth:`LinearOperator.to_dense`), assembled once and kept.
 
         The operator is fixed (the wrapper's parameters are a copy, the data given), so the
@@ -277,7 +280,7 @@ class TrainingDataOperator(LinearOperator):
         operator.
         """
         if self._dense is None:
-            self._dense = super().to_dense(block_size)
+            self._dense = super().to_dense(block_size, progress=progress)
         return self._dense
 
     def _answering_matrix(self) -> torch.Tensor | None:
@@ -365,7 +368,7 @@ class HessianOperator(TrainingDataOperator):
             self._graphs = GradientGraphs()
         return self.wrapper.hvp(self.data, vectors, self.chunk_size, self._graphs)
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` Hessian, assembled once and kept (see
         :meth:`TrainingDataOperator.to_dense`).
 
@@ -376,7 +379,7 @@ class HessianOperator(TrainingDataOperator):
         products. Equal to round-off either way; :attr:`assembly` says which was used.
         """
         if self._dense is None:
-            self._dense, self.assembly = assemble_hessian(self, block_size)
+            self._dense, self.assembly = assemble_hessian(self, block_size, progress=progress)
         return self._dense
 
 
@@ -431,7 +434,7 @@ class GaussNewtonOperator(TrainingDataOperator):
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size)
 
-    def to_dense(self, block_size: int = 256) -> torch.Tensor:
+    def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix :math:`G`, from per-example output Jacobians, kept.
 
         :meth:`ModelWrapper.ggn_matrix <infl.model.ModelWrapper.ggn_matrix>`: ``K`` backward
@@ -443,5 +446,7 @@ class GaussNewtonOperator(TrainingDataOperator):
         """
         if self._dense is None:
             dense = self.wrapper.ggn_matrix(self.data, self.chunk_size)
-            self._dense = dense if dense is not None else LinearOperator.to_dense(self, block_size)
+            if dense is None:
+                dense = LinearOperator.to_dense(self, block_size, progress=progress)
+            self._dense = dense
         return self._dense

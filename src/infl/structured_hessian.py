@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from infl.errors import InputError
 from infl.objective import output_hessian_loss
@@ -163,6 +164,7 @@ def assemble_hessian(
     *,
     min_params: int = STRUCTURED_MIN_PARAMS,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, DenseAssembly]:
     """The dense ``[p, p]`` Hessian of ``operator`` and how it was built (see the module).
 
@@ -176,6 +178,8 @@ def assemble_hessian(
         Models with fewer parameters are assembled from ``p`` products.
     seed
         Seeds the probes and the check (the result does not depend on it beyond round-off).
+    progress
+        Show a bar over the blocks of HVP columns (or of the ``p`` products).
 
     Returns
     -------
@@ -195,11 +199,11 @@ def assemble_hessian(
     sizes = tuple((owner, int(idx.numel())) for owner, idx in groups)
     if p < min_params or len(groups) < 2:
         why = f"p = {p} < {min_params}" if p < min_params else "a single parameter group"
-        return _from_products(operator, block_size, sizes, why)
+        return _from_products(operator, block_size, progress, sizes, why)
     try:
         output_hessian_loss(wrapper.objective.per_example_loss)
     except InputError as err:
-        return _from_products(operator, block_size, sizes, str(err))
+        return _from_products(operator, block_size, progress, sizes, str(err))
     tau = _TOLERANCE_EPS * torch.finfo(operator.dtype).eps
     gen = torch.Generator(device="cpu").manual_seed(seed)
     probes = torch.zeros(len(groups), p, dtype=operator.dtype)
@@ -226,7 +230,7 @@ def assemble_hessian(
     coupled = tuple((groups[a][0], groups[b][0]) for a, b in sorted(edges))
     if columns.numel() > (1 - _MIN_SAVING) * p:
         why = f"the residual couples groups covering {columns.numel()} of {p} parameters"
-        matrix, record = _from_products(operator, block_size, sizes, why)
+        matrix, record = _from_products(operator, block_size, progress, sizes, why)
         return matrix, replace(record, products=operator.num_matvecs - before, coupled=coupled)
     in_cover = torch.zeros(p, dtype=torch.bool)
     in_cover[columns] = True
@@ -234,13 +238,14 @@ def assemble_hessian(
     ggn = wrapper.ggn_matrix(operator.data, operator.chunk_size, index=rest)  # only G_rest,rest
     if ggn is None:
         why = "the model's output is not one tensor of at most 256 numbers per example"
-        matrix, record = _from_products(operator, block_size, sizes, why)
+        matrix, record = _from_products(operator, block_size, progress, sizes, why)
         return matrix, replace(record, products=operator.num_matvecs - before, coupled=coupled)
     matrix = torch.zeros(p, p, dtype=operator.dtype, device=operator.device)
     matrix[rest.unsqueeze(1), rest.unsqueeze(0)] = ggn
     del ggn
     columns = columns.to(operator.device)
-    for start in range(0, columns.numel(), block_size):
+    starts = range(0, columns.numel(), block_size)
+    for start in tqdm(starts, desc="Hessian columns", disable=not progress, leave=False):
         rows = columns[start : start + block_size]
         basis = torch.zeros(rows.numel(), p, dtype=operator.dtype, device=operator.device)
         basis[torch.arange(rows.numel(), device=operator.device), rows] = 1
@@ -258,7 +263,7 @@ def assemble_hessian(
     products = operator.num_matvecs - before
     if not math.isfinite(error) or error > tau:
         why = f"the check against an HVP failed (relative error {error:.2e})"
-        matrix, record = _from_products(operator, block_size, sizes, why)
+        matrix, record = _from_products(operator, block_size, progress, sizes, why)
         return matrix, replace(record, products=operator.num_matvecs - before, coupled=coupled)
     record = DenseAssembly(
         method="gauss-newton",
@@ -274,13 +279,14 @@ def assemble_hessian(
 def _from_products(
     operator: HessianOperator,
     block_size: int,
+    progress: bool,
     sizes: tuple[tuple[str, int], ...],
     reason: str,
 ) -> tuple[torch.Tensor, DenseAssembly]:
     from infl.operators import LinearOperator
 
     before = operator.num_matvecs
-    matrix = LinearOperator.to_dense(operator, block_size)
+    matrix = LinearOperator.to_dense(operator, block_size, progress=progress)
     record = DenseAssembly(
         method="products",
         products=operator.num_matvecs - before,

@@ -88,7 +88,7 @@ class ExactHessian(Solver):
                 "Convert the model with model.double() (or model.float()) before building the "
                 "calculator, or use ConjugateGradient, which needs only Hessian-vector products."
             )
-        dense = operator.to_dense()
+        dense = operator.to_dense(progress=progress)
         evals, evecs = torch.linalg.eigh(dense)
         return FittedExact(self, operator, evals, evecs)
 

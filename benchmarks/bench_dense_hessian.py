@@ -16,8 +16,12 @@ digits CNN (``cnn``: conv 120, conv 1,744, linear 650 parameters, ReLU and max-p
 its first ``--n`` training examples, and digits MLPs 64-w-10 with ReLU (``mlp-w``) or tanh
 (``tanh-w``) trained here for 300 L-BFGS steps.
 
+With ``--ggn`` it times the dense Gauss-Newton matrix of the MLPs instead: from per-example
+Kronecker factors (``infl.linear_ggn``, infl's route for ``nn.Linear`` models) against
+per-example output Jacobians (the general route).
+
 Run:  python benchmarks/bench_dense_hessian.py [--models cnn mlp-16 tanh-16] [--n 1438]
-      [--json out.json]
+      [--ggn] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import _train, build_problem
 
 import infl
-from infl import structured_hessian
+from infl import second_order, structured_hessian
 from infl.operators import HessianOperator, LinearOperator
 from infl.studies import datasets
 
@@ -86,23 +90,61 @@ def row(name: str, n: int) -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["cnn", "mlp-16", "tanh-16"])
-    parser.add_argument("--n", type=int, default=1438)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = []
-    for name in args.models:
-        rows.append(row(name, args.n))
-        print(rows[-1], flush=True)
+def ggn_row(name: str, n: int) -> dict[str, object]:
+    """The dense Gauss-Newton matrix of an ``nn.Linear`` model: per-example Kronecker factors
+    (``infl.linear_ggn``, what infl takes) against per-example output Jacobians (the general
+    route, forced by switching the factors off)."""
+    model, x, y = problem(name, n)
+    wrapper = infl.ModelWrapper(model, infl.Objective("cross_entropy", weight_decay=0.0))
+    data = infl.IndexedData((x, y))
+    start = time.perf_counter()
+    kronecker = wrapper.ggn_matrix(data, 256)
+    kronecker_s = time.perf_counter() - start
+    factors = second_order._linear_dense_ggn
+    second_order._linear_dense_ggn = lambda *args: None  # type: ignore[assignment]
+    try:
+        start = time.perf_counter()
+        jacobians = wrapper.ggn_matrix(data, 256)
+        jacobians_s = time.perf_counter() - start
+    finally:
+        second_order._linear_dense_ggn = factors  # type: ignore[assignment]
+    assert kronecker is not None
+    assert jacobians is not None
+    return {
+        "model": name,
+        "p": wrapper.num_params,
+        "n": len(y),
+        "Jacobians s": round(jacobians_s, 3),
+        "Kronecker factors s": round(kronecker_s, 3),
+        "speed-up": round(jacobians_s / kronecker_s, 2),
+        "max diff / max": float((kronecker - jacobians).abs().max() / jacobians.abs().max()),
+    }
+
+
+def _print_table(rows: list[dict[str, object]]) -> None:
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
     for r in rows:
         cells = [f"{v:.1e}" if k == "max diff / max" else str(v) for k, v in r.items()]
         print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "mlp-16", "tanh-16"])
+    parser.add_argument("--n", type=int, default=1438)
+    parser.add_argument(
+        "--ggn", action="store_true", help="time the dense Gauss-Newton matrix instead (MLPs)"
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.models:
+        rows.append(ggn_row(name, args.n) if args.ggn else row(name, args.n))
+        print(rows[-1], flush=True)
+    _print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

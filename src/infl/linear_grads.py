@@ -198,42 +198,57 @@ class LinearPerExampleGradients:
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer, ``(a, g)``: its inputs ``[b, i]`` and the gradients at its outputs
         ``[b, o]`` (one forward and one backward pass), or ``None`` (see :meth:`__call__`)."""
+        with torch.enable_grad():
+            recorded = self.record(evaluate, params, batch_size)
+            if recorded is None:
+                return None
+            values, inputs, outputs = recorded
+            order = list(outputs)
+            grads = torch.autograd.grad(
+                values.sum(),
+                [outputs[prefix] for prefix in order],
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        return {
+            prefix: (inputs[prefix], g.detach()) for prefix, g in zip(order, grads, strict=True)
+        }
+
+    def record(
+        self,
+        evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        batch_size: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """``evaluate`` on fresh leaves, recording each layer's call: ``(value, inputs [b, i]
+        (detached), outputs [b, o] (in the graph))`` per layer prefix, or ``None`` (see
+        :meth:`__call__`). Call it under ``torch.enable_grad()`` to differentiate the value."""
         if not self.applicable:
             return None
         seen: dict[str, list[tuple[Any, Any]]] = {prefix: [] for prefix in self.layers}
         handles = []
         for prefix, module in self.layers.items():
 
-            def record(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
+            def hook(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
                 seen[prefix].append((args[0] if args else None, out))
 
-            handles.append(module.register_forward_hook(record))
+            handles.append(module.register_forward_hook(hook))
         try:
-            with torch.enable_grad():
-                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-                values = evaluate(leaves)
-                if not values.requires_grad:  # constant in the parameters: leave it to vmap
-                    return None
-                inputs, outputs = {}, {}
-                for prefix, calls in seen.items():
-                    if len(calls) != 1:
-                        return None
-                    a, o = calls[0]
-                    if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
-                        return None
-                    if a.dim() != 2 or o.dim() != 2 or a.shape[0] != batch_size:
-                        return None
-                    inputs[prefix], outputs[prefix] = a.detach(), o
-                order = list(outputs)
-                grads = torch.autograd.grad(
-                    values.sum(),
-                    [outputs[prefix] for prefix in order],
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            values = evaluate(leaves)
         finally:
             for handle in handles:
                 handle.remove()
-        return {
-            prefix: (inputs[prefix], g.detach()) for prefix, g in zip(order, grads, strict=True)
-        }
+        if not isinstance(values, torch.Tensor) or not values.requires_grad:
+            return None  # constant in the parameters: leave it to vmap
+        inputs, outputs = {}, {}
+        for prefix, calls in seen.items():
+            if len(calls) != 1:
+                return None
+            a, o = calls[0]
+            if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
+                return None
+            if a.dim() != 2 or o.dim() != 2 or a.shape[0] != batch_size:
+                return None
+            inputs[prefix], outputs[prefix] = a.detach(), o
+        return values, inputs, outputs

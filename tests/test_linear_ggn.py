@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import infl.linear_ggn as kron
 from infl import IndexedData, ModelWrapper, Objective
 from infl.operators import GaussNewtonOperator
+from reference_ggn import REFERENCE_LOSSES, reference_ggn
 
 WD = 0.03
-LOSSES = {
-    "cross_entropy": lambda out, y: F.cross_entropy(out, y, reduction="none"),
-    "mse": lambda out, y: ((out - y) ** 2).sum(dim=1),
-    "bce_with_logits": lambda out, y: F.binary_cross_entropy_with_logits(
-        out, y, reduction="none"
-    ).sum(dim=1),
-}
 
 
 def _mlp() -> nn.Module:
@@ -48,24 +40,7 @@ def _data(loss: str, n: int = 17):
 
 
 def _reference(model: nn.Module, x, y, loss: str) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [q.shape for _, q in model.named_parameters()]
-    flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
-
-    def output(theta: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        pieces = torch.split(theta, [s.numel() for s in shapes])
-        params = {n: q.view(s) for n, q, s in zip(names, pieces, shapes, strict=True)}
-        return functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
-
-    total = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
-    for i in range(x.shape[0]):
-        jac = torch.autograd.functional.jacobian(lambda t, i=i: output(t, x[i]), flat)
-        out = output(flat, x[i]).detach()
-        h_out = torch.autograd.functional.hessian(
-            lambda o, i=i: LOSSES[loss](o.unsqueeze(0), y[i : i + 1]).sum(), out
-        )
-        total += jac.T @ h_out @ jac
-    return total / x.shape[0] + WD * torch.eye(flat.numel(), dtype=torch.float64)
+    return reference_ggn(model, x, y, REFERENCE_LOSSES[loss], WD)
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -89,7 +64,7 @@ def _no_jacobians(monkeypatch) -> None:
     monkeypatch.setattr(torch.func, "jacrev", refuse)
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", list(REFERENCE_LOSSES))
 def test_the_kronecker_form_equals_the_per_example_reference(loss, monkeypatch) -> None:
     model = _mlp()
     x, y = _data(loss)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import reference
@@ -32,17 +30,9 @@ from infl import (
 )
 from infl.operators import GaussNewtonOperator, TrainingDataOperator
 from reference import rel_err
+from reference_ggn import REFERENCE_LOSSES, reference_ggn
 
 WD = 0.1
-
-# the losses written out directly (per example, summed over output dimensions), for references
-REFERENCE_LOSSES = {
-    "cross_entropy": lambda out, y: F.cross_entropy(out, y, reduction="none"),
-    "mse": lambda out, y: ((out - y) ** 2).sum(dim=1),
-    "bce_with_logits": lambda out, y: F.binary_cross_entropy_with_logits(
-        out, y, reduction="none"
-    ).sum(dim=1),
-}
 
 
 def _mlp(seed: int = 1, d_in: int = 3, width: int = 5, d_out: int = 3) -> nn.Module:
@@ -60,35 +50,6 @@ def _data(loss: str, n: int = 12, d_in: int = 3, d_out: int = 3, seed: int = 0):
     else:
         y = torch.randint(0, 2, (n, d_out), generator=gen).double()
     return x, y
-
-
-def _flat_params(model: nn.Module) -> tuple[torch.Tensor, list[tuple[str, torch.Size]]]:
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
-    return torch.cat([p.reshape(-1) for _, p in named]), [(n, p.shape) for n, p in named]
-
-
-def reference_ggn(model, x, y, loss_fn, wd):
-    """``(1/n) sum_i J_i^T H_out,i J_i + wd I``, from autograd per example."""
-    flat0, layout = _flat_params(model)
-
-    def output(flat, xi):
-        params, start = {}, 0
-        for name, shape in layout:
-            size = shape.numel()
-            params[name] = flat[start : start + size].reshape(shape)
-            start += size
-        return functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
-
-    p = flat0.numel()
-    total = torch.zeros(p, p, dtype=torch.float64)
-    for i in range(x.shape[0]):
-        jac = torch.autograd.functional.jacobian(lambda f, i=i: output(f, x[i]), flat0)
-        out = output(flat0, x[i]).detach()
-        h_out = torch.autograd.functional.hessian(
-            lambda o, i=i: loss_fn(o.unsqueeze(0), y[i : i + 1]).sum(), out
-        )
-        total += jac.T @ h_out @ jac
-    return total / x.shape[0] + wd * torch.eye(p, dtype=torch.float64)
 
 
 def _ggn(model, loss, data, wd=WD, chunk_size=5):

@@ -74,14 +74,17 @@ def linear_ggn(
         if factors is None:
             return None
         inputs, jacobians, h_out = factors
+        cores: dict[tuple[str, str], torch.Tensor] = {}  # C_i of a layer pair, for every kind
         for i, n1 in enumerate(names):
             first, kind_1 = linear.owner[n1]
             for n2 in names[i:]:
                 second, kind_2 = linear.owner[n2]
+                if (first, second) not in cores:
+                    cores[first, second] = torch.einsum(
+                        "bkr,bkj,bjs->brs", jacobians[first], h_out, jacobians[second]
+                    )
                 block = _block(
-                    (inputs[first], jacobians[first], kind_1),
-                    (inputs[second], jacobians[second], kind_2),
-                    h_out,
+                    cores[first, second], (inputs[first], kind_1), (inputs[second], kind_2)
                 )
                 r, c = local[n1], local[n2]
                 total[r : r + block.shape[0], c : c + block.shape[1]] += block
@@ -138,16 +141,15 @@ def _factors(
 
 
 def _block(
-    left: tuple[torch.Tensor, torch.Tensor, str],
-    right: tuple[torch.Tensor, torch.Tensor, str],
-    h_out: torch.Tensor,
+    core: torch.Tensor,
+    left: tuple[torch.Tensor, str],
+    right: tuple[torch.Tensor, str],
 ) -> torch.Tensor:
     """The block of :math:`\\sum_i J_i^T H_i J_i` between one parameter of layer ``l`` and one
-    of layer ``m``, each given as ``(inputs [b, i], output Jacobians [b, K, o], "weight" or
-    "bias")`` (weights flattened row-major, ``[o, i]``)."""
-    a_l, b_l, kind_l = left
-    a_m, b_m, kind_m = right
-    core = torch.einsum("bkr,bkj,bjs->brs", b_l, h_out, b_m)  # C_i [b, o_l, o_m]
+    of layer ``m`` from :math:`C_i = B_{l,i}^T H_i B_{m,i}` (``core``, ``[b, o_l, o_m]``) and
+    each side's ``(inputs [b, i], "weight" or "bias")`` (weights flattened row-major)."""
+    a_l, kind_l = left
+    a_m, kind_m = right
     batch, o_l, o_m = core.shape
     if kind_l == "bias" and kind_m == "bias":
         return core.sum(dim=0)

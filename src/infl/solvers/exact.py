@@ -46,9 +46,13 @@ class ExactHessian(Solver):
 
     Notes
     -----
-    Cost: ``fit`` takes ``p`` Hessian-vector products and an :math:`O(p^3)` eigendecomposition;
-    each ``solve`` of ``k`` right-hand sides is :math:`O(k p^2)`. The fitted solver reports the
-    spectrum of :math:`H` (smallest, largest, number of negative eigenvalues) in ``info``;
+    Cost: ``fit`` takes ``p`` Hessian-vector products and an :math:`O(p^3)` eigendecomposition.
+    A Hessian over training data with ``p >= 1000`` parameters in several modules is assembled
+    from its Gauss-Newton matrix plus the HVP columns of only the modules its residual term
+    couples (:func:`infl.structured_hessian.assemble_hessian`; 774 instead of 2,514 products on
+    a digits CNN). Each ``solve`` of ``k`` right-hand sides is :math:`O(k p^2)`. The fitted
+    solver reports the spectrum of :math:`H` (smallest, largest, number of negative
+    eigenvalues) in ``info``;
     eigenvalues within round-off of zero (:math:`|\\mu| \\le 10\\sqrt p\\,\\varepsilon
     \\max|\\mu|`, the threshold of
     :func:`infl.spectral.zero_threshold`) are counted as

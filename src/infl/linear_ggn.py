@@ -24,33 +24,35 @@ batch, or whose output depends on the parameters other than through the layers).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
-from infl.data import Batch
+from infl.data import Batch, batch_size
 from infl.losses import SupervisedLoss
 
 if TYPE_CHECKING:
     from infl.model import ModelWrapper
 
-__all__ = ["linear_ggn"]
+__all__ = ["MAX_JACOBIAN_OUTPUTS", "linear_ggn"]
 
-_MAX_OUTPUTS = 256
-"""Wider outputs are left to the product assembly, as in :func:`~infl.second_order.dense_ggn`
-(``K`` backward passes and ``[b, K, K]`` output Hessians per chunk)."""
+MAX_JACOBIAN_OUTPUTS = 256
+"""Models with more outputs per example get their dense Gauss-Newton matrix from products, not
+from per-example Jacobians or factors (``K`` backward passes and ``[b, K, p]`` Jacobians or
+``[b, K, K]`` output Hessians per chunk)."""
 
 
 def linear_ggn(
     wrapper: ModelWrapper,
-    batches: list[Batch],
+    batches: Iterable[Batch],
     loss: SupervisedLoss,
     index: torch.Tensor,
-) -> torch.Tensor | None:
-    """:math:`\\sum_i J_i^T H_i J_i` restricted to ``index`` (``[q, q]``, summed over the
-    examples of ``batches``, not averaged, no weight decay), or ``None`` where the model is not
-    a stack of ``nn.Linear`` layers called once each on ``[b, in]`` inputs with ``[b, K]``
-    outputs.
+) -> tuple[torch.Tensor, int] | None:
+    """``(total, count)``: :math:`\\sum_i J_i^T H_i J_i` restricted to ``index`` (``[q, q]``,
+    summed over the ``count`` examples of ``batches``, one chunk at a time; not averaged, no
+    weight decay), or ``None`` where the model is not a stack of ``nn.Linear`` layers called
+    once each on ``[b, in]`` inputs with ``[b, K]`` outputs.
 
     ``index`` holds flat parameter indices; only the parameters it touches are formed.
     """
@@ -69,11 +71,13 @@ def linear_ggn(
         local[name] = width
         width += ranges[name][1]
     total = torch.zeros(width, width, dtype=wrapper.dtype, device=wrapper.device)
+    count = 0
     for batch in batches:
         factors = _factors(wrapper, batch, loss)
         if factors is None:
             return None
         inputs, jacobians, h_out = factors
+        count += batch_size(batch)
         cores: dict[tuple[str, str], torch.Tensor] = {}  # C_i of a layer pair, for every kind
         for i, n1 in enumerate(names):
             first, kind_1 = linear.owner[n1]
@@ -95,7 +99,7 @@ def linear_ggn(
         begin, size = ranges[name]
         position[begin : begin + size] = torch.arange(local[name], local[name] + size)
     rows = position[index.cpu()].to(total.device)
-    return total[rows][:, rows]
+    return total[rows][:, rows], count
 
 
 def _factors(
@@ -114,7 +118,7 @@ def _factors(
         if recorded is None:
             return None
         outputs, inputs, layer_outputs = recorded
-        if outputs.dim() != 2 or outputs.shape[0] != b or outputs.shape[1] > _MAX_OUTPUTS:
+        if outputs.dim() != 2 or outputs.shape[0] != b or outputs.shape[1] > MAX_JACOBIAN_OUTPUTS:
             return None
         order = list(layer_outputs)
         per_output = [

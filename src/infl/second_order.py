@@ -22,9 +22,9 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
+from infl.data import Batch, IndexedData, tree_map_tensors
 from infl.errors import InflWarning, ModelStateError, NonFiniteError
-from infl.linear_ggn import linear_ggn
+from infl.linear_ggn import MAX_JACOBIAN_OUTPUTS, linear_ggn
 from infl.losses import SupervisedLoss
 from infl.objective import output_hessian_loss
 
@@ -324,7 +324,7 @@ def dense_ggn(
 
         with torch.no_grad(), functional_evaluation():
             outputs = wrapper.functional_model(wrapper.params)(inputs)
-        if not isinstance(outputs, torch.Tensor) or outputs[0].numel() > 256:
+        if not isinstance(outputs, torch.Tensor) or outputs[0].numel() > MAX_JACOBIAN_OUTPUTS:
             return None
         b, k = outputs.shape[0], outputs[0].numel()
         with functional_evaluation():
@@ -379,12 +379,11 @@ def _linear_dense_ggn(
         return None
     full = torch.arange(wrapper.num_params) if index is None else index.cpu()
     chunks = data.chunks(chunk_size) if isinstance(data, IndexedData) else [(0, data)]
-    batches = [wrapper.prepare(raw) for _, raw in chunks]
-    count = sum(batch_size(b) for b in batches)
     with functional_evaluation():
-        total = linear_ggn(wrapper, batches, loss, full)
-    if total is None or count == 0:
+        summed = linear_ggn(wrapper, (wrapper.prepare(raw) for _, raw in chunks), loss, full)
+    if summed is None or summed[1] == 0:
         return None
+    total, count = summed
     dense = _finish_ggn(wrapper, total / count, index)
     gen = torch.Generator().manual_seed(0)
     probe = torch.zeros(1, wrapper.num_params, dtype=wrapper.dtype)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from infl import IndexedData, Objective
-from infl.errors import InflWarning
+from infl.errors import InflWarning, NonFiniteError
 from infl.retrain import RetrainConfig, retrain_ground_truth, single
 from infl.retrain.batched import BatchedSGD
+from infl.retrain.grouped import CHECK_EVERY
 from infl.retrain.stacked_linear import StackedSequential
 
 
@@ -352,3 +353,46 @@ def test_a_model_at_an_exact_minimum_still_takes_the_batched_path(monkeypatch):
     assert calls == []
     torch.testing.assert_close(batched.raw_change, alone.raw_change, atol=1e-12, rtol=1e-10)
     assert float(alone.param_change_norm.min()) > 1e-4  # the output bias moved
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_gradient_only_and_in_place_steps_keep_every_bit(case):
+    """``gradient_only`` is ``gradient``'s first output, and the in-place update gives the
+    bits of the out-of-place heavy ball (b = mu b + g, theta = theta - lr b), step by step,
+    full-batch and minibatch, without overwriting the caller's gradient."""
+    _, model, loss, data, _ = case
+    model = model.double()
+    lr, mu = 0.1, 0.9
+    engine = BatchedSGD(model, loss, 0.01, IndexedData(data), lr=lr, momentum=mu, chunk_size=12)
+    weights = _removal_weights(5, len(data[0]))
+    engine.begin(weights)
+    engine.gradient()  # the first evaluation verifies the stacked path against vmap
+    engine.begin(weights)
+    theta, buf = engine.theta.clone(), None
+    for step in range(6):
+        batch = torch.tensor([0, 4, 9, 17]) if step == 3 else None
+        g, _, _ = engine.gradient(batch)
+        only = engine.gradient_only(batch)
+        assert torch.equal(only, g)
+        engine.step(only)
+        assert torch.equal(only, g)  # not the buffer, not modified
+        buf = g if buf is None else mu * buf + g
+        theta = theta - lr * buf
+        assert torch.equal(engine.theta, theta)
+    assert float((engine.theta - engine.start).norm(dim=1).min()) > 1e-3  # the runs moved
+
+
+def test_a_diverging_fixed_length_group_is_stopped_at_a_check(mlp_problem, monkeypatch):
+    """Fixed step counts check the objective every CHECK_EVERY steps (and after the last):
+    a run that blows up is still a NonFiniteError, naming the step of the check."""
+    model, objective, (X, y), test = mlp_problem
+    calls = _count_sequential(monkeypatch)
+    cfg = RetrainConfig(optimizer="sgd", lr=1e5, max_steps=300, grad_tol=None)
+    with pytest.raises(NonFiniteError, match="non-finite") as info:
+        retrain_ground_truth(
+            model, objective, (X, y), test, [0, 1, 2], config=cfg, parallel_runs=4,
+            progress=False,
+        )  # fmt: skip
+    assert calls == []  # the batched engine ran the group
+    step = int(str(info.value).split("stopped at step ")[1].split(":")[0])
+    assert step in {*range(CHECK_EVERY, cfg.max_steps, CHECK_EVERY), cfg.max_steps}

@@ -379,7 +379,7 @@ def influence_fading(
         runs.begin(weights)
         h = 0
         for step in range(1, total + 1):
-            runs.step(runs.gradient(schedule[step - 1])[0])
+            runs.step(runs.gradient_only(schedule[step - 1]))
             bar.update(1)
             if step % 256 == 0 and step != hs[h] and not torch.isfinite(runs.theta).all():
                 raise NonFiniteError(

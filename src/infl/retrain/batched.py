@@ -167,13 +167,20 @@ class BatchedSGD:
         return (w * losses).sum()
 
     def _evaluate(
-        self, theta: torch.Tensor, w: torch.Tensor, batch: Any, start: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        theta: torch.Tensor,
+        w: torch.Tensor,
+        batch: Any,
+        start: int | None,
+        with_value: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every run's weighted loss gradient ``[R, p]`` and value ``[R]`` on ``batch``.
 
         By :class:`~infl.retrain.stacked_linear.StackedSequential` once it has been verified
         (:meth:`_verify`), else by ``vmap``. ``start`` keys the cache of full-batch chunks
-        prepared for the stacked path (``None``: a minibatch, prepared afresh).
+        prepared for the stacked path (``None``: a minibatch, prepared afresh). Without
+        ``with_value`` the stacked path may skip the value (returned as ``None``); the
+        gradient is the same either way.
         """
         stacked = self._stacked
         if stacked is None:
@@ -186,7 +193,7 @@ class BatchedSGD:
             if start is not None:
                 self._prepared[start] = prepared
         if self._stacked_verified:
-            return stacked(self.loss, theta, w, prepared)
+            return stacked(self.loss, theta, w, prepared, with_value=with_value)
         g, v = self._grad(theta, w, batch)
         self._stacked_verified = self._verify(theta, w, batch, prepared)
         if not self._stacked_verified:
@@ -214,6 +221,8 @@ class BatchedSGD:
             try:
                 got_g, got_v = stacked(self.loss, probe, w, candidate)
             except Exception:  # a loss or layer the stacked path does not support
+                return False
+            if got_v is None:  # with_value=True always returns the value
                 return False
             for got, ref in ((got_g, ref_g), (got_v, ref_v.detach())):
                 if got.shape != ref.shape or not bool(torch.isfinite(ref).all()):
@@ -260,36 +269,64 @@ class BatchedSGD:
         tuple of Tensor
             Gradients ``[R, p]``, objective values ``[R]`` and gradient norms ``[R]``.
         """
+        grad, value = self._objective(index, with_value=True)
+        assert value is not None
+        return grad, value, torch.linalg.vector_norm(grad, dim=1)
+
+    def gradient_only(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Every run's :math:`\\nabla J_r^B` ``[R, p]``, equal to :meth:`gradient`'s first
+        output bit for bit, without the objective values and norms (on the stacked path the
+        value's logarithms and sums are skipped: a few fewer passes per step)."""
+        return self._objective(index, with_value=False)[0]
+
+    def _objective(
+        self, index: torch.Tensor | None, *, with_value: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         theta = self.theta
         if index is None:
             count = len(self.train)
             chunks = iter(self._prepared_chunks())
             start, size, batch = next(chunks)  # n >= 1: at least one chunk
-            grad, value = self._evaluate(theta, self.weights[:, start : start + size], batch, start)
+            grad, value = self._evaluate(
+                theta, self.weights[:, start : start + size], batch, start, with_value
+            )
             for start, size, batch in chunks:
-                g, v = self._evaluate(theta, self.weights[:, start : start + size], batch, start)
+                g, v = self._evaluate(
+                    theta, self.weights[:, start : start + size], batch, start, with_value
+                )
                 grad = grad + g
-                value = value + v
+                value = None if value is None or v is None else value + v
         else:
             count = int(index.numel())
             batch = batch_to(self.train.select(index), self.device, self.dtype)
             w = self.weights[:, index.to(self.weights.device)]
-            grad, value = self._evaluate(theta, w, batch, None)
+            grad, value = self._evaluate(theta, w, batch, None, with_value)
         grad = grad / count
-        value = value / count
+        if not with_value:
+            value = None
+        elif value is not None:
+            value = value / count
         if self.has_decay:
             decayed = self.decay * theta
             grad = grad + decayed
-            value = value + 0.5 * (decayed * theta).sum(dim=1)
-        return grad, value, torch.linalg.vector_norm(grad, dim=1)
+            if value is not None:
+                value = value + 0.5 * (decayed * theta).sum(dim=1)
+        return grad, value
 
     def step(self, grad: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """One SGD step of every run (``active[r] = False`` keeps run ``r`` where it is)."""
+        """One SGD step of every run (``active[r] = False`` keeps run ``r`` where it is).
+
+        The buffer and (without ``active``) the parameters are updated in place, by the same
+        operations as :math:`b \\leftarrow \\mu b + g`, :math:`\\theta \\leftarrow \\theta -
+        \\eta b` out of place (so to the same bits); ``grad`` itself is left as it is."""
         if self.momentum:
-            self.buf = grad if self.buf is None else self.momentum * self.buf + grad
+            if self.buf is None:
+                self.buf = grad.clone()
+            else:
+                self.buf.mul_(self.momentum).add_(grad)
             grad = self.buf
         if active is None:
-            self.theta = self.theta - self.lr * grad
+            self.theta.sub_(self.lr * grad)
         else:
             self.theta = torch.where(active[:, None], self.theta - self.lr * grad, self.theta)
 

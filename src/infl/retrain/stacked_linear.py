@@ -199,6 +199,7 @@ class StackedSequential:
         last = [k for k, layer in enumerate(self.layers) if type(layer) is not nn.Identity]
         self.head = last[-1] if last and type(self.layers[last[-1]]) is nn.Linear else None
         self.flat = not any(type(layer) is nn.Flatten for layer in self.layers)
+        self._views: tuple[torch.Tensor, list[tuple[Any, Any]]] | None = None
 
     # -- preparing a batch ------------------------------------------------------------------
     def prepare(self, loss: PerExampleFn, batch: Any, runs: int) -> StackedBatch:
@@ -239,6 +240,15 @@ class StackedSequential:
 
     # -- the pieces -------------------------------------------------------------------------
     def _weights(self, theta: torch.Tensor) -> list[tuple[Any, Any]]:
+        """Each layer's (weight, bias) of every run: views into ``theta`` ``[R, p]``, kept
+        for the next call with the same tensor (the batched engine updates it in place)."""
+        if self._views is not None and self._views[0] is theta:
+            return self._views[1]
+        weights = self._split(theta.detach())
+        self._views = (theta, weights)
+        return weights
+
+    def _split(self, theta: torch.Tensor) -> list[tuple[Any, Any]]:
         runs = theta.shape[0]
         pieces = [
             piece.reshape(runs, *shape)
@@ -347,8 +357,14 @@ class StackedSequential:
 
     # -- the evaluation ---------------------------------------------------------------------
     def __call__(
-        self, loss: PerExampleFn, theta: torch.Tensor, w: torch.Tensor, batch: StackedBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        loss: PerExampleFn,
+        theta: torch.Tensor,
+        w: torch.Tensor,
+        batch: StackedBatch,
+        *,
+        with_value: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:math:`\\nabla_{\\theta_r} V_r` ``[R, p]`` and :math:`V_r` ``[R]`` of every run.
 
         Parameters
@@ -361,6 +377,9 @@ class StackedSequential:
             ``[R, b]``, the runs' example weights :math:`w_{ri}`.
         batch
             The batch, from :meth:`prepare` with the same ``R``.
+        with_value
+            ``False``: the closed-form cross-entropy skips :math:`V_r` and returns ``None``
+            in its place (the gradient is the same, bit for bit).
         """
         if not self.applicable:
             raise InputError(
@@ -375,9 +394,10 @@ class StackedSequential:
             )
         grads: list[torch.Tensor | None] = [None] * len(self.sizes)
         with torch.no_grad():
-            weights = self._weights(theta.detach())
+            weights = self._weights(theta)
+            value: torch.Tensor | None
             if batch.inputs is not None:
-                value = self._cross_entropy(weights, w, batch, grads)
+                value = self._cross_entropy(weights, w, batch, grads, with_value)
             else:
                 value = self._generic(loss, weights, w, batch, grads)
             flat = [
@@ -394,9 +414,11 @@ class StackedSequential:
         w: torch.Tensor,
         batch: StackedBatch,
         grads: list[torch.Tensor | None],
-    ) -> torch.Tensor:
+        with_value: bool = True,
+    ) -> torch.Tensor | None:
         """The built-in cross-entropy, classes-major: :math:`\\ell = \\log\\sum_c e^{f_c} -
-        f_y`, :math:`\\delta = w\\,(\\mathrm{softmax}(f) - e_y)`."""
+        f_y`, :math:`\\delta = w\\,(\\mathrm{softmax}(f) - e_y)` (:math:`\\ell` only
+        ``with_value``)."""
         assert batch.inputs is not None
         assert batch.targets is not None
         assert batch.onehot is not None
@@ -416,8 +438,10 @@ class StackedSequential:
         top = f.amax(dim=1, keepdim=True)
         e = (f - top).exp()
         total = e.sum(dim=1, keepdim=True)
-        losses = (total.log() + top - f.gather(1, batch.targets)).squeeze(1)  # [R, b]
-        value = (w * losses).sum(dim=1)
+        value = None
+        if with_value:
+            losses = (total.log() + top - f.gather(1, batch.targets)).squeeze(1)  # [R, b]
+            value = (w * losses).sum(dim=1)
         d = (e / total - batch.onehot) * w.unsqueeze(1)  # [R, C, b]
         self._linear_grads(self.head, d, a, grads)
         if self.head > self.first:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from infl.studies import fragility
+from infl.studies import fragility, training
 from infl.studies.mlp_gradient import MlpCrossEntropyGradient
 from infl.studies.models import mlp
 
@@ -90,3 +90,81 @@ def test_full_batch_training_stays_torch_sgd_bit_for_bit(data, model):
         opt.step()
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_loss_seed_follows_new_and_modified_targets(data):
+    """The constant nll_loss_backward is recomputed for other targets, and for the same
+    tensor changed in place: every call still equals autograd bit for bit."""
+    x, y = data
+    model = mlp(4, 3, 6, 2, "relu", seed=1).double()
+    params = list(model.parameters())
+    fast = MlpCrossEntropyGradient(model, params)
+    targets = y.clone()
+    for change in ("first", "same", "other tensor", "in place", "fewer examples"):
+        if change == "other tensor":
+            targets = (targets + 1) % 3
+        elif change == "in place":
+            targets[:10] = (targets[:10] + 1) % 3
+        inputs = x
+        if change == "fewer examples":
+            inputs, targets = x[:20], targets[:20]
+        reference = torch.autograd.grad(nn.functional.cross_entropy(model(inputs), targets), params)
+        for a, b in zip(fast(inputs, targets), reference, strict=True):
+            assert torch.equal(a, b), change
+
+
+def _sgd_reference(model, x, y, steps, weight_decay, momentum, lr=0.05):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat-update", "per-tensor-update"])
+@pytest.mark.parametrize(("weight_decay", "momentum"), [(1e-3, 0.9), (0.0, 0.9), (1e-3, 0.0)])
+def test_both_update_forms_are_torch_sgd_bit_for_bit(data, monkeypatch, flat, weight_decay,
+                                                     momentum):  # fmt: skip
+    """The flat update (parameters as views of one buffer, one call per operation) and the
+    per-tensor one (used when the first step's comparison fails) each give torch.optim.SGD's
+    parameters bit for bit; the flat one is really taken on this build, and afterwards every
+    parameter has its own storage again."""
+    x, y = data
+    used = []
+    step = training._HeavyBall.step
+
+    def spy(self, grads):
+        used.append(self.use_flat)
+        return step(self, grads)
+
+    monkeypatch.setattr(training._HeavyBall, "step", spy)
+    if not flat:
+        monkeypatch.setattr(training._HeavyBall, "flat_matches", lambda self, grads: False)
+    ours = mlp(4, 3, 5, 3, "tanh", seed=4).double()
+    reference = mlp(4, 3, 5, 3, "tanh", seed=4).double()
+    training.train_full_batch(ours, (x, y), weight_decay, 30, 0.05, momentum)
+    _sgd_reference(reference, x, y, 30, weight_decay, momentum)
+    assert used == [flat] * 30
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    storages = {p.untyped_storage().data_ptr() for p in ours.parameters()}
+    assert len(storages) == len(list(ours.parameters()))
+
+
+def test_the_flat_update_is_refused_when_a_first_step_differs(data):
+    """flat_matches compares the two forms of a step bit for bit: a gradient list whose
+    flat buffer was tampered with (one ulp) is refused."""
+    x, y = data
+    model = mlp(4, 3, 5, 1, "relu", seed=0).double()
+    params = list(model.parameters())
+    flat = training._share_one_buffer(params)
+    assert flat is not None
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
+    grads = list(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params))
+    sgd = training._HeavyBall(params, flat, 1e-3, 0.05, 0.9)
+    assert sgd.flat_matches(grads)
+    untouched = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        flat[0] = torch.nextafter(flat[0], torch.tensor(2.0, dtype=flat.dtype))
+    shadow = training._HeavyBall(untouched, flat, 1e-3, 0.05, 0.9)
+    assert not shadow.flat_matches(grads)

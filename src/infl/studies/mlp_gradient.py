@@ -12,12 +12,12 @@ for an ``nn.Sequential`` of ``nn.Linear`` layers (with bias) separated by ``nn.R
 ``nn.Tanh``, by calling the kernels autograd itself calls for these layers, in the same order
 and on tensors of the same layout:
 
-* forward: ``addmm(c, a, W^T)`` per layer, ``relu``/``tanh``, ``_log_softmax``,
-  ``nll_loss_forward`` (mean, ``ignore_index=-100``);
-* backward from :math:`1`: ``nll_loss_backward``, ``_log_softmax_backward_data``, then per
-  layer :math:`\\nabla_c = \\sum_i \\delta_i` (``sum`` over the batch), :math:`\\nabla_W =
-  \\delta^T a` (``mm``), :math:`\\delta \\leftarrow \\delta W` (``mm``) and
-  ``threshold_backward`` / ``tanh_backward``.
+* forward: ``addmm(c, a, W^T)`` per layer, ``relu``/``tanh``, ``_log_softmax``;
+* backward from :math:`1`: ``nll_loss_backward`` (mean, ``ignore_index=-100``; it does not
+  depend on the log-probabilities, so it is computed once for the full batch's targets),
+  ``_log_softmax_backward_data``, then per layer :math:`\\nabla_c = \\sum_i \\delta_i`
+  (``sum`` over the batch), :math:`\\nabla_W = \\delta^T a` (``mm``), :math:`\\delta
+  \\leftarrow \\delta W` (``mm``) and ``threshold_backward`` / ``tanh_backward``.
 
 So the result equals ``torch.autograd.grad`` bit for bit; :meth:`MlpCrossEntropyGradient.check`
 verifies that on the first step (a torch version that computes any of these differently fails
@@ -50,7 +50,9 @@ class MlpCrossEntropyGradient:
         ``nn.Linear``.
     params
         The parameters to differentiate, which must be every parameter of ``model`` in
-        ``parameters()`` order (weight, bias per layer).
+        ``parameters()`` order (weight, bias per layer). They are held, not looked up on each
+        call: updating them in place is seen, replacing a layer's parameter objects is not
+        (build a new instance then).
 
     Attributes
     ----------
@@ -61,6 +63,16 @@ class MlpCrossEntropyGradient:
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]) -> None:
         self.layers = list(model) if type(model) is nn.Sequential else []
         self.applicable = self._qualifies(model, params)
+        self._seed: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # per nn.Linear: W, W^T (a view, so it follows in-place updates of W), c, and the
+        # activation after it (True: ReLU, False: Tanh, None: the output layer)
+        self._plan: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool | None]] = []
+        if self.applicable:
+            for j in range(0, len(params), 2):
+                after = self.layers[j + 1] if j + 1 < len(self.layers) else None
+                relu = None if after is None else type(after) is nn.ReLU
+                weight = params[j]
+                self._plan.append((weight, weight.t(), params[j + 1], relu))
 
     def _qualifies(self, model: nn.Module, params: Sequence[torch.Tensor]) -> bool:
         layers = self.layers
@@ -79,34 +91,52 @@ class MlpCrossEntropyGradient:
         """The gradient, one tensor per parameter (``x``: ``[n, in]`` inputs, ``y``: ``[n]``
         class indices)."""
         with torch.no_grad():
-            h = x
-            saved: list[torch.Tensor] = []  # Linear: its input; activation: its output
-            for layer in self.layers:
-                if type(layer) is nn.Linear:
-                    saved.append(h)
-                    h = torch.addmm(layer.bias, h, layer.weight.t())
+            return self.without_grad_mode(x, y)
+
+    def without_grad_mode(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`__call__` for a caller already under ``torch.no_grad()`` (a training loop
+        enters it once instead of once per step)."""
+        h = x
+        inputs: list[torch.Tensor] = []  # of each nn.Linear
+        outputs: list[torch.Tensor] = []  # of each activation
+        for _, weight_t, bias, relu in self._plan:
+            inputs.append(h)
+            h = torch.addmm(bias, h, weight_t)
+            if relu is not None:
+                h = torch.relu(h) if relu else torch.tanh(h)
+                outputs.append(h)
+        logp = torch._log_softmax(h, 1, False)
+        d = _aten._log_softmax_backward_data(self._loss_seed(logp, y), logp, 1, logp.dtype)
+        grads: list[torch.Tensor] = []
+        for j in range(len(self._plan) - 1, -1, -1):
+            weight, _, _, relu = self._plan[j]
+            if relu is not None:
+                if relu:
+                    d = _aten.threshold_backward(d, outputs[j], 0)
                 else:
-                    h = torch.relu(h) if type(layer) is nn.ReLU else torch.tanh(h)
-                    saved.append(h)
-            logp = torch._log_softmax(h, 1, False)
-            loss, total = _aten.nll_loss_forward(logp, y, None, _MEAN, _IGNORE_INDEX)
-            d = _aten.nll_loss_backward(
-                torch.ones_like(loss), logp, y, None, _MEAN, _IGNORE_INDEX, total
-            )
-            d = _aten._log_softmax_backward_data(d, logp, 1, logp.dtype)
-            grads: list[torch.Tensor] = []
-            for k in range(len(self.layers) - 1, -1, -1):
-                layer = self.layers[k]
-                if type(layer) is nn.Linear:
-                    grads.append(d.sum([0], keepdim=True).view(-1))  # bias (autograd's sum_to)
-                    grads.append(d.t().mm(saved[k]))  # weight
-                    if k > 0:
-                        d = d.mm(layer.weight)
-                elif type(layer) is nn.ReLU:
-                    d = _aten.threshold_backward(d, saved[k], 0)
-                else:
-                    d = _aten.tanh_backward(d, saved[k])
-            return grads[::-1]
+                    d = _aten.tanh_backward(d, outputs[j])
+            grads.append(d.sum([0], keepdim=True).view(-1))  # bias (autograd's sum_to)
+            grads.append(d.t().mm(inputs[j]))  # weight
+            if j > 0:
+                d = d.mm(weight)
+        return grads[::-1]
+
+    def _loss_seed(self, logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``nll_loss_backward`` from 1: :math:`-1/n` at each example's class, 0 elsewhere.
+
+        It depends on the targets and the shape only, not on the log-probabilities, so it is
+        computed once per ``y`` (the study's full batch) and reused on every step."""
+        if self._seed is not None:
+            seed, targets, version = self._seed
+            same = targets is y and version == y._version  # and not modified in place
+            if same and seed.shape == logp.shape and seed.dtype == logp.dtype:
+                return seed
+        loss, total = _aten.nll_loss_forward(logp, y, None, _MEAN, _IGNORE_INDEX)
+        seed = _aten.nll_loss_backward(
+            torch.ones_like(loss), logp, y, None, _MEAN, _IGNORE_INDEX, total
+        )
+        self._seed = (seed, y, y._version)
+        return seed
 
     def check(self, x: torch.Tensor, y: torch.Tensor, reference: Sequence[torch.Tensor]) -> bool:
         """Whether :meth:`__call__` gives ``reference`` (autograd's gradient) bit for bit."""

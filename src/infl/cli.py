@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rerun the fragility study (Iris exact-Hessian MLPs and a small CNN) and "
         "write CSV/JSON results, PNG figures and a markdown report beside the paper's numbers. "
         "Presets: quick (~5 min on 2 CPU cores), full (~10 h on 2 cores with --workers 2; use "
-        "--parts to run Iris (~35 min) and the CNN separately).",
+        "--parts to run Iris (~28 min) and the CNN separately).",
     )
     preset = frag.add_mutually_exclusive_group()
     preset.add_argument(

@@ -172,11 +172,11 @@ PRESETS: dict[str, FragilityPreset] = {
     "full": FragilityPreset(
         name="full",
         seeds=(0, 1, 2, 3, 4),
-        # Iris part measured at 33 min with --workers 2 (2026-12-02); the CNN part estimated
+        # Iris part measured at 26.8 min with --workers 2 (2026-12-02); the CNN part estimated
         # from measured per-step costs (600 retrains x 300 full-batch steps per cell, ~12 ms
         # a step)
-        expected_minutes=575.0,
-        expected_iris_minutes=35.0,
+        expected_minutes=568.0,
+        expected_iris_minutes=28.0,
         iris_train_steps=60_000,
         iris_retrain_steps=7_500,
     ),

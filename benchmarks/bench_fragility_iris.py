@@ -13,8 +13,9 @@ one thread), after a warm-up, and scales them to the preset's step counts:
   fixed steps from a model trained 3,000 steps (per step it does not depend on the minimum).
 
 It prints one row per configuration and the estimated seconds of one seed. To compare two
-versions of infl, run it with each on ``PYTHONPATH`` back to back on an idle machine (the
-script imports whichever ``infl`` comes first), e.g.::
+versions of infl (from the one that added ``fragility.iris_retrain_config`` on), run it with
+each on ``PYTHONPATH`` back to back on an idle machine (the script imports whichever ``infl``
+comes first), e.g.::
 
     PYTHONPATH=/path/to/old/src python benchmarks/bench_fragility_iris.py
     python benchmarks/bench_fragility_iris.py
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from infl import Objective, RetrainConfig
+from infl import Objective
 from infl.retrain import retrain_ground_truth
 from infl.studies import fragility
 from infl.studies.datasets import load_iris
@@ -63,14 +64,7 @@ def main() -> None:
         fragility.train_full_batch(model, split.train, cell.weight_decay, steps, 0.05, 0.9)
         train = (time.perf_counter() - clock) / steps
         objective = Objective("cross_entropy", weight_decay=cell.weight_decay)
-        config = RetrainConfig(
-            init="warm",
-            optimizer="sgd",
-            max_steps=args.retrain_steps,
-            lr=preset.iris_lr,
-            momentum=preset.iris_momentum,
-            grad_tol=None,
-        )
+        config = fragility.iris_retrain_config(preset, args.retrain_steps)
 
         def retrain(model=model, objective=objective, config=config) -> None:
             retrain_ground_truth(

@@ -254,6 +254,19 @@ initialisation is redrawn (seed + 1000, + 2000); cells record ``init_attempts``,
 still ends at chance is reported as collapsed."""
 
 
+def iris_retrain_config(preset: FragilityPreset, max_steps: int | None = None) -> RetrainConfig:
+    """The Iris cells' retrain: warm start, ``max_steps`` (default the preset's) full-batch SGD
+    steps with the training's learning rate and momentum, no early stop."""
+    return RetrainConfig(
+        init="warm",
+        optimizer="sgd",
+        max_steps=preset.iris_retrain_steps if max_steps is None else max_steps,
+        lr=preset.iris_lr,
+        momentum=preset.iris_momentum,
+        grad_tol=None,
+    )
+
+
 def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
     """Train one Iris MLP and measure how well influence predicts leave-one-out retraining.
 
@@ -303,14 +316,7 @@ def run_iris_cell(cell: IrisCell, preset: FragilityPreset) -> dict[str, Any]:
         split.train,
         test,
         removals=[int(i) for i in chosen],
-        config=RetrainConfig(
-            init="warm",
-            optimizer="sgd",
-            max_steps=preset.iris_retrain_steps,
-            lr=preset.iris_lr,
-            momentum=preset.iris_momentum,
-            grad_tol=None,
-        ),
+        config=iris_retrain_config(preset),
         parallel_runs=32,  # vmapped side by side: ~4x faster on tiny MLPs, and deterministic
         progress=False,
     )

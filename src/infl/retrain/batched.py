@@ -302,10 +302,7 @@ class BatchedSGD:
             w = self.weights[:, index.to(self.weights.device)]
             grad, value = self._evaluate(theta, w, batch, None, with_value)
         grad = grad / count
-        if not with_value:
-            value = None
-        elif value is not None:
-            value = value / count
+        value = value / count if with_value and value is not None else None
         if self.has_decay:
             decayed = self.decay * theta
             grad = grad + decayed

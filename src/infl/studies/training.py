@@ -45,22 +45,24 @@ def train_full_batch(
     flat = _share_one_buffer(params)
     fast: MlpCrossEntropyGradient | None = MlpCrossEntropyGradient(model, params)
     sgd = _HeavyBall(params, flat, weight_decay, lr, momentum)
-    with torch.no_grad():  # once, not per step; autograd's steps enable it for themselves
-        for i in range(steps):
-            if fast is not None and i > 0:
-                grads = fast.without_grad_mode(x, y)
-            else:
-                with torch.enable_grad():
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    grads = list(torch.autograd.grad(loss, params))
-                if fast is not None and not fast.check(x, y, grads):
-                    fast = None  # keep autograd
-                if i == 0:
-                    sgd.use_flat = sgd.flat_matches(grads)
-            sgd.step(grads)
-    if flat is not None:
-        for param in params:  # each its own storage again, as before training
-            param.data = param.data.clone()
+    try:
+        with torch.no_grad():  # once, not per step; autograd's steps enable it for themselves
+            for i in range(steps):
+                if fast is not None and i > 0:
+                    grads = fast.without_grad_mode(x, y)
+                else:
+                    with torch.enable_grad():
+                        loss = nn.functional.cross_entropy(model(x), y)
+                        grads = list(torch.autograd.grad(loss, params))
+                    if fast is not None and not fast.check(x, y, grads):
+                        fast = None  # keep autograd
+                    if i == 0:
+                        sgd.use_flat = sgd.flat_matches(grads)
+                sgd.step(grads)
+    finally:
+        if flat is not None:
+            for param in params:  # each its own storage again, as before training
+                param.data = param.data.clone()
     return _objective_grad_norm(model, data, weight_decay)
 
 

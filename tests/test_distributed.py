@@ -384,6 +384,14 @@ def test_minibatches_replay_the_draws_of_one_process() -> None:
             assert per_rank[0][step].weight + per_rank[1][step].weight == pytest.approx(1.0)
 
 
+def test_partitioned_minibatches_are_refused_across_processes() -> None:
+    from infl import InputError
+
+    _, parts = _shard_operators(__import__("infl").HessianOperator)
+    with pytest.raises(InputError, match="in one process.*sampling='independent'"):
+        parts[0].partition(5, torch.Generator())
+
+
 def test_the_cli_runs_on_rank_0_only(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -193,6 +193,12 @@ class MixedPrecisionOperator(LinearOperator):
         stream as its ``subsample_many``), each with products in ``product_dtype``."""
         return self._minibatches(lambda op: op.subsample_many(batch_size, count, generator))
 
+    def partition(self, batch_size: int, generator: torch.Generator) -> list[LinearOperator]:
+        """The blocks of the full-precision operator's own ``partition`` (the same examples
+        and weights, drawn from ``generator``), each with products in ``product_dtype``; the
+        float32 blocks keep their gradient graphs as the full-precision ones would."""
+        return self._minibatches(lambda op: op.partition(batch_size, generator))
+
     def _minibatches(
         self, draw: Callable[[LinearOperator], Sequence[LinearOperator]]
     ) -> list[LinearOperator]:
@@ -204,7 +210,7 @@ class MixedPrecisionOperator(LinearOperator):
             and isinstance(low.data, IndexedData)
         ):
             raise InputError(
-                "subsampling needs the training data as an IndexedData (not a single batch) "
+                "minibatches need the training data as an IndexedData (not a single batch) "
                 "behind a HessianOperator or GaussNewtonOperator; use LiSSA(batch_size=None)"
             )
         # the full-precision operator's class draws the indices (whatever its rule), on
@@ -214,10 +220,12 @@ class MixedPrecisionOperator(LinearOperator):
         for sub in draw(proxy):
             assert isinstance(sub, TrainingDataOperator)
             idx = torch.as_tensor(sub.data)
-            twin = type(low)(low.wrapper, low.data.select(idx), low.chunk_size, dense=False)
+            twin = low.on_examples(
+                idx, dense=False, mean_over=sub.mean_over, graph_budget=sub.graph_budget
+            )
             out.append(
                 MixedPrecisionOperator(
-                    _minibatch_builder(full, idx),
+                    _minibatch_builder(full, idx, sub.mean_over),
                     twin,
                     size=self.size,
                     dtype=self.dtype,
@@ -228,11 +236,10 @@ class MixedPrecisionOperator(LinearOperator):
 
 
 def _minibatch_builder(
-    full: TrainingDataOperator, idx: torch.Tensor
+    full: TrainingDataOperator, idx: torch.Tensor, mean_over: float | None
 ) -> Callable[[], LinearOperator]:
     def build() -> LinearOperator:
-        assert isinstance(full.data, IndexedData)
-        return type(full)(full.wrapper, full.data.select(idx), full.chunk_size, dense=full.dense)
+        return full.on_examples(idx, dense=full.dense, mean_over=mean_over)
 
     return build
 

@@ -408,6 +408,7 @@ class ModelWrapper:
         vectors: torch.Tensor,
         chunk_size: int,
         graphs: GradientGraphs | None = None,
+        mean_over: float | None = None,
     ) -> torch.Tensor:
         """Hessian-vector products :math:`H V^T` with :math:`H = \\nabla^2 J`: ``[k, p]``.
 
@@ -438,6 +439,10 @@ class ModelWrapper:
             Reverse-over-reverse only: keep each chunk's gradient graph here and reuse it in
             later calls with the same ``data`` and ``chunk_size`` (:class:`GradientGraphs`;
             what a fixed operator passes). ``None``: build every graph afresh.
+        mean_over
+            Divide the summed per-example terms by this instead of the number of examples in
+            ``data`` (a block of a partition of ``N`` examples into ``B`` blocks divides by
+            ``N / B``, so that the blocks' mean is the full-data operator).
         """
         self._check_vectors(vectors, "HVP")
         if graphs is not None:
@@ -452,7 +457,7 @@ class ModelWrapper:
             return self._hvp_forward_over_reverse()(vectors, self.flat_params, batch)
 
         return self._curvature_products(
-            data, vectors, chunk_size, one_chunk, "a Hessian-vector product"
+            data, vectors, chunk_size, one_chunk, "a Hessian-vector product", mean_over
         )
 
     def _loss_sum(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -471,7 +476,11 @@ class ModelWrapper:
         return hvp_forward_over_reverse(self)
 
     def ggn_vp(
-        self, data: IndexedData | Batch, vectors: torch.Tensor, chunk_size: int
+        self,
+        data: IndexedData | Batch,
+        vectors: torch.Tensor,
+        chunk_size: int,
+        mean_over: float | None = None,
     ) -> torch.Tensor:
         """Generalised Gauss-Newton products :math:`G V^T`: ``[k, p]``.
 
@@ -497,6 +506,9 @@ class ModelWrapper:
         chunk_size
             Examples per chunk: peak memory grows with ``chunk_size * k`` (activations and
             their tangents).
+        mean_over
+            Divide the summed per-example terms by this instead of the number of examples
+            (as in :meth:`hvp`).
 
         Raises
         ------
@@ -527,7 +539,7 @@ class ModelWrapper:
             return self._ggn_chunk(batch, vectors, forward_mode=False)
 
         return self._curvature_products(
-            data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product"
+            data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product", mean_over
         )
 
     def ggn_matrix(
@@ -674,8 +686,10 @@ class ModelWrapper:
         chunk_size: int,
         one_chunk: Callable[[Batch], torch.Tensor],
         what: str,
+        mean_over: float | None = None,
     ) -> torch.Tensor:
-        """Mean over the examples of ``one_chunk``'s summed products, plus weight decay."""
+        """Mean over the examples of ``one_chunk``'s summed products (the sum divided by
+        ``mean_over`` when given), plus weight decay."""
         if isinstance(data, IndexedData):
             out = torch.zeros_like(vectors)
             for _, batch in data.chunks(chunk_size):
@@ -685,7 +699,7 @@ class ModelWrapper:
             batch = self.prepare(data)
             n = batch_size(batch)
             out = second_order_call(self, one_chunk, batch, what)
-        out = out / n
+        out = out / (n if mean_over is None else mean_over)
         if self.has_decay:
             out = out + self.decay * vectors
         if not all_finite(out):

@@ -17,6 +17,7 @@ every later product from it (``dense="auto"``, :class:`TrainingDataOperator`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Literal, TypeVar
 
 import torch
@@ -26,7 +27,7 @@ from infl.data import Batch, IndexedData
 from infl.errors import InputError
 from infl.model import ModelWrapper
 from infl.objective import output_hessian_loss
-from infl.second_order import GradientGraphs
+from infl.second_order import GRAPH_BUDGET_BYTES, GradientGraphs
 from infl.structured_hessian import DenseAssembly, assemble_hessian
 
 _T = TypeVar("_T", bound="TrainingDataOperator")
@@ -162,6 +163,19 @@ class LinearOperator(ABC):
         """
         return [self.subsample(batch_size, generator) for _ in range(count)]
 
+    def partition(self, batch_size: int, generator: torch.Generator) -> Sequence[LinearOperator]:
+        """This operator as the mean of operators on the blocks of a random partition of the
+        training examples (see :meth:`TrainingDataOperator.partition`); ``LiSSA(sampling=
+        "partition")`` cycles them. Operators over training data implement it; the others
+        refuse.
+        """
+        raise InputError(
+            f"{type(self).__name__} cannot be partitioned into minibatch blocks: "
+            "LiSSA(sampling='partition') needs a curvature operator over training data "
+            "(HessianOperator or GaussNewtonOperator, in one process); use "
+            "sampling='independent'"
+        )
+
 
 class DenseOperator(LinearOperator):
     """A dense symmetric matrix as an operator (tests, small models, planted spectra)."""
@@ -220,6 +234,11 @@ class DampedOperator(LinearOperator):
         subs = self.base.subsample_many(batch_size, count, generator)
         return [sub.damped(self.damping) for sub in subs]
 
+    def partition(self, batch_size: int, generator: torch.Generator) -> list[LinearOperator]:
+        """The damped blocks: ``base.partition(...)``, each ``+ damping * I`` (their mean is
+        this operator)."""
+        return [block.damped(self.damping) for block in self.base.partition(batch_size, generator)]
+
 
 class TrainingDataOperator(LinearOperator):
     """A curvature operator streamed over training data: the mean of per-example terms.
@@ -266,6 +285,11 @@ class TrainingDataOperator(LinearOperator):
         self.chunk_size = chunk_size
         self.dense: bool | Literal["auto"] = dense
         self._dense: torch.Tensor | None = None
+        self.mean_over: float | None = None
+        """The divisor of the summed per-example terms (``None``: the number of examples)."""
+        self.graph_budget: int | None = None
+        """Bytes of gradient graphs kept for repeated products on a batch (``None``: only an
+        operator on an :class:`IndexedData` keeps them, up to the default budget)."""
 
     def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix (:meth:`LinearOperator.to_dense`), assembled once and kept.
@@ -332,7 +356,69 @@ class TrainingDataOperator(LinearOperator):
         n = len(self.data)
         size = min(batch_size, n)
         idx = torch.randperm(n, generator=generator)[:size].sort().values
-        return type(self)(self.wrapper, self.data.select(idx), self.chunk_size, dense=self.dense)
+        return self.on_examples(idx, dense=self.dense)
+
+    def partition(self: _T, batch_size: int, generator: torch.Generator) -> list[_T]:
+        """This operator as the mean of :math:`B = \\lceil n / b \\rceil` operators on disjoint
+        blocks of the training examples (``b`` = ``batch_size``).
+
+        The ``n`` examples are permuted with ``generator`` and cut into ``B`` blocks of
+        :math:`\\lfloor n/B \\rfloor` or :math:`\\lceil n/B \\rceil` (at most ``b``) examples.
+        Block :math:`j` sums its examples' terms and divides by :math:`n/B` (not by its own
+        size), plus the weight decay, so that
+
+        .. math:: \\frac1B \\sum_{j=1}^B A_j = A
+
+        exactly, whether or not ``B`` divides ``n``: a recursion that visits every block once
+        per epoch averages to the full-data operator. Each block is a fixed operator, so a
+        Hessian block keeps its gradient graph from its second product on
+        (:class:`~infl.second_order.GradientGraphs`, a budget of
+        :data:`~infl.second_order.GRAPH_BUDGET_BYTES` / ``B`` each: all blocks together keep
+        at most that much) and its later products are one double-backward pass each.
+        Blocks answer products only (``dense=False``).
+        """
+        if not isinstance(self.data, IndexedData):
+            raise InputError(
+                f"partitioning {type(self).__name__} needs the training data as an "
+                "IndexedData, not a single batch; build the operator on IndexedData(train_data)"
+            )
+        n = len(self.data)
+        count = -(-n // min(batch_size, n))
+        order = torch.randperm(n, generator=generator)
+        return [
+            self.on_examples(
+                block.sort().values,
+                dense=False,
+                mean_over=n / count,
+                graph_budget=GRAPH_BUDGET_BYTES // count,
+            )
+            for block in order.tensor_split(count)
+        ]
+
+    def on_examples(
+        self: _T,
+        indices: torch.Tensor,
+        *,
+        dense: bool | Literal["auto"],
+        mean_over: float | None = None,
+        graph_budget: int | None = None,
+    ) -> _T:
+        """The same operator on the training examples ``indices`` (one batch).
+
+        ``mean_over`` replaces the number of examples as the divisor of their summed terms
+        (a block of :meth:`partition`); ``graph_budget``: bytes of gradient graphs a Hessian
+        operator on them may keep for its repeated products (``None``: none, the operator is
+        used once).
+        """
+        if not isinstance(self.data, IndexedData):
+            raise InputError(
+                f"{type(self).__name__} on a subset of examples needs the training data as an "
+                "IndexedData, not a single batch"
+            )
+        out = type(self)(self.wrapper, self.data.select(indices), self.chunk_size, dense=dense)
+        out.mean_over = mean_over
+        out.graph_budget = graph_budget
+        return out
 
 
 class HessianOperator(TrainingDataOperator):
@@ -364,9 +450,11 @@ class HessianOperator(TrainingDataOperator):
     """How :meth:`to_dense` built the matrix (``None`` before it did)."""
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        if self._graphs is None and isinstance(self.data, IndexedData):
+        if self._graphs is None and self.graph_budget is not None:
+            self._graphs = GradientGraphs(self.graph_budget)
+        elif self._graphs is None and isinstance(self.data, IndexedData):
             self._graphs = GradientGraphs()
-        return self.wrapper.hvp(self.data, vectors, self.chunk_size, self._graphs)
+        return self.wrapper.hvp(self.data, vectors, self.chunk_size, self._graphs, self.mean_over)
 
     def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` Hessian, assembled once and kept (see
@@ -378,6 +466,8 @@ class HessianOperator(TrainingDataOperator):
         CNN 774 products instead of 2,514); otherwise, or when that check fails, from ``p``
         products. Equal to round-off either way; :attr:`assembly` says which was used.
         """
+        if self._dense is None and self.mean_over is not None:  # a block: by its own products
+            self._dense = LinearOperator.to_dense(self, block_size, progress=progress)
         if self._dense is None:
             self._dense, self.assembly = assemble_hessian(self, block_size, progress=progress)
         return self._dense
@@ -432,7 +522,7 @@ class GaussNewtonOperator(TrainingDataOperator):
         super().__init__(wrapper, data, chunk_size, dense=dense)
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size)
+        return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size, self.mean_over)
 
     def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix :math:`G`, from per-example output Jacobians, kept.
@@ -445,7 +535,9 @@ class GaussNewtonOperator(TrainingDataOperator):
         :meth:`TrainingDataOperator.to_dense`; no product is counted in :attr:`num_matvecs`.
         """
         if self._dense is None:
-            dense = self.wrapper.ggn_matrix(self.data, self.chunk_size)
+            dense = None
+            if self.mean_over is None:  # a block's matrix comes from its own products
+                dense = self.wrapper.ggn_matrix(self.data, self.chunk_size)
             if dense is None:
                 dense = LinearOperator.to_dense(self, block_size, progress=progress)
             self._dense = dense

@@ -2,23 +2,24 @@
 
 :func:`run_recursion` runs one repeat of :math:`x_{t+1} = b + x_t - \\tilde A_t x_t/\\sigma`
 on ``[k, p]`` right-hand sides: windowed divergence checks (:func:`check_window`, one host
-synchronisation per window), the dense path, the control variate (snapshot anchors) and tail
-averaging. The other functions build the messages of a divergence
-(:func:`divergence_error`) or of an unconverged run (:func:`depth_text`, :func:`noise_text`)
-from the spectrum estimates (:func:`spectrum_advice`, :func:`fitted_advice`). Each takes the
+synchronisation per window), the dense path, the control variate (snapshot anchors), tail
+averaging and the epochs of ``sampling="partition"`` (:class:`EpochCycle`). The other
+functions build the messages of a divergence (:func:`divergence_error`) or of an unconverged
+run (:func:`depth_text`, :func:`noise_text`) from the spectrum estimates
+(:func:`spectrum_advice`, :func:`fitted_advice`). Each takes the
 :class:`~infl.solvers.lissa.FittedLiSSA` whose settings it reads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from infl.errors import InflError, NonFiniteError, SolverDivergedError
-from infl.operators import DenseOperator
+from infl.operators import DenseOperator, LinearOperator
 from infl.spectral import (
     SolverAdvice,
     advice_from_extremes,
@@ -145,14 +146,39 @@ def noise_text(fitted: FittedLiSSA) -> str:
     )
 
 
+class EpochCycle:
+    """The blocks of a partition, visited once per epoch each, in a fresh random order per
+    epoch (drawn from ``generator``): ``sampling="partition"``'s minibatch stream."""
+
+    def __init__(self, blocks: Sequence[LinearOperator], generator: torch.Generator) -> None:
+        self.blocks = blocks
+        self.generator = generator
+        self.order: list[int] = []  # the rest of the current epoch, next block last
+
+    def take(self, count: int) -> list[LinearOperator]:
+        """The operators of the next ``count`` steps."""
+        out = []
+        for _ in range(count):
+            if not self.order:
+                self.order = torch.randperm(len(self.blocks), generator=self.generator).tolist()
+            out.append(self.blocks[self.order.pop()])
+        return out
+
+
 def step_products(
-    fitted: FittedLiSSA, count: int, generator: torch.Generator, dense: torch.Tensor | None
+    fitted: FittedLiSSA,
+    count: int,
+    generator: torch.Generator,
+    dense: torch.Tensor | None,
+    cycle: EpochCycle | None = None,
 ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """The operator of each of the next ``count`` steps, as ``[k, p] -> [k, p]`` maps."""
     if dense is not None:
         return [dense.__rmatmul__] * count  # x @ A = (A x^T)^T: A is symmetric
     if fitted.batch_size is None:
         return [fitted.operator.matmat] * count
+    if cycle is not None:
+        return [block.matmat for block in cycle.take(count)]
     subs = fitted.operator.subsample_many(fitted.batch_size, count, generator)
     return [sub.matmat for sub in subs]
 
@@ -180,6 +206,7 @@ def run_recursion(
     anchor = anchor_product = None
     averaging = cfg.average and fitted.batch_size is not None
     tail = torch.zeros_like(b) if averaging else None  # sum of x_t over t > depth // 2
+    cycle = EpochCycle(fitted.partition_blocks(), generator) if fitted.partitioned else None
     done = 0
     while done < fitted.depth:
         width = min(cfg.check_every, fitted.depth - done)
@@ -190,7 +217,7 @@ def run_recursion(
                 if bool((torch.linalg.vector_norm(exact, dim=1) <= cfg.rtol * bnorm).all()):
                     return x  # the anchor's exact residual meets rtol: return it
             width = min(width, period - done % period)
-        products = step_products(fitted, width, generator, dense)
+        products = step_products(fitted, width, generator, dense, cycle)
         filled = 0
         try:
             for product in products:

@@ -269,6 +269,9 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
     sampled label per example. ``control variate`` (minibatch LiSSA):
     ``snapshot_every="auto"``, a full-data product at an anchor every ``4n/b`` steps, so the
     recursion converges instead of stalling at the minibatch noise (same scale and depth).
+    ``partition`` (minibatch LiSSA): ``sampling="partition"``, the blocks of a fixed random
+    partition visited once per epoch, each keeping its gradient graph (a step is one
+    double-backward pass), alone and with the control variate.
     ``every Ritz pair`` (Arnoldi): ``rank = krylov_dim``, every Ritz pair of the same Lanczos
     run instead of the top half. ``every Ritz pair, complement`` (Arnoldi, damping > 0): the
     same with ``complement=True``, the part of each gradient outside the Krylov space scaled by
@@ -310,12 +313,18 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
     if method in ("kfac", "ekfac"):
         out["exact label expectation"] = {"solver": {"mc_samples": "exact"}}
     if method == "lissa" and problem.name != "iris":  # minibatch LiSSA
-        out["control variate"] = {"solver": {"snapshot_every": "auto"}}
-        if problem.dtype == torch.float64:
-            out["control variate, float32 products"] = {
-                "solver": {"snapshot_every": "auto"},
-                "curvature_dtype": torch.float32,
-            }
+        lissa_options = {
+            "control variate": {"snapshot_every": "auto"},
+            "partition": {"sampling": "partition"},
+            "partition, control variate": {"sampling": "partition", "snapshot_every": "auto"},
+        }
+        for name, fields in lissa_options.items():
+            out[name] = {"solver": fields}
+            if problem.dtype == torch.float64:
+                out[f"{name}, float32 products"] = {
+                    "solver": fields,
+                    "curvature_dtype": torch.float32,
+                }
     return out
 
 

@@ -388,7 +388,7 @@ def test_partitioned_minibatches_are_refused_across_processes() -> None:
     from infl import InputError
 
     _, parts = _shard_operators(__import__("infl").HessianOperator)
-    with pytest.raises(InputError, match="in one process.*sampling='independent'"):
+    with pytest.raises(InputError, match=r"in one process.*sampling='independent'"):
         parts[0].partition(5, torch.Generator())
 
 

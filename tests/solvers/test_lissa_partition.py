@@ -279,3 +279,22 @@ def test_sampling_is_checked_and_ignored_on_full_data_steps() -> None:
         b = LiSSA(**kw).solve(op, rhs)
     torch.testing.assert_close(a.value, b.value, rtol=0, atol=0)
     assert a.info["sampling"] is None
+
+
+def test_a_saved_partition_fit_reloads_to_the_same_scores(tmp_path) -> None:
+    from infl import InfluenceCalculator
+
+    wrapper, data = _wrapper_and_data()
+    x, y = data.select(torch.arange(N))
+    objective = Objective("cross_entropy", weight_decay=1e-2)
+    solver = LiSSA(damping=1.0, batch_size=8, depth=40, sampling="partition")
+    kw = {"progress": False, "check_minimum": False}
+    calc = InfluenceCalculator(wrapper.model, objective, (x, y), solver, **kw)
+    with pytest.warns(InflWarning):
+        scores = calc.influence((x[:3], y[:3]))
+    calc.save(tmp_path / "fit.pt")
+    loaded = InfluenceCalculator.load(tmp_path / "fit.pt", wrapper.model, objective, (x, y), **kw)
+    assert loaded.solver == solver
+    with pytest.warns(InflWarning):
+        again = loaded.influence((x[:3], y[:3]))
+    assert torch.equal(again, scores)  # the same blocks, drawn again from the seed

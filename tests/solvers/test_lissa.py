@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -291,18 +293,31 @@ def _heterogeneous_examples(n: int = 40, p: int = 6) -> tuple[LinearOperator, to
     return _MeanOfExamples(mats), rhs
 
 
+def control_variate_errors(
+    op: LinearOperator,
+    rhs: torch.Tensor,
+    exact: torch.Tensor,
+    depths: tuple[int, ...],
+    every: int,
+    **kw: Any,
+) -> tuple[list[float], float]:
+    """Relative errors of LiSSA with ``snapshot_every=every`` at each depth, and of plain
+    minibatch LiSSA at the last depth, all at the minibatch-aware automatic scale."""
+    scale = LiSSA(**kw, depth=1).fit(op).scale
+    errors = [
+        rel_err(LiSSA(**kw, scale=scale, depth=d, snapshot_every=every).solve(op, rhs).value, exact)
+        for d in depths
+    ]
+    plain = rel_err(LiSSA(**kw, scale=scale, depth=depths[-1]).solve(op, rhs).value, exact)
+    return errors, plain
+
+
 @pytest.mark.filterwarnings("ignore::infl.InflWarning")
 def test_the_control_variate_converges_to_the_exact_inverse_as_depth_grows():
     op, rhs = _heterogeneous_examples()
     exact = torch.linalg.solve(op.mean + 0.1 * torch.eye(6, dtype=torch.float64), rhs.T).T
     kw = {"damping": 0.1, "batch_size": 4, "rtol": 1e-30, "seed": 1}
-    fitted = LiSSA(**kw, depth=1).fit(op)  # the minibatch-aware automatic scale
-    scale = fitted.scale
-    errors = [
-        rel_err(LiSSA(**kw, scale=scale, depth=d, snapshot_every=10).solve(op, rhs).value, exact)
-        for d in (150, 600, 2400)
-    ]
-    plain = rel_err(LiSSA(**kw, scale=scale, depth=2400).solve(op, rhs).value, exact)
+    errors, plain = control_variate_errors(op, rhs, exact, (150, 600, 2400), 10, **kw)
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-8  # to round-off, where plain minibatch LiSSA stays at its noise
     assert plain > 1e-3

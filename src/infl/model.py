@@ -454,7 +454,7 @@ class ModelWrapper:
                 chunk = position[0]
                 position[0] += 1
                 return hvp_double_backward(self, batch, vectors, graphs, chunk)
-            return self._hvp_forward_over_reverse()(vectors, self.flat_params, batch)
+            return hvp_forward_over_reverse(self)(vectors, self.flat_params, batch)
 
         return self._curvature_products(
             data, vectors, chunk_size, one_chunk, "a Hessian-vector product", mean_over
@@ -464,16 +464,6 @@ class ModelWrapper:
         """:math:`\\sum_i \\ell(z_i)` over ``batch`` at the flat parameters ``theta`` ``[p]``."""
         loss = self.objective.per_example_loss
         return self._batch_value(loss, self.unflatten(theta), batch).sum()
-
-    def _hvp_double_backward(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
-        """Summed (not averaged) HVPs of one chunk by ``torch.autograd`` double backward."""
-        return hvp_double_backward(self, batch, vectors)
-
-    def _hvp_forward_over_reverse(
-        self,
-    ) -> Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]:
-        """``(vectors [k, p], theta [p], batch) -> [k, p]`` summed HVPs, built once."""
-        return hvp_forward_over_reverse(self)
 
     def ggn_vp(
         self,

@@ -294,3 +294,13 @@ def test_a_saved_partition_fit_reloads_to_the_same_scores(tmp_path) -> None:
     with pytest.warns(InflWarning):
         again = loaded.influence((x[:3], y[:3]))
     assert torch.equal(again, scores)  # the same blocks, drawn again from the seed
+
+
+def test_an_unconverged_cycled_run_names_the_control_variate_not_averaging() -> None:
+    op, _, rhs, damping = _positive_definite_system()
+    kw = {"damping": damping, "scale": 3.0, "depth": 10, "batch_size": 8, "rtol": 1e-12}
+    with pytest.warns(InflWarning, match="snapshot_every='auto'") as cycled:
+        LiSSA(**kw, sampling="partition").solve(op, rhs)
+    assert not any("average=True" in str(w.message) for w in cycled)
+    with pytest.warns(InflWarning, match="average=True"):
+        LiSSA(**kw).solve(op, rhs)

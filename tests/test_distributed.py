@@ -82,6 +82,9 @@ def _solvers() -> dict[str, Any]:
         "arnoldi": Arnoldi(rank=8, damping=0.1),
         "ekfac": EKFAC(damping=0.1, fisher="empirical"),
         "lissa_minibatch": LiSSA(damping=0.5, scale=10.0, depth=8, batch_size=5, seed=4),
+        "lissa_partition": LiSSA(
+            damping=0.5, scale=10.0, depth=8, batch_size=5, seed=4, sampling="partition"
+        ),
     }
 
 
@@ -215,11 +218,13 @@ def one_process() -> dict[str, Any]:
         "arnoldi/influence",
         "ekfac/influence",
         "lissa_minibatch/influence",
+        "lissa_partition/influence",
         "exact/self",
         "cg/self",
         "arnoldi/self",
         "ekfac/self",
         "lissa_minibatch/self",
+        "lissa_partition/self",
         "train_grads",
         "hvp",
         "self_some",
@@ -384,12 +389,21 @@ def test_minibatches_replay_the_draws_of_one_process() -> None:
             assert per_rank[0][step].weight + per_rank[1][step].weight == pytest.approx(1.0)
 
 
-def test_partitioned_minibatches_are_refused_across_processes() -> None:
-    from infl import InputError
-
-    _, parts = _shard_operators(__import__("infl").HessianOperator)
-    with pytest.raises(InputError, match=r"in one process.*sampling='independent'"):
-        parts[0].partition(5, torch.Generator())
+@pytest.mark.parametrize("curvature", ["HessianOperator", "GaussNewtonOperator"])
+def test_partition_blocks_split_between_the_ranks_sum_to_the_blocks_of_one_process(
+    curvature: str,
+) -> None:
+    full, parts = _shard_operators(getattr(__import__("infl"), curvature))
+    v = torch.randn(2, full.size, dtype=torch.float64)
+    expected = full.partition(4, torch.Generator().manual_seed(3))  # 21 examples: 6 blocks
+    assert sorted(int(block.data[1].shape[0]) for block in expected) == [3, 3, 3, 4, 4, 4]
+    per_rank = [part.partition(4, torch.Generator().manual_seed(3)) for part in parts]
+    for j, block in enumerate(expected):
+        for _ in range(3):  # the ranks' parts keep their graphs and give the same products
+            got = per_rank[0][j].matmat(v) + per_rank[1][j].matmat(v)
+            torch.testing.assert_close(got, block.matmat(v), rtol=1e-12, atol=1e-12)
+        # weight decay counted once: the ranks' shares of the block sum to 1
+        assert per_rank[0][j].weight + per_rank[1][j].weight == pytest.approx(1.0)
 
 
 def test_the_cli_runs_on_rank_0_only(

@@ -375,8 +375,8 @@ class AllReducedOperator(LinearOperator):
         those in its shard, weighted by its share of the minibatch; the all-reduced product is
         then the minibatch mean plus :math:`\\lambda_{wd} I`: the operator one process uses.
         """
-        (idx,) = self._draws(lambda proxy: [proxy.subsample(batch_size, generator)])
-        return self._on_indices(idx)
+        (sub,) = self._draws(lambda proxy: [proxy.subsample(batch_size, generator)])
+        return self._on_indices(torch.as_tensor(sub.data))
 
     def subsample_many(
         self, batch_size: int, count: int, generator: torch.Generator
@@ -390,25 +390,51 @@ class AllReducedOperator(LinearOperator):
                 return [proxy.subsample(batch_size, generator) for _ in range(count)]
             return list(many(batch_size, count, generator))
 
-        return [self._on_indices(idx) for idx in self._draws(draw)]
+        return [self._on_indices(torch.as_tensor(sub.data)) for sub in self._draws(draw)]
 
-    def _draws(self, draw: Any) -> list[torch.Tensor]:
-        """The global index sets that ``draw(operator over all n examples)`` selects."""
+    def partition(self, batch_size: int, generator: torch.Generator) -> list[LinearOperator]:
+        """The blocks one process draws (:meth:`TrainingDataOperator.partition` over all ``n``
+        examples, replayed as :meth:`subsample` does), each split between the ranks.
+
+        A rank holding the share :math:`w_r` of block :math:`j` divides its summed terms by
+        :math:`w_r\\,n/B` and is weighted by :math:`w_r`, so the all-reduced product is
+        :math:`\\frac{B}{n}\\sum_{i \\in j}\\nabla^2\\ell_i v + \\lambda_{wd} v`: the block of one
+        process. Each rank's part keeps its gradient graph as a block does.
+        """
+        blocks = self._draws(lambda proxy: proxy.partition(batch_size, generator))
+        return [
+            self._on_indices(torch.as_tensor(b.data), b.mean_over, b.graph_budget) for b in blocks
+        ]
+
+    def _draws(self, draw: Any) -> list[TrainingDataOperator]:
+        """The operators that ``draw(operator over all n examples)`` gives; their ``data`` is
+        the global index set each selects."""
         template = self.template
         proxy = type(template)(template.wrapper, _IndexRecorder(self.shard_data.shard.total), 1)
-        return [torch.as_tensor(sub.data) for sub in draw(proxy)]
+        return list(draw(proxy))
 
-    def _on_indices(self, idx: torch.Tensor) -> AllReducedOperator:
-        """This rank's part of the operator on the global examples ``idx``."""
+    def _on_indices(
+        self, idx: torch.Tensor, mean_over: float | None = None, graph_budget: int | None = None
+    ) -> AllReducedOperator:
+        """This rank's part of the operator on the global examples ``idx`` (of one partition
+        block when ``mean_over`` is given: see :meth:`partition`)."""
         shard = self.shard_data.shard
         mine = idx[(idx >= shard.start) & (idx < shard.stop)] - shard.start
         template = self.template
         if mine.numel() == 0:
             return AllReducedOperator(None, 0.0, self.group, self.shard_data, template)
-        local = type(template)(template.wrapper, self.shard_data.select(mine), template.chunk_size)
-        return AllReducedOperator(
-            local, mine.numel() / idx.numel(), self.group, self.shard_data, template
-        )
+        share = mine.numel() / idx.numel()
+        if mean_over is None:
+            local = type(template)(
+                template.wrapper, self.shard_data.select(mine), template.chunk_size
+            )
+        else:
+            local = type(template)(
+                template.wrapper, self.shard_data.select(mine), template.chunk_size, dense=False
+            )
+            local.mean_over = share * mean_over
+            local.graph_budget = graph_budget
+        return AllReducedOperator(local, share, self.group, self.shard_data, template)
 
 
 class _IndexRecorder(IndexedData):

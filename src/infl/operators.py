@@ -172,8 +172,7 @@ class LinearOperator(ABC):
         raise InputError(
             f"{type(self).__name__} cannot be partitioned into minibatch blocks: "
             "LiSSA(sampling='partition') needs a curvature operator over training data "
-            "(HessianOperator or GaussNewtonOperator, in one process); use "
-            "sampling='independent'"
+            "(HessianOperator or GaussNewtonOperator); use sampling='independent'"
         )
 
 

@@ -424,16 +424,12 @@ class AllReducedOperator(LinearOperator):
         if mine.numel() == 0:
             return AllReducedOperator(None, 0.0, self.group, self.shard_data, template)
         share = mine.numel() / idx.numel()
-        if mean_over is None:
-            local = type(template)(
-                template.wrapper, self.shard_data.select(mine), template.chunk_size
-            )
-        else:
-            local = type(template)(
-                template.wrapper, self.shard_data.select(mine), template.chunk_size, dense=False
-            )
-            local.mean_over = share * mean_over
-            local.graph_budget = graph_budget
+        local = template.on_examples(  # the template's data is this rank's shard
+            mine,
+            dense="auto" if mean_over is None else False,
+            mean_over=None if mean_over is None else share * mean_over,
+            graph_budget=graph_budget,
+        )
         return AllReducedOperator(local, share, self.group, self.shard_data, template)
 
 

@@ -21,6 +21,7 @@ from infl import (
     NotPositiveDefiniteError,
     Objective,
 )
+from infl.solvers import kronecker
 from problems import WithLayerNorm
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -125,6 +126,46 @@ def test_conv_and_linear_factors_match_unfold_reference():
     h1 = torch.cat([h.detach(), torch.ones(n, 1)], dim=1)
     torch.testing.assert_close(lin_block.A, h1.T @ h1 / n, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lin_block.S, out.grad.T @ out.grad / n, rtol=1e-12, atol=1e-14)
+
+
+def test_bias_free_conv_called_twice_matches_per_example_reference():
+    """A bias-free convolution applied twice per forward pass (its locations joined) and one
+    applied once: A against unfold patches, EK-FAC's eigenvalues against per-example
+    gradients by autograd, by either route of the eigenvalue pass."""
+    torch.manual_seed(6)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+            self.head = nn.Linear(2 * 16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+    model, x, y = Twice(), torch.randn(7, 2, 4, 4), torch.randint(0, 3, (7,))
+    h1 = torch.tanh(model.conv(x))
+    patches = torch.cat(
+        [F.unfold(t, 3, padding=1).transpose(1, 2) for t in (x, h1)], dim=1
+    )  # [n, 32, 18]: both calls' locations
+    a_ref = torch.einsum("bti,btj->ij", patches, patches) / 7
+    grads = per_example_grads(model, ce, x, y)[:, :36].reshape(7, 2, 18)
+    kfac, _ = fit(model, x, y, KFAC(fisher="empirical", damping=0.1), chunk_size=3)
+    torch.testing.assert_close(kfac.partition.layers[0].A, a_ref, rtol=1e-12, atol=1e-14)
+    for route in ("rotate", "form"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kronecker, "eigen_route", lambda t, o, i, r=route: r)
+            ek, _ = fit(model, x, y, EKFAC(fisher="empirical", damping=0.1), chunk_size=3)
+        conv = ek.partition.layers[0]
+        expected = ((conv.Q_S.T @ grads @ conv.Q_A) ** 2).mean(0)
+        torch.testing.assert_close(conv.eigen_diag, expected, rtol=1e-11, atol=1e-14)
+
+
+def test_eigen_route_forms_first_where_locations_outnumber_channels():
+    """The cost model's choices on a CIFAR ResNet's layers (docstring of eigen_route)."""
+    assert kronecker.eigen_route(1024, 64, 576) == "form"  # first stage, 32x32 locations
+    assert kronecker.eigen_route(64, 256, 2304) == "rotate"  # last stage, 8x8 locations
+    assert kronecker.eigen_route(1, 10, 257) == "rotate"  # a linear head: one location
 
 
 @pytest.mark.parametrize("solver_cls", [KFAC, EKFAC])

@@ -22,6 +22,7 @@ from infl import (
     ModelWrapper,
     Objective,
 )
+from infl.solvers import kronecker
 from problems import WithLayerNorm
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -94,8 +95,11 @@ def test_exact_s_factor_is_the_sum_over_all_labels(make):
         torch.testing.assert_close(a.A, b.A, rtol=1e-12, atol=1e-14)
 
 
-def test_exact_ekfac_eigenvalues_are_the_sum_over_all_labels():
-    """Lambda = (1/n) sum_i sum_k p_ik (Q_S^T G_ik Q_A)^2, G_ik the per-example weight grads."""
+@pytest.mark.parametrize("route", ["rotate", "form"])
+def test_exact_ekfac_eigenvalues_are_the_sum_over_all_labels(monkeypatch, route):
+    """Lambda = (1/n) sum_i sum_k p_ik (Q_S^T G_ik Q_A)^2, G_ik the per-example weight grads,
+    by either route of the pass (rotate the locations first, or form G_i first)."""
+    monkeypatch.setattr(kronecker, "eigen_route", lambda t, o, i: route if t > 1 else "rotate")
     torch.manual_seed(1)
     model, x = cnn(), torch.randn(8, 2, 5, 5)
     fitted = fit(model, x, torch.zeros(8, dtype=torch.long), EKFAC(mc_samples="exact"))

@@ -30,8 +30,10 @@ __all__ = ["train_grad_moments", "train_grad_products"]
 
 
 def _checked(wrapper: ModelWrapper) -> bool:
-    """Whether the shortcut was checked against autograd for the loss and agreed."""
-    return wrapper._linear_verified.get(wrapper.objective.per_example_loss) is True
+    """Whether the ``nn.Linear`` shortcut applies, was checked against autograd for the loss
+    and agreed (the convolutional one forms the gradients: no products or moments)."""
+    loss = wrapper.objective.per_example_loss
+    return wrapper._linear_grads.applicable and wrapper._linear_verified.get(loss) is True
 
 
 def train_grad_products(wrapper: ModelWrapper, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:

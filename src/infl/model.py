@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from infl import gradient_products
+from infl.conv_grads import ConvPerExampleGradients
 from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
@@ -170,9 +171,10 @@ class ModelWrapper:
         self._output_shape: tuple[int, ...] | None = None
         # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
         self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
-        # per-example gradients of nn.Linear-only models from one batched backward pass,
-        # checked once per measurement callable against vmap(grad)
+        # per-example gradients of nn.Linear-only (or nn.Conv2d + nn.Linear) models from one
+        # batched backward pass, checked once per measurement callable against vmap(grad)
         self._linear_grads = LinearPerExampleGradients(model, self.names)
+        self._conv_grads = ConvPerExampleGradients(model, self.names)
         self._linear_verified: dict[Any, bool] = {}
         # Gauss-Newton J v by the vjp of u -> J^T u (after a missing forward-mode derivative)
         self._ggn_transpose = second_order == "reverse-over-reverse"
@@ -273,7 +275,8 @@ class ModelWrapper:
 
     def _linear_layer_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
         """``[b, p]`` from one batched backward pass when every parameter is in an
-        ``nn.Linear`` (:mod:`infl.linear_grads`), else ``None``.
+        ``nn.Linear`` (:mod:`infl.linear_grads`), or in an ``nn.Conv2d`` or ``nn.Linear``
+        (:mod:`infl.conv_grads`), else ``None``.
 
         The first batch for each ``fn`` is checked: its first and last rows must agree, to
         :math:`\\sqrt{\\varepsilon}` (relative to the largest entry), with the plain autograd
@@ -283,7 +286,7 @@ class ModelWrapper:
         other than through the layers' outputs (a penalty on the weights), or any other
         mismatch keeps ``vmap`` for that ``fn``.
         """
-        if not self._linear_grads.applicable:
+        if not (self._linear_grads.applicable or self._conv_grads.applicable):
             return None
         try:
             verified = self._linear_verified.get(fn)
@@ -306,12 +309,12 @@ class ModelWrapper:
         return fast
 
     def _fast_linear_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
-        """:class:`~infl.linear_grads.LinearPerExampleGradients` on ``batch`` (``None`` when the
+        """The applicable one of :class:`~infl.linear_grads.LinearPerExampleGradients` and
+        :class:`~infl.conv_grads.ConvPerExampleGradients` on ``batch`` (``None`` when the
         forward pass is not of the expected shape)."""
+        fast = self._linear_grads if self._linear_grads.applicable else self._conv_grads
         with functional_evaluation():
-            return self._linear_grads(
-                lambda params: self._batch_value(fn, params, batch), self.params, b
-            )
+            return fast(lambda params: self._batch_value(fn, params, batch), self.params, b)
 
     def _single_grads(self, fn: PerExampleFn, batch: Batch, rows: list[int]) -> torch.Tensor:
         """``[len(rows), p]``: the gradient of ``fn`` on each example ``rows[j]`` of ``batch``

@@ -49,6 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from infl.conv_grads import conv_padding
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
 from infl.losses import PerExampleFn, _split_supervised
@@ -134,7 +135,7 @@ class LayerBlock:
                 inputs,
                 conv.kernel_size,
                 dilation=conv.dilation,
-                padding=_conv_padding(conv),  # type: ignore[arg-type]
+                padding=conv_padding(conv),  # type: ignore[arg-type]
                 stride=conv.stride,
             )  # [b, C*kh*kw, L]
             parts = [patches] if self.weight is not None else []
@@ -176,26 +177,13 @@ class Partition:
     diagonal: list[DiagonalBlock] = field(default_factory=list)
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Explicit symmetric padding of ``conv``, or ``None`` when unfold cannot express it."""
-    pad = conv.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return (0, 0)
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        if any(t % 2 for t in totals):
-            return None
-        return (totals[0] // 2, totals[1] // 2)
-    return (int(pad[0]), int(pad[1]))
-
-
 def _unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"Conv2d with groups={module.groups}"
         if module.padding_mode != "zeros":
             return f"Conv2d with padding_mode={module.padding_mode!r}"
-        if _conv_padding(module) is None:
+        if conv_padding(module) is None:
             return "Conv2d with asymmetric 'same' padding"
         return None
     if isinstance(module, nn.Linear):

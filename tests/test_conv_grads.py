@@ -1,0 +1,152 @@
+"""Per-example gradients of nn.Conv2d + nn.Linear models from one batched backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from infl import ModelWrapper, Objective, conv_grads
+from infl.conv_grads import ConvPerExampleGradients, conv_padding
+
+
+def loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The reference: each example alone through plain autograd (no infl, no vmap)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(y)):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def every_kind_of_conv() -> nn.Module:
+    """Stride, dilation, groups, 'same' and 'valid' padding, a bias-free and a bias-only conv."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=2, bias=False),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 2, padding="valid"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 5),
+    )
+    model[4].weight.requires_grad_(False)  # its bias stays in the space
+    return model.double().eval()
+
+
+def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 7, 7, generator=gen, dtype=torch.float64), torch.randint(
+        0, 5, (n,), generator=gen
+    )
+
+
+@pytest.mark.parametrize("threshold", [0, 10**12], ids=["kernel per example", "patches"])
+def test_conv_model_takes_the_batched_route_and_equals_a_loop(monkeypatch, threshold):
+    monkeypatch.setattr(conv_grads, "KERNEL_PER_EXAMPLE_MACS", threshold)
+    model = every_kind_of_conv()
+    wrapper = ModelWrapper(model, Objective())
+    assert wrapper._conv_grads.applicable
+    assert not wrapper._linear_grads.applicable
+    loss = wrapper.objective.per_example_loss
+    x, y = data(9)
+    first = wrapper.per_example_grads(loss, (x[:4], y[:4]))
+    assert wrapper._linear_verified[loss] is True  # checked once against autograd
+    monkeypatch.setattr(ModelWrapper, "_vmapped_grads", lambda *a: pytest.fail("vmap used"))
+    second = wrapper.per_example_grads(loss, (x[4:], y[4:]))
+    expected = loop_grads(model, x, y)
+    torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_rows_agree_with_the_loop():
+    model = every_kind_of_conv().float()
+    wrapper = ModelWrapper(model, Objective())
+    x, y = data(6)
+    got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x.float(), y))
+    assert wrapper._linear_verified[wrapper.objective.per_example_loss] is True
+    torch.testing.assert_close(got, loop_grads(model, x.float(), y), rtol=1e-4, atol=1e-5)
+
+
+class BatchCentredConv(nn.Module):
+    """Subtracts the batch mean of a convolution's output: examples mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        return self.head(torch.tanh(z - z.mean(0, keepdim=True)).flatten(1))
+
+
+def test_a_conv_model_that_mixes_the_batch_keeps_vmap():
+    model = BatchCentredConv().double().eval()
+    wrapper = ModelWrapper(model, Objective())
+    assert wrapper._conv_grads.applicable
+    gen = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(5, 1, 5, 5, generator=gen, dtype=torch.float64),
+        torch.tensor([0, 1, 2, 0, 1]),
+    )
+    loss = wrapper.objective.per_example_loss
+    got = wrapper.per_example_grads(loss, (x, y))
+    assert wrapper._linear_verified[loss] is False
+    # the gradient of each example alone, which is what vmap(grad) computes
+    torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
+
+
+class ConvTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def test_a_conv_called_twice_is_left_to_vmap():
+    model = ConvTwice().double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    shortcut = ConvPerExampleGradients(model, names)
+    assert shortcut.applicable
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def evaluate(leaves: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(model, leaves, (x,))
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    assert shortcut(evaluate, params, 3) is None
+    wrapper = ModelWrapper(model, Objective())
+    got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x, y))
+    torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("model", "why"),
+    [
+        (nn.Sequential(nn.Linear(3, 2)), "no convolution: infl.linear_grads covers it"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.Linear(2, 3)),
+            "a trainable GroupNorm",
+        ),
+        (nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten()), "asymmetric 'same'"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), "reflect padding"),
+    ],
+)
+def test_not_applicable(model, why):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not ConvPerExampleGradients(model, names).applicable, why
+
+
+def test_conv_padding():
+    assert conv_padding(nn.Conv2d(1, 1, 3, padding="same", dilation=2)) == (2, 2)
+    assert conv_padding(nn.Conv2d(1, 1, (3, 5), padding="same")) == (1, 2)
+    assert conv_padding(nn.Conv2d(1, 1, 3, padding="valid")) == (0, 0)
+    assert conv_padding(nn.Conv2d(1, 1, 4, padding="same")) is None
+    assert conv_padding(nn.Conv2d(1, 1, 3, padding=(2, 1))) == (2, 1)

@@ -26,10 +26,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from infl import gradient_products
-from infl.conv_grads import ConvPerExampleGradients
 from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
 from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
+from infl.layer_grads import LayerPerExampleGradients
 from infl.linear_grads import LinearPerExampleGradients
 from infl.model_checks import (
     CHECK_EXAMPLES,
@@ -171,10 +171,10 @@ class ModelWrapper:
         self._output_shape: tuple[int, ...] | None = None
         # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
         self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
-        # per-example gradients of nn.Linear-only (or nn.Conv2d + nn.Linear) models from one
-        # batched backward pass, checked once per measurement callable against vmap(grad)
+        # per-example gradients of nn.Linear-only (or convolutional, normalised) models from
+        # one batched backward pass, checked once per measurement callable against vmap(grad)
         self._linear_grads = LinearPerExampleGradients(model, self.names)
-        self._conv_grads = ConvPerExampleGradients(model, self.names)
+        self._layer_grads = LayerPerExampleGradients(model, self.names)
         self._linear_verified: dict[Any, bool] = {}
         # Gauss-Newton J v by the vjp of u -> J^T u (after a missing forward-mode derivative)
         self._ggn_transpose = second_order == "reverse-over-reverse"
@@ -275,8 +275,8 @@ class ModelWrapper:
 
     def _linear_layer_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
         """``[b, p]`` from one batched backward pass when every parameter is in an
-        ``nn.Linear`` (:mod:`infl.linear_grads`), or in an ``nn.Conv2d`` or ``nn.Linear``
-        (:mod:`infl.conv_grads`), else ``None``.
+        ``nn.Linear`` (:mod:`infl.linear_grads`) or in a convolution, linear or normalisation
+        layer (:mod:`infl.layer_grads`), else ``None``.
 
         The first batch for each ``fn`` is checked: its first and last rows must agree, to
         :math:`\\sqrt{\\varepsilon}` (relative to the largest entry), with the plain autograd
@@ -286,7 +286,7 @@ class ModelWrapper:
         other than through the layers' outputs (a penalty on the weights), or any other
         mismatch keeps ``vmap`` for that ``fn``.
         """
-        if not (self._linear_grads.applicable or self._conv_grads.applicable):
+        if not (self._linear_grads.applicable or self._layer_grads.applicable):
             return None
         try:
             verified = self._linear_verified.get(fn)
@@ -310,9 +310,9 @@ class ModelWrapper:
 
     def _fast_linear_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
         """The applicable one of :class:`~infl.linear_grads.LinearPerExampleGradients` and
-        :class:`~infl.conv_grads.ConvPerExampleGradients` on ``batch`` (``None`` when the
+        :class:`~infl.layer_grads.LayerPerExampleGradients` on ``batch`` (``None`` when the
         forward pass is not of the expected shape)."""
-        fast = self._linear_grads if self._linear_grads.applicable else self._conv_grads
+        fast = self._linear_grads if self._linear_grads.applicable else self._layer_grads
         with functional_evaluation():
             return fast(lambda params: self._batch_value(fn, params, batch), self.params, b)
 

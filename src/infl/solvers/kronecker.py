@@ -49,9 +49,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from infl.conv_grads import conv_padding
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
+from infl.layer_grads import conv_padding
 from infl.losses import PerExampleFn, _split_supervised
 from infl.model import ModelWrapper
 from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws

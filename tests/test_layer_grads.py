@@ -1,4 +1,4 @@
-"""Per-example gradients of nn.Conv2d + nn.Linear models from one batched backward pass."""
+"""Per-example gradients of convolutional and normalised models from one batched backward pass."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from infl import ModelWrapper, Objective, conv_grads
-from infl.conv_grads import ConvPerExampleGradients, conv_padding
+from infl import ModelWrapper, Objective, layer_grads
+from infl.layer_grads import LayerPerExampleGradients, conv_padding
 
 
 def loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -45,10 +45,10 @@ def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("threshold", [0, 10**12], ids=["kernel per example", "patches"])
 def test_conv_model_takes_the_batched_route_and_equals_a_loop(monkeypatch, threshold):
-    monkeypatch.setattr(conv_grads, "KERNEL_PER_EXAMPLE_MACS", threshold)
+    monkeypatch.setattr(layer_grads, "KERNEL_PER_EXAMPLE_MACS", threshold)
     model = every_kind_of_conv()
     wrapper = ModelWrapper(model, Objective())
-    assert wrapper._conv_grads.applicable
+    assert wrapper._layer_grads.applicable
     assert not wrapper._linear_grads.applicable
     loss = wrapper.objective.per_example_loss
     x, y = data(9)
@@ -85,7 +85,7 @@ class BatchCentredConv(nn.Module):
 def test_a_conv_model_that_mixes_the_batch_keeps_vmap():
     model = BatchCentredConv().double().eval()
     wrapper = ModelWrapper(model, Objective())
-    assert wrapper._conv_grads.applicable
+    assert wrapper._layer_grads.applicable
     gen = torch.Generator().manual_seed(1)
     x, y = (
         torch.randn(5, 1, 5, 5, generator=gen, dtype=torch.float64),
@@ -111,7 +111,7 @@ class ConvTwice(nn.Module):
 def test_a_conv_called_twice_is_left_to_vmap():
     model = ConvTwice().double().eval()
     names = [n for n, _ in model.named_parameters()]
-    shortcut = ConvPerExampleGradients(model, names)
+    shortcut = LayerPerExampleGradients(model, names)
     assert shortcut.applicable
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
@@ -127,13 +127,71 @@ def test_a_conv_called_twice_is_left_to_vmap():
     torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
 
 
+class SmallResNetBlock(nn.Module):
+    """Convolutions with GroupNorm and eval-mode BatchNorm, a residual sum, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.gn(self.stem(x)))
+        h = torch.relu(h + self.bn(self.conv(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class SequenceModel(nn.Module):
+    """Linear layers on [b, T, d] sequences with LayerNorm, pooled over T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.embed(x))).mean(dim=1))
+
+
+def test_normalised_models_take_the_batched_route_and_equal_a_loop():
+    block = SmallResNetBlock()
+    with torch.no_grad():  # running statistics that are not the identity
+        block.bn.running_mean.uniform_(-0.5, 0.5)
+        block.bn.running_var.uniform_(0.5, 2.0)
+        for norm in (block.gn, block.bn):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    gen = torch.Generator().manual_seed(2)
+    cases = [
+        (block, torch.randn(6, 2, 5, 5, generator=gen, dtype=torch.float64)),
+        (SequenceModel(), torch.randn(6, 4, 3, generator=gen, dtype=torch.float64)),
+    ]
+    y = torch.randint(0, 5, (6,), generator=gen)
+    for model, x in cases:
+        model = model.double().eval()
+        wrapper = ModelWrapper(model, Objective())
+        assert wrapper._layer_grads.applicable
+        loss = wrapper.objective.per_example_loss
+        got = wrapper.per_example_grads(loss, (x, y))
+        assert wrapper._linear_verified[loss] is True, type(model).__name__
+        torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     ("model", "why"),
     [
         (nn.Sequential(nn.Linear(3, 2)), "no convolution: infl.linear_grads covers it"),
         (
-            nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.Flatten(), nn.Linear(2, 3)),
-            "a trainable GroupNorm",
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, affine=True), nn.Flatten()),
+            "a trainable InstanceNorm2d",
+        ),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)),
+            "batch statistics in eval mode",
         ),
         (nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten()), "asymmetric 'same'"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), "reflect padding"),
@@ -141,7 +199,7 @@ def test_a_conv_called_twice_is_left_to_vmap():
 )
 def test_not_applicable(model, why):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert not ConvPerExampleGradients(model, names).applicable, why
+    assert not LayerPerExampleGradients(model, names).applicable, why
 
 
 def test_conv_padding():

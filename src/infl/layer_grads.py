@@ -1,0 +1,258 @@
+"""Per-example gradients of convolutional and normalised models from one batched backward pass.
+
+Every trainable parameter of the layers below enters the model only through its layer's
+output, and for one example that output depends on that example's input alone. One forward
+pass of the whole batch records each layer's input :math:`a_i`, one backward pass gives the
+gradient :math:`g_i = \\partial(\\sum_j f_j)/\\partial o_i` at its output, and example ``i``'s
+gradient follows in closed form:
+
+* ``nn.Conv2d`` (zero padding, any stride, dilation and groups):
+  :math:`\\nabla_W f_i = \\sum_t g_{i,t}\\,\\mathrm{patch}_t(a_i)^T` over the output locations
+  :math:`t`, :math:`\\nabla_c f_i = \\sum_t g_{i,t}` — small layers by one batched product of
+  ``unfold`` patches, large ones by PyTorch's weight-gradient kernel example by example
+  (:data:`KERNEL_PER_EXAMPLE_MACS`);
+* ``nn.Linear`` on ``[b, in]`` or ``[b, ..., in]``: :math:`\\sum_t g_{i,t} a_{i,t}^T` and
+  :math:`\\sum_t g_{i,t}`;
+* ``nn.GroupNorm``, ``nn.LayerNorm`` and ``nn.BatchNorm2d`` in eval mode with running
+  statistics (affine): :math:`\\nabla_\\gamma f_i = \\sum g_i \\odot \\hat a_i`,
+  :math:`\\nabla_\\beta f_i = \\sum g_i` over the positions that share a :math:`\\gamma`, with
+  :math:`\\hat a_i` the layer's normalised input (recomputed without the affine part).
+
+:class:`~infl.model.ModelWrapper` uses it for models whose every trainable parameter is in
+such a layer, one of them not a plain ``nn.Linear`` on ``[b, in]`` (those models take
+:mod:`infl.linear_grads`, which also multiplies without forming the gradients), and only
+after checking the first and last rows of the first batch against the plain autograd
+gradients of those examples alone: a model that mixes the examples of a batch keeps
+``vmap``. Only the ``[b, p]`` gradients come from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+__all__ = ["KERNEL_PER_EXAMPLE_MACS", "LayerPerExampleGradients", "conv_padding"]
+
+KERNEL_PER_EXAMPLE_MACS = 1_000_000
+"""A convolution whose weight gradient costs at least this many multiply-adds per example
+(``weight.numel() * locations``) takes PyTorch's weight-gradient kernel example by example;
+a smaller one one batched product of ``unfold`` patches. Per-example kernel calls cost tens of
+microseconds each, which a digits CNN (thousands of multiply-adds per example) cannot
+amortise; on a width-64 CIFAR ResNet (millions) they beat the patches' memory traffic
+(``benchmarks/bench_conv_grads.py``)."""
+
+NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Explicit symmetric padding of ``conv``, or ``None`` when no ``(ph, pw)`` expresses it
+    (an asymmetric ``"same"``)."""
+    pad = conv.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in totals):
+            return None
+        return (totals[0] // 2, totals[1] // 2)
+    return (int(pad[0]), int(pad[1]))
+
+
+def _supported(module: nn.Module) -> bool:
+    kind = type(module)
+    if kind is nn.Linear:
+        return True
+    if kind is nn.Conv2d:
+        assert isinstance(module, nn.Conv2d)
+        return module.padding_mode == "zeros" and conv_padding(module) is not None
+    if kind is nn.BatchNorm2d:  # batch statistics would mix the examples
+        assert isinstance(module, nn.BatchNorm2d)
+        return module.running_mean is not None and module.running_var is not None
+    return kind in NORMS
+
+
+class LayerPerExampleGradients:
+    """Exact per-example gradients when every trainable parameter is in a supported layer.
+
+    Parameters
+    ----------
+    model
+        The module (hooks are added for the duration of a call and removed after it).
+    names
+        The trainable parameter names, in the order of the flat parameter space.
+
+    Attributes
+    ----------
+    applicable : bool
+        Whether every name is the ``weight`` or ``bias`` of a module whose type is exactly one
+        of those of the module docstring, one of them not an ``nn.Linear``. When ``False``
+        :meth:`__call__` always returns ``None``.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.names = names
+        self.owner: dict[str, tuple[str, str]] = {}
+        layers: dict[str, nn.Module] = {}
+        for prefix, module in model.named_modules():
+            if not _supported(module):
+                continue
+            for kind in ("weight", "bias"):
+                self.owner[f"{prefix}.{kind}" if prefix else kind] = (prefix, kind)
+            layers[prefix] = module
+        used = {self.owner[n][0] for n in names if n in self.owner}
+        self.layers = {prefix: m for prefix, m in layers.items() if prefix in used}
+        self.applicable = all(n in self.owner for n in names) and any(
+            type(m) is not nn.Linear for m in self.layers.values()
+        )
+
+    def __call__(
+        self,
+        evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        batch_size: int,
+    ) -> torch.Tensor | None:
+        """Per-example gradients ``[b, p]`` of ``evaluate(params)`` (``[b]``), or ``None``.
+
+        ``None`` when the forward pass does not have the expected shape (a layer called other
+        than exactly once, or not on the batch's examples along dim 0) or a kernel refuses
+        the layer. Cost: one forward and one backward pass of the batch, then per convolution
+        the work of its weight gradient split by example, plus :math:`O(b p)` for the rest.
+        """
+        recorded = self._record(evaluate, params, batch_size)
+        if recorded is None:
+            return None
+        inputs, out_grads = recorded
+        first = next(iter(out_grads.values()))
+        sizes = [params[n].numel() for n in self.names]
+        flat = torch.empty(batch_size, sum(sizes), dtype=first.dtype, device=first.device)
+        start = 0
+        for name, size in zip(self.names, sizes, strict=True):
+            prefix, kind = self.owner[name]
+            columns = flat[:, start : start + size]
+            start += size
+            layer, a, g = self.layers[prefix], inputs[prefix], out_grads[prefix]
+            try:
+                _layer_grads(layer, kind, a, g, columns)
+            except RuntimeError:  # a configuration a kernel refuses: leave it to vmap
+                return None
+        return flat
+
+    def _record(
+        self,
+        evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        batch_size: int,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """Each layer's input (detached) and the gradient at its output, or ``None``."""
+        seen: dict[str, list[tuple[Any, Any]]] = {prefix: [] for prefix in self.layers}
+        handles = []
+        for prefix, module in self.layers.items():
+
+            def hook(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
+                seen[prefix].append((args[0] if args else None, out))
+
+            handles.append(module.register_forward_hook(hook))
+        with torch.enable_grad():
+            try:
+                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+                values = evaluate(leaves)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if not isinstance(values, torch.Tensor) or not values.requires_grad:
+                return None
+            inputs, outputs = {}, {}
+            for prefix, calls in seen.items():
+                if len(calls) != 1:
+                    return None
+                a, o = calls[0]
+                if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
+                    return None
+                conv = isinstance(self.layers[prefix], (nn.Conv2d, nn.BatchNorm2d))
+                if a.shape[0] != batch_size or (a.dim() != 4 if conv else a.dim() < 2):
+                    return None
+                inputs[prefix], outputs[prefix] = a.detach(), o
+            order = list(outputs)
+            grads = torch.autograd.grad(
+                values.sum(), [outputs[p] for p in order], allow_unused=True, materialize_grads=True
+            )
+        return inputs, {p: g.detach() for p, g in zip(order, grads, strict=True)}
+
+
+def _layer_grads(
+    layer: nn.Module, kind: str, a: torch.Tensor, g: torch.Tensor, columns: torch.Tensor
+) -> None:
+    """Write each example's gradient of ``layer.<kind>`` into its row of ``columns``."""
+    b = a.shape[0]
+    if isinstance(layer, nn.Conv2d):
+        if kind == "bias":
+            columns.copy_(g.sum(dim=(2, 3)))
+        else:
+            _conv_weight_grads(layer, a, g, columns)
+        return
+    if isinstance(layer, nn.Linear):
+        if kind == "bias":
+            columns.copy_(g.reshape(b, -1, g.shape[-1]).sum(dim=1))
+        elif a.dim() == 2:
+            torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=columns.view(b, g.shape[1], a.shape[1]))
+        else:  # [b, ..., in]: sum over the positions
+            locs_g, locs_a = g.reshape(b, -1, g.shape[-1]), a.reshape(b, -1, a.shape[-1])
+            columns.copy_(torch.bmm(locs_g.transpose(1, 2), locs_a).reshape(b, -1))
+        return
+    # a normalisation layer: gamma and beta are shared by the positions other than theirs
+    shared = _shared_dims(layer, a)
+    if kind == "bias":
+        columns.copy_(g.sum(dim=shared).reshape(b, -1))
+    else:
+        columns.copy_((g * _normalised(layer, a)).sum(dim=shared).reshape(b, -1))
+
+
+def _shared_dims(layer: nn.Module, a: torch.Tensor) -> tuple[int, ...]:
+    """The dims of the input that share one affine parameter (never the batch dim)."""
+    if isinstance(layer, nn.LayerNorm):
+        return tuple(range(1, a.dim() - len(layer.normalized_shape)))
+    return tuple(range(2, a.dim()))  # per channel: GroupNorm, BatchNorm2d
+
+
+def _normalised(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The layer's input normalised as the layer does it, before its affine part."""
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(a, layer.num_groups, eps=layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
+    assert isinstance(layer, nn.BatchNorm2d)
+    return F.batch_norm(a, layer.running_mean, layer.running_var, training=False, eps=layer.eps)
+
+
+def _conv_weight_grads(
+    conv: nn.Conv2d, inputs: torch.Tensor, out_grads: torch.Tensor, columns: torch.Tensor
+) -> None:
+    """Write each example's weight gradient of ``conv`` into its row of ``columns``
+    (:data:`KERNEL_PER_EXAMPLE_MACS` chooses the route)."""
+    padding = conv_padding(conv)
+    assert padding is not None  # _supported
+    shape = conv.weight.shape
+    b, locations = inputs.shape[0], out_grads[0, 0].numel()
+    if conv.groups == 1 and shape.numel() * locations < KERNEL_PER_EXAMPLE_MACS:
+        patches = F.unfold(
+            inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+        )  # [b, c*kh*kw, L]
+        grads = out_grads.reshape(b, shape[0], locations)
+        columns.copy_(torch.bmm(grads, patches.transpose(1, 2)).reshape(b, -1))
+        return
+    for i in range(b):
+        weight_grad = conv2d_weight(
+            inputs[i : i + 1],
+            shape,
+            out_grads[i : i + 1],
+            stride=conv.stride,
+            padding=padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+        )
+        columns[i].copy_(weight_grad.reshape(-1))

@@ -43,9 +43,9 @@ def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-@pytest.mark.parametrize("threshold", [0, 10**12], ids=["kernel per example", "patches"])
+@pytest.mark.parametrize("threshold", [0, 10**12], ids=["kernel per example", "batch as groups"])
 def test_conv_model_takes_the_batched_route_and_equals_a_loop(monkeypatch, threshold):
-    monkeypatch.setattr(layer_grads, "KERNEL_PER_EXAMPLE_MACS", threshold)
+    monkeypatch.setattr(layer_grads, "GROUPED_MAX_INPUTS", threshold)
     model = every_kind_of_conv()
     wrapper = ModelWrapper(model, Objective())
     assert wrapper._layer_grads.applicable

@@ -8,9 +8,9 @@ gradient follows in closed form:
 
 * ``nn.Conv2d`` (zero padding, any stride, dilation and groups):
   :math:`\\nabla_W f_i = \\sum_t g_{i,t}\\,\\mathrm{patch}_t(a_i)^T` over the output locations
-  :math:`t`, :math:`\\nabla_c f_i = \\sum_t g_{i,t}` — small layers by one batched product of
-  ``unfold`` patches, large ones by PyTorch's weight-gradient kernel example by example
-  (:data:`KERNEL_PER_EXAMPLE_MACS`);
+  :math:`t`, :math:`\\nabla_c f_i = \\sum_t g_{i,t}` — narrow layers by one convolution with
+  the batch as groups, wide ones by PyTorch's weight-gradient kernel example by example
+  (:data:`GROUPED_MAX_INPUTS`);
 * ``nn.Linear`` on ``[b, in]`` or ``[b, ..., in]``: :math:`\\sum_t g_{i,t} a_{i,t}^T` and
   :math:`\\sum_t g_{i,t}`;
 * ``nn.GroupNorm``, ``nn.LayerNorm`` and ``nn.BatchNorm2d`` in eval mode with running
@@ -36,15 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-__all__ = ["KERNEL_PER_EXAMPLE_MACS", "LayerPerExampleGradients", "conv_padding"]
+__all__ = ["GROUPED_MAX_INPUTS", "LayerPerExampleGradients", "conv_padding"]
 
-KERNEL_PER_EXAMPLE_MACS = 1_000_000
-"""A convolution whose weight gradient costs at least this many multiply-adds per example
-(``weight.numel() * locations``) takes PyTorch's weight-gradient kernel example by example;
-a smaller one one batched product of ``unfold`` patches. Per-example kernel calls cost tens of
-microseconds each, which a digits CNN (thousands of multiply-adds per example) cannot
-amortise; on a width-64 CIFAR ResNet (millions) they beat the patches' memory traffic
-(``benchmarks/bench_conv_grads.py``)."""
+GROUPED_MAX_INPUTS = 288
+"""A convolution whose filters read at most this many inputs each (``c/groups * kh * kw``; 288
+is 32 channels of 3x3) gets its per-example weight gradients from one convolution with the
+batch as groups; a wider one from PyTorch's weight-gradient kernel example by example. On a
+CPU the grouped call was 1.7-10x faster for 3-32 channels and 1.4-2x slower for 64-256
+(width-16/64 CIFAR ResNets, digits CNN; ``benchmarks/bench_conv_grads.py``)."""
 
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 
@@ -233,26 +232,29 @@ def _conv_weight_grads(
     conv: nn.Conv2d, inputs: torch.Tensor, out_grads: torch.Tensor, columns: torch.Tensor
 ) -> None:
     """Write each example's weight gradient of ``conv`` into its row of ``columns``
-    (:data:`KERNEL_PER_EXAMPLE_MACS` chooses the route)."""
+    (:data:`GROUPED_MAX_INPUTS` chooses the route)."""
     padding = conv_padding(conv)
     assert padding is not None  # _supported
     shape = conv.weight.shape
-    b, locations = inputs.shape[0], out_grads[0, 0].numel()
-    if conv.groups == 1 and shape.numel() * locations < KERNEL_PER_EXAMPLE_MACS:
-        patches = F.unfold(
-            inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-        )  # [b, c*kh*kw, L]
-        grads = out_grads.reshape(b, shape[0], locations)
-        columns.copy_(torch.bmm(grads, patches.transpose(1, 2)).reshape(b, -1))
+    b = inputs.shape[0]
+    options: dict[str, Any] = {
+        "stride": conv.stride,
+        "padding": padding,
+        "dilation": conv.dilation,
+    }
+    if shape[1:].numel() <= GROUPED_MAX_INPUTS:
+        # the batch as groups of one convolution: [1, b c, h, w] -> [b o, c, kh, kw]
+        grads = conv2d_weight(
+            inputs.reshape(1, -1, *inputs.shape[2:]),
+            (b * shape[0], *shape[1:]),
+            out_grads.reshape(1, -1, *out_grads.shape[2:]),
+            groups=b * conv.groups,
+            **options,
+        )
+        columns.copy_(grads.reshape(b, -1))
         return
     for i in range(b):
-        weight_grad = conv2d_weight(
-            inputs[i : i + 1],
-            shape,
-            out_grads[i : i + 1],
-            stride=conv.stride,
-            padding=padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
+        one = conv2d_weight(
+            inputs[i : i + 1], shape, out_grads[i : i + 1], groups=conv.groups, **options
         )
-        columns[i].copy_(weight_grad.reshape(-1))
+        columns[i].copy_(one.reshape(-1))

@@ -161,6 +161,21 @@ def test_bias_free_conv_called_twice_matches_per_example_reference():
         torch.testing.assert_close(conv.eigen_diag, expected, rtol=1e-11, atol=1e-14)
 
 
+@pytest.mark.parametrize("d", [5, 300, 1030])  # no cut, 2 x 2 blocks, 4 x 4 blocks
+def test_factor_sums_by_blocks_equal_one_product(d):
+    """The factor sums over a transposed view (a convolution's) and over contiguous rows,
+    accumulated on and above the diagonal blocks over two chunks and then mirrored, equal
+    the full sum of outer products."""
+    gen = torch.Generator().manual_seed(7)
+    chunks = [torch.randn(3, d, 4, generator=gen) for _ in range(2)]  # [b, d, T] memory
+    expected = sum(torch.einsum("bdt,bet->de", u, u) for u in chunks)
+    for view in (lambda u: u.transpose(1, 2), lambda u: u.transpose(1, 2).contiguous()):
+        total = torch.zeros(d, d)
+        for u in chunks:
+            kronecker._add_gram(total, view(u), alpha=0.5)
+        torch.testing.assert_close(kronecker._mirrored(total), 0.5 * expected)
+
+
 def test_eigen_route_forms_first_where_locations_outnumber_channels():
     """The cost model's choices on a CIFAR ResNet's layers (docstring of eigen_route)."""
     assert kronecker.eigen_route(1024, 64, 576) == "form"  # first stage, 32x32 locations

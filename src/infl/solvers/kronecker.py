@@ -506,24 +506,53 @@ def collect_factors(
     )
     n = len(data)
     for ly in part.layers:
-        ly.A = A[ly.name] / n
-        ly.S = S[ly.name] / n
+        ly.A = _mirrored(A[ly.name]) / n
+        ly.S = _mirrored(S[ly.name]) / n
     for blk in part.diagonal:
         blk.diag = diag[blk.name] / n
     _check_finite(part)
 
 
-def _add_gram(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * sum_{b,t} x[b,t] x[b,t]^T`` for ``x`` ``[b, T, d]`` (in place).
+def _gram_edges(d: int) -> list[int]:
+    """Where :func:`_add_gram` cuts a ``d x d`` factor: 4 x 4 blocks from ``d = 1024``, 2 x 2
+    from 256, none below (the products of a 2 x 2 cut were 20-30 % faster than one product on
+    a CIFAR ResNet's factors, ``d = 576-2304``; of a 4 x 4 cut up to 42 %)."""
+    parts = 4 if d >= 1024 else 2 if d >= 256 else 1
+    return [d * k // parts for k in range(parts + 1)]
 
-    A convolution's ``x`` is a transposed view (:meth:`LayerBlock.activations`): the sum is
-    then a batched product over the examples, which reads that memory in its own order,
-    instead of one product of ``[b T, d]`` rows that would first copy it into that order."""
-    if x.shape[1] > 1 and not x.is_contiguous():
-        out.addbmm_(x.transpose(1, 2), x, alpha=alpha)
-    else:
-        flat = x.reshape(-1, x.shape[-1])
-        out.addmm_(flat.T, flat, alpha=alpha)
+
+def _add_gram(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha * sum_{b,t} x[b,t] x[b,t]^T`` on and above the diagonal blocks of
+    :func:`_gram_edges` (in place; :func:`_mirrored` fills the rest once at the end).
+
+    ``x`` is ``[b, T, d]``. A convolution's is a transposed view
+    (:meth:`LayerBlock.activations`): the sum is then a batched product over the examples,
+    which reads that memory in its own order, instead of one product of ``[b T, d]`` rows that
+    would first copy it into that order. Blocks below the diagonal would repeat those above it:
+    skipping them saves up to 3/8 of the factor's multiply-adds."""
+    batched = x.shape[1] > 1 and not x.is_contiguous()
+    rows = x.transpose(1, 2) if batched else x.reshape(-1, x.shape[-1]).T  # [(b,) d, N]
+    edges = _gram_edges(x.shape[-1])
+    for r in range(len(edges) - 1):
+        left = rows[..., edges[r] : edges[r + 1], :]
+        for c in range(r, len(edges) - 1):
+            block = out[edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
+            right = rows[..., edges[c] : edges[c + 1], :].transpose(-2, -1)
+            if batched:
+                block.addbmm_(left, right, alpha=alpha)
+            else:
+                block.addmm_(left, right, alpha=alpha)
+
+
+def _mirrored(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose blocks on and above the diagonal (:func:`_gram_edges`) are
+    ``upper``'s (in place)."""
+    edges = _gram_edges(upper.shape[0])
+    for r in range(len(edges) - 1):
+        for c in range(r + 1, len(edges) - 1):
+            rows, cols = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
+            upper[cols, rows] = upper[rows, cols].T
+    return upper
 
 
 def eigen_route(locations: int, out_dim: int, in_dim: int) -> str:

@@ -169,6 +169,10 @@ def test_normalised_models_take_the_batched_route_and_equal_a_loop():
     cases = [
         (block, torch.randn(6, 2, 5, 5, generator=gen, dtype=torch.float64)),
         (SequenceModel(), torch.randn(6, 4, 3, generator=gen, dtype=torch.float64)),
+        (  # LayerNorm on [b, d]: no positions share its parameters
+            nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 5)),
+            torch.randn(6, 3, generator=gen, dtype=torch.float64),
+        ),
     ]
     y = torch.randint(0, 5, (6,), generator=gen)
     for model, x in cases:

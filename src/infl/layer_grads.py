@@ -205,10 +205,9 @@ def _layer_grads(
         return
     # a normalisation layer: gamma and beta are shared by the positions other than theirs
     shared = _shared_dims(layer, a)
-    if kind == "bias":
-        columns.copy_(g.sum(dim=shared).reshape(b, -1))
-    else:
-        columns.copy_((g * _normalised(layer, a)).sum(dim=shared).reshape(b, -1))
+    per_position = g if kind == "bias" else g * _normalised(layer, a)
+    # sum(dim=()) would sum over every dim: a [b, d] LayerNorm shares nothing
+    columns.copy_((per_position.sum(dim=shared) if shared else per_position).reshape(b, -1))
 
 
 def _shared_dims(layer: nn.Module, a: torch.Tensor) -> tuple[int, ...]:

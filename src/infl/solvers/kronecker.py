@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
-from infl.layer_grads import conv_padding
+from infl.layer_grads import LayerPerExampleGradients, conv_padding
 from infl.losses import PerExampleFn, _split_supervised
 from infl.model import ModelWrapper
 from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
@@ -434,10 +434,24 @@ def diagonal_sq_grads(
     """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` over a chunk, for the diagonal blocks.
 
     ``loss_fn(model, batch) -> [b]`` is the per-example loss the chunk's draw differentiated.
+    Parameters all in layers of :mod:`infl.layer_grads` (GroupNorm, LayerNorm, ...) take
+    their per-example gradients from one batched backward pass, as the Kronecker factors do;
+    any other, or a forward pass that route cannot read, ``vmap(grad)``.
     """
     names = [blk.name for blk in blocks]
     sub = {n: wrapper.params[n] for n in names}
     others = {n: p for n, p in wrapper.params.items() if n not in sub}
+    batched = LayerPerExampleGradients(wrapper.model, names)
+    if batched.applicable:
+        rows = batched(
+            lambda leaves: loss_fn(_functional(wrapper, {**others, **leaves}), loss_batch),
+            sub,
+            batch_size(loss_batch),
+        )
+        if rows is not None:
+            sums = (rows.detach() ** 2).sum(0)
+            sizes = [sub[n].numel() for n in names]
+            return dict(zip(names, torch.split(sums, sizes), strict=True))
 
     def single(sub_params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         one = tree_map_tensors(lambda t: t.unsqueeze(0), example)

@@ -71,3 +71,14 @@ def load_into(model: nn.Linear, theta: torch.Tensor) -> nn.Linear:
 def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error ``|got - expected| / |expected|``."""
     return float((got - expected).norm() / expected.norm())
+
+
+def loop_ce_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[n, p]`` cross-entropy gradients, one example at a time through plain autograd (no
+    infl, no vmap): the reference for per-example gradients of any model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(y)):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)

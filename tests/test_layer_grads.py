@@ -6,18 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+import reference
 from infl import ModelWrapper, Objective, layer_grads
 from infl.layer_grads import LayerPerExampleGradients, conv_padding
-
-
-def loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The reference: each example alone through plain autograd (no infl, no vmap)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(y)):
-        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
 
 
 def every_kind_of_conv() -> nn.Module:
@@ -56,7 +47,7 @@ def test_conv_model_takes_the_batched_route_and_equals_a_loop(monkeypatch, thres
     assert wrapper._linear_verified[loss] is True  # checked once against autograd
     monkeypatch.setattr(ModelWrapper, "_vmapped_grads", lambda *a: pytest.fail("vmap used"))
     second = wrapper.per_example_grads(loss, (x[4:], y[4:]))
-    expected = loop_grads(model, x, y)
+    expected = reference.loop_ce_grads(model, x, y)
     torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-12, atol=1e-14)
 
 
@@ -66,7 +57,9 @@ def test_float32_rows_agree_with_the_loop():
     x, y = data(6)
     got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x.float(), y))
     assert wrapper._linear_verified[wrapper.objective.per_example_loss] is True
-    torch.testing.assert_close(got, loop_grads(model, x.float(), y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        got, reference.loop_ce_grads(model, x.float(), y), rtol=1e-4, atol=1e-5
+    )
 
 
 class BatchCentredConv(nn.Module):
@@ -95,7 +88,7 @@ def test_a_conv_model_that_mixes_the_batch_keeps_vmap():
     got = wrapper.per_example_grads(loss, (x, y))
     assert wrapper._linear_verified[loss] is False
     # the gradient of each example alone, which is what vmap(grad) computes
-    torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, reference.loop_ce_grads(model, x, y), rtol=1e-12, atol=1e-14)
 
 
 class ConvTwice(nn.Module):
@@ -124,7 +117,7 @@ def test_a_conv_called_twice_is_left_to_vmap():
     assert shortcut(evaluate, params, 3) is None
     wrapper = ModelWrapper(model, Objective())
     got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x, y))
-    torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, reference.loop_ce_grads(model, x, y), rtol=1e-12, atol=1e-14)
 
 
 class SmallResNetBlock(nn.Module):
@@ -182,7 +175,9 @@ def test_normalised_models_take_the_batched_route_and_equal_a_loop():
         loss = wrapper.objective.per_example_loss
         got = wrapper.per_example_grads(loss, (x, y))
         assert wrapper._linear_verified[loss] is True, type(model).__name__
-        torch.testing.assert_close(got, loop_grads(model, x, y), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            got, reference.loop_ce_grads(model, x, y), rtol=1e-12, atol=1e-14
+        )
 
 
 @pytest.mark.parametrize(

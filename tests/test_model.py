@@ -355,16 +355,6 @@ def test_stationarity_names_the_per_parameter_decay_the_model_was_trained_with()
 
 
 # ---------------------------------------------------------------- per-example gradients, nn.Linear
-def _loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients one example at a time with plain autograd (the reference)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(y)):
-        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
-
-
 def test_linear_model_per_example_grads_take_the_batched_path_and_equal_a_loop():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(),
                           nn.Linear(6, 3)).double().eval()  # fmt: skip
@@ -378,7 +368,7 @@ def test_linear_model_per_example_grads_take_the_batched_path_and_equal_a_loop()
     # checked once against vmap(grad), then taken for every later batch
     assert wrapper._linear_verified[wrapper.objective.per_example_loss] is True
     second = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x[5:], y[5:]))
-    expected = _loop_grads(model, x, y)
+    expected = reference.loop_ce_grads(model, x, y)
     torch.testing.assert_close(torch.cat([first, second]), expected, rtol=1e-12, atol=1e-14)
 
 
@@ -391,7 +381,7 @@ def test_a_model_that_mixes_the_batch_keeps_vmap_per_example_gradients():
     got = wrapper.per_example_grads(loss, (x, y))
     assert wrapper._linear_verified[loss] is False
     # each example's gradient is that of the example alone (what vmap computes)
-    torch.testing.assert_close(got, _loop_grads(model, x, y))
+    torch.testing.assert_close(got, reference.loop_ce_grads(model, x, y))
     torch.testing.assert_close(wrapper.per_example_grads(loss, (x, y)), got)
 
 
@@ -402,4 +392,4 @@ def test_models_with_other_layers_keep_vmap_per_example_gradients():
     x = torch.randn(5, 1, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
     got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x, y))
-    torch.testing.assert_close(got, _loop_grads(model, x, y))
+    torch.testing.assert_close(got, reference.loop_ce_grads(model, x, y))

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from infl.linear_grads import layer_owners, record_layer_calls
+
 __all__ = ["GROUPED_MAX_INPUTS", "LayerPerExampleGradients", "conv_padding"]
 
 GROUPED_MAX_INPUTS = 288
@@ -95,16 +97,7 @@ class LayerPerExampleGradients:
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         self.names = names
-        self.owner: dict[str, tuple[str, str]] = {}
-        layers: dict[str, nn.Module] = {}
-        for prefix, module in model.named_modules():
-            if not _supported(module):
-                continue
-            for kind in ("weight", "bias"):
-                self.owner[f"{prefix}.{kind}" if prefix else kind] = (prefix, kind)
-            layers[prefix] = module
-        used = {self.owner[n][0] for n in names if n in self.owner}
-        self.layers = {prefix: m for prefix, m in layers.items() if prefix in used}
+        self.owner, self.layers = layer_owners(model, names, _supported)
         self.applicable = all(n in self.owner for n in names) and any(
             type(m) is not nn.Linear for m in self.layers.values()
         )
@@ -148,34 +141,16 @@ class LayerPerExampleGradients:
         batch_size: int,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """Each layer's input (detached) and the gradient at its output, or ``None``."""
-        seen: dict[str, list[tuple[Any, Any]]] = {prefix: [] for prefix in self.layers}
-        handles = []
-        for prefix, module in self.layers.items():
 
-            def hook(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
-                seen[prefix].append((args[0] if args else None, out))
+        def accepts(module: nn.Module, a: torch.Tensor, _out: torch.Tensor) -> bool:
+            images = isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+            return a.shape[0] == batch_size and (a.dim() == 4 if images else a.dim() >= 2)
 
-            handles.append(module.register_forward_hook(hook))
         with torch.enable_grad():
-            try:
-                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-                values = evaluate(leaves)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            if not isinstance(values, torch.Tensor) or not values.requires_grad:
+            recorded = record_layer_calls(self.layers, evaluate, params, accepts)
+            if recorded is None:
                 return None
-            inputs, outputs = {}, {}
-            for prefix, calls in seen.items():
-                if len(calls) != 1:
-                    return None
-                a, o = calls[0]
-                if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
-                    return None
-                conv = isinstance(self.layers[prefix], (nn.Conv2d, nn.BatchNorm2d))
-                if a.shape[0] != batch_size or (a.dim() != 4 if conv else a.dim() < 2):
-                    return None
-                inputs[prefix], outputs[prefix] = a.detach(), o
+            values, inputs, outputs = recorded
             order = list(outputs)
             grads = torch.autograd.grad(
                 values.sum(), [outputs[p] for p in order], allow_unused=True, materialize_grads=True

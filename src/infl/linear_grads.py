@@ -57,18 +57,8 @@ class LinearPerExampleGradients:
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         self.names = names
-        self.layers: dict[str, nn.Module] = {}
-        self.owner: dict[str, tuple[str, str]] = {}
-        for prefix, module in model.named_modules():
-            if type(module) is not nn.Linear:
-                continue
-            for kind in ("weight", "bias"):
-                full = f"{prefix}.{kind}" if prefix else kind
-                self.owner[full] = (prefix, kind)
-            self.layers[prefix] = module
+        self.owner, self.layers = layer_owners(model, names, lambda m: type(m) is nn.Linear)
         self.applicable = all(name in self.owner for name in names)
-        used = {self.owner[name][0] for name in names} if self.applicable else set()
-        self.layers = {prefix: m for prefix, m in self.layers.items() if prefix in used}
         self.output_width = 0
         for name in names if self.applicable else []:
             prefix, kind = self.owner[name]
@@ -225,30 +215,66 @@ class LinearPerExampleGradients:
         :meth:`__call__`). Call it under ``torch.enable_grad()`` to differentiate the value."""
         if not self.applicable:
             return None
-        seen: dict[str, list[tuple[Any, Any]]] = {prefix: [] for prefix in self.layers}
-        handles = []
-        for prefix, module in self.layers.items():
+        return record_layer_calls(
+            self.layers,
+            evaluate,
+            params,
+            lambda _m, a, o: a.dim() == 2 and o.dim() == 2 and a.shape[0] == batch_size,
+        )
 
-            def hook(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
-                seen[prefix].append((args[0] if args else None, out))
 
-            handles.append(module.register_forward_hook(hook))
-        try:
-            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-            values = evaluate(leaves)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if not isinstance(values, torch.Tensor) or not values.requires_grad:
-            return None  # constant in the parameters: leave it to vmap
-        inputs, outputs = {}, {}
-        for prefix, calls in seen.items():
-            if len(calls) != 1:
-                return None
-            a, o = calls[0]
-            if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
-                return None
-            if a.dim() != 2 or o.dim() != 2 or a.shape[0] != batch_size:
-                return None
-            inputs[prefix], outputs[prefix] = a.detach(), o
-        return values, inputs, outputs
+def layer_owners(
+    model: nn.Module, names: list[str], supported: Callable[[nn.Module], bool]
+) -> tuple[dict[str, tuple[str, str]], dict[str, nn.Module]]:
+    """``(owner, layers)``: ``owner[name] = (module prefix, "weight" | "bias")`` for the
+    parameters of every ``supported`` module, and the modules (by prefix) that own one of
+    ``names``."""
+    owner: dict[str, tuple[str, str]] = {}
+    layers: dict[str, nn.Module] = {}
+    for prefix, module in model.named_modules():
+        if supported(module):
+            for kind in ("weight", "bias"):
+                owner[f"{prefix}.{kind}" if prefix else kind] = (prefix, kind)
+            layers[prefix] = module
+    used = {owner[n][0] for n in names if n in owner}
+    return owner, {prefix: m for prefix, m in layers.items() if prefix in used}
+
+
+def record_layer_calls(
+    layers: dict[str, nn.Module],
+    evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    params: dict[str, torch.Tensor],
+    accepts: Callable[[nn.Module, torch.Tensor, torch.Tensor], bool],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """``evaluate`` on fresh leaves with temporary forward hooks on ``layers``: ``(value,
+    inputs (detached), outputs (in the graph))`` per layer prefix, or ``None`` when the value
+    is not a tensor that depends on the parameters, or a layer was not called exactly once
+    on tensors that ``accepts(module, input, output)``. Call it under
+    ``torch.enable_grad()`` to differentiate the value."""
+    seen: dict[str, list[tuple[Any, Any]]] = {prefix: [] for prefix in layers}
+    handles = []
+    for prefix, module in layers.items():
+
+        def hook(_mod: nn.Module, args: Any, out: Any, prefix: str = prefix) -> None:
+            seen[prefix].append((args[0] if args else None, out))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        values = evaluate(leaves)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(values, torch.Tensor) or not values.requires_grad:
+        return None  # constant in the parameters: leave it to vmap
+    inputs, outputs = {}, {}
+    for prefix, calls in seen.items():
+        if len(calls) != 1:
+            return None
+        a, o = calls[0]
+        if not (isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)):
+            return None
+        if not accepts(layers[prefix], a, o):
+            return None
+        inputs[prefix], outputs[prefix] = a.detach(), o
+    return values, inputs, outputs

@@ -39,8 +39,8 @@ def test_conv_model_takes_the_batched_route_and_equals_a_loop(monkeypatch, thres
     monkeypatch.setattr(layer_grads, "GROUPED_MAX_INPUTS", threshold)
     model = every_kind_of_conv()
     wrapper = ModelWrapper(model, Objective())
-    assert wrapper._layer_grads.applicable
-    assert not wrapper._linear_grads.applicable
+    assert isinstance(wrapper._batched_grads, LayerPerExampleGradients)
+    assert wrapper._batched_grads.applicable
     loss = wrapper.objective.per_example_loss
     x, y = data(9)
     first = wrapper.per_example_grads(loss, (x[:4], y[:4]))
@@ -78,7 +78,7 @@ class BatchCentredConv(nn.Module):
 def test_a_conv_model_that_mixes_the_batch_keeps_vmap():
     model = BatchCentredConv().double().eval()
     wrapper = ModelWrapper(model, Objective())
-    assert wrapper._layer_grads.applicable
+    assert wrapper._batched_grads.applicable
     gen = torch.Generator().manual_seed(1)
     x, y = (
         torch.randn(5, 1, 5, 5, generator=gen, dtype=torch.float64),
@@ -171,7 +171,7 @@ def test_normalised_models_take_the_batched_route_and_equal_a_loop():
     for model, x in cases:
         model = model.double().eval()
         wrapper = ModelWrapper(model, Objective())
-        assert wrapper._layer_grads.applicable
+        assert wrapper._batched_grads.applicable
         loss = wrapper.objective.per_example_loss
         got = wrapper.per_example_grads(loss, (x, y))
         assert wrapper._linear_verified[loss] is True, type(model).__name__

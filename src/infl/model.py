@@ -17,6 +17,7 @@ derivative (:attr:`ModelWrapper.second_order`); that machinery is
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -171,10 +172,11 @@ class ModelWrapper:
         self._output_shape: tuple[int, ...] | None = None
         # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
         self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
-        # per-example gradients of nn.Linear-only (or convolutional, normalised) models from
+        # per-example gradients of nn.Linear-only (else convolutional, normalised) models from
         # one batched backward pass, checked once per measurement callable against vmap(grad)
         self._linear_grads = LinearPerExampleGradients(model, self.names)
-        self._layer_grads = LayerPerExampleGradients(model, self.names)
+        layers = LayerPerExampleGradients(model, self.names)
+        self._batched_grads = self._linear_grads if self._linear_grads.applicable else layers
         self._linear_verified: dict[Any, bool] = {}
         # Gauss-Newton J v by the vjp of u -> J^T u (after a missing forward-mode derivative)
         self._ggn_transpose = second_order == "reverse-over-reverse"
@@ -286,7 +288,7 @@ class ModelWrapper:
         other than through the layers' outputs (a penalty on the weights), or any other
         mismatch keeps ``vmap`` for that ``fn``.
         """
-        if not (self._linear_grads.applicable or self._layer_grads.applicable):
+        if not self._batched_grads.applicable:
             return None
         try:
             verified = self._linear_verified.get(fn)
@@ -294,7 +296,9 @@ class ModelWrapper:
             return None
         if verified is False:
             return None
-        fast = self._fast_linear_grads(fn, batch, b)
+        with functional_evaluation():
+            value = functools.partial(self._batch_value, fn, batch=batch)
+            fast = self._batched_grads(value, self.params, b)
         if fast is None:
             self._linear_verified[fn] = False
             return None
@@ -307,14 +311,6 @@ class ModelWrapper:
             self._linear_verified[fn] = agree
             return fast if agree else None
         return fast
-
-    def _fast_linear_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
-        """The applicable one of :class:`~infl.linear_grads.LinearPerExampleGradients` and
-        :class:`~infl.layer_grads.LayerPerExampleGradients` on ``batch`` (``None`` when the
-        forward pass is not of the expected shape)."""
-        fast = self._linear_grads if self._linear_grads.applicable else self._layer_grads
-        with functional_evaluation():
-            return fast(lambda params: self._batch_value(fn, params, batch), self.params, b)
 
     def _single_grads(self, fn: PerExampleFn, batch: Batch, rows: list[int]) -> torch.Tensor:
         """``[len(rows), p]``: the gradient of ``fn`` on each example ``rows[j]`` of ``batch``

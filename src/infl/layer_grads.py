@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from infl.linear_grads import layer_owners, record_layer_calls
+from infl.linear_grads import layer_owners, output_gradients, record_layer_calls
 
 __all__ = ["GROUPED_MAX_INPUTS", "LayerPerExampleGradients", "conv_padding"]
 
@@ -147,15 +147,7 @@ class LayerPerExampleGradients:
             return a.shape[0] == batch_size and (a.dim() == 4 if images else a.dim() >= 2)
 
         with torch.enable_grad():
-            recorded = record_layer_calls(self.layers, evaluate, params, accepts)
-            if recorded is None:
-                return None
-            values, inputs, outputs = recorded
-            order = list(outputs)
-            grads = torch.autograd.grad(
-                values.sum(), [outputs[p] for p in order], allow_unused=True, materialize_grads=True
-            )
-        return inputs, {p: g.detach() for p, g in zip(order, grads, strict=True)}
+            return output_gradients(record_layer_calls(self.layers, evaluate, params, accepts))
 
 
 def _layer_grads(

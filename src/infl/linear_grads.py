@@ -189,20 +189,11 @@ class LinearPerExampleGradients:
         """Per layer, ``(a, g)``: its inputs ``[b, i]`` and the gradients at its outputs
         ``[b, o]`` (one forward and one backward pass), or ``None`` (see :meth:`__call__`)."""
         with torch.enable_grad():
-            recorded = self.record(evaluate, params, batch_size)
-            if recorded is None:
-                return None
-            values, inputs, outputs = recorded
-            order = list(outputs)
-            grads = torch.autograd.grad(
-                values.sum(),
-                [outputs[prefix] for prefix in order],
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        return {
-            prefix: (inputs[prefix], g.detach()) for prefix, g in zip(order, grads, strict=True)
-        }
+            found = output_gradients(self.record(evaluate, params, batch_size))
+        if found is None:
+            return None
+        inputs, grads = found
+        return {prefix: (inputs[prefix], grads[prefix]) for prefix in inputs}
 
     def record(
         self,
@@ -238,6 +229,21 @@ def layer_owners(
             layers[prefix] = module
     used = {owner[n][0] for n in names if n in owner}
     return owner, {prefix: m for prefix, m in layers.items() if prefix in used}
+
+
+def output_gradients(
+    recorded: tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """From :func:`record_layer_calls`'s ``(value, inputs, outputs)``: ``(inputs, gradients of
+    the summed value at each layer's output)``, one backward pass; ``None`` passes through."""
+    if recorded is None:
+        return None
+    values, inputs, outputs = recorded
+    order = list(outputs)
+    grads = torch.autograd.grad(
+        values.sum(), [outputs[p] for p in order], allow_unused=True, materialize_grads=True
+    )
+    return inputs, {p: g.detach() for p, g in zip(order, grads, strict=True)}
 
 
 def record_layer_calls(

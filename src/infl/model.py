@@ -251,7 +251,7 @@ class ModelWrapper:
         """
         batch = self.prepare(batch)
         b = batch_size(batch)
-        flat = self._linear_layer_grads(fn, batch, b)
+        flat = self._batched_layer_grads(fn, batch, b)
         if flat is None:
             flat = self._vmapped_grads(fn, batch)
         if add_weight_decay and self.has_decay:
@@ -275,7 +275,7 @@ class ModelWrapper:
             grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
         return self.flatten(grads, batch_dims=1)
 
-    def _linear_layer_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
+    def _batched_layer_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
         """``[b, p]`` from one batched backward pass when every parameter is in an
         ``nn.Linear`` (:mod:`infl.linear_grads`) or in a convolution, linear or normalisation
         layer (:mod:`infl.layer_grads`), else ``None``.

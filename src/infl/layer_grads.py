@@ -38,7 +38,7 @@ from torch.nn.grad import conv2d_weight
 
 from infl.linear_grads import layer_owners, output_gradients, record_layer_calls
 
-__all__ = ["GROUPED_MAX_INPUTS", "LayerPerExampleGradients", "conv_padding"]
+__all__ = ["GROUPED_MAX_INPUTS", "LayerPerExampleGradients", "conv_padding", "conv_weight_grads"]
 
 GROUPED_MAX_INPUTS = 288
 """A convolution whose filters read at most this many inputs each (``c/groups * kh * kw``; 288
@@ -159,7 +159,7 @@ def _layer_grads(
         if kind == "bias":
             columns.copy_(g.sum(dim=(2, 3)))
         else:
-            _conv_weight_grads(layer, a, g, columns)
+            conv_weight_grads(layer, a, g, columns)
         return
     if isinstance(layer, nn.Linear):
         if kind == "bias":
@@ -194,11 +194,13 @@ def _normalised(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(a, layer.running_mean, layer.running_var, training=False, eps=layer.eps)
 
 
-def _conv_weight_grads(
+def conv_weight_grads(
     conv: nn.Conv2d, inputs: torch.Tensor, out_grads: torch.Tensor, columns: torch.Tensor
 ) -> None:
-    """Write each example's weight gradient of ``conv`` into its row of ``columns``
-    (:data:`GROUPED_MAX_INPUTS` chooses the route)."""
+    """Write each example's weight gradient :math:`\\sum_t g_{i,t}\\,\\mathrm{patch}_t(a_i)^T`
+    of ``conv`` into its row of ``columns`` (``[b, weight.numel()]``, the order of
+    ``weight.flatten()``), from the layer's inputs ``[b, C, H, W]`` and output gradients
+    ``[b, O, H', W']``, without ``unfold`` (:data:`GROUPED_MAX_INPUTS` chooses the route)."""
     padding = conv_padding(conv)
     assert padding is not None  # _supported
     shape = conv.weight.shape

@@ -39,7 +39,7 @@ This module only computes; :mod:`infl.solvers.kfac` turns the factors into a sol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +51,10 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
-from infl.layer_grads import LayerPerExampleGradients, conv_padding
+from infl.layer_grads import LayerPerExampleGradients, conv_padding, conv_weight_grads
 from infl.losses import PerExampleFn, _split_supervised
 from infl.model import ModelWrapper
+from infl.solvers import conv_gram
 from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
 
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
@@ -266,21 +267,46 @@ def partition(wrapper: ModelWrapper, *, allow_diagonal: bool) -> Partition:
 class ChunkRecord:
     """One chunk and one label draw: what every accumulator needs.
 
-    ``acts[name]`` is ``[b, T, in_dim]``, ``grads[name]`` ``[b, T, out_dim]`` (gradients of the
-    per-example losses), ``loss_batch`` the batch whose per-example ``loss_fn`` was
-    differentiated (the labels used, sampled or true; for ``mc_samples="exact"`` the inputs and
-    one column :math:`r_j` of the output Hessian's square root), ``weight`` the Monte-Carlo
-    weight of this draw (``1 / mc_samples``; 1 for an exact column) and ``draw`` its index
-    (the activations are the same for every draw of a chunk).
+    ``inputs[name]`` holds the layer's input of each call (``[b, ...]``, as the layer saw it),
+    ``acts[name]`` the same as ``[b, T, in_dim]`` (patches for a convolution: formed on first
+    use and kept for the chunk's other draws, so a pass that reads only ``inputs`` never
+    unfolds), ``grads[name]`` ``[b, T, out_dim]`` (gradients of the per-example losses),
+    ``loss_batch`` the batch whose per-example ``loss_fn`` was differentiated (the labels
+    used, sampled or true; for ``mc_samples="exact"`` the inputs and one column :math:`r_j` of
+    the output Hessian's square root), ``weight`` the Monte-Carlo weight of this draw
+    (``1 / mc_samples``; 1 for an exact column) and ``draw`` its index (the activations are
+    the same for every draw of a chunk).
     """
 
     size: int
-    acts: dict[str, torch.Tensor]
+    inputs: dict[str, list[torch.Tensor]]
+    acts: Mapping[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
     loss_batch: Batch
     weight: float
     draw: int
     loss_fn: PerExampleFn
+
+
+class _Activations(Mapping[str, torch.Tensor]):
+    """``name -> [b, T, in_dim]`` from the recorded inputs, each formed on first use."""
+
+    def __init__(self, layers: list[LayerBlock], inputs: dict[str, list[torch.Tensor]]) -> None:
+        self._layers = {ly.name: ly for ly in layers}
+        self._inputs = inputs
+        self._formed: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._formed:
+            layer = self._layers[name]
+            self._formed[name] = _joined([layer.activations(a) for a in self._inputs[name]])
+        return self._formed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def stream(
@@ -353,10 +379,8 @@ def stream(
                     active[0] = False
                 _check_calls(layers, records, b)
                 outs = [o for ly in layers for _, o in records[ly.name]]
-                acts = {
-                    ly.name: _joined([ly.activations(a) for a, _ in records[ly.name]])
-                    for ly in layers
-                }
+                inputs = {ly.name: [a for a, _ in records[ly.name]] for ly in layers}
+                acts = _Activations(layers, inputs)
                 exact = loss_name is not None and mc_samples == "exact"
                 weight = 1.0 if exact else 1.0 / num_draws
                 for r in range(num_draws):
@@ -382,7 +406,7 @@ def stream(
                                 ly.output_grads(torch.zeros_like(o) if g is None else g)
                             )
                         grads[ly.name] = _joined(per_call).detach()
-                    visit(ChunkRecord(b, acts, grads, loss_batch, weight, r, loss_fn))
+                    visit(ChunkRecord(b, inputs, acts, grads, loss_batch, weight, r, loss_fn))
     finally:
         for handle in handles:
             handle.remove()
@@ -496,10 +520,11 @@ def collect_factors(
 
     def visit(rec: ChunkRecord) -> None:
         for ly in part.layers:
-            a = rec.acts[ly.name]
             g = rec.grads[ly.name]
-            if rec.draw == 0:
-                _add_gram(A[ly.name], a)
+            if rec.draw == 0 and _by_correlation(ly, rec.inputs[ly.name]):
+                _add_conv_gram(A[ly.name], rec.inputs[ly.name], ly)
+            elif rec.draw == 0:
+                _add_gram(A[ly.name], rec.acts[ly.name])
             _add_gram(S[ly.name], g, rec.weight / g.shape[1])
         if part.diagonal:
             sq = diagonal_sq_grads(wrapper, part.diagonal, rec.loss_batch, rec.loss_fn)
@@ -556,6 +581,36 @@ def _add_gram(out: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> None:
                 block.addbmm_(left, right, alpha=alpha)
             else:
                 block.addmm_(left, right, alpha=alpha)
+
+
+def _by_correlation(layer: LayerBlock, inputs: list[torch.Tensor]) -> bool:
+    """Whether the layer's ``A`` is summed by :mod:`~infl.solvers.conv_gram`: a stride-1
+    convolution with a trainable weight, on ``[b, C, H, W]`` inputs where that is cheaper
+    (:func:`~infl.solvers.conv_gram.prefer`)."""
+    conv = layer.module
+    return (
+        layer.weight is not None
+        and isinstance(conv, nn.Conv2d)
+        and conv_gram.applies(conv)
+        and all(x.dim() == 4 and conv_gram.prefer(x, conv) for x in inputs)
+    )
+
+
+def _add_conv_gram(out: torch.Tensor, inputs: list[torch.Tensor], layer: LayerBlock) -> None:
+    """``out += sum_{b,t} a a^T`` for a stride-1 convolution from its calls' inputs, by
+    :func:`~infl.solvers.conv_gram.patch_gram` (no ``unfold``); the bias column, when there
+    is one, from the patches' sums."""
+    conv = layer.module
+    assert isinstance(conv, nn.Conv2d)
+    d = out.shape[0] - (1 if layer.bias is not None else 0)
+    for x in inputs:
+        out[:d, :d] += conv_gram.patch_gram(x, conv)
+        if layer.bias is not None:
+            sums = conv_gram.patch_sums(x, conv)
+            out[:d, d] += sums
+            out[d, :d] += sums
+            h_out, w_out = conv_gram.output_size(x, conv)
+            out[d, d] += x.shape[0] * h_out * w_out
 
 
 def _mirrored(upper: torch.Tensor) -> torch.Tensor:
@@ -626,14 +681,17 @@ def collect_eigen_diagonal(
         for ly in part.layers:
             assert ly.Q_A is not None
             assert ly.Q_S is not None
-            acts, grads = rec.acts[ly.name], rec.grads[ly.name]
-            if eigen_route(acts.shape[1], ly.out_dim, ly.in_dim) == "form":
-                per_example = torch.bmm(grads.transpose(1, 2), acts)  # G_i, [b, out, in]
-                rotated = torch.matmul(torch.matmul(ly.Q_S.T, per_example), ly.Q_A)
-                acc[ly.name] += (rotated**2).sum(0) * rec.weight
+            grads = rec.grads[ly.name]
+            if eigen_route(grads.shape[1], ly.out_dim, ly.in_dim) == "form":
+                # Q_S^T on the T output gradients first when that is cheaper than on G_i
+                early = grads.shape[1] < ly.in_dim
+                rotated = _per_example_grads(ly, rec, ly.Q_S if early else None) @ ly.Q_A
+                if not early:
+                    rotated = torch.matmul(ly.Q_S.T, rotated)
+                acc[ly.name] += rotated.square_().sum(0) * rec.weight
                 continue
             if rec.draw == 0:
-                a = acts @ ly.Q_A  # [b, T, in]
+                a = rec.acts[ly.name] @ ly.Q_A  # [b, T, in]
                 rotated_acts[ly.name] = a[:, 0] ** 2 if a.shape[1] == 1 else a
             a = rotated_acts[ly.name]
             g = grads @ ly.Q_S  # [b, T, out]
@@ -641,7 +699,7 @@ def collect_eigen_diagonal(
                 acc[ly.name] += (g[:, 0] ** 2).T @ a * rec.weight
             else:
                 rotated = torch.einsum("bto,bti->boi", g, a)
-                acc[ly.name] += (rotated**2).sum(0) * rec.weight
+                acc[ly.name] += rotated.square_().sum(0) * rec.weight
 
     stream(
         wrapper,
@@ -659,6 +717,39 @@ def collect_eigen_diagonal(
     for ly in part.layers:
         ly.eigen_diag = acc[ly.name] / n
     _check_finite(part)
+
+
+def _per_example_grads(
+    layer: LayerBlock, rec: ChunkRecord, out_basis: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:math:`G_i = \\sum_t g_{i,t} a_{i,t}^T` of the chunk's examples, ``[b, out, in_dim]``
+    (:math:`Q^T G_i` with ``out_basis`` :math:`Q`, applied to the ``g``): for a convolution
+    by PyTorch's weight-gradient kernel (:func:`~infl.layer_grads.conv_weight_grads`, no
+    ``unfold``), else from the activations."""
+    grads, inputs = rec.grads[layer.name], rec.inputs[layer.name]
+    conv = layer.module
+    if not isinstance(conv, nn.Conv2d) or layer.weight is None or any(x.dim() != 4 for x in inputs):
+        if out_basis is not None:
+            grads = grads @ out_basis
+        return torch.bmm(grads.transpose(1, 2), rec.acts[layer.name])
+    b, out = grads.shape[0], layer.out_dim
+    weights = grads.new_zeros(b, conv.weight.numel())
+    biases = grads.new_zeros(b, out, 1)
+    start = 0
+    for x in inputs:
+        h_out, w_out = conv_gram.output_size(x, conv)
+        g = grads[:, start : start + h_out * w_out].transpose(1, 2)  # [b, out, T_c]
+        start += h_out * w_out
+        if out_basis is not None:
+            g = torch.matmul(out_basis.T, g)
+        g = g.reshape(b, out, h_out, w_out)
+        one = torch.empty_like(weights) if len(inputs) > 1 else weights
+        conv_weight_grads(conv, x, g, one)
+        if one is not weights:
+            weights += one
+        biases += g.sum((2, 3)).unsqueeze(2)
+    weights = weights.reshape(b, out, -1)
+    return torch.cat([weights, biases], dim=2) if layer.bias is not None else weights
 
 
 def _check_finite(part: Partition) -> None:

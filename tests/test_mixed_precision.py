@@ -323,13 +323,31 @@ def test_cg_refined_negative_curvature_and_auto_damping():
     assert float(relative_residuals(full, x, b).max()) <= 1e-10
 
 
-def test_cg_refined_max_iter_reports_the_float64_residual():
+def test_cg_refined_max_iter_far_from_converged_reports_the_recursive_residual():
+    """A small budget spent far above the float32 floor: no last float64 product; the
+    recursive residuals it reports are the true ones."""
     matrix = _spd(80, 1e5, seed=4)
     rhs = torch.randn(2, 80, dtype=torch.float64)
     with pytest.warns(InflWarning, match="max_iter=5"):
         result = ConjugateGradient(rtol=1e-12, max_iter=5).solve(_dense_mixed(matrix), rhs)
     assert not result.converged
     assert result.iterations == 5
+    assert result.info["full_precision_matvecs"] == 0
+    assert result.info["true_residual_checked"] is False
+    true = relative_residuals(DenseOperator(matrix), result.value, rhs)
+    torch.testing.assert_close(result.residual_norms, true, rtol=1e-5, atol=0)
+
+
+def test_cg_refined_max_iter_near_the_float32_floor_measures_the_float64_residual():
+    """A budget that runs out below sqrt(eps32) of ||b||, where the float32 recursion may
+    have left the true residual: one last float64 product measures it."""
+    matrix = _spd(40, 10.0, seed=3)
+    rhs = torch.randn(2, 40, dtype=torch.float64)
+    with pytest.warns(InflWarning, match="max_iter=13"):
+        result = ConjugateGradient(rtol=1e-15, max_iter=13).solve(_dense_mixed(matrix), rhs)
+    assert not result.converged
+    assert result.info["true_residual_checked"] is True
+    assert float(result.residual_norms.max()) < 3.5e-4
     true = relative_residuals(DenseOperator(matrix), result.value, rhs)
     torch.testing.assert_close(result.residual_norms, true, rtol=1e-6, atol=0)
 

@@ -540,7 +540,11 @@ class FittedCG(FittedSolver):
         :data:`REFINE_RTOL`, :math:`\\tau` the threshold) and :math:`x_{s+1} = x_s + d`. Each
         step divides the residual by about :math:`1/\\max(\\eta, \\kappa\\varepsilon_{32})`;
         a step that does not halve it (:math:`\\kappa\\varepsilon_{32} \\gtrsim 1/2`) switches
-        the inner solves to ``full`` (a warning; ``info["refinement_fallback"]``).
+        the inner solves to ``full`` (a warning; ``info["refinement_fallback"]``). When
+        ``max_iter`` runs out with every inner residual above :math:`\\sqrt{\\varepsilon}`
+        of the low precision (far from converged, as on a small budget), the last step reports
+        those recursive residuals instead of paying one more ``full`` product for the true
+        ones (``info["true_residual_checked"] = False``), as plain CG does.
         """
         threshold, safe_bnorm = self._thresholds(b)
         name = self._name
@@ -567,14 +571,14 @@ class FittedCG(FittedSolver):
         current = res / safe_bnorm
         history = [current]
         inner = outer = full_products = 0
-        fallback = False
+        fallback = estimated = False
         while bool(active.any()) and inner < cfg.max_iter:
             idx = active.nonzero().reshape(-1)
             target = torch.maximum(REFINE_RTOL * res[idx], threshold[idx] / 2)
             op = full if fallback else self.operator
             budget = cfg.max_iter - inner
             try:
-                d, _, its, norms = self._iterate(op, r[idx], target, budget, bar, idx, inner)
+                d, rr, its, norms = self._iterate(op, r[idx], target, budget, bar, idx, inner)
             except _NegativeCurvature as event:
                 if fallback or event.direction is None:
                     raise
@@ -592,15 +596,18 @@ class FittedCG(FittedSolver):
             outer += 1
             r_before = r[idx]
             x[idx] += d
-            r[idx] = b[idx] - full.matmat(x[idx])
-            full_products += idx.numel()
-            new = torch.linalg.vector_norm(r[idx], dim=1)
-            worse = new > res[idx]
-            if bool(worse.any()):  # the correction made these worse: keep x as it was
-                back = idx[worse]
-                x[back] -= d[worse]
-                r[back] = r_before[worse]
-                new[worse] = res[back]
+            if inner >= cfg.max_iter and self._recursive_is_true(rr, safe_bnorm[idx], op):
+                new, estimated = torch.sqrt(rr), True  # the budget is spent: no last product
+            else:
+                r[idx] = b[idx] - full.matmat(x[idx])
+                full_products += idx.numel()
+                new = torch.linalg.vector_norm(r[idx], dim=1)
+                worse = new > res[idx]
+                if bool(worse.any()):  # the correction made these worse: keep x as it was
+                    back = idx[worse]
+                    x[back] -= d[worse]
+                    r[back] = r_before[worse]
+                    new[worse] = res[back]
             for norm in norms[1:]:
                 current = current.clone()
                 current[idx] = norm / safe_bnorm[idx]
@@ -625,6 +632,7 @@ class FittedCG(FittedSolver):
             "inner_iterations": inner,
             "full_precision_matvecs": full_products,
             "refinement_fallback": fallback,
+            "true_residual_checked": not estimated,
         }
         return SolveResult(
             value=x,
@@ -634,6 +642,16 @@ class FittedCG(FittedSolver):
             trace=torch.stack(history),
             info=info,
         )
+
+    def _recursive_is_true(
+        self, rr: torch.Tensor, bnorm: torch.Tensor, operator: LinearOperator
+    ) -> bool:
+        """Whether the last inner solve's recursive residuals stand for the true ones: all
+        above :math:`\\sqrt{\\varepsilon}\\,\\|b\\|` of its products' dtype, where the
+        two part by :math:`O(\\varepsilon\\kappa)` at most (the rule of plain CG). A solve that
+        ran out of iterations there is reported from them, without one more full product."""
+        eps = float(torch.finfo(product_dtype(operator)).eps)
+        return bool((torch.sqrt(rr) > eps**0.5 * bnorm).all())
 
     def _warn_fallback(self, dtype: torch.dtype, ratio: float | None) -> None:
         found = (

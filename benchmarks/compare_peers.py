@@ -262,8 +262,11 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
     float64 (CG refines against float64 products to the same rtol; LiSSA and Arnoldi use the
     float32 products, their own error being far larger than float32 round-off).
     ``Arnoldi-20 preconditioned`` (CG): PCG whose preconditioner inverts the top 20 eigenpairs
-    found by 40 Lanczos steps. ``block`` (CG): ``block=True``, breakdown-free block CG (one
-    Krylov space shared by the right-hand sides), alone and with the options above.
+    found by 40 Lanczos steps. ``K-FAC preconditioned`` / ``EK-FAC preconditioned`` (CG):
+    PCG whose preconditioner is infl's K-FAC / EK-FAC at the same damping (one factor pass,
+    two for EK-FAC; with float32 products on the float64 models). ``block`` (CG):
+    ``block=True``, breakdown-free block CG (one Krylov space shared by the right-hand
+    sides), alone and with the options above.
     ``exact label expectation`` (K-FAC, EK-FAC):
     ``mc_samples="exact"``, the true Fisher's expectation over the labels instead of one
     sampled label per example. ``control variate`` (minibatch LiSSA):
@@ -295,6 +298,14 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
                 "solver": {"block": True},
                 "preconditioner": infl.Arnoldi(rank=20, krylov_dim=40),
             }
+            low = problem.dtype == torch.float64
+            suffix = ", float32 products" if low else ""
+            for name, pre in (("K-FAC", infl.KFAC()), ("EK-FAC", infl.EKFAC())):
+                fields: Variant = {"preconditioner": pre}
+                if low:
+                    fields["curvature_dtype"] = torch.float32
+                out[f"{name} preconditioned{suffix}"] = fields
+                out[f"block, {name} preconditioned{suffix}"] = {**fields, "solver": {"block": True}}
     if method == "arnoldi" and setting.krylov > setting.rank:
         out["every Ritz pair"] = {"solver": {"rank": setting.krylov}}
         if problem.dtype == torch.float64:

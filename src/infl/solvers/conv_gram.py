@@ -58,8 +58,9 @@ __all__ = [
 
 MIN_PATCH_MACS = 100_000_000
 """Below this many multiply-adds of the patch product the fixed cost of the correlations'
-~100 small operations outweighs their saving (a 12-channel 3x3 convolution on 4x4 inputs,
-256 examples: 48M multiply-adds, 3.2 ms by ``unfold`` against 3.6 ms by correlation)."""
+~100 small operations outweighs their saving (``benchmarks/bench_conv_gram.py``: a
+12-channel 3x3 convolution on 4x4 inputs, 256 examples, 48M multiply-adds, 3.8 ms by
+``unfold`` against 4.5 ms by correlation)."""
 
 MAX_MACS_RATIO = 0.6
 """The correlations are used when they need at most this fraction of the multiply-adds of the

@@ -736,17 +736,16 @@ def _per_example_grads(
     weights = grads.new_zeros(b, conv.weight.numel())
     biases = grads.new_zeros(b, out, 1)
     start = 0
-    for x in inputs:
+    for x in inputs:  # one call's locations after another's (_joined)
         h_out, w_out = conv_gram.output_size(x, conv)
         g = grads[:, start : start + h_out * w_out].transpose(1, 2)  # [b, out, T_c]
         start += h_out * w_out
         if out_basis is not None:
             g = torch.matmul(out_basis.T, g)
         g = g.reshape(b, out, h_out, w_out)
-        one = torch.empty_like(weights) if len(inputs) > 1 else weights
-        conv_weight_grads(conv, x, g, one)
-        if one is not weights:
-            weights += one
+        call = grads.new_empty(b, conv.weight.numel())
+        conv_weight_grads(conv, x, g, call)
+        weights += call
         biases += g.sum((2, 3)).unsqueeze(2)
     weights = weights.reshape(b, out, -1)
     return torch.cat([weights, biases], dim=2) if layer.bias is not None else weights

@@ -119,9 +119,17 @@ class LayerPerExampleGradients:
         if recorded is None:
             return None
         inputs, out_grads = recorded
+        return self.from_recorded(inputs, out_grads, [params[n].numel() for n in self.names])
+
+    def from_recorded(
+        self, inputs: dict[str, torch.Tensor], out_grads: dict[str, torch.Tensor], sizes: list[int]
+    ) -> torch.Tensor | None:
+        """``[b, p]`` from each layer's recorded input and output gradient (by layer prefix;
+        ``sizes[j]`` the number of elements of ``names[j]``), or ``None`` when a kernel refuses
+        a layer. The inputs must have passed :meth:`accepts`."""
         first = next(iter(out_grads.values()))
-        sizes = [params[n].numel() for n in self.names]
-        flat = torch.empty(batch_size, sum(sizes), dtype=first.dtype, device=first.device)
+        b = first.shape[0]
+        flat = torch.empty(b, sum(sizes), dtype=first.dtype, device=first.device)
         start = 0
         for name, size in zip(self.names, sizes, strict=True):
             prefix, kind = self.owner[name]
@@ -134,6 +142,13 @@ class LayerPerExampleGradients:
                 return None
         return flat
 
+    @staticmethod
+    def accepts(module: nn.Module, a: torch.Tensor, batch_size: int) -> bool:
+        """Whether a call of ``module`` on ``a`` is one the closed forms read: the batch's
+        examples along dim 0 (and ``[b, C, H, W]`` images for the 2-d layers)."""
+        images = isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+        return a.shape[0] == batch_size and (a.dim() == 4 if images else a.dim() >= 2)
+
     def _record(
         self,
         evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
@@ -143,8 +158,7 @@ class LayerPerExampleGradients:
         """Each layer's input (detached) and the gradient at its output, or ``None``."""
 
         def accepts(module: nn.Module, a: torch.Tensor, _out: torch.Tensor) -> bool:
-            images = isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
-            return a.shape[0] == batch_size and (a.dim() == 4 if images else a.dim() >= 2)
+            return self.accepts(module, a, batch_size)
 
         with torch.enable_grad():
             return output_gradients(record_layer_calls(self.layers, evaluate, params, accepts))

@@ -407,6 +407,55 @@ def test_unsupported_diagonal_fallback_is_the_fisher_diagonal():
     assert float(dense[15:, :15].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("solver", [KFAC, EKFAC])
+def test_norm_layers_diagonal_comes_from_the_factor_pass(monkeypatch, solver):
+    """GroupNorm and LayerNorm parameters (diagonal blocks) get their squared per-example
+    gradients from the factor pass's own backward passes: no pass of their own (the
+    fallback is forbidden here), equal to per-example autograd gradients, with sampled
+    labels over two draws as with the data's labels."""
+    torch.manual_seed(12)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 4)
+            self.ln = nn.LayerNorm(36)
+            self.head = nn.Linear(36, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.ln(torch.tanh(self.gn(self.conv(x))).mean(1).flatten(1)))
+
+    model, x, y = Net(), torch.randn(10, 2, 6, 6), torch.randint(0, 3, (10,))
+    norm_params = ["gn.weight", "gn.bias", "ln.weight", "ln.bias"]
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the diagonal blocks took a pass of their own")
+
+    monkeypatch.setattr(kronecker, "diagonal_sq_grads", no_fallback)
+    empirical, _ = fit(
+        model, x, y, solver(fisher="empirical", unsupported="diagonal"), chunk_size=4
+    )
+    g = per_example_grads(model, ce, x, y)
+    columns, start = {}, 0
+    for name, q in model.named_parameters():
+        columns[name] = slice(start, start + q.numel())
+        start += q.numel()
+    blocks = {blk.name: blk for blk in empirical.partition.diagonal}
+    assert sorted(blocks) == sorted(norm_params)
+    for name in norm_params:
+        expected = (g[:, columns[name]] ** 2).mean(0)
+        torch.testing.assert_close(blocks[name].diag, expected, rtol=1e-12, atol=1e-14)
+    sampled, _ = fit(
+        model, x, y, solver(unsupported="diagonal", mc_samples=2, seed=3), chunk_size=4
+    )
+    monkeypatch.undo()
+    monkeypatch.setattr(kronecker, "_recorded_sq_grads", lambda *args: None)  # the fallback
+    again, _ = fit(model, x, y, solver(unsupported="diagonal", mc_samples=2, seed=3), chunk_size=4)
+    for a, b in zip(sampled.partition.diagonal, again.partition.diagonal, strict=True):
+        torch.testing.assert_close(a.diag, b.diag, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [

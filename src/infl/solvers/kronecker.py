@@ -275,7 +275,9 @@ class ChunkRecord:
     used, sampled or true; for ``mc_samples="exact"`` the inputs and one column :math:`r_j` of
     the output Hessian's square root), ``weight`` the Monte-Carlo weight of this draw
     (``1 / mc_samples``; 1 for an exact column) and ``draw`` its index (the activations are
-    the same for every draw of a chunk).
+    the same for every draw of a chunk). ``norms[prefix]``, when :func:`stream` was given
+    ``norms``, is that module's ``(input, output gradient)`` for this draw (``None`` for a
+    chunk whose forward pass did not call each of them once on its examples).
     """
 
     size: int
@@ -286,6 +288,7 @@ class ChunkRecord:
     weight: float
     draw: int
     loss_fn: PerExampleFn
+    norms: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class _Activations(Mapping[str, torch.Tensor]):
@@ -321,6 +324,7 @@ def stream(
     mc_samples: int | str,
     desc: str,
     progress: bool,
+    norms: Mapping[str, nn.Module] | None = None,
 ) -> None:
     """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
 
@@ -330,19 +334,26 @@ def stream(
 
     Temporary forward hooks on the layers record their inputs and outputs during a
     ``functional_call`` of the user's module at infl's parameters; they are removed in
-    ``finally``, and the module's own parameters are never touched.
+    ``finally``, and the module's own parameters are never touched. ``norms`` (module prefix
+    to module: the owners of diagonal blocks) are hooked the same way, and their output
+    gradients come from the same backward passes (``ChunkRecord.norms``).
     """
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {ly.name: [] for ly in layers}
+    norms = dict(norms or {})
+    norm_calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in norms}
     active = [False]
 
-    def make_hook(name: str) -> Callable[..., None]:
+    def make_hook(
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], name: str
+    ) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             if active[0]:
-                records[name].append((args[0].detach(), output))
+                calls[name].append((args[0].detach(), output))
 
         return hook
 
-    handles = [ly.module.register_forward_hook(make_hook(ly.name)) for ly in layers]
+    handles = [ly.module.register_forward_hook(make_hook(records, ly.name)) for ly in layers]
+    handles += [m.register_forward_hook(make_hook(norm_calls, p)) for p, m in norms.items()]
     loss_name = builtin_loss_name(wrapper) if fisher == "true" else None
     if fisher == "true" and loss_name is None:
         raise InputError("fisher='true' needs a built-in loss; use fisher='empirical'")
@@ -359,8 +370,8 @@ def stream(
         for _, raw in bar:
             batch = wrapper.prepare(raw)
             b = batch_size(batch)
-            for rec in records.values():
-                rec.clear()
+            for calls in (*records.values(), *norm_calls.values()):
+                calls.clear()
             empirical: Draw | None = None
             with torch.enable_grad():
                 active[0] = True
@@ -379,6 +390,11 @@ def stream(
                     active[0] = False
                 _check_calls(layers, records, b)
                 outs = [o for ly in layers for _, o in records[ly.name]]
+                norms_read = bool(norms) and all(
+                    _one_call(norm_calls[p], module, b) for p, module in norms.items()
+                )
+                if norms_read:
+                    outs += [norm_calls[p][0][1] for p in norms]
                 inputs = {ly.name: [a for a, _ in records[ly.name]] for ly in layers}
                 acts = _Activations(layers, inputs)
                 exact = loss_name is not None and mc_samples == "exact"
@@ -406,12 +422,36 @@ def stream(
                                 ly.output_grads(torch.zeros_like(o) if g is None else g)
                             )
                         grads[ly.name] = _joined(per_call).detach()
-                    visit(ChunkRecord(b, inputs, acts, grads, loss_batch, weight, r, loss_fn))
+                    norm_io = None
+                    if norms_read:
+                        norm_io = {
+                            p: (norm_calls[p][0][0], _or_zeros(g, norm_calls[p][0][1]))
+                            for p, g in zip(norms, out_grads[pos:], strict=True)
+                        }
+                    visit(
+                        ChunkRecord(
+                            b, inputs, acts, grads, loss_batch, weight, r, loss_fn, norms=norm_io
+                        )
+                    )
     finally:
         for handle in handles:
             handle.remove()
-        for rec in records.values():
-            rec.clear()
+        for calls in (*records.values(), *norm_calls.values()):
+            calls.clear()
+
+
+def _one_call(calls: list[tuple[torch.Tensor, torch.Tensor]], module: nn.Module, b: int) -> bool:
+    """Whether a norm module was called once, on the chunk's ``b`` examples, with a tensor
+    output (what :meth:`LayerPerExampleGradients.from_recorded` reads)."""
+    return (
+        len(calls) == 1
+        and isinstance(calls[0][1], torch.Tensor)
+        and LayerPerExampleGradients.accepts(module, calls[0][0], b)
+    )
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad.detach()
 
 
 def _joined(per_call: list[torch.Tensor]) -> torch.Tensor:
@@ -485,6 +525,24 @@ def diagonal_sq_grads(
     return {n: (grads[n].detach() ** 2).sum(0).reshape(-1) for n in names}
 
 
+def _recorded_sq_grads(
+    batched: LayerPerExampleGradients | None, blocks: list[DiagonalBlock], rec: ChunkRecord
+) -> dict[str, torch.Tensor] | None:
+    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` of the diagonal blocks from the norm
+    layers' inputs and output gradients recorded in the chunk's own backward pass (no pass
+    of its own), or ``None`` where they were not recorded or a kernel refuses a layer."""
+    if batched is None or rec.norms is None:
+        return None
+    inputs = {p: a for p, (a, _) in rec.norms.items()}
+    out_grads = {p: g for p, (_, g) in rec.norms.items()}
+    sizes = [blk.param_slice.stop - blk.param_slice.start for blk in blocks]
+    rows = batched.from_recorded(inputs, out_grads, sizes)
+    if rows is None:
+        return None
+    sums = (rows**2).sum(0)
+    return dict(zip([blk.name for blk in blocks], torch.split(sums, sizes), strict=True))
+
+
 def collect_factors(
     wrapper: ModelWrapper,
     data: IndexedData,
@@ -499,8 +557,9 @@ def collect_factors(
     """Pass 1: fill ``A``, ``S`` of every layer and ``diag`` of every diagonal block (in place).
 
     Cost: one forward and ``mc_samples`` backward passes over the data (``"exact"``: one per
-    output of an example) plus one vmapped per-example gradient of the diagonal blocks'
-    parameters per draw; memory
+    output of an example); the diagonal blocks' per-example gradients come from the same
+    passes where their parameters all sit in norm layers of :mod:`infl.layer_grads`
+    (GroupNorm, LayerNorm, eval BatchNorm2d), else from one more per draw; memory
     :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors.
     """
     dtype, device = wrapper.dtype, wrapper.device
@@ -518,6 +577,10 @@ def collect_factors(
         for blk in part.diagonal
     }
 
+    names = [blk.name for blk in part.diagonal]
+    batched = LayerPerExampleGradients(wrapper.model, names) if names else None
+    norms = batched.layers if batched is not None and batched.applicable else None
+
     def visit(rec: ChunkRecord) -> None:
         for ly in part.layers:
             g = rec.grads[ly.name]
@@ -527,7 +590,9 @@ def collect_factors(
                 _add_gram(A[ly.name], rec.acts[ly.name])
             _add_gram(S[ly.name], g, rec.weight / g.shape[1])
         if part.diagonal:
-            sq = diagonal_sq_grads(wrapper, part.diagonal, rec.loss_batch, rec.loss_fn)
+            sq = _recorded_sq_grads(batched, part.diagonal, rec)
+            if sq is None:
+                sq = diagonal_sq_grads(wrapper, part.diagonal, rec.loss_batch, rec.loss_fn)
             for name, value in sq.items():
                 diag[name] += value * rec.weight
 
@@ -542,6 +607,7 @@ def collect_factors(
         mc_samples=mc_samples,
         desc="K-FAC factors",
         progress=progress,
+        norms=norms,
     )
     n = len(data)
     for ly in part.layers:

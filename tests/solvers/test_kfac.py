@@ -408,11 +408,11 @@ def test_unsupported_diagonal_fallback_is_the_fisher_diagonal():
 
 
 @pytest.mark.parametrize("solver", [KFAC, EKFAC])
-def test_norm_layers_diagonal_comes_from_the_factor_pass(monkeypatch, solver):
-    """GroupNorm and LayerNorm parameters (diagonal blocks) get their squared per-example
-    gradients from the factor pass's own backward passes: no pass of their own (the
-    fallback is forbidden here), equal to per-example autograd gradients, with sampled
-    labels over two draws as with the data's labels."""
+def test_diagonal_blocks_come_from_the_factor_pass(monkeypatch, solver):
+    """GroupNorm, LayerNorm and grouped-convolution parameters (diagonal blocks) get their
+    squared per-example gradients from the factor pass's own backward passes: no pass of
+    their own (the fallback is forbidden here), equal to per-example autograd gradients,
+    with sampled labels over two draws as with the data's labels."""
     torch.manual_seed(12)
 
     class Net(nn.Module):
@@ -420,14 +420,23 @@ def test_norm_layers_diagonal_comes_from_the_factor_pass(monkeypatch, solver):
             super().__init__()
             self.conv = nn.Conv2d(2, 4, 3, padding=1)
             self.gn = nn.GroupNorm(2, 4)
+            self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
             self.ln = nn.LayerNorm(36)
             self.head = nn.Linear(36, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.ln(torch.tanh(self.gn(self.conv(x))).mean(1).flatten(1)))
+            h = self.grouped(torch.tanh(self.gn(self.conv(x))))
+            return self.head(self.ln(torch.tanh(h).mean(1).flatten(1)))
 
     model, x, y = Net(), torch.randn(10, 2, 6, 6), torch.randint(0, 3, (10,))
-    norm_params = ["gn.weight", "gn.bias", "ln.weight", "ln.bias"]
+    norm_params = [
+        "gn.weight",
+        "gn.bias",
+        "grouped.weight",
+        "grouped.bias",
+        "ln.weight",
+        "ln.bias",
+    ]
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("the diagonal blocks took a pass of their own")

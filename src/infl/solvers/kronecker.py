@@ -275,8 +275,8 @@ class ChunkRecord:
     used, sampled or true; for ``mc_samples="exact"`` the inputs and one column :math:`r_j` of
     the output Hessian's square root), ``weight`` the Monte-Carlo weight of this draw
     (``1 / mc_samples``; 1 for an exact column) and ``draw`` its index (the activations are
-    the same for every draw of a chunk). ``norms[prefix]``, when :func:`stream` was given
-    ``norms``, is that module's ``(input, output gradient)`` for this draw (``None`` for a
+    the same for every draw of a chunk). ``owners[prefix]``, when :func:`stream` was given
+    ``owners``, is that module's ``(input, output gradient)`` for this draw (``None`` for a
     chunk whose forward pass did not call each of them once on its examples).
     """
 
@@ -288,7 +288,7 @@ class ChunkRecord:
     weight: float
     draw: int
     loss_fn: PerExampleFn
-    norms: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    owners: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class _Activations(Mapping[str, torch.Tensor]):
@@ -324,7 +324,7 @@ def stream(
     mc_samples: int | str,
     desc: str,
     progress: bool,
-    norms: Mapping[str, nn.Module] | None = None,
+    owners: Mapping[str, nn.Module] | None = None,
 ) -> None:
     """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
 
@@ -334,13 +334,14 @@ def stream(
 
     Temporary forward hooks on the layers record their inputs and outputs during a
     ``functional_call`` of the user's module at infl's parameters; they are removed in
-    ``finally``, and the module's own parameters are never touched. ``norms`` (module prefix
-    to module: the owners of diagonal blocks) are hooked the same way, and their output
-    gradients come from the same backward passes (``ChunkRecord.norms``).
+    ``finally``, and the module's own parameters are never touched. ``owners`` (module prefix
+    to module: the layers owning the diagonal blocks' parameters, e.g. norms) are hooked the
+    same way, and their output gradients come from the same backward passes
+    (``ChunkRecord.owners``).
     """
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {ly.name: [] for ly in layers}
-    norms = dict(norms or {})
-    norm_calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in norms}
+    owners = dict(owners or {})
+    owner_calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in owners}
     active = [False]
 
     def make_hook(
@@ -353,7 +354,7 @@ def stream(
         return hook
 
     handles = [ly.module.register_forward_hook(make_hook(records, ly.name)) for ly in layers]
-    handles += [m.register_forward_hook(make_hook(norm_calls, p)) for p, m in norms.items()]
+    handles += [m.register_forward_hook(make_hook(owner_calls, p)) for p, m in owners.items()]
     loss_name = builtin_loss_name(wrapper) if fisher == "true" else None
     if fisher == "true" and loss_name is None:
         raise InputError("fisher='true' needs a built-in loss; use fisher='empirical'")
@@ -370,7 +371,7 @@ def stream(
         for _, raw in bar:
             batch = wrapper.prepare(raw)
             b = batch_size(batch)
-            for calls in (*records.values(), *norm_calls.values()):
+            for calls in (*records.values(), *owner_calls.values()):
                 calls.clear()
             empirical: Draw | None = None
             with torch.enable_grad():
@@ -390,11 +391,11 @@ def stream(
                     active[0] = False
                 _check_calls(layers, records, b)
                 outs = [o for ly in layers for _, o in records[ly.name]]
-                norms_read = bool(norms) and all(
-                    _one_call(norm_calls[p], module, b) for p, module in norms.items()
+                owners_read = bool(owners) and all(
+                    _one_call(owner_calls[p], module, b) for p, module in owners.items()
                 )
-                if norms_read:
-                    outs += [norm_calls[p][0][1] for p in norms]
+                if owners_read:
+                    outs += [owner_calls[p][0][1] for p in owners]
                 inputs = {ly.name: [a for a, _ in records[ly.name]] for ly in layers}
                 acts = _Activations(layers, inputs)
                 exact = loss_name is not None and mc_samples == "exact"
@@ -422,27 +423,27 @@ def stream(
                                 ly.output_grads(torch.zeros_like(o) if g is None else g)
                             )
                         grads[ly.name] = _joined(per_call).detach()
-                    norm_io = None
-                    if norms_read:
-                        norm_io = {
-                            p: (norm_calls[p][0][0], _or_zeros(g, norm_calls[p][0][1]))
-                            for p, g in zip(norms, out_grads[pos:], strict=True)
+                    owner_io = None
+                    if owners_read:
+                        owner_io = {
+                            p: (owner_calls[p][0][0], _or_zeros(g, owner_calls[p][0][1]))
+                            for p, g in zip(owners, out_grads[pos:], strict=True)
                         }
                     visit(
                         ChunkRecord(
-                            b, inputs, acts, grads, loss_batch, weight, r, loss_fn, norms=norm_io
+                            b, inputs, acts, grads, loss_batch, weight, r, loss_fn, owners=owner_io
                         )
                     )
     finally:
         for handle in handles:
             handle.remove()
-        for calls in (*records.values(), *norm_calls.values()):
+        for calls in (*records.values(), *owner_calls.values()):
             calls.clear()
 
 
 def _one_call(calls: list[tuple[torch.Tensor, torch.Tensor]], module: nn.Module, b: int) -> bool:
-    """Whether a norm module was called once, on the chunk's ``b`` examples, with a tensor
-    output (what :meth:`LayerPerExampleGradients.from_recorded` reads)."""
+    """Whether an owner of diagonal blocks was called once, on the chunk's ``b`` examples,
+    with a tensor output (what :meth:`LayerPerExampleGradients.from_recorded` reads)."""
     return (
         len(calls) == 1
         and isinstance(calls[0][1], torch.Tensor)
@@ -528,13 +529,13 @@ def diagonal_sq_grads(
 def _recorded_sq_grads(
     batched: LayerPerExampleGradients | None, blocks: list[DiagonalBlock], rec: ChunkRecord
 ) -> dict[str, torch.Tensor] | None:
-    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` of the diagonal blocks from the norm
+    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` of the diagonal blocks from their
     layers' inputs and output gradients recorded in the chunk's own backward pass (no pass
     of its own), or ``None`` where they were not recorded or a kernel refuses a layer."""
-    if batched is None or rec.norms is None:
+    if batched is None or rec.owners is None:
         return None
-    inputs = {p: a for p, (a, _) in rec.norms.items()}
-    out_grads = {p: g for p, (_, g) in rec.norms.items()}
+    inputs = {p: a for p, (a, _) in rec.owners.items()}
+    out_grads = {p: g for p, (_, g) in rec.owners.items()}
     sizes = [blk.param_slice.stop - blk.param_slice.start for blk in blocks]
     rows = batched.from_recorded(inputs, out_grads, sizes)
     if rows is None:
@@ -558,8 +559,8 @@ def collect_factors(
 
     Cost: one forward and ``mc_samples`` backward passes over the data (``"exact"``: one per
     output of an example); the diagonal blocks' per-example gradients come from the same
-    passes where their parameters all sit in norm layers of :mod:`infl.layer_grads`
-    (GroupNorm, LayerNorm, eval BatchNorm2d), else from one more per draw; memory
+    passes where their parameters all sit in layers of :mod:`infl.layer_grads` (GroupNorm,
+    LayerNorm, eval BatchNorm2d, grouped convolutions), else from one more per draw; memory
     :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors.
     """
     dtype, device = wrapper.dtype, wrapper.device
@@ -579,7 +580,7 @@ def collect_factors(
 
     names = [blk.name for blk in part.diagonal]
     batched = LayerPerExampleGradients(wrapper.model, names) if names else None
-    norms = batched.layers if batched is not None and batched.applicable else None
+    owners = batched.layers if batched is not None and batched.applicable else None
 
     def visit(rec: ChunkRecord) -> None:
         for ly in part.layers:
@@ -607,7 +608,7 @@ def collect_factors(
         mc_samples=mc_samples,
         desc="K-FAC factors",
         progress=progress,
-        norms=norms,
+        owners=owners,
     )
     n = len(data)
     for ly in part.layers:

@@ -11,7 +11,7 @@ is done:
    (inclusive; a block nested in another is counted in the inner one only, see ``BLOCKS``):
    per-sample gradients (``ModelWrapper.per_example_grads``), dense Hessian assembly
    (``LinearOperator.to_dense``), other Hessian-vector products (``LinearOperator.matmat``
-   outside ``to_dense``), K-FAC/EK-FAC factor passes (``kronecker.stream``), and the rest
+   outside ``to_dense``), K-FAC/EK-FAC factor passes (``kronecker_stream.stream``), and the rest
    (solver bookkeeping, linear algebra, scoring GEMMs); each share is applied to the plain time;
 3. under **torch.profiler** (CPU; only runs under ``TORCH_PROFILER_MAX_SECONDS``, since the
    profiler keeps every op event in memory): the self time of all ``aten::`` operators (the
@@ -56,7 +56,7 @@ BLOCKS: tuple[tuple[str, str, str], ...] = (
     ("per-sample grads", "infl/model.py", "per_example_grads"),
     ("dense assembly", "infl/operators.py", "to_dense"),
     ("HVPs", "infl/operators.py", "matmat"),
-    ("K-FAC factor passes", "infl/solvers/kronecker.py", "stream"),
+    ("K-FAC factor passes", "infl/solvers/kronecker_stream.py", "stream"),
 )
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
 # torch.profiler keeps every op event in memory: on the CNN's dense Hessian it passed 18 GB and

@@ -1,0 +1,263 @@
+"""One streamed pass over the training data for the Kronecker factors.
+
+Per chunk and label draw, :func:`stream` hands a visitor each layer's inputs and the gradients
+of the per-example losses at its outputs (:class:`ChunkRecord`), from one forward pass of the
+chunk (temporary forward hooks on the layers) and one backward pass per draw. The factor pass,
+EK-FAC's eigenvalue pass and the diagonal blocks' Fisher diagonal of
+:mod:`infl.solvers.kronecker` are visitors of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from infl.data import Batch, IndexedData, batch_size
+from infl.errors import InputError, NonFiniteError
+from infl.layer_grads import LayerPerExampleGradients
+from infl.losses import PerExampleFn, _split_supervised
+from infl.model import ModelWrapper
+from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
+
+if TYPE_CHECKING:
+    from infl.solvers.kronecker import LayerBlock
+
+__all__ = ["ChunkRecord", "functional", "stream"]
+
+
+@dataclass
+class ChunkRecord:
+    """One chunk and one label draw: what every accumulator needs.
+
+    ``inputs[name]`` holds the layer's input of each call (``[b, ...]``, as the layer saw it),
+    ``acts[name]`` the same as ``[b, T, in_dim]`` (patches for a convolution: formed on first
+    use and kept for the chunk's other draws, so a pass that reads only ``inputs`` never
+    unfolds), ``grads[name]`` ``[b, T, out_dim]`` (gradients of the per-example losses),
+    ``loss_batch`` the batch whose per-example ``loss_fn`` was differentiated (the labels
+    used, sampled or true; for ``mc_samples="exact"`` the inputs and one column :math:`r_j` of
+    the output Hessian's square root), ``weight`` the Monte-Carlo weight of this draw
+    (``1 / mc_samples``; 1 for an exact column) and ``draw`` its index (the activations are
+    the same for every draw of a chunk). ``owners[prefix]``, when :func:`stream` was given
+    ``owners``, is that module's ``(input, output gradient)`` for this draw (``None`` for a
+    chunk whose forward pass did not call each of them once on its examples).
+    """
+
+    size: int
+    inputs: dict[str, list[torch.Tensor]]
+    acts: Mapping[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    loss_batch: Batch
+    weight: float
+    draw: int
+    loss_fn: PerExampleFn
+    owners: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+class _Activations(Mapping[str, torch.Tensor]):
+    """``name -> [b, T, in_dim]`` from the recorded inputs, each formed on first use."""
+
+    def __init__(self, layers: list[LayerBlock], inputs: dict[str, list[torch.Tensor]]) -> None:
+        self._layers = {ly.name: ly for ly in layers}
+        self._inputs = inputs
+        self._formed: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._formed:
+            layer = self._layers[name]
+            self._formed[name] = _joined([layer.activations(a) for a in self._inputs[name]])
+        return self._formed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+def stream(
+    wrapper: ModelWrapper,
+    data: IndexedData,
+    layers: list[LayerBlock],
+    visit: Callable[[ChunkRecord], None],
+    *,
+    fisher: str,
+    chunk_size: int,
+    generator: torch.Generator,
+    mc_samples: int | str,
+    desc: str,
+    progress: bool,
+    owners: Mapping[str, nn.Module] | None = None,
+) -> None:
+    """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
+
+    ``mc_samples`` label draws per example for ``fisher="true"``, or ``"exact"``: one
+    backward pass per column of :func:`~infl.solvers.fisher_labels.fisher_root` instead of
+    the draws. A chunk's draws are made one at a time, each just before its backward pass.
+
+    Temporary forward hooks on the layers record their inputs and outputs during a
+    ``functional_call`` of the user's module at infl's parameters; they are removed in
+    ``finally``, and the module's own parameters are never touched. ``owners`` (module prefix
+    to module: the layers owning the diagonal blocks' parameters, e.g. norms) are hooked the
+    same way, and their output gradients come from the same backward passes
+    (``ChunkRecord.owners``).
+    """
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {ly.name: [] for ly in layers}
+    owners = dict(owners or {})
+    owner_calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in owners}
+    active = [False]
+
+    def make_hook(
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], name: str
+    ) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if active[0]:
+                calls[name].append((args[0].detach(), output))
+
+        return hook
+
+    handles = [ly.module.register_forward_hook(make_hook(records, ly.name)) for ly in layers]
+    handles += [m.register_forward_hook(make_hook(owner_calls, p)) for p, m in owners.items()]
+    loss_name = builtin_loss_name(wrapper) if fisher == "true" else None
+    if fisher == "true" and loss_name is None:
+        raise InputError("fisher='true' needs a built-in loss; use fisher='empirical'")
+    try:
+        params = {n: p.detach().clone().requires_grad_(True) for n, p in wrapper.params.items()}
+        model_fn = functional(wrapper, params)
+        bar = tqdm(
+            data.chunks(chunk_size),
+            total=data.num_chunks(chunk_size),
+            desc=desc,
+            disable=not progress,
+            leave=False,
+        )
+        for _, raw in bar:
+            batch = wrapper.prepare(raw)
+            b = batch_size(batch)
+            for calls in (*records.values(), *owner_calls.values()):
+                calls.clear()
+            empirical: Draw | None = None
+            with torch.enable_grad():
+                active[0] = True
+                try:
+                    if loss_name is None:
+                        loss_fn = wrapper.objective.per_example_loss
+                        empirical = (loss_fn(model_fn, batch).sum(), batch, loss_fn)
+                        num_draws, make_draw = 1, None
+                    else:
+                        inputs, _ = _split_supervised(batch)
+                        outputs = model_fn(inputs)
+                        num_draws, make_draw = label_draws(
+                            loss_name, mc_samples, inputs, outputs, generator
+                        )
+                finally:
+                    active[0] = False
+                _check_calls(layers, records, b)
+                outs = [o for ly in layers for _, o in records[ly.name]]
+                owners_read = bool(owners) and all(
+                    _one_call(owner_calls[p], module, b) for p, module in owners.items()
+                )
+                if owners_read:
+                    outs += [owner_calls[p][0][1] for p in owners]
+                inputs = {ly.name: [a for a, _ in records[ly.name]] for ly in layers}
+                acts = _Activations(layers, inputs)
+                exact = loss_name is not None and mc_samples == "exact"
+                weight = 1.0 if exact else 1.0 / num_draws
+                for r in range(num_draws):
+                    draw = make_draw(r) if make_draw is not None else empirical
+                    assert draw is not None
+                    loss, loss_batch, loss_fn = draw
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(
+                            "the training loss of a chunk is not finite at the trained "
+                            "parameters; check the inputs for NaN/inf"
+                        )
+                    out_grads = torch.autograd.grad(
+                        loss, outs, retain_graph=r < num_draws - 1, allow_unused=True
+                    )
+                    pos = 0
+                    grads = {}
+                    for ly in layers:
+                        per_call = []
+                        for _, o in records[ly.name]:
+                            g = out_grads[pos]
+                            pos += 1
+                            per_call.append(
+                                ly.output_grads(torch.zeros_like(o) if g is None else g)
+                            )
+                        grads[ly.name] = _joined(per_call).detach()
+                    owner_io = None
+                    if owners_read:
+                        owner_io = {
+                            p: (owner_calls[p][0][0], _or_zeros(g, owner_calls[p][0][1]))
+                            for p, g in zip(owners, out_grads[pos:], strict=True)
+                        }
+                    visit(
+                        ChunkRecord(
+                            b, inputs, acts, grads, loss_batch, weight, r, loss_fn, owners=owner_io
+                        )
+                    )
+    finally:
+        for handle in handles:
+            handle.remove()
+        for calls in (*records.values(), *owner_calls.values()):
+            calls.clear()
+
+
+def _one_call(calls: list[tuple[torch.Tensor, torch.Tensor]], module: nn.Module, b: int) -> bool:
+    """Whether an owner of diagonal blocks was called once, on the chunk's ``b`` examples,
+    with a tensor output (what :meth:`LayerPerExampleGradients.from_recorded` reads)."""
+    return (
+        len(calls) == 1
+        and isinstance(calls[0][1], torch.Tensor)
+        and LayerPerExampleGradients.accepts(module, calls[0][0], b)
+    )
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad.detach()
+
+
+def _joined(per_call: list[torch.Tensor]) -> torch.Tensor:
+    """The calls' ``[b, T_c, d]`` tensors along the locations; one call's is kept as it is
+    (a view: no copy)."""
+    return per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=1)
+
+
+def functional(wrapper: ModelWrapper, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    """The user's module as a function called at ``params`` (``functional_call``, with the
+    wrapper's fixed tensors beside them): its own parameters are never touched."""
+    fixed = wrapper.fixed
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return functional_call(wrapper.model, {**fixed, **params}, args, kwargs)
+
+    return call
+
+
+def _check_calls(
+    layers: list[LayerBlock],
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    b: int,
+) -> None:
+    for ly in layers:
+        calls = records[ly.name]
+        if not calls:
+            raise InputError(
+                f"layer {ly.name!r} ({type(ly.module).__name__}) has trainable parameters but "
+                "was not called in the forward pass (its parameters are used some other way, "
+                "e.g. F.linear(x, layer.weight)); K-FAC needs the layer itself to be called. "
+                "Freeze its parameters or call the layer as a module."
+            )
+        for a, _ in calls:
+            if a.dim() < 2 or a.shape[0] != b:
+                raise InputError(
+                    f"layer {ly.name!r} was called on an input of shape {tuple(a.shape)}, "
+                    f"not on the chunk's {b} examples along dim 0; K-FAC needs every layer "
+                    "to see the batch dimension first"
+                )

@@ -6,7 +6,8 @@ on and above the diagonal, then mirrored) and :func:`infl.solvers.conv_gram.patc
 shifted correlations of the input). Reported: the best of ``--repeat`` alternating runs of
 each, their ratio, the largest difference relative to the largest entry, and the route
 :func:`~infl.solvers.conv_gram.prefer` picks. The shapes are a CIFAR ResNet's stride-1 layers
-(``small_resnet(width=64)``, 256 examples) and the digits CNN's (``small_cnn``, float64).
+(``small_resnet(width=64)``, 256 examples), two smaller images near the route's limit
+(``conv_gram.MAX_MACS_RATIO``) and the digits CNN's (``small_cnn``, float64).
 
     python benchmarks/bench_conv_gram.py [--repeat 3] [--threads 1]
 """
@@ -29,6 +30,8 @@ SHAPES = [  # (examples, channels, side, dtype)
     (256, 64, 32, torch.float32),
     (256, 128, 16, torch.float32),
     (256, 256, 8, torch.float32),
+    (256, 64, 8, torch.float32),
+    (256, 256, 4, torch.float32),
     (256, 1, 8, torch.float64),
     (256, 12, 4, torch.float64),
 ]

@@ -26,12 +26,13 @@ one-pixel-wide strips (rows plus columns minus their crossings). :math:`K^2` blo
 :math:`(2k_h-1)(2k_w-1)` shifts, and :math:`F_{-\\delta} = F_\\delta^T`: a 3x3 kernel needs 13
 correlations of ``2 b H W C²`` flops instead of the 81 blocks of the patch product, and no
 ``unfold`` copy of the input (9 times its size for 3x3). The strips cost ``O(b (H + W) C²)``
-per tap pair. The result is the patch product's, up to round-off.
+per border row or column, each shared by the tap pairs that need it. The result is the patch
+product's, up to round-off.
 
-The correlations read the zero-padded input through flat views: in a row-major image padded by
-enough zero columns, a shift is a constant offset, so every :math:`F_\\delta` is one batched
-matrix product of two strided views of the same memory (its rows include the zero columns,
-which add nothing).
+The correlations read one copy of the input, channel-major, the examples end to end, each
+image followed by zero rows and each row by zero columns (:class:`_Layout`): there a shift is
+a constant flat offset, so every :math:`F_\\delta` is one ``[C, N] @ [N, C]`` product of two
+views of the same memory (``N`` covers the zeros too, which add nothing).
 """
 
 from __future__ import annotations
@@ -59,14 +60,15 @@ __all__ = [
 MIN_PATCH_MACS = 100_000_000
 """Below this many multiply-adds of the patch product the fixed cost of the correlations'
 ~100 small operations outweighs their saving (``benchmarks/bench_conv_gram.py``: a
-12-channel 3x3 convolution on 4x4 inputs, 256 examples, 48M multiply-adds, 3.8 ms by
-``unfold`` against 4.5 ms by correlation)."""
+12-channel 3x3 convolution on 4x4 inputs, 256 examples, 48M multiply-adds, 3.3-3.8 ms by
+``unfold`` against 3.9-4.5 ms by correlation)."""
 
-MAX_MACS_RATIO = 0.6
+MAX_MACS_RATIO = 0.5
 """The correlations are used when they need at most this fraction of the multiply-adds of the
 full patch product (``unfold``'s route computes 5/8 to all of it, :func:`~infl.solvers.
-kronecker._gram_edges`). Measured, 256 examples, float32, one thread: 64 channels of 8x8 at an
-estimated 0.35, 2.5x faster; 256 channels of 4x4 at 0.55, 1.3x faster."""
+kronecker._gram_edges`). Measured by ``benchmarks/bench_conv_gram.py`` (256 examples,
+float32, one thread): 64 channels of 8x8, at an estimated 0.30, 2.2x faster; 256 channels of
+4x4, at 0.48, 1.2x faster."""
 
 
 Pair = tuple[int, int]

@@ -465,6 +465,35 @@ def test_diagonal_blocks_come_from_the_factor_pass(monkeypatch, solver):
         torch.testing.assert_close(a.diag, b.diag, rtol=1e-12, atol=1e-14)
 
 
+def test_layers_called_with_keywords():
+    """A GroupNorm called with a keyword input cannot be read by the hooks: its diagonal block
+    takes the vmap fallback (still the per-example squared gradients). A Kronecker layer
+    called so is refused with a message that says why."""
+    torch.manual_seed(13)
+
+    class Net(nn.Module):
+        def __init__(self, keyword_head: bool) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 4)
+            self.head = nn.Linear(4, 3)
+            self.keyword_head = keyword_head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.gn(input=self.conv(x))).mean((2, 3))
+            return self.head(input=h) if self.keyword_head else self.head(h)
+
+    x, y = torch.randn(9, 2, 5, 5), torch.randint(0, 3, (9,))
+    model = Net(keyword_head=False)
+    fitted, _ = fit(model, x, y, KFAC(fisher="empirical", unsupported="diagonal"), chunk_size=4)
+    g = per_example_grads(model, ce, x, y)
+    start = model.conv.weight.numel() + model.conv.bias.numel()
+    gn = {blk.name: blk for blk in fitted.partition.diagonal}
+    torch.testing.assert_close(gn["gn.weight"].diag, (g[:, start : start + 4] ** 2).mean(0))
+    with pytest.raises(InputError, match="without a positional tensor input"):
+        fit(Net(keyword_head=True), x, y, KFAC(unsupported="diagonal"))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [

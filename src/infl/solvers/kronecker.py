@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
+from infl.data import Batch, IndexedData, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
 from infl.layer_grads import LayerPerExampleGradients, conv_padding, conv_weight_grads
 from infl.losses import PerExampleFn
@@ -263,27 +263,16 @@ def partition(wrapper: ModelWrapper, *, allow_diagonal: bool) -> Partition:
 def diagonal_sq_grads(
     wrapper: ModelWrapper, blocks: list[DiagonalBlock], loss_batch: Batch, loss_fn: PerExampleFn
 ) -> dict[str, torch.Tensor]:
-    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` over a chunk, for the diagonal blocks.
+    """:math:`\\sum_i (\\nabla_{\\theta_j}\\ell_i)^2` over a chunk, for the diagonal blocks,
+    by ``vmap(grad)``: the fallback of :func:`_recorded_sq_grads` for parameters outside the
+    layers of :mod:`infl.layer_grads` or a forward pass their hooks cannot read (the same
+    conditions under which one batched pass of those layers would fail too).
 
     ``loss_fn(model, batch) -> [b]`` is the per-example loss the chunk's draw differentiated.
-    Parameters all in layers of :mod:`infl.layer_grads` (GroupNorm, LayerNorm, ...) take
-    their per-example gradients from one batched backward pass, as the Kronecker factors do;
-    any other, or a forward pass that route cannot read, ``vmap(grad)``.
     """
     names = [blk.name for blk in blocks]
     sub = {n: wrapper.params[n] for n in names}
     others = {n: p for n, p in wrapper.params.items() if n not in sub}
-    batched = LayerPerExampleGradients(wrapper.model, names)
-    if batched.applicable:
-        rows = batched(
-            lambda leaves: loss_fn(functional(wrapper, {**others, **leaves}), loss_batch),
-            sub,
-            batch_size(loss_batch),
-        )
-        if rows is not None:
-            sums = (rows.detach() ** 2).sum(0)
-            sizes = [sub[n].numel() for n in names]
-            return dict(zip(names, torch.split(sums, sizes), strict=True))
 
     def single(sub_params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         one = tree_map_tensors(lambda t: t.unsqueeze(0), example)

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ChunkRecord", "functional", "stream"]
 
+Call = tuple[Any, torch.Tensor]
+"""One recorded call of a hooked layer: its first positional argument (detached when a
+tensor; ``None`` when it was called with keywords only) and its output."""
+
 
 @dataclass
 class ChunkRecord:
@@ -107,17 +111,16 @@ def stream(
     same way, and their output gradients come from the same backward passes
     (``ChunkRecord.owners``).
     """
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {ly.name: [] for ly in layers}
+    records: dict[str, list[Call]] = {ly.name: [] for ly in layers}
     owners = dict(owners or {})
-    owner_calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in owners}
+    owner_calls: dict[str, list[Call]] = {p: [] for p in owners}
     active = [False]
 
-    def make_hook(
-        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], name: str
-    ) -> Callable[..., None]:
+    def make_hook(calls: dict[str, list[Call]], name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             if active[0]:
-                calls[name].append((args[0].detach(), output))
+                a = args[0] if args else None  # a layer called with keywords records None
+                calls[name].append((a.detach() if isinstance(a, torch.Tensor) else a, output))
 
         return hook
 
@@ -209,11 +212,12 @@ def stream(
             calls.clear()
 
 
-def _one_call(calls: list[tuple[torch.Tensor, torch.Tensor]], module: nn.Module, b: int) -> bool:
+def _one_call(calls: list[Call], module: nn.Module, b: int) -> bool:
     """Whether an owner of diagonal blocks was called once, on the chunk's ``b`` examples,
     with a tensor output (what :meth:`LayerPerExampleGradients.from_recorded` reads)."""
     return (
         len(calls) == 1
+        and isinstance(calls[0][0], torch.Tensor)
         and isinstance(calls[0][1], torch.Tensor)
         and LayerPerExampleGradients.accepts(module, calls[0][0], b)
     )
@@ -242,7 +246,7 @@ def functional(wrapper: ModelWrapper, params: dict[str, torch.Tensor]) -> Callab
 
 def _check_calls(
     layers: list[LayerBlock],
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    records: dict[str, list[Call]],
     b: int,
 ) -> None:
     for ly in layers:
@@ -255,6 +259,11 @@ def _check_calls(
                 "Freeze its parameters or call the layer as a module."
             )
         for a, _ in calls:
+            if not isinstance(a, torch.Tensor):
+                raise InputError(
+                    f"layer {ly.name!r} was called without a positional tensor input; K-FAC "
+                    "reads each layer's input from its first positional argument"
+                )
             if a.dim() < 2 or a.shape[0] != b:
                 raise InputError(
                     f"layer {ly.name!r} was called on an input of shape {tuple(a.shape)}, "

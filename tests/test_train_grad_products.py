@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from infl import (
+    KFAC,
     Arnoldi,
     ExactHessian,
     InfluenceCalculator,
@@ -210,3 +211,81 @@ def test_the_minimum_check_of_a_linear_model_forms_no_gradients():
     for key, value in direct.items():
         if isinstance(value, float):
             assert value == pytest.approx(formed[key], rel=1e-10, abs=1e-14), key
+
+
+# ------------------------------------------------------------------ convolutional models
+def _cnn() -> nn.Module:
+    """Convolutions (one wide enough for the per-example kernel), a GroupNorm and a linear
+    head: the models of :class:`~infl.layer_grads.LayerPerExampleGradients`."""
+    torch.manual_seed(3)
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.Conv2d(4, 40, 3, stride=2, padding=1),  # 360 inputs per filter: per example
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(40 * 16, 3),
+        )
+        .double()
+        .eval()
+    )
+
+
+def _images(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("slice_bytes", [1, 3 * 40 * 360 * 8, 64 << 20])  # 1, 3 or all rows
+def test_conv_products_by_slices_equal_the_formed_gradients(monkeypatch, slice_bytes):
+    """A convolutional model's products come from its gradients formed a few examples at a
+    time (``SLICE_BYTES``; the widest layer has 14,400 weights): once the shortcut is
+    checked, no ``[b, p]`` is formed, and the products equal the formed gradients' with the
+    weight-decay term."""
+    from infl import layer_grads
+
+    monkeypatch.setattr(layer_grads, "SLICE_BYTES", slice_bytes)
+    wrapper = ModelWrapper(_cnn(), Objective("cross_entropy", weight_decay=DECAY))
+    x, y = _images(9)
+    vectors = torch.randn(4, wrapper.num_params, dtype=torch.float64)
+    formed = _formed(wrapper)
+    first = wrapper.train_grad_products((x[:4], y[:4]), vectors)  # checks the shortcut
+    second = wrapper.train_grad_products((x[4:], y[4:]), vectors)
+    assert formed[0] == 1
+    expected = vectors @ wrapper.train_grads((x, y)).T
+    torch.testing.assert_close(torch.cat([first, second], 1), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_conv_products_name_a_non_finite_example():
+    wrapper = ModelWrapper(_cnn(), Objective())
+    x, y = _images(5)
+    vectors = torch.randn(2, wrapper.num_params, dtype=torch.float64)
+    wrapper.train_grad_products((x, y), vectors)
+    x[2, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="example 2"):
+        wrapper.train_grad_products((x, y), vectors)
+
+
+def test_conv_influence_without_the_cache_forms_no_gradients():
+    """Scoring a convolutional model whose ``[n, p]`` does not fit in ``cache_bytes`` takes
+    the products chunk by chunk, forming no ``[b, p]``: the scores equal those through the
+    filled cache."""
+    x, y = _images(20, seed=1)
+    test = _images(3, seed=2)
+    found = []
+    for cache_bytes in (0, 1 << 30):
+        calc = InfluenceCalculator(
+            _cnn(), Objective("cross_entropy", weight_decay=DECAY), (x, y),
+            KFAC(damping=0.1, unsupported="diagonal"), chunk_size=8, progress=False,
+            check_minimum=False,
+            cache_bytes=cache_bytes,
+        )  # fmt: skip
+        formed = _formed(calc.wrapper)
+        found.append(calc.influence(test))
+        assert (calc._grad_cache.value is None) is (cache_bytes == 0)
+        # the test gradients checked the shortcut first: none formed, or all three chunks
+        assert formed[0] == (0 if cache_bytes == 0 else 3)
+    torch.testing.assert_close(found[0], found[1], rtol=1e-10, atol=1e-12)

@@ -4,10 +4,13 @@ Scoring needs only :math:`V g_i` for a few vectors ``V`` (inverse-HVPs, a low-ra
 the minimum check only :math:`\\sum_i g_i` and :math:`\\sum_i \\|g_i\\|^2`. For a model of plain
 ``nn.Linear`` layers both come from each layer's inputs and output gradients
 (:class:`~infl.linear_grads.LinearPerExampleGradients`), with the weight-decay term
-:math:`c = \\Lambda\\theta` of :math:`g_i = \\nabla\\ell(z_i) + c` added in closed form. Any
-other model, a batch before the shortcut has been checked against autograd, too many vectors
-for the shortcut to pay, and a batch whose result is not finite (so that the error names the
-example) go through the formed gradients :meth:`ModelWrapper.train_grads
+:math:`c = \\Lambda\\theta` of :math:`g_i = \\nabla\\ell(z_i) + c` added in closed form. The
+products of a convolutional model's gradients come from them formed a few examples at a time
+(:meth:`LayerPerExampleGradients.products
+<infl.layer_grads.LayerPerExampleGradients.products>`). Any other model, a batch before the
+shortcut has been checked against autograd, too many vectors for the ``nn.Linear`` shortcut to
+pay, and a batch whose result is not finite (so that the error names the example) go through
+the formed gradients :meth:`ModelWrapper.train_grads
 <infl.model.ModelWrapper.train_grads>`. :class:`~infl.model.ModelWrapper`'s methods of the same
 names delegate here; this module never imports :mod:`infl.model` at run time.
 """
@@ -36,19 +39,36 @@ def _checked(wrapper: ModelWrapper) -> bool:
     return wrapper._linear_grads.applicable and wrapper._linear_verified.get(loss) is True
 
 
+def _layers_checked(wrapper: ModelWrapper) -> bool:
+    """Whether the convolutional shortcut (:class:`~infl.layer_grads.LayerPerExampleGradients`)
+    applies and was checked against autograd for the loss and agreed."""
+    loss = wrapper.objective.per_example_loss
+    shortcut = wrapper._batched_grads
+    return (
+        shortcut is not wrapper._linear_grads
+        and shortcut.applicable
+        and wrapper._linear_verified.get(loss) is True
+    )
+
+
 def train_grad_products(wrapper: ModelWrapper, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
     """``vectors @ G^T`` (``[k, b]``) for the training gradients ``G`` of a prepared batch.
 
     Directly (:meth:`LinearPerExampleGradients.products
     <infl.linear_grads.LinearPerExampleGradients.products>`, plus :math:`V c` in every column)
     when :meth:`ModelWrapper.multiplies_directly <infl.model.ModelWrapper.multiplies_directly>`
-    and the shortcut is checked; else from :meth:`ModelWrapper.train_grads
+    and the shortcut is checked; for a model on the convolutional shortcut, once checked, from
+    its gradients formed a few examples at a time (:meth:`LayerPerExampleGradients.products
+    <infl.layer_grads.LayerPerExampleGradients.products>`: the same work as forming them, but
+    no ``[b, p]``); else from :meth:`ModelWrapper.train_grads
     <infl.model.ModelWrapper.train_grads>`.
     """
     loss = wrapper.objective.per_example_loss
-    if _checked(wrapper) and wrapper.multiplies_directly(vectors.shape[0]):
+    direct = _checked(wrapper) and wrapper.multiplies_directly(vectors.shape[0])
+    if direct or _layers_checked(wrapper):
+        shortcut = wrapper._linear_grads if direct else wrapper._batched_grads
         with functional_evaluation():
-            out = wrapper._linear_grads.products(
+            out = shortcut.products(
                 lambda params: wrapper._batch_value(loss, params, batch),
                 wrapper.params,
                 batch_size(batch),

@@ -23,7 +23,9 @@ such a layer, one of them not a plain ``nn.Linear`` on ``[b, in]`` (those models
 :mod:`infl.linear_grads`, which also multiplies without forming the gradients), and only
 after checking the first and last rows of the first batch against the plain autograd
 gradients of those examples alone: a model that mixes the examples of a batch keeps
-``vmap``. Only the ``[b, p]`` gradients come from here.
+``vmap``. The ``[b, p]`` gradients come from here, and their products with a few vectors
+(:meth:`LayerPerExampleGradients.products`), which form each layer's columns a few examples at
+a time into one reused buffer (:data:`SLICE_BYTES`) instead of the whole ``[b, p]``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from torch.nn.grad import conv2d_weight
 
 from infl.linear_grads import layer_owners, output_gradients, record_layer_calls
 
-__all__ = ["GROUPED_MAX_INPUTS", "LayerPerExampleGradients", "conv_padding", "conv_weight_grads"]
+__all__ = [
+    "GROUPED_MAX_INPUTS",
+    "SLICE_BYTES",
+    "LayerPerExampleGradients",
+    "conv_padding",
+    "conv_weight_grads",
+    "example_slices",
+]
 
 GROUPED_MAX_INPUTS = 288
 """A convolution whose filters read at most this many inputs each (``c/groups * kh * kw``; 288
@@ -47,7 +56,23 @@ batch as groups; a wider one from PyTorch's weight-gradient kernel example by ex
 CPU the grouped call was 1.7-10x faster for 3-32 channels and 1.4-2x slower for 64-256
 (width-16/64 CIFAR ResNets, digits CNN; ``benchmarks/bench_conv_grads.py``)."""
 
+SLICE_BYTES = 64 << 20
+"""Per-example gradients that are only multiplied (:meth:`LayerPerExampleGradients.products`,
+EK-FAC's eigenvalue pass) are formed a few examples at a time, into a buffer of about this size
+reused by every slice and layer. Forming a chunk's ``[b, p]`` at once writes fresh memory
+(1.25 GB for ``b = 256`` on a 1.2M-parameter ResNet), and on a CPU the first write of fresh
+pages costs more than the products: one thread, that ResNet's per-example gradients of 256
+examples took 2.9-3.5 s into a new ``[b, p]`` and 1.7 s into a reused one."""
+
 NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+def example_slices(b: int, row_elements: int, dtype: torch.dtype) -> list[slice]:
+    """``b`` examples in slices of at most :data:`SLICE_BYTES` of ``row_elements`` each (at
+    least one example per slice)."""
+    itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8
+    step = max(1, min(b, SLICE_BYTES // max(1, row_elements * itemsize)))
+    return [slice(lo, min(lo + step, b)) for lo in range(0, b, step)]
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -142,6 +167,49 @@ class LayerPerExampleGradients:
                 return None
         return flat
 
+    def products(
+        self,
+        evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        batch_size: int,
+        vectors: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """``vectors @ G^T`` (``[k, b]``, in ``vectors.dtype``) for the per-example gradients
+        ``G`` (``[b, p]``) of :meth:`__call__`, or ``None`` where :meth:`__call__` gives
+        ``None``.
+
+        The same forward and backward pass and the same kernels as :meth:`__call__`, but each
+        layer's columns of ``G`` are formed :func:`example_slices` at a time into one reused
+        buffer and multiplied by their columns of ``vectors`` at once: ``G`` is never whole
+        (peak memory :data:`SLICE_BYTES`, not ``b p``) and no fresh ``[b, p]`` is written.
+        Cost: :meth:`__call__`'s, plus :math:`2 k b p` flops.
+        """
+        recorded = self._record(evaluate, params, batch_size)
+        if recorded is None:
+            return None
+        inputs, out_grads = recorded
+        dtype = next(iter(out_grads.values())).dtype
+        out = torch.zeros(batch_size, vectors.shape[0], dtype=vectors.dtype, device=vectors.device)
+        buffer = torch.empty(0, dtype=dtype, device=vectors.device)
+        start = 0
+        for name in self.names:
+            size = params[name].numel()
+            block = vectors[:, start : start + size]
+            start += size
+            prefix, kind = self.owner[name]
+            layer, a, g = self.layers[prefix], inputs[prefix], out_grads[prefix]
+            for rows in example_slices(batch_size, size, dtype):
+                count = (rows.stop - rows.start) * size
+                if buffer.numel() < count:
+                    buffer = torch.empty(count, dtype=dtype, device=vectors.device)
+                columns = buffer[:count].view(-1, size)
+                try:
+                    _layer_grads(layer, kind, a[rows], g[rows], columns)
+                except RuntimeError:  # a configuration a kernel refuses: leave it to vmap
+                    return None
+                out[rows].addmm_(columns.to(vectors.dtype), block.T)
+        return out.T.contiguous()
+
     @staticmethod
     def accepts(module: nn.Module, a: torch.Tensor, batch_size: int) -> bool:
         """Whether a call of ``module`` on ``a`` is one the closed forms read: the batch's
@@ -212,9 +280,12 @@ def conv_weight_grads(
     conv: nn.Conv2d, inputs: torch.Tensor, out_grads: torch.Tensor, columns: torch.Tensor
 ) -> None:
     """Write each example's weight gradient :math:`\\sum_t g_{i,t}\\,\\mathrm{patch}_t(a_i)^T`
-    of ``conv`` into its row of ``columns`` (``[b, weight.numel()]``, the order of
-    ``weight.flatten()``), from the layer's inputs ``[b, C, H, W]`` and output gradients
-    ``[b, O, H', W']``, without ``unfold`` (:data:`GROUPED_MAX_INPUTS` chooses the route)."""
+    of ``conv`` into its row of ``columns``, from the layer's inputs ``[b, C, H, W]`` and
+    output gradients ``[b, O, H', W']``, without ``unfold`` (:data:`GROUPED_MAX_INPUTS`
+    chooses the route). ``columns`` is ``[b, weight.numel()]`` (the order of
+    ``weight.flatten()``) or ``[b, O, weight[0].numel()]``, which may be a view with a row
+    stride of its own (the weight part of a ``[b, O, C k_h k_w + 1]`` matrix with a bias
+    column)."""
     padding = conv_padding(conv)
     assert padding is not None  # _supported
     shape = conv.weight.shape
@@ -233,10 +304,11 @@ def conv_weight_grads(
             groups=b * conv.groups,
             **options,
         )
-        columns.copy_(grads.reshape(b, -1))
+        columns.copy_(grads.reshape(columns.shape))
         return
+    row = columns.shape[1:]
     for i in range(b):
         one = conv2d_weight(
             inputs[i : i + 1], shape, out_grads[i : i + 1], groups=conv.groups, **options
         )
-        columns[i].copy_(one.reshape(-1))
+        columns[i].copy_(one.reshape(row))

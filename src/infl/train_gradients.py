@@ -71,6 +71,12 @@ class TrainGradCache:
         self.projections = [*self.projections[-3:], (basis, proj)]  # the 4 latest bases
 
 
+def fits_cache(calc: InfluenceCalculator) -> bool:
+    """Whether this rank's ``[n, p]`` training gradients fit in ``cache_bytes``."""
+    itemsize = torch.finfo(calc.wrapper.dtype).bits // 8
+    return len(calc.local_train) * calc.num_params * itemsize <= calc.cache_bytes
+
+
 def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, [b, p] gradients)`` over the training data: from the cache when it is
     filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``.
@@ -84,9 +90,8 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
             yield start, cached[start : start + calc.chunk_size]
         return
     wrapper = calc.wrapper
-    itemsize = torch.finfo(wrapper.dtype).bits // 8
     cache: torch.Tensor | None = None
-    if local_n * calc.num_params * itemsize <= calc.cache_bytes:
+    if fits_cache(calc):
         # filled in place: collecting chunks and concatenating would briefly hold two copies
         cache = torch.empty(local_n, calc.num_params, dtype=wrapper.dtype, device=wrapper.device)
     bar = tqdm(
@@ -119,13 +124,15 @@ def iter_train_products(
     layers' inputs and output gradients and ``[n, p]`` is neither formed nor cached: on the 85k
     digits MLP with ``k = 10`` that pass takes 0.097 s, about a product with the filled cache
     (0.076 s), where forming the gradients takes 0.45 s and ``n p`` values of memory
-    (``benchmarks/bench_scoring.py``). Otherwise :func:`iter_train_grads` (which fills the
-    cache when it fits), or with ``skip > 0`` or ``fill_cache=False`` each chunk's gradients
-    formed and dropped. Under ``torch.distributed`` the chunks are this rank's shard.
+    (``benchmarks/bench_scoring.py``). Otherwise :func:`iter_train_grads` when it fills the
+    cache (``[n, p]`` fits in ``cache_bytes``), else each chunk's products by
+    :meth:`ModelWrapper.train_grad_products <infl.model.ModelWrapper.train_grad_products>`
+    (for a convolutional model, its gradients formed a few examples at a time and never
+    whole). Under ``torch.distributed`` the chunks are this rank's shard.
     """
     cached = calc._grad_cache.value
     direct = calc.wrapper.multiplies_directly(vectors.shape[0])
-    if cached is None and skip == 0 and fill_cache and not direct:
+    if cached is None and skip == 0 and fill_cache and not direct and fits_cache(calc):
         for start, grads in iter_train_grads(calc, desc):
             yield start, vectors @ grads.to(vectors).T
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,16 +164,19 @@ def test_bias_free_conv_called_twice_matches_per_example_reference():
         torch.testing.assert_close(conv.eigen_diag, expected, rtol=1e-11, atol=1e-14)
 
 
-@pytest.mark.parametrize("scratch", [1, 3 * 4 * 19 * 8])  # one example per slice; two
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scratch", [1, 3 * 4 * 19])  # elements: one example per slice; 1-5
 @pytest.mark.parametrize("route", ["rotate", "form"])
-def test_eigenvalues_by_slices_of_examples_match_per_example_reference(monkeypatch, route, scratch):
+def test_eigenvalues_by_slices_of_examples_match_per_example_reference(
+    monkeypatch, route, scratch, dtype
+):
     """EK-FAC's eigenvalue pass forms the rotated per-example gradients a few examples at a
-    time (``layer_grads.SLICE_BYTES``): with one example and with two per slice, by either
-    route, for a convolution with a bias called twice (``Q_S`` applied after the weight
+    time (``layer_grads.SLICE_BYTES``): with one example and with up to five per slice, by
+    either route, for a convolution with a bias called twice (``Q_S`` applied after the weight
     gradients are formed: ``T = 32 > in_dim = 19``), a dilated one called once (``Q_S``
     first: ``T = 16 < 37``) and a linear head, the eigenvalues equal those of per-example
-    gradients by autograd (the "rotate" route rotates a convolution's inputs by convolving
-    them with ``Q_A``)."""
+    gradients by autograd. In float32 the "rotate" route rotates a convolution's inputs by
+    convolving them with ``Q_A`` (in float64 on a CPU by the unfolded patches)."""
     torch.manual_seed(8)
 
     class Net(nn.Module):
@@ -186,7 +191,8 @@ def test_eigenvalues_by_slices_of_examples_match_per_example_reference(monkeypat
             return self.head(torch.tanh(self.once(torch.cat([h, x], dim=1))).flatten(1))
 
     model, x, y = Net(), torch.randn(7, 2, 4, 4), torch.randint(0, 3, (7,))
-    grads = per_example_grads(model, ce, x, y)
+    model, x = model.to(dtype), x.to(dtype)
+    grads = per_example_grads(copy.deepcopy(model).double(), ce, x.double(), y)
     sizes = [q.numel() for q in model.parameters()]
     w1, b1, w2, b2, w3, b3 = torch.split(grads, sizes, dim=1)
     per_layer = [
@@ -194,13 +200,15 @@ def test_eigenvalues_by_slices_of_examples_match_per_example_reference(monkeypat
         torch.cat([w2.reshape(7, 3, 36), b2.unsqueeze(2)], dim=2),
         torch.cat([w3.reshape(7, 3, 48), b3.unsqueeze(2)], dim=2),
     ]
-    monkeypatch.setattr(layer_grads, "SLICE_BYTES", scratch)
+    monkeypatch.setattr(layer_grads, "SLICE_BYTES", scratch * torch.finfo(dtype).bits // 8)
     monkeypatch.setattr(kronecker, "eigen_route", lambda t, o, i: route if t > 1 else "rotate")
     ek, _ = fit(model, x, y, EKFAC(fisher="empirical", damping=0.1), chunk_size=5)
     assert [ly.name for ly in ek.partition.layers] == ["twice", "once", "head"]
+    tol = {"rtol": 1e-11, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
     for ly, g in zip(ek.partition.layers, per_layer, strict=True):
-        expected = ((ly.Q_S.T @ g @ ly.Q_A) ** 2).mean(0)
-        torch.testing.assert_close(ly.eigen_diag, expected, rtol=1e-11, atol=1e-14)
+        assert ly.eigen_diag.dtype == dtype
+        expected = ((ly.Q_S.double().T @ g @ ly.Q_A.double()) ** 2).mean(0)
+        torch.testing.assert_close(ly.eigen_diag.double(), expected, **tol)
 
 
 @pytest.mark.parametrize("d", [5, 300, 1030])  # no cut, 2 x 2 blocks, 4 x 4 blocks

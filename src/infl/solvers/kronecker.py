@@ -563,13 +563,18 @@ def _rotated_activations(layer: LayerBlock, rec: ChunkRecord) -> torch.Tensor:
     as filters (the bias coordinate's row of :math:`Q_A` as their bias), a transposed view of
     ``[b, in, T]``. The multiply-adds are those of the patches times :math:`Q_A`, but the
     patches are never unfolded nor copied into rows (on a CIFAR ResNet's last stage, 256
-    channels of 8x8 and ``b = 256``: 151 MB and 0.5 s of one thread's copying). Otherwise one
-    product of the ``[b T, in]`` activations.
+    channels of 8x8 and ``b = 256``: 151 MB and 0.5 s of one thread's copying). Otherwise (and
+    in float64 on a CPU, where PyTorch's convolution unfolds the patches itself, with more
+    overhead: 12 ms more per fit on the digits CNN) one product of the ``[b T, in]``
+    activations.
     """
     assert layer.Q_A is not None
     conv, inputs = layer.module, rec.inputs[layer.name]
-    images = all(x.dim() == 4 for x in inputs)
-    if isinstance(conv, nn.Conv2d) and layer.weight is not None and images:
+    # a float64 convolution on a CPU has no mkldnn kernel: it unfolds the patches itself
+    fast = all(
+        x.dim() == 4 and (x.dtype != torch.float64 or x.device.type != "cpu") for x in inputs
+    )
+    if isinstance(conv, nn.Conv2d) and layer.weight is not None and fast:
         taps = conv.weight[0].numel()
         filters = layer.Q_A[:taps].T.reshape(-1, *conv.weight.shape[1:]).contiguous()
         offset = layer.Q_A[taps] if layer.bias is not None else None

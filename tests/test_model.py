@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 import reference
-from infl import HessianOperator, IndexedData, ModelWrapper, Objective, margin_measurement
+from infl import (
+    HessianOperator,
+    IndexedData,
+    InputError,
+    ModelWrapper,
+    Objective,
+    margin_measurement,
+)
 from problems import BatchCentred, make_logistic_problem
 
 
@@ -393,3 +400,34 @@ def test_models_with_other_layers_keep_vmap_per_example_gradients():
     y = torch.randint(0, 3, (5,))
     got = wrapper.per_example_grads(wrapper.objective.per_example_loss, (x, y))
     torch.testing.assert_close(got, reference.loop_ce_grads(model, x, y))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)),  # the nn.Linear shortcut
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)),  # layer_grads
+        nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 3)),  # vmap(grad)
+    ],
+    ids=["linear", "conv2d", "vmap"],
+)
+def test_train_grads_written_into_out_are_the_formed_ones(model):
+    """``out=`` (the rows of a gradient cache) receives the training gradients, weight decay
+    included, by every route, and is what is returned; a wrong shape or dtype is refused."""
+    model = model.double().eval()
+    wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=0.1))
+    gen = torch.Generator().manual_seed(0)
+    shape = {nn.Linear: (4,), nn.Conv2d: (1, 4, 4), nn.Conv1d: (1, 10)}[type(model[0])]
+    x = torch.randn(5, *shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    for _ in range(2):  # the check of the shortcut, then the shortcut
+        expected = wrapper.train_grads((x, y))
+        cache = torch.full((7, wrapper.num_params), float("nan"), dtype=torch.float64)
+        got = wrapper.train_grads((x, y), out=cache[1:6])
+        assert got.data_ptr() == cache[1].data_ptr()
+        torch.testing.assert_close(cache[1:6], expected, rtol=1e-12, atol=1e-14)
+        assert cache[[0, 6]].isnan().all()  # no row outside out
+    with pytest.raises(InputError, match=r"out must be a \[5, "):
+        wrapper.train_grads((x, y), out=torch.empty(4, wrapper.num_params, dtype=torch.float64))
+    with pytest.raises(InputError, match="float64"):
+        wrapper.train_grads((x, y), out=torch.empty(5, wrapper.num_params, dtype=torch.float32))

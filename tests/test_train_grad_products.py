@@ -53,9 +53,9 @@ def _formed(wrapper: ModelWrapper) -> list[int]:
     calls = [0]
     original = wrapper.train_grads
 
-    def counted(batch):
+    def counted(batch, **kwargs):
         calls[0] += 1
-        return original(batch)
+        return original(batch, **kwargs)
 
     wrapper.train_grads = counted  # type: ignore[method-assign]
     return calls

@@ -132,8 +132,10 @@ class LayerPerExampleGradients:
         evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         params: dict[str, torch.Tensor],
         batch_size: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Per-example gradients ``[b, p]`` of ``evaluate(params)`` (``[b]``), or ``None``.
+        """Per-example gradients ``[b, p]`` of ``evaluate(params)`` (``[b]``), or ``None``;
+        written into ``out`` (``[b, p]``, returned) when given.
 
         ``None`` when the forward pass does not have the expected shape (a layer called other
         than exactly once, or not on the batch's examples along dim 0) or a kernel refuses
@@ -144,17 +146,24 @@ class LayerPerExampleGradients:
         if recorded is None:
             return None
         inputs, out_grads = recorded
-        return self.from_recorded(inputs, out_grads, [params[n].numel() for n in self.names])
+        sizes = [params[n].numel() for n in self.names]
+        return self.from_recorded(inputs, out_grads, sizes, out=out)
 
     def from_recorded(
-        self, inputs: dict[str, torch.Tensor], out_grads: dict[str, torch.Tensor], sizes: list[int]
+        self,
+        inputs: dict[str, torch.Tensor],
+        out_grads: dict[str, torch.Tensor],
+        sizes: list[int],
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """``[b, p]`` from each layer's recorded input and output gradient (by layer prefix;
         ``sizes[j]`` the number of elements of ``names[j]``), or ``None`` when a kernel refuses
-        a layer. The inputs must have passed :meth:`accepts`."""
+        a layer; written into ``out`` when given. The inputs must have passed :meth:`accepts`."""
         first = next(iter(out_grads.values()))
         b = first.shape[0]
-        flat = torch.empty(b, sum(sizes), dtype=first.dtype, device=first.device)
+        flat = out
+        if flat is None:
+            flat = torch.empty(b, sum(sizes), dtype=first.dtype, device=first.device)
         start = 0
         for name, size in zip(self.names, sizes, strict=True):
             prefix, kind = self.owner[name]

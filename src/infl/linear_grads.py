@@ -79,8 +79,10 @@ class LinearPerExampleGradients:
         evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         params: dict[str, torch.Tensor],
         batch_size: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Per-example gradients ``[b, p]`` of ``evaluate(params)`` (``[b]``), or ``None``.
+        """Per-example gradients ``[b, p]`` of ``evaluate(params)`` (``[b]``), or ``None``;
+        written into ``out`` (``[b, p]``, returned) when given.
 
         ``None`` when the forward pass does not have the expected shape: a layer called other
         than exactly once, or on inputs that are not ``[b, in]``. Cost: one forward and one
@@ -94,7 +96,9 @@ class LinearPerExampleGradients:
         # the largest tensor of a scoring pass: 87 MB per 256 examples of an 85k model)
         sizes = [params[name].numel() for name in self.names]
         first = factors[self.owner[self.names[0]][0]][1]
-        flat = torch.empty(batch_size, sum(sizes), dtype=first.dtype, device=first.device)
+        flat = out
+        if flat is None:
+            flat = torch.empty(batch_size, sum(sizes), dtype=first.dtype, device=first.device)
         start = 0
         for name, size in zip(self.names, sizes, strict=True):
             prefix, kind = self.owner[name]

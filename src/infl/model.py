@@ -234,7 +234,12 @@ class ModelWrapper:
             return self._batch_value(fn, self.params, batch).detach()
 
     def per_example_grads(
-        self, fn: PerExampleFn, batch: Batch, *, add_weight_decay: bool = False
+        self,
+        fn: PerExampleFn,
+        batch: Batch,
+        *,
+        add_weight_decay: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-example gradients :math:`\\nabla_\\theta f(z)` of a batch: ``[b, p]``.
 
@@ -248,14 +253,29 @@ class ModelWrapper:
         add_weight_decay
             Add :math:`\\Lambda\\theta` to each row (:math:`\\Lambda` = :attr:`decay`, the
             training-gradient convention of :class:`~infl.objective.Objective`).
+        out
+            A ``[b, p]`` tensor of the model's dtype and device to write the gradients into
+            (returned): the rows of a cache, so that a chunk's gradients are not first formed
+            in fresh memory and then copied.
         """
         batch = self.prepare(batch)
         b = batch_size(batch)
-        flat = self._batched_layer_grads(fn, batch, b)
+        if out is not None and (
+            out.shape != (b, self.num_params)
+            or out.dtype != self.dtype
+            or out.device != self.device
+        ):
+            raise InputError(
+                f"out must be a [{b}, {self.num_params}] {self.dtype} tensor on {self.device}, "
+                f"got {list(out.shape)} {out.dtype} on {out.device}"
+            )
+        flat = self._batched_layer_grads(fn, batch, b, out)
         if flat is None:
             flat = self._vmapped_grads(fn, batch)
+            if out is not None:
+                flat = out.copy_(flat)
         if add_weight_decay and self.has_decay:
-            flat = flat + self.decay * self.flat_params
+            flat.add_(self.decay * self.flat_params)
         bad = first_nonfinite_row(flat)
         if bad is not None:
             raise NonFiniteError(
@@ -275,7 +295,9 @@ class ModelWrapper:
             grads = vmap(grad(single), in_dims=(None, 0))(self.params, batch)
         return self.flatten(grads, batch_dims=1)
 
-    def _batched_layer_grads(self, fn: PerExampleFn, batch: Batch, b: int) -> torch.Tensor | None:
+    def _batched_layer_grads(
+        self, fn: PerExampleFn, batch: Batch, b: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """``[b, p]`` from one batched backward pass when every parameter is in an
         ``nn.Linear`` (:mod:`infl.linear_grads`) or in a convolution, linear or normalisation
         layer (:mod:`infl.layer_grads`), else ``None``.
@@ -298,7 +320,7 @@ class ModelWrapper:
             return None
         with functional_evaluation():
             value = functools.partial(self._batch_value, fn, batch=batch)
-            fast = self._batched_grads(value, self.params, b)
+            fast = self._batched_grads(value, self.params, b, out=out)
         if fast is None:
             self._linear_verified[fn] = False
             return None
@@ -337,9 +359,12 @@ class ModelWrapper:
         ]
         return torch.stack([self.flatten(g) for g in out])
 
-    def train_grads(self, batch: Batch) -> torch.Tensor:
-        """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``."""
-        return self.per_example_grads(self.objective.per_example_loss, batch, add_weight_decay=True)
+    def train_grads(self, batch: Batch, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``
+        (written into ``out`` when given, as :meth:`per_example_grads` does)."""
+        return self.per_example_grads(
+            self.objective.per_example_loss, batch, add_weight_decay=True, out=out
+        )
 
     @property
     def has_linear_shortcut(self) -> bool:

@@ -82,7 +82,9 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
     filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``.
 
     Under ``torch.distributed`` the data is this rank's shard (``calc.local_train``): ``start``
-    is local and the cache holds the shard's ``[n_r, p]`` rows."""
+    is local and the cache holds the shard's ``[n_r, p]`` rows. While the cache is filled, each
+    chunk's gradients are written straight into its rows and the rows are what is yielded:
+    read them, never modify them."""
     local_n = len(calc.local_train)
     cached = calc._grad_cache.value
     if cached is not None:
@@ -92,19 +94,22 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
     wrapper = calc.wrapper
     cache: torch.Tensor | None = None
     if fits_cache(calc):
-        # filled in place: collecting chunks and concatenating would briefly hold two copies
+        # each chunk's gradients are written straight into their rows: forming them apart
+        # and copying wrote every byte twice, the first time into fresh memory
         cache = torch.empty(local_n, calc.num_params, dtype=wrapper.dtype, device=wrapper.device)
     bar = tqdm(
-        wrapper.iter_train_grads(calc.local_train, calc.chunk_size),
+        calc.local_train.chunks(calc.chunk_size),
         total=calc.local_train.num_chunks(calc.chunk_size),
         desc=desc,
         disable=not calc.progress,
         leave=False,
     )
-    for start, grads in bar:
+    for start, batch in bar:
+        wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
+        rows = None
         if cache is not None:
-            cache[start : start + grads.shape[0]] = grads
-        yield start, grads
+            rows = cache[start : start + min(calc.chunk_size, local_n - start)]
+        yield start, wrapper.train_grads(batch, out=rows)
     calc._grad_cache.value = cache
 
 

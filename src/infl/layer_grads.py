@@ -197,9 +197,10 @@ class LayerPerExampleGradients:
         if recorded is None:
             return None
         inputs, out_grads = recorded
-        dtype = next(iter(out_grads.values())).dtype
-        out = torch.zeros(batch_size, vectors.shape[0], dtype=vectors.dtype, device=vectors.device)
-        buffer = torch.empty(0, dtype=dtype, device=vectors.device)
+        first = next(iter(out_grads.values()))
+        dtype, device = first.dtype, first.device
+        out = torch.zeros(batch_size, vectors.shape[0], dtype=vectors.dtype, device=device)
+        buffer = torch.empty(0, dtype=dtype, device=device)
         start = 0
         for name in self.names:
             size = params[name].numel()
@@ -210,7 +211,7 @@ class LayerPerExampleGradients:
             for rows in example_slices(batch_size, size, dtype):
                 count = (rows.stop - rows.start) * size
                 if buffer.numel() < count:
-                    buffer = torch.empty(count, dtype=dtype, device=vectors.device)
+                    buffer = torch.empty(count, dtype=dtype, device=device)
                 columns = buffer[:count].view(-1, size)
                 try:
                     _layer_grads(layer, kind, a[rows], g[rows], columns)

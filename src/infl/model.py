@@ -28,17 +28,16 @@ from torch.func import functional_call, grad, vmap
 
 from infl import gradient_products
 from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
-from infl.errors import InflError, InflWarning, InputError, ModelStateError, NonFiniteError
+from infl.errors import InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
 from infl.layer_grads import LayerPerExampleGradients
 from infl.linear_grads import LinearPerExampleGradients
 from infl.model_checks import (
     CHECK_EXAMPLES,
     Stationarity,
-    _check_deterministic,
     as_training_data,
     check_eval_mode,
-    forward_error,
+    check_first_examples,
     gradient_moments,
     measure_stationarity,
 )
@@ -600,37 +599,9 @@ class ModelWrapper:
         ModelStateError
             For a random forward pass.
         """
-        k = min(len(data), CHECK_EXAMPLES)
-        batch = self.prepare(data.select(range(k)))
-        loss = self.objective.per_example_loss
-        model = self.functional_model(self.params)
-        with torch.no_grad(), functional_evaluation():
-            if isinstance(loss, SupervisedLoss):
-                inputs, targets = loss.split(batch)
-                loss.check_targets(targets, None, what=data.name)
-                first = self._explained(lambda: model(inputs), inputs, data.name, k)
-                if isinstance(first, torch.Tensor):
-                    self._output_shape = tuple(first.shape[1:])
-                    loss.check_targets(targets, self._output_shape, what=data.name)
-                self._explained(lambda: loss.loss_of_outputs(first, targets), inputs, data.name, k)
-                second = model(inputs)
-            else:
-                first = self._explained(
-                    lambda: self._batch_value(loss, self.params, batch), batch, data.name, k
-                )
-                second = self._batch_value(loss, self.params, batch)
-        _check_deterministic(first, second, k, data.name)
-
-    def _explained(self, run: Callable[[], Any], inputs: Batch, name: str, k: int) -> Any:
-        try:
-            return run()
-        except InflError:
-            raise
-        except (RuntimeError, IndexError, TypeError, ValueError) as err:
-            raise self._forward_error(err, inputs, name, k) from err
-
-    def _forward_error(self, err: BaseException, inputs: Batch, name: str, k: int) -> InputError:
-        return forward_error(err, inputs, name, k, self.model, self.dtype)
+        shape = check_first_examples(self, data)
+        if shape is not None:
+            self._output_shape = shape
 
     def check_targets(self, batch: Batch, *, offset: int = 0, what: str = "data") -> None:
         """Check a batch's targets for a built-in loss (no-op before :meth:`check_data`).

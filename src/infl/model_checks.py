@@ -3,13 +3,14 @@
 * :func:`check_eval_mode`: no dropout or batch-norm layer left in training mode;
 * :func:`as_training_data`: the data as :class:`~infl.data.IndexedData`, refusing a list of
   per-example pairs;
-* :func:`forward_error` and :func:`_check_deterministic`: what
-  :meth:`ModelWrapper.check_data <infl.model.ModelWrapper.check_data>` says when the first few
-  examples cannot be evaluated, or evaluate differently twice;
+* :func:`check_first_examples`, :func:`forward_error` and :func:`_check_deterministic`: what
+  :meth:`ModelWrapper.check_data <infl.model.ModelWrapper.check_data>` runs, and says when the
+  first few examples cannot be evaluated, or evaluate differently twice;
 * :func:`measure_stationarity` and :class:`Stationarity`: how far the trained parameters are
   from a minimum of the objective, from one pass of training gradients.
 
-:class:`~infl.model.ModelWrapper` calls these; this module never imports :mod:`infl.model`.
+:class:`~infl.model.ModelWrapper` calls these; this module never imports :mod:`infl.model` at
+run time.
 Every name here is also importable from :mod:`infl.model`.
 """
 
@@ -19,19 +20,62 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from infl.data import Batch, IndexedData, tensor_leaves
-from infl.errors import InflWarning, InputError, ModelStateError
+from infl.errors import InflError, InflWarning, InputError, ModelStateError
 from infl.objective import Objective, WeightDecayGroups, describe_weight_decay
+
+if TYPE_CHECKING:
+    from infl.model import ModelWrapper
 
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 CHECK_EXAMPLES = 4
 """Examples of the first chunk that :meth:`ModelWrapper.check_data` evaluates."""
+
+
+def check_first_examples(wrapper: ModelWrapper, data: IndexedData) -> tuple[int, ...] | None:
+    """The body of :meth:`ModelWrapper.check_data <infl.model.ModelWrapper.check_data>`: the
+    first :data:`CHECK_EXAMPLES` examples evaluated twice, PyTorch's errors turned into
+    :class:`~infl.errors.InputError`; returns the model's output shape per example (``None``
+    for a loss that is not a built-in supervised one, or an output that is not a tensor)."""
+    # imported here: at module level they would close an import cycle through infl.losses
+    from infl.losses import SupervisedLoss
+    from infl.second_order import functional_evaluation
+
+    k = min(len(data), CHECK_EXAMPLES)
+    batch = wrapper.prepare(data.select(range(k)))
+    loss = wrapper.objective.per_example_loss
+    model = wrapper.functional_model(wrapper.params)
+
+    def explained(run: Callable[[], Any], inputs: Batch) -> Any:
+        try:
+            return run()
+        except InflError:
+            raise
+        except (RuntimeError, IndexError, TypeError, ValueError) as err:
+            raise forward_error(err, inputs, data.name, k, wrapper.model, wrapper.dtype) from err
+
+    shape = None
+    with torch.no_grad(), functional_evaluation():
+        if isinstance(loss, SupervisedLoss):
+            inputs, targets = loss.split(batch)
+            loss.check_targets(targets, None, what=data.name)
+            first = explained(lambda: model(inputs), inputs)
+            if isinstance(first, torch.Tensor):
+                shape = tuple(first.shape[1:])
+                loss.check_targets(targets, shape, what=data.name)
+            explained(lambda: loss.loss_of_outputs(first, targets), inputs)
+            second = model(inputs)
+        else:
+            first = explained(lambda: wrapper._batch_value(loss, wrapper.params, batch), batch)
+            second = wrapper._batch_value(loss, wrapper.params, batch)
+    _check_deterministic(first, second, k, data.name)
+    return shape
 
 
 def check_eval_mode(model: nn.Module) -> None:

@@ -25,11 +25,13 @@ after checking the first and last rows of the first batch against the plain auto
 gradients of those examples alone: a model that mixes the examples of a batch keeps
 ``vmap``. The ``[b, p]`` gradients come from here, and their products with a few vectors
 (:meth:`LayerPerExampleGradients.products`), which form each layer's columns a few examples at
-a time into one reused buffer (:data:`SLICE_BYTES`) instead of the whole ``[b, p]``.
+a time into one reused buffer (:data:`SLICE_BYTES`, :class:`SliceBuffers`) instead of the
+whole ``[b, p]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "GROUPED_MAX_INPUTS",
     "SLICE_BYTES",
     "LayerPerExampleGradients",
+    "SliceBuffers",
     "conv_padding",
     "conv_weight_grads",
     "example_slices",
@@ -70,9 +73,27 @@ NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 def example_slices(b: int, row_elements: int, dtype: torch.dtype) -> list[slice]:
     """``b`` examples in slices of at most :data:`SLICE_BYTES` of ``row_elements`` each (at
     least one example per slice)."""
-    itemsize = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8
-    step = max(1, min(b, SLICE_BYTES // max(1, row_elements * itemsize)))
+    step = max(1, min(b, SLICE_BYTES // max(1, row_elements * dtype.itemsize)))
     return [slice(lo, min(lo + step, b)) for lo in range(0, b, step)]
+
+
+class SliceBuffers:
+    """``count`` buffers that the slices of :func:`example_slices` are formed into, reused by
+    every slice and layer (and every chunk, while the object lives), grown when a layer needs
+    more and never shrunk."""
+
+    def __init__(self, count: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.buffers: list[torch.Tensor | None] = [None] * count
+
+    def get(self, which: int, rows: slice, shape: tuple[int, ...]) -> torch.Tensor:
+        """Buffer ``which`` as a ``[len(rows), *shape]`` tensor (its contents undefined)."""
+        count = (rows.stop - rows.start) * math.prod(shape)
+        buffer = self.buffers[which]
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=self.dtype, device=self.device)
+            self.buffers[which] = buffer
+        return buffer[:count].view(-1, *shape)
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -198,9 +219,8 @@ class LayerPerExampleGradients:
             return None
         inputs, out_grads = recorded
         first = next(iter(out_grads.values()))
-        dtype, device = first.dtype, first.device
-        out = torch.zeros(batch_size, vectors.shape[0], dtype=vectors.dtype, device=device)
-        buffer = torch.empty(0, dtype=dtype, device=device)
+        out = torch.zeros(batch_size, vectors.shape[0], dtype=vectors.dtype, device=first.device)
+        buffers = SliceBuffers(1, first.dtype, first.device)
         start = 0
         for name in self.names:
             size = params[name].numel()
@@ -208,11 +228,8 @@ class LayerPerExampleGradients:
             start += size
             prefix, kind = self.owner[name]
             layer, a, g = self.layers[prefix], inputs[prefix], out_grads[prefix]
-            for rows in example_slices(batch_size, size, dtype):
-                count = (rows.stop - rows.start) * size
-                if buffer.numel() < count:
-                    buffer = torch.empty(count, dtype=dtype, device=device)
-                columns = buffer[:count].view(-1, size)
+            for rows in example_slices(batch_size, size, first.dtype):
+                columns = buffers.get(0, rows, (size,))
                 try:
                     _layer_grads(layer, kind, a[rows], g[rows], columns)
                 except RuntimeError:  # a configuration a kernel refuses: leave it to vmap

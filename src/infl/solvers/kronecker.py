@@ -59,7 +59,7 @@ from infl.layer_grads import (
 from infl.losses import PerExampleFn
 from infl.model import ModelWrapper
 from infl.solvers import conv_gram
-from infl.solvers.kronecker_stream import ChunkRecord, functional, stream
+from infl.solvers.kronecker_stream import ChunkRecord, Replay, functional, stream
 
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
 
@@ -316,6 +316,7 @@ def collect_factors(
     generator: torch.Generator,
     mc_samples: int | str,
     progress: bool,
+    keep: Replay | None = None,
 ) -> None:
     """Pass 1: fill ``A``, ``S`` of every layer and ``diag`` of every diagonal block (in place).
 
@@ -323,7 +324,8 @@ def collect_factors(
     output of an example); the diagonal blocks' per-example gradients come from the same
     passes where their parameters all sit in layers of :mod:`infl.layer_grads` (GroupNorm,
     LayerNorm, eval BatchNorm2d, grouped convolutions), else from one more per draw; memory
-    :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors.
+    :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors, plus ``keep.budget`` bytes of the
+    first chunks' records when ``keep`` is given (:class:`~infl.solvers.kronecker_stream.Replay`).
     """
     dtype, device = wrapper.dtype, wrapper.device
     A = {
@@ -371,6 +373,7 @@ def collect_factors(
         desc="K-FAC factors",
         progress=progress,
         owners=owners,
+        keep=keep,
     )
     n = len(data)
     for ly in part.layers:
@@ -490,6 +493,7 @@ def collect_eigen_diagonal(
     generator: torch.Generator,
     mc_samples: int | str,
     progress: bool,
+    replay: Replay | None = None,
 ) -> None:
     """Pass 2 (EK-FAC): :math:`E_i[(Q_S^T G_i Q_A)^2]` per layer, into ``eigen_diag``.
 
@@ -497,6 +501,10 @@ def collect_eigen_diagonal(
     weight matrix. With one location per example the square factorises,
     :math:`(Q_S^T g)^2 ((Q_A^T a)^2)^T`, and the chunk's sum is one matrix product; otherwise
     the ``[b, out, in]`` per-example gradients of the chunk are formed.
+
+    With ``replay`` (the records pass 1 kept), its chunks are visited without a forward or
+    backward pass and the rest are streamed from its generator state; ``generator`` seeded
+    as pass 1's then gives every chunk pass 1's label draws.
     """
     dtype, device = wrapper.dtype, wrapper.device
     acc = {
@@ -553,6 +561,7 @@ def collect_eigen_diagonal(
         mc_samples=mc_samples,
         desc="EK-FAC eigenvalues",
         progress=progress,
+        replay=replay,
     )
     n = len(data)
     for ly in part.layers:

@@ -4,13 +4,15 @@ Per chunk and label draw, :func:`stream` hands a visitor each layer's inputs and
 of the per-example losses at its outputs (:class:`ChunkRecord`), from one forward pass of the
 chunk (temporary forward hooks on the layers) and one backward pass per draw. The factor pass,
 EK-FAC's eigenvalue pass and the diagonal blocks' Fisher diagonal of
-:mod:`infl.solvers.kronecker` are visitors of it.
+:mod:`infl.solvers.kronecker` are visitors of it. A pass can keep its first chunks' records
+within a byte budget (:class:`Replay`) for a later pass over the same label draws to visit
+again without their forward and backward passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +30,7 @@ from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
 if TYPE_CHECKING:
     from infl.solvers.kronecker import LayerBlock
 
-__all__ = ["ChunkRecord", "functional", "stream"]
+__all__ = ["ChunkRecord", "Replay", "functional", "stream"]
 
 Call = tuple[Any, torch.Tensor]
 """One recorded call of a hooked layer: its first positional argument (detached when a
@@ -61,6 +63,51 @@ class ChunkRecord:
     draw: int
     loss_fn: PerExampleFn
     owners: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class Replay:
+    """A pass's first chunks' records, kept for the next pass to visit again.
+
+    The keeping pass (:func:`stream` with ``keep=``) adds each chunk's records, every draw's
+    output gradients and the layer inputs they share, while they total at most ``budget``
+    bytes (:func:`records_nbytes`); the first chunk that does not fit ends the keeping, and
+    ``state`` is the label generator's state at its start. The replaying pass
+    (``replay=``) visits the ``kept`` chunks' records (releasing each as it goes), then
+    streams the data from chunk ``kept`` with its generator set to ``state``: its draws are
+    the keeping pass's whatever the budget. Kept records carry no ``owners``, and their
+    ``acts`` are formed again on use.
+    """
+
+    budget: int
+    records: list[ChunkRecord] = field(default_factory=list)
+    kept: int = 0
+    nbytes: int = 0
+    closed: bool = False
+    state: torch.Tensor | None = None
+
+    def offer(self, records: list[ChunkRecord]) -> None:
+        """Keep one chunk's records if they fit in what is left of ``budget``; else stop."""
+        size = records_nbytes(records)
+        if self.closed or self.nbytes + size > self.budget:
+            self.closed = True
+            return
+        self.records += [replace(rec, acts={}, owners=None) for rec in records]
+        self.nbytes += size
+        self.kept += 1
+
+
+def records_nbytes(records: list[ChunkRecord]) -> int:
+    """The bytes one chunk's records hold: each storage once, as much of it as its tensors
+    span (``min(storage, numel * itemsize)``, so the view of the data set that a first
+    layer's input often is counts the chunk's slice, and a broadcast gradient its storage)."""
+    storages: dict[int, int] = {}
+    for rec in records:
+        for t in [*rec.grads.values(), *(a for calls in rec.inputs.values() for a in calls)]:
+            storage = t.untyped_storage()
+            span = min(storage.nbytes(), t.numel() * t.element_size())
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), span)
+    return sum(storages.values())
 
 
 class _Activations(Mapping[str, torch.Tensor]):
@@ -97,6 +144,8 @@ def stream(
     desc: str,
     progress: bool,
     owners: Mapping[str, nn.Module] | None = None,
+    keep: Replay | None = None,
+    replay: Replay | None = None,
 ) -> None:
     """One pass over ``data``: per chunk (and label draw), layer inputs and output gradients.
 
@@ -110,7 +159,21 @@ def stream(
     to module: the layers owning the diagonal blocks' parameters, e.g. norms) are hooked the
     same way, and their output gradients come from the same backward passes
     (``ChunkRecord.owners``).
+
+    ``keep``: offer each chunk's records to it (:meth:`Replay.offer`). ``replay``: visit its
+    kept records first, then stream the chunks after them from its generator ``state``
+    (``replay.records`` is emptied; ``generator`` is the one to set).
     """
+    skip = 0
+    if replay is not None:
+        skip = replay.kept
+        while replay.records:
+            rec = replay.records.pop(0)
+            visit(replace(rec, acts=_Activations(layers, rec.inputs)))
+        if skip == data.num_chunks(chunk_size):
+            return  # every chunk was kept: no data is read
+        if replay.state is not None:
+            generator.set_state(replay.state)
     records: dict[str, list[Call]] = {ly.name: [] for ly in layers}
     owners = dict(owners or {})
     owner_calls: dict[str, list[Call]] = {p: [] for p in owners}
@@ -133,13 +196,19 @@ def stream(
         params = {n: p.detach().clone().requires_grad_(True) for n, p in wrapper.params.items()}
         model_fn = functional(wrapper, params)
         bar = tqdm(
-            data.chunks(chunk_size),
+            data.chunks(chunk_size, skip=skip),
             total=data.num_chunks(chunk_size),
+            initial=skip,
             desc=desc,
             disable=not progress,
             leave=False,
         )
         for _, raw in bar:
+            keeping = keep is not None and not keep.closed
+            if keeping:
+                assert keep is not None
+                keep.state = generator.get_state()
+            kept: list[ChunkRecord] = []
             batch = wrapper.prepare(raw)
             b = batch_size(batch)
             for calls in (*records.values(), *owner_calls.values()):
@@ -200,11 +269,15 @@ def stream(
                             p: (owner_calls[p][0][0], _or_zeros(g, owner_calls[p][0][1]))
                             for p, g in zip(owners, out_grads[pos:], strict=True)
                         }
-                    visit(
-                        ChunkRecord(
-                            b, inputs, acts, grads, loss_batch, weight, r, loss_fn, owners=owner_io
-                        )
+                    rec = ChunkRecord(
+                        b, inputs, acts, grads, loss_batch, weight, r, loss_fn, owners=owner_io
                     )
+                    visit(rec)
+                    if keeping:
+                        kept.append(rec)
+                if keeping:
+                    assert keep is not None
+                    keep.offer(kept)
     finally:
         for handle in handles:
             handle.remove()

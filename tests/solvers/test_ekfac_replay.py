@@ -1,7 +1,7 @@
-"""EK-FAC's eigenvalue pass replays the factor pass's kept records (``EKFAC.replay_bytes``).
+"""EK-FAC's eigenvalue pass replays the factor pass's records (``EKFAC.replay_bytes``).
 
-Pass 2 draws the labels of pass 1, so whatever the budget (none, some chunks, all) the fit is
-the same to the bit; the chunks kept are not read from the data again.
+Pass 2 draws the labels of pass 1, so whether it replays them or runs the model again the fit
+is the same to the bit; a replayed pass reads no data. Records are kept only when all fit.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def chunk_bytes(solver: EKFAC) -> int:
         progress=False,
         keep=keep,
     )
-    assert keep.kept == N // CHUNK
-    assert keep.nbytes % keep.kept == 0
-    return keep.nbytes // keep.kept
+    assert keep.complete
+    assert keep.chunks == N // CHUNK
+    assert keep.nbytes % keep.chunks == 0
+    return keep.nbytes // keep.chunks
 
 
 @pytest.mark.parametrize(
@@ -86,50 +87,67 @@ def chunk_bytes(solver: EKFAC) -> int:
         {"fisher": "empirical"},
     ],
 )
-def test_fit_is_the_same_for_every_budget_and_kept_chunks_are_not_read(options):
+def test_fit_is_the_same_replayed_or_not_and_a_replay_reads_no_data(options):
     base = EKFAC(damping=0.01, unsupported="diagonal", seed=5, **options)
     size = chunk_bytes(base)
     fits = {}
-    for kept, budget in ((0, 0), (3, 3 * size + size // 2), (6, 6 * size)):
+    # all six chunks fit, or only five: none is kept then (all or nothing)
+    for budget, replayed in ((0, False), (5 * size + size // 2, False), (6 * size, True)):
         fit = fitted(EKFAC(**{**base.__dict__, "replay_bytes": budget}))
-        assert fit.info["replayed_chunks"] == kept
-        assert ChunkCounter.read == 6 + (6 - kept)  # pass 1 reads all, pass 2 the rest
-        fits[kept] = fit
-    for fit in (fits[3], fits[6]):
-        for name, values in fits[0].eigenvalues.items():
+        assert fit.info["replayed"] is replayed
+        assert ChunkCounter.read == (6 if replayed else 12)
+        fits[budget] = fit
+    first = fits[0]
+    for fit in fits.values():
+        for name, values in first.eigenvalues.items():
             assert torch.equal(fit.eigenvalues[name], values), name
-        for block, other in zip(fits[0].partition.diagonal, fit.partition.diagonal, strict=True):
+        for block, other in zip(first.partition.diagonal, fit.partition.diagonal, strict=True):
             assert torch.equal(block.diag, other.diag)
     # the eigenvalues are refit in pass 2, not K-FAC's products of the factors' eigenvalues
-    layer = fits[6].partition.layers[0]
-    assert not torch.allclose(
-        fits[6].eigenvalues[layer.name], torch.outer(layer.eig_S, layer.eig_A)
-    )
+    layer = first.partition.layers[0]
+    assert not torch.allclose(first.eigenvalues[layer.name], torch.outer(layer.eig_S, layer.eig_A))
 
 
-def test_pass_two_draws_the_labels_of_pass_one():
-    """With one kept chunk of two, pass 2 recomputes the second from pass 1's generator state:
-    forgetting that state (drawing from the seed again) changes the fit."""
+def test_a_pass_that_outgrows_the_budget_keeps_nothing():
+    """The first chunk's size times the chunks decides at once; a later chunk that does not
+    fit (the estimate fell short) releases what was kept."""
     base = EKFAC(damping=0.01, unsupported="diagonal", seed=5)
     size = chunk_bytes(base)
-    kept = fitted(EKFAC(**{**base.__dict__, "replay_bytes": size}))
-    assert kept.info["replayed_chunks"] == 1
-    original = Replay.offer
+    first = kronecker_stream_records(3)
+    keep = Replay(6 * size - 1)
+    keep.offer(first, 6)
+    assert keep.dropped
+    assert keep.records == []
+    keep = Replay(2 * size)
+    keep.offer(first, 2)
+    assert keep.chunks == 1
+    assert keep.records
+    keep.offer(first + kronecker_stream_records(4), 2)  # twice the estimate: over the budget
+    assert keep.dropped
+    assert keep.records == []
+    assert keep.chunks == 0
+    assert not keep.complete
+    keep.offer(first, 2)  # dropped for good
+    assert keep.records == []
 
-    def forgetful(self, records):
-        original(self, records)
-        if self.closed:
-            self.state = None
 
-    try:
-        Replay.offer = forgetful
-        redrawn = fitted(EKFAC(**{**base.__dict__, "replay_bytes": size}))
-    finally:
-        Replay.offer = original
-    name = kept.partition.layers[0].name
-    assert not torch.equal(kept.eigenvalues[name], redrawn.eigenvalues[name])
-    every = fitted(EKFAC(**{**base.__dict__, "replay_bytes": 0}))
-    assert torch.equal(kept.eigenvalues[name], every.eigenvalues[name])
+def kronecker_stream_records(seed: int) -> list:
+    """One chunk's records of pass 1 (eight examples, one draw)."""
+    x, y = data()
+    wrapper = ModelWrapper(cnn(), Objective("cross_entropy", 0.01))
+    keep = Replay(1 << 40)
+    kronecker.collect_factors(
+        wrapper,
+        IndexedData((x[:CHUNK], y[:CHUNK])),
+        kronecker.partition(wrapper, allow_diagonal=True),
+        fisher="true",
+        chunk_size=CHUNK,
+        generator=torch.Generator().manual_seed(seed),
+        mc_samples=1,
+        progress=False,
+        keep=keep,
+    )
+    return list(keep.records)
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "1GiB"])

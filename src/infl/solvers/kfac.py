@@ -167,8 +167,8 @@ class _Kronecker(Solver):
         eigendecompose(part)
         passes = 1
         if self._eigen_refit:
-            # pass 1's label draws again: its kept chunks replayed, the others drawn from the
-            # generator state pass 1 had at the first of them (Replay.state)
+            # pass 1's label draws again: replayed from its records, or drawn again from its seed
+            gen = torch.Generator(device=wrapper.device).manual_seed(seed)
             collect_eigen_diagonal(wrapper, data, part, generator=gen, replay=kept, **common)
             distributed.average_partition(operator, part, "eigenvalues")
             passes = 2
@@ -179,11 +179,11 @@ class _Kronecker(Solver):
             else dict(zip(wrapper.names, wrapper.decays, strict=True))
         )
         n = distributed.num_examples(operator, len(data))
-        replayed = kept.kept if kept is not None else 0
-        return FittedKronecker(self, operator, part, decay, passes, n, replayed_chunks=replayed)
+        replayed = kept is not None and kept.complete
+        return FittedKronecker(self, operator, part, decay, passes, n, replayed=replayed)
 
     def _replay_budget(self) -> int:
-        """Bytes of pass 1's records kept for pass 2 (:class:`EKFAC`'s ``replay_bytes``)."""
+        """Bytes for pass 1's records kept for pass 2 (:class:`EKFAC`'s ``replay_bytes``)."""
         return 0
 
     def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedKronecker:
@@ -307,23 +307,23 @@ class EKFAC(_Kronecker):
     Parameters
     ----------
     replay_bytes
-        Bytes of pass 1's layer inputs and output gradients kept in memory for pass 2
-        (default 1 GiB; ``0``: none). Pass 2 needs the same inputs and, drawing the same
-        labels as pass 1, the same output gradients: the chunks whose records fit (the first
-        ones, in order) are not run through the model again, the rest are. The result does
-        not depend on it. Per example the records take :math:`\\sum_l` (input + output
-        gradient sizes of layer :math:`l`) numbers, ``mc_samples`` output gradients for
-        ``fisher="true"`` (``C`` for ``"exact"``): about 0.63M float32 numbers (2.5 MB) for a
-        width-64 CIFAR ResNet, so 1 GiB holds about 430 examples.
+        Memory for pass 1's layer inputs and output gradients, kept for pass 2 when the whole
+        pass fits (default 1 GiB; ``0``: never). Pass 2 needs the same inputs and, drawing
+        the same labels as pass 1, the same output gradients: kept, it runs no forward or
+        backward pass and reads no data (``info["replayed"]``). All or nothing: keeping part
+        of a larger pass saved no time on a CIFAR ResNet. The result does not depend on it.
+        Per example the records take :math:`\\sum_l` (input + output gradient sizes of layer
+        :math:`l`) numbers, with ``mc_samples`` output gradients for ``fisher="true"`` (``C``
+        for ``"exact"``): about 0.63M float32 numbers (2.5 MB) for a width-64 CIFAR ResNet,
+        so 1 GiB holds about 430 examples.
 
     Notes
     -----
-    Cost: two passes over the data (factors, then eigenvalues), of which pass 2 runs no
-    forward or backward pass on the chunks pass 1 kept (``replay_bytes``); pass 2 forms the
-    ``[b, out, in]`` per-example gradients of a chunk only for layers with several locations
-    per example (convolutions, sequences). Memory: the factors plus one ``[out, in]``
-    eigenvalue matrix per layer, and up to ``replay_bytes`` between the passes. Solves cost
-    what K-FAC's do.
+    Cost: two passes over the data (factors, then eigenvalues), the second from memory when
+    the first fits in ``replay_bytes``; pass 2 forms the ``[b, out, in]`` per-example
+    gradients of a chunk only for layers with several locations per example (convolutions,
+    sequences). Memory: the factors plus one ``[out, in]`` eigenvalue matrix per layer, and
+    up to ``replay_bytes`` between the passes. Solves cost what K-FAC's do.
     """
 
     replay_bytes: int = field(default=DEFAULT_REPLAY_BYTES, metadata={SPEC_OMIT_DEFAULT: True})
@@ -335,8 +335,8 @@ class EKFAC(_Kronecker):
         value = self.replay_bytes
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(
-                f"replay_bytes must be a number of bytes >= 0 (0: pass 2 reruns the model on "
-                f"every chunk), got {value!r}"
+                f"replay_bytes must be a number of bytes >= 0 (0: pass 2 always runs the "
+                f"model again), got {value!r}"
             )
 
     def _replay_budget(self) -> int:
@@ -397,10 +397,10 @@ class FittedKronecker(FittedSolver):
         data_passes: int,
         num_examples: int,
         eigenvalues: dict[str, torch.Tensor] | None = None,
-        replayed_chunks: int = 0,
+        replayed: bool = False,
     ) -> None:
         self.partition = part
-        self.replayed_chunks = replayed_chunks
+        self.replayed = replayed
         self.weight_decay: float | dict[str, float] = (
             {n: float(v) for n, v in weight_decay.items()}
             if isinstance(weight_decay, Mapping)
@@ -538,7 +538,7 @@ class FittedKronecker(FittedSolver):
             self.data_passes,
             self.num_examples,
             self.eigenvalues,
-            self.replayed_chunks,
+            self.replayed,
         )
 
     def state(self) -> dict[str, Any]:
@@ -579,6 +579,6 @@ class FittedKronecker(FittedSolver):
             "layers": [ly.name for ly in self.partition.layers],
             "diagonal_params": [blk.name for blk in self.partition.diagonal],
             "data_passes": self.data_passes,
-            "replayed_chunks": self.replayed_chunks,
+            "replayed": self.replayed,
             "num_examples": self.num_examples,
         }

@@ -324,8 +324,8 @@ def collect_factors(
     output of an example); the diagonal blocks' per-example gradients come from the same
     passes where their parameters all sit in layers of :mod:`infl.layer_grads` (GroupNorm,
     LayerNorm, eval BatchNorm2d, grouped convolutions), else from one more per draw; memory
-    :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors, plus ``keep.budget`` bytes of the
-    first chunks' records when ``keep`` is given (:class:`~infl.solvers.kronecker_stream.Replay`).
+    :math:`O(\\sum_l in_l^2 + out_l^2)` for the factors, plus up to ``keep.budget`` bytes of
+    the chunks' records when ``keep`` is given (:class:`~infl.solvers.kronecker_stream.Replay`).
     """
     dtype, device = wrapper.dtype, wrapper.device
     A = {
@@ -502,9 +502,8 @@ def collect_eigen_diagonal(
     :math:`(Q_S^T g)^2 ((Q_A^T a)^2)^T`, and the chunk's sum is one matrix product; otherwise
     the ``[b, out, in]`` per-example gradients of the chunk are formed.
 
-    With ``replay`` (the records pass 1 kept), its chunks are visited without a forward or
-    backward pass and the rest are streamed from its generator state; ``generator`` seeded
-    as pass 1's then gives every chunk pass 1's label draws.
+    With ``replay`` (pass 1's records, when it kept them all), no data is read: its records
+    are visited instead. Otherwise ``generator``, seeded as pass 1's, gives pass 1's draws.
     """
     dtype, device = wrapper.dtype, wrapper.device
     acc = {

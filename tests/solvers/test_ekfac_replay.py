@@ -56,22 +56,27 @@ def fitted(solver: EKFAC):
     return solver.fit(HessianOperator(wrapper, ChunkCounter((x, y)), CHUNK))
 
 
-def chunk_bytes(solver: EKFAC) -> int:
-    """Bytes of one chunk's records (every chunk has eight examples)."""
-    x, y = data()
+def pass_one(x, y, *, fisher="true", mc_samples=1, seed=0) -> Replay:
+    """Pass 1 over ``(x, y)`` in chunks of eight, every record kept."""
     wrapper = ModelWrapper(cnn(), Objective("cross_entropy", 0.01))
     keep = Replay(1 << 40)
     kronecker.collect_factors(
         wrapper,
         IndexedData((x, y)),
         kronecker.partition(wrapper, allow_diagonal=True),
-        fisher=solver.fisher,
+        fisher=fisher,
         chunk_size=CHUNK,
-        generator=torch.Generator().manual_seed(0),
-        mc_samples=solver.mc_samples,
+        generator=torch.Generator().manual_seed(seed),
+        mc_samples=mc_samples,
         progress=False,
         keep=keep,
     )
+    return keep
+
+
+def chunk_bytes(solver: EKFAC) -> int:
+    """Bytes of one chunk's records (every chunk has eight examples)."""
+    keep = pass_one(*data(), fisher=solver.fisher, mc_samples=solver.mc_samples)
     assert keep.complete
     assert keep.chunks == N // CHUNK
     assert keep.nbytes % keep.chunks == 0
@@ -113,7 +118,7 @@ def test_a_pass_that_outgrows_the_budget_keeps_nothing():
     fit (the estimate fell short) releases what was kept."""
     base = EKFAC(damping=0.01, unsupported="diagonal", seed=5)
     size = chunk_bytes(base)
-    first = kronecker_stream_records(3)
+    first = one_chunk_records(3)
     keep = Replay(6 * size - 1)
     keep.offer(first, 6)
     assert keep.dropped
@@ -122,7 +127,7 @@ def test_a_pass_that_outgrows_the_budget_keeps_nothing():
     keep.offer(first, 2)
     assert keep.chunks == 1
     assert keep.records
-    keep.offer(first + kronecker_stream_records(4), 2)  # twice the estimate: over the budget
+    keep.offer(first + one_chunk_records(4), 2)  # twice the estimate: over the budget
     assert keep.dropped
     assert keep.records == []
     assert keep.chunks == 0
@@ -131,23 +136,10 @@ def test_a_pass_that_outgrows_the_budget_keeps_nothing():
     assert keep.records == []
 
 
-def kronecker_stream_records(seed: int) -> list:
+def one_chunk_records(seed: int) -> list:
     """One chunk's records of pass 1 (eight examples, one draw)."""
     x, y = data()
-    wrapper = ModelWrapper(cnn(), Objective("cross_entropy", 0.01))
-    keep = Replay(1 << 40)
-    kronecker.collect_factors(
-        wrapper,
-        IndexedData((x[:CHUNK], y[:CHUNK])),
-        kronecker.partition(wrapper, allow_diagonal=True),
-        fisher="true",
-        chunk_size=CHUNK,
-        generator=torch.Generator().manual_seed(seed),
-        mc_samples=1,
-        progress=False,
-        keep=keep,
-    )
-    return list(keep.records)
+    return list(pass_one(x[:CHUNK], y[:CHUNK], seed=seed).records)
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "1GiB"])

@@ -161,7 +161,7 @@ class _Kronecker(Solver):
         # averaged over the ranks (weights n_r / n) before the eigendecompositions
         seed = distributed.shard_seed(operator, self.seed)
         gen = torch.Generator(device=wrapper.device).manual_seed(seed)
-        kept = Replay(self._replay_budget()) if self._eigen_refit else None
+        kept = self._replay()
         collect_factors(wrapper, data, part, generator=gen, keep=kept, **common)
         distributed.average_partition(operator, part, "factors")
         eigendecompose(part)
@@ -182,9 +182,9 @@ class _Kronecker(Solver):
         replayed = kept is not None and kept.complete
         return FittedKronecker(self, operator, part, decay, passes, n, replayed=replayed)
 
-    def _replay_budget(self) -> int:
-        """Bytes for pass 1's records kept for pass 2 (:class:`EKFAC`'s ``replay_bytes``)."""
-        return 0
+    def _replay(self) -> Replay | None:
+        """Where pass 1 keeps its records for pass 2 (EK-FAC; K-FAC has no pass 2)."""
+        return None
 
     def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedKronecker:
         """:class:`FittedKronecker` from saved factors and eigenbases: no data pass.
@@ -339,8 +339,8 @@ class EKFAC(_Kronecker):
                 f"model again), got {value!r}"
             )
 
-    def _replay_budget(self) -> int:
-        return self.replay_bytes
+    def _replay(self) -> Replay | None:
+        return Replay(self.replay_bytes)
 
 
 def _operator_parts(

@@ -1,7 +1,8 @@
-"""EK-FAC's eigenvalue pass replays the factor pass's records (``EKFAC.replay_bytes``).
+"""EK-FAC's eigenvalue pass replays records made by the factor pass (``EKFAC.replay_bytes``).
 
-Pass 2 draws the labels of pass 1, so whether it replays them or runs the model again the fit
-is the same to the bit; a replayed pass reads no data. Records are kept only when all fit.
+Pass 1 keeps its layer inputs and the output gradients of pass 2's own label draws (made from
+pass 2's generator), so whether pass 2 replays them or runs the model again the fit is the
+same to the bit; a replayed pass reads no data. Records are kept only when all of them fit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 from infl import EKFAC, HessianOperator, IndexedData, InputError, ModelWrapper, Objective
 from infl.solvers import kronecker
 from infl.solvers.base import solver_from_spec, solver_spec
-from infl.solvers.kronecker_stream import Replay
+from infl.solvers.kronecker_stream import ChunkRecord, Replay, records_nbytes, stream
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -59,7 +60,7 @@ def fitted(solver: EKFAC):
 def pass_one(x, y, *, fisher="true", mc_samples=1, seed=0) -> Replay:
     """Pass 1 over ``(x, y)`` in chunks of eight, every record kept."""
     wrapper = ModelWrapper(cnn(), Objective("cross_entropy", 0.01))
-    keep = Replay(1 << 40)
+    keep = Replay(1 << 40, torch.Generator().manual_seed(seed + 1))
     kronecker.collect_factors(
         wrapper,
         IndexedData((x, y)),
@@ -116,24 +117,67 @@ def test_fit_is_the_same_replayed_or_not_and_a_replay_reads_no_data(options):
 def test_a_pass_that_outgrows_the_budget_keeps_nothing():
     """The first chunk's size times the chunks decides at once; a later chunk that does not
     fit (the estimate fell short) releases what was kept."""
-    base = EKFAC(damping=0.01, unsupported="diagonal", seed=5)
-    size = chunk_bytes(base)
     first = one_chunk_records(3)
+    size = records_nbytes(first)
     keep = Replay(6 * size - 1)
-    keep.offer(first, 6)
+    assert not keep.admits(size, 6)
     assert keep.dropped
-    assert keep.records == []
     keep = Replay(2 * size)
-    keep.offer(first, 2)
+    assert keep.admits(size, 2)
+    keep.add(first, size, 2)
     assert keep.chunks == 1
     assert keep.records
-    keep.offer(first + one_chunk_records(4), 2)  # twice the estimate: over the budget
+    assert not keep.admits(2 * size, 2)  # twice the estimate: over the budget
     assert keep.dropped
     assert keep.records == []
     assert keep.chunks == 0
     assert not keep.complete
-    keep.offer(first, 2)  # dropped for good
-    assert keep.records == []
+    assert not keep.admits(0, 2)  # dropped for good
+
+
+def test_kept_gradients_are_pass_twos_draws():
+    """Sampled labels: the kept output gradients are those of the generator given to the
+    keep (pass 2's draws), not the visited ones; the data's labels keep the visited ones."""
+    x, y = data()
+    wrapper = ModelWrapper(cnn(), Objective("cross_entropy", 0.01))
+    part = kronecker.partition(wrapper, allow_diagonal=True)
+    for fisher in ("true", "empirical"):
+        visited = []
+        keep = Replay(1 << 40, torch.Generator().manual_seed(11))
+        stream(
+            wrapper,
+            IndexedData((x, y)),
+            part.layers,
+            visited.append,
+            fisher=fisher,
+            chunk_size=CHUNK,
+            generator=torch.Generator().manual_seed(10),
+            mc_samples=1,
+            desc="",
+            progress=False,
+            keep=keep,
+        )
+        assert keep.complete
+        assert len(keep.records) == len(visited) == N // CHUNK
+        name = part.layers[-1].name
+        same = [
+            torch.equal(k.grads[name], v.grads[name])
+            for k, v in zip(keep.records, visited, strict=True)
+        ]
+        assert all(same) if fisher == "empirical" else not any(same)
+        for k, v in zip(keep.records, visited, strict=True):
+            assert k.inputs is v.inputs
+    # and they are what pass 2 draws from that generator when it runs the model itself
+    replayed = Replay(1 << 40, torch.Generator().manual_seed(11))
+    stream(wrapper, IndexedData((x, y)), part.layers, lambda rec: None, fisher="true",
+           chunk_size=CHUNK, generator=torch.Generator().manual_seed(10), mc_samples=1,
+           desc="", progress=False, keep=replayed)  # fmt: skip
+    rerun = []
+    stream(wrapper, IndexedData((x, y)), part.layers, rerun.append, fisher="true",
+           chunk_size=CHUNK, generator=torch.Generator().manual_seed(11), mc_samples=1,
+           desc="", progress=False)  # fmt: skip
+    for k, v in zip(replayed.records, rerun, strict=True):
+        assert torch.equal(k.grads[name], v.grads[name])
 
 
 def one_chunk_records(seed: int) -> list:
@@ -158,8 +202,6 @@ def test_spec_leaves_the_default_out_and_keeps_another():
 
 def test_records_count_what_they_hold():
     """Each storage once; a view of the data set counts its slice, a broadcast its storage."""
-    from infl.solvers.kronecker_stream import ChunkRecord, records_nbytes
-
     data = torch.zeros(1000, 5)
     acts = torch.randn(8, 4, 3)
     grads = {"a": torch.zeros(1).expand(8, 2, 4), "b": acts.transpose(1, 2)}

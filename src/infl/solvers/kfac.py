@@ -161,14 +161,14 @@ class _Kronecker(Solver):
         # averaged over the ranks (weights n_r / n) before the eigendecompositions
         seed = distributed.shard_seed(operator, self.seed)
         gen = torch.Generator(device=wrapper.device).manual_seed(seed)
-        kept = self._replay()
+        kept = self._replay(torch.Generator(device=wrapper.device).manual_seed(seed + 1))
         collect_factors(wrapper, data, part, generator=gen, keep=kept, **common)
         distributed.average_partition(operator, part, "factors")
         eigendecompose(part)
         passes = 1
         if self._eigen_refit:
-            # pass 1's label draws again: replayed from its records, or drawn again from its seed
-            gen = torch.Generator(device=wrapper.device).manual_seed(seed)
+            # pass 2's own draws (seed + 1): replayed, made in pass 1 from the same seed
+            gen = torch.Generator(device=wrapper.device).manual_seed(seed + 1)
             collect_eigen_diagonal(wrapper, data, part, generator=gen, replay=kept, **common)
             distributed.average_partition(operator, part, "eigenvalues")
             passes = 2
@@ -182,8 +182,9 @@ class _Kronecker(Solver):
         replayed = kept is not None and kept.complete
         return FittedKronecker(self, operator, part, decay, passes, n, replayed=replayed)
 
-    def _replay(self) -> Replay | None:
-        """Where pass 1 keeps its records for pass 2 (EK-FAC; K-FAC has no pass 2)."""
+    def _replay(self, generator: torch.Generator) -> Replay | None:
+        """Where pass 1 keeps pass 2's records, drawn from ``generator`` (EK-FAC; K-FAC has
+        no pass 2)."""
         return None
 
     def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedKronecker:
@@ -266,7 +267,7 @@ class KFAC(_Kronecker):
         (``diag(p) - p p^T`` for ``cross_entropy``): one backward pass per output of an example
         (``C`` for ``C`` classes) and no sampling noise, so ``seed`` is unused.
     seed
-        Seeds the label draws (EK-FAC's pass 2 draws the same labels as pass 1).
+        Seeds the label draws (pass 1 uses ``seed``, EK-FAC's pass 2 ``seed + 1``).
     chunk_size
         Examples per chunk; ``None`` takes the operator's. Results do not depend on it.
 
@@ -307,9 +308,11 @@ class EKFAC(_Kronecker):
     Parameters
     ----------
     replay_bytes
-        Memory for pass 1's layer inputs and output gradients, kept for pass 2 when the whole
-        pass fits (default 1 GiB; ``0``: never). Pass 2 needs the same inputs and, drawing
-        the same labels as pass 1, the same output gradients: kept, it runs no forward or
+        Memory for pass 2's layer inputs and output gradients, made during pass 1 when all of
+        them fit (default 1 GiB; ``0``: never). Pass 2 needs pass 1's layer inputs and the
+        output gradients of its own label draws (``seed + 1``): while the records fit, pass 1
+        makes those draws too (one more backward pass per draw; none with ``"empirical"`` or
+        ``"exact"``, whose output gradients are pass 1's), and pass 2 then runs no forward or
         backward pass and reads no data (``info["replayed"]``). All or nothing: keeping part
         of a larger pass saved no time on a CIFAR ResNet. The result does not depend on it.
         Per example the records take :math:`\\sum_l` (input + output gradient sizes of layer
@@ -339,8 +342,8 @@ class EKFAC(_Kronecker):
                 f"model again), got {value!r}"
             )
 
-    def _replay(self) -> Replay | None:
-        return Replay(self.replay_bytes)
+    def _replay(self, generator: torch.Generator) -> Replay | None:
+        return Replay(self.replay_bytes, generator)
 
 
 def _operator_parts(

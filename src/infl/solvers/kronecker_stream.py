@@ -69,34 +69,45 @@ class ChunkRecord:
 class Replay:
     """Every chunk's records of one pass, kept for the next pass to visit instead of the data.
 
-    The keeping pass (:func:`stream` with ``keep=``) offers each chunk's records (every
-    draw's output gradients and the layer inputs they share, :func:`records_nbytes`). They
-    are kept only if the whole pass fits in ``budget`` bytes: the first chunk's size times
-    the number of chunks must, and so must the running total; otherwise every record is
-    released and nothing more is kept (``complete`` stays ``False``). All or nothing, since
-    keeping part of a large pass saved no time: on a CIFAR ResNet at n = 1000 the chunks
-    after the kept ones ran slower by about what the kept ones saved. A complete replay is
-    visited by the next pass (``replay=``) in the same order, releasing each record as it
-    goes; kept records carry no ``owners``, and their ``acts`` are formed again on use.
+    The keeping pass (:func:`stream` with ``keep=``) keeps each chunk's records (the layer
+    inputs and every draw's output gradients, :func:`records_nbytes`) only while the whole
+    pass fits in ``budget`` bytes: the first chunk's size times the number of chunks must,
+    and so must the running total; otherwise every record is released and nothing more is
+    kept (``complete`` stays ``False``). All or nothing, since keeping part of a large pass
+    saved no time: on a CIFAR ResNet at n = 1000 the chunks after the kept ones ran slower
+    by about what the kept ones saved.
+
+    With ``generator`` (sampled labels), the kept output gradients are not the keeping
+    pass's: they are those of the next pass's own draws, made from ``generator`` chunk after
+    chunk as the next pass would make them (one more backward pass per draw while keeping).
+    Without it (the data's labels, or the exact expectation) they are the keeping pass's.
+    A complete replay is visited by the next pass (``replay=``) in the same order, releasing
+    each record as it goes; kept records carry no ``owners``, and their ``acts`` are formed
+    again on use.
     """
 
     budget: int
+    generator: torch.Generator | None = None
     records: list[ChunkRecord] = field(default_factory=list)
     chunks: int = 0
     nbytes: int = 0
     complete: bool = False
     dropped: bool = False
 
-    def offer(self, records: list[ChunkRecord], total_chunks: int) -> None:
-        """Keep one chunk's records while the whole pass can fit in ``budget``; else drop all."""
+    def admits(self, size: int, total_chunks: int) -> bool:
+        """Whether one more chunk of ``size`` bytes keeps the whole pass within ``budget``;
+        if not, everything kept is released and nothing more will be."""
         if self.dropped:
-            return
-        size = records_nbytes(records)
+            return False
         first = self.chunks == 0
         if self.nbytes + size > self.budget or (first and size * total_chunks > self.budget):
             self.records.clear()
             self.chunks, self.nbytes, self.dropped = 0, 0, True
-            return
+            return False
+        return True
+
+    def add(self, records: list[ChunkRecord], size: int, total_chunks: int) -> None:
+        """Keep one admitted chunk's records (``size`` bytes)."""
         self.records += [replace(rec, acts={}, owners=None) for rec in records]
         self.nbytes += size
         self.chunks += 1
@@ -166,7 +177,8 @@ def stream(
     same way, and their output gradients come from the same backward passes
     (``ChunkRecord.owners``).
 
-    ``keep``: offer each chunk's records to it (:meth:`Replay.offer`). ``replay``: when it is
+    ``keep``: keep each chunk's records in it while they fit (:class:`Replay`; with its
+    ``generator``, the records of the next pass's label draws). ``replay``: when it is
     ``complete``, visit its records instead of reading the data (``replay.records`` is
     emptied); otherwise stream the data as without it.
     """
@@ -219,10 +231,10 @@ def stream(
                         empirical = (loss_fn(model_fn, batch).sum(), batch, loss_fn)
                         num_draws, make_draw = 1, None
                     else:
-                        inputs, _ = _split_supervised(batch)
-                        outputs = model_fn(inputs)
+                        model_inputs, _ = _split_supervised(batch)
+                        outputs = model_fn(model_inputs)
                         num_draws, make_draw = label_draws(
-                            loss_name, mc_samples, inputs, outputs, generator
+                            loss_name, mc_samples, model_inputs, outputs, generator
                         )
                 finally:
                     active[0] = False
@@ -237,49 +249,87 @@ def stream(
                 acts = _Activations(layers, inputs)
                 exact = loss_name is not None and mc_samples == "exact"
                 weight = 1.0 if exact else 1.0 / num_draws
+                # sampled labels: the next pass draws its own, made here from keep.generator
+                redraw = keeping and make_draw is not None and not exact
+                chunk = _Backward(
+                    layers, records, outs, owner_calls if owners_read else None, b, inputs, acts,
+                    weight,
+                )  # fmt: skip
+
                 for r in range(num_draws):
                     draw = make_draw(r) if make_draw is not None else empirical
                     assert draw is not None
-                    loss, loss_batch, loss_fn = draw
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(
-                            "the training loss of a chunk is not finite at the trained "
-                            "parameters; check the inputs for NaN/inf"
-                        )
-                    out_grads = torch.autograd.grad(
-                        loss, outs, retain_graph=r < num_draws - 1, allow_unused=True
-                    )
-                    pos = 0
-                    grads = {}
-                    for ly in layers:
-                        per_call = []
-                        for _, o in records[ly.name]:
-                            g = out_grads[pos]
-                            pos += 1
-                            per_call.append(
-                                ly.output_grads(torch.zeros_like(o) if g is None else g)
-                            )
-                        grads[ly.name] = _joined(per_call).detach()
-                    owner_io = None
-                    if owners_read:
-                        owner_io = {
-                            p: (owner_calls[p][0][0], _or_zeros(g, owner_calls[p][0][1]))
-                            for p, g in zip(owners, out_grads[pos:], strict=True)
-                        }
-                    rec = ChunkRecord(
-                        b, inputs, acts, grads, loss_batch, weight, r, loss_fn, owners=owner_io
-                    )
+                    rec = chunk.record(draw, r, retain=r < num_draws - 1 or redraw)
                     visit(rec)
                     if keeping:
                         kept.append(rec)
                 if keeping:
                     assert keep is not None
-                    keep.offer(kept, data.num_chunks(chunk_size))
+                    total = data.num_chunks(chunk_size)
+                    size = records_nbytes(kept)  # the next pass's draws: the same shapes
+                    if keep.admits(size, total):
+                        if redraw:
+                            assert loss_name is not None
+                            assert keep.generator is not None
+                            _, next_draw = label_draws(
+                                loss_name, mc_samples, model_inputs, outputs, keep.generator
+                            )
+                            kept = [
+                                chunk.record(next_draw(r), r, retain=r < num_draws - 1)
+                                for r in range(num_draws)
+                            ]
+                        keep.add(kept, size, total)
     finally:
         for handle in handles:
             handle.remove()
         for calls in (*records.values(), *owner_calls.values()):
             calls.clear()
+
+
+@dataclass
+class _Backward:
+    """One chunk after its forward pass: the backward pass of a draw gives its record.
+
+    ``owner_calls``: the diagonal blocks' owners' calls when they were read (their output
+    gradients follow the layers' in ``outs``), else ``None``."""
+
+    layers: list[LayerBlock]
+    calls: dict[str, list[Call]]
+    outs: list[torch.Tensor]
+    owner_calls: dict[str, list[Call]] | None
+    size: int
+    inputs: dict[str, list[torch.Tensor]]
+    acts: Mapping[str, torch.Tensor]
+    weight: float
+
+    def record(self, draw: Draw, r: int, retain: bool) -> ChunkRecord:
+        """Draw ``r``'s backward pass (``retain``: keep the graph for another)."""
+        loss, loss_batch, loss_fn = draw
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                "the training loss of a chunk is not finite at the trained "
+                "parameters; check the inputs for NaN/inf"
+            )
+        out_grads = torch.autograd.grad(loss, self.outs, retain_graph=retain, allow_unused=True)
+        pos = 0
+        grads = {}
+        for ly in self.layers:
+            per_call = []
+            for _, o in self.calls[ly.name]:
+                g = out_grads[pos]
+                pos += 1
+                per_call.append(ly.output_grads(torch.zeros_like(o) if g is None else g))
+            grads[ly.name] = _joined(per_call).detach()
+        owner_io = None
+        if self.owner_calls is not None:
+            owner_io = {
+                p: (calls[0][0], _or_zeros(g, calls[0][1]))
+                for (p, calls), g in zip(self.owner_calls.items(), out_grads[pos:], strict=True)
+            }
+        return ChunkRecord(
+            self.size, self.inputs, self.acts, grads, loss_batch, self.weight, r, loss_fn,
+            owners=owner_io,
+        )  # fmt: skip
 
 
 def _one_call(calls: list[Call], module: nn.Module, b: int) -> bool:

@@ -4,9 +4,9 @@ Per chunk and label draw, :func:`stream` hands a visitor each layer's inputs and
 of the per-example losses at its outputs (:class:`ChunkRecord`), from one forward pass of the
 chunk (temporary forward hooks on the layers) and one backward pass per draw. The factor pass,
 EK-FAC's eigenvalue pass and the diagonal blocks' Fisher diagonal of
-:mod:`infl.solvers.kronecker` are visitors of it. A pass can keep its chunks' records when
-they all fit in a byte budget (:class:`Replay`), for a later pass over the same label draws
-to visit without any forward or backward pass.
+:mod:`infl.solvers.kronecker` are visitors of it. A pass can keep its chunks' records, with
+the output gradients of the next pass's own label draws, when they all fit in a byte budget
+(:class:`Replay`): the next pass then visits them without any forward or backward pass.
 """
 
 from __future__ import annotations

@@ -502,8 +502,9 @@ def collect_eigen_diagonal(
     :math:`(Q_S^T g)^2 ((Q_A^T a)^2)^T`, and the chunk's sum is one matrix product; otherwise
     the ``[b, out, in]`` per-example gradients of the chunk are formed.
 
-    With ``replay`` (pass 1's records, when it kept them all), no data is read: its records
-    are visited instead. Otherwise ``generator``, seeded as pass 1's, gives pass 1's draws.
+    With ``replay`` (complete: pass 1 kept every chunk's inputs and made this pass's draws
+    from the generator it was given), no data is read: its records are visited instead.
+    Otherwise ``generator``, seeded as that one was, makes the same draws here.
     """
     dtype, device = wrapper.dtype, wrapper.device
     acc = {

@@ -1,17 +1,26 @@
-"""How fast can exact influence on the Iris MLP be? infl, pyDVL and no library at all.
+"""How fast can influence on the Iris MLP be? infl, the fastest peer and no library at all.
 
 Issue 12 asks for every solver to be 3x faster than the fastest peer. On compare_peers'
-Iris MLP (4-5-3, ReLU, p = 43, n = 120, float64, 2 test points) the exact job takes a few
+Iris MLP (4-5-3, ReLU, p = 43, n = 120, float64, 2 test points) a job takes a few
 milliseconds in every library, and this measures where the bound is: the same algorithm
-written out by hand with plain autograd and no library (a fresh copy of the model, the
-Hessian of the summed loss by one batched double-backward pass, per-example gradients of
-the two ``nn.Linear`` layers from one backward pass, ``eigh``, two matrix products), beside
-infl's ``InfluenceCalculator(..., ExactHessian)`` and pyDVL's ``DirectInfluence`` (when
-importable: run it from the peers' virtualenv, see README.md). Each job runs ``--repeat`` times,
-interleaved, one thread; the table gives the median and the fastest run, and the ratio of the
-medians to pyDVL's.
+written out by hand with plain autograd and no library, beside infl and the fastest peer
+(when importable: run it from the peers' virtualenv, see README.md).
 
-Run:  python benchmarks/bench_iris_exact_floor.py [--repeat 200]
+* ``--solver exact``: a fresh copy of the model, the Hessian of the summed loss by one
+  batched double-backward pass, per-example gradients of the two ``nn.Linear`` layers from
+  one backward pass, ``eigh``, two matrix products; infl's ``ExactHessian`` against pyDVL's
+  ``DirectInfluence``.
+* ``--solver ekfac``: EK-FAC with the empirical Fisher (the data's labels, as dattri's
+  ``IFAttributorEKFAC`` estimates it): one forward and one backward pass give each layer's
+  inputs and output gradients, the Kronecker factors and their ``eigh``, the eigenvalues
+  re-fitted in those eigenbases (each example's gradient is one outer product here, so its
+  squared rotation is an outer product of squares), the test and training gradients
+  rotated, scaled and contracted; infl's ``EKFAC(fisher="empirical")`` against dattri.
+
+Each job runs ``--repeat`` times, interleaved, one thread; the table gives the median and
+the fastest run, and the ratio of the medians to the peer's.
+
+Run:  python benchmarks/bench_iris_exact_floor.py [--solver exact|ekfac] [--repeat 200]
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,25 +82,67 @@ def by_hand(problem: Problem, damping: float) -> Callable[[], torch.Tensor]:
     return job
 
 
+def by_hand_ekfac(problem: Problem, damping: float) -> Callable[[], torch.Tensor]:
+    """EK-FAC (empirical Fisher) with plain autograd: ``-∇ℓ_testᵀ F̃⁻¹ ∇ℓ_train`` ``[m, n]``.
+
+    Per layer ``l`` with inputs ``ā`` (a column of ones appended for the bias) and output
+    gradients ``g`` of the per-example losses: ``A = āᵀā / n = Q_A diag Q_Aᵀ``, ``S = gᵀg / n
+    = Q_S diag Q_Sᵀ``, ``Λ = ((g Q_S)²)ᵀ (ā Q_A)² / n`` and the layer's inverse
+    ``Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ`` for a gradient ``G = g āᵀ``."""
+    x, y, xt, yt = problem.x_train, problem.y_train, problem.x_test, problem.y_test
+    n = len(y)
+
+    def records(
+        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        inputs: torch.Tensor, targets: torch.Tensor,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        z = F.linear(inputs, w1, b1).requires_grad_(True)
+        a = torch.relu(z)
+        o = F.linear(a, w2, b2)
+        go, gz = torch.autograd.grad(F.cross_entropy(o, targets, reduction="sum"), [o, z])
+        ones = inputs.new_ones(len(inputs), 1)
+        return [(torch.cat([inputs, ones], 1), gz), (torch.cat([a.detach(), ones], 1), go)]
+
+    def job() -> torch.Tensor:
+        model = problem.fresh_model()
+        w1, b1, w2, b2 = (q.detach() for q in model.parameters())
+        train = records(w1, b1, w2, b2, x, y)
+        test = records(w1, b1, w2, b2, xt, yt)
+        scores = torch.zeros(len(yt), n, dtype=x.dtype)
+        for (a, g), (at, gt) in zip(train, test, strict=True):
+            q_a = torch.linalg.eigh(a.T @ a / n)[1]
+            q_s = torch.linalg.eigh(g.T @ g / n)[1]
+            ra, rg = a @ q_a, g @ q_s
+            eigenvalues = (rg * rg).T @ (ra * ra) / n
+            inverse = (gt @ q_s)[:, :, None] * (at @ q_a)[:, None, :] / (eigenvalues + damping)
+            scores -= torch.einsum("jkl,ik,il->ji", inverse, rg, ra)
+        return scores
+
+    return job
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--solver", choices=("exact", "ekfac"), default="exact")
     parser.add_argument("--repeat", type=int, default=200)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     problem = cp.build_problem("iris", quick=False)
-    setting = cp.settings(problem, False, lambda lam, b: 1.0)["exact"]
+    setting = cp.settings(problem, False, lambda lam, b: 1.0)[args.solver]
+    peer: Any
+    if args.solver == "exact":
+        hand, variant = by_hand(problem, setting.damping), None
+        from peers import pydvl_peer as peer
+    else:
+        hand, variant = by_hand_ekfac(problem, setting.damping), {"solver": {"fisher": "empirical"}}
+        from peers import dattri_peer as peer
     jobs: dict[str, Callable[[], torch.Tensor]] = {
-        "by hand": by_hand(problem, setting.damping),
-        "infl": lambda: cp.run_infl(problem, setting)[0],
+        "by hand": hand,
+        "infl": lambda: cp.run_infl(problem, setting, variant)[0],
     }
-    try:
-        from peers import pydvl_peer
-
-        if pydvl_peer.available() is None:
-            jobs["pyDVL"] = lambda: pydvl_peer.scores(problem, setting)
-    except ImportError:
-        pass
+    if peer.available() is None:
+        jobs[peer.NAME] = lambda: peer.scores(problem, setting)
     reference = jobs["infl"]()
     for name, job in jobs.items():
         difference = float((job() - reference).abs().max() / reference.abs().max())
@@ -101,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             job()
             times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["pyDVL"]) if "pyDVL" in times else None
-    print("| job | median ms | fastest ms | pyDVL / job (medians) |")
+    base = statistics.median(times[peer.NAME]) if peer.NAME in times else None
+    print(f"| job | median ms | fastest ms | {peer.NAME} / job (medians) |")
     print("| --- | --- | --- | --- |")
     for name, seconds in times.items():
         median = statistics.median(seconds)

@@ -269,7 +269,10 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
     sides), alone and with the options above.
     ``exact label expectation`` (K-FAC, EK-FAC):
     ``mc_samples="exact"``, the true Fisher's expectation over the labels instead of one
-    sampled label per example. ``control variate`` (minibatch LiSSA):
+    sampled label per example. ``empirical Fisher`` (K-FAC, EK-FAC): ``fisher="empirical"``,
+    the data's labels instead of sampled ones: the curvature dattri's EK-FAC estimates (its
+    covariance and eigenvalue passes differentiate the task's loss at the data's labels), and
+    deterministic. ``control variate`` (minibatch LiSSA):
     ``snapshot_every="auto"``, a full-data product at an anchor every ``4n/b`` steps, so the
     recursion converges instead of stalling at the minibatch noise (same scale and depth).
     ``partition`` (minibatch LiSSA): ``sampling="partition"``, the blocks of a fixed random
@@ -323,6 +326,7 @@ def variants(problem: Problem, setting: Setting) -> dict[str, Variant]:
             }
     if method in ("kfac", "ekfac"):
         out["exact label expectation"] = {"solver": {"mc_samples": "exact"}}
+        out["empirical Fisher"] = {"solver": {"fisher": "empirical"}}
     if method == "lissa" and problem.name != "iris":  # minibatch LiSSA
         lissa_options = {
             "control variate": {"snapshot_every": "auto"},

@@ -32,7 +32,7 @@ EQUAL_ERROR_FLOOR = 1e-6
 
 LADDERS: dict[str, tuple[str, tuple[float, ...]]] = {
     "cg": ("max_iter", (3, 5, 10, 20, 40)),
-    "lissa": ("depth", (0.1, 0.2, 0.4, 0.6)),
+    "lissa": ("depth", (0.1, 0.13, 0.16, 0.2, 0.4, 0.6)),
     "arnoldi": ("krylov", (0.3, 0.4, 0.6, 0.8)),
 }
 """Per method: the budget field of :class:`Setting` and the budgets below the default one (CG:

@@ -25,6 +25,9 @@ from .common import Problem, Setting
 
 NAME = "kronfluence"
 METHODS = frozenset({"kfac", "ekfac"})
+BATCH = 512
+"""kronfluence's ``per_device_batch_size`` for the factors and the training side of the scores
+(at most ``n``)."""
 
 
 def available() -> str | None:
@@ -94,7 +97,7 @@ def scores(problem: Problem, setting: Setting) -> torch.Tensor:
             output_dir=tmp,
             log_level=logging.ERROR,
         )
-        batch = min(problem.n, 512)
+        batch = min(problem.n, BATCH)
         analyzer.fit_all_factors(
             factors_name="f",
             dataset=train,

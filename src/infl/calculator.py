@@ -25,6 +25,7 @@ from infl import (
     train_gradients,
 )
 from infl.calculator_setup import CURVATURES as CURVATURES  # re-exported
+from infl.chunking import ChunkSize, auto_chunk_size
 from infl.data import IndexedData
 from infl.distributed import ProcessGroup, Shard
 from infl.export import Ids
@@ -71,8 +72,14 @@ class InfluenceCalculator:
     measurement
         ``(model, batch) -> Tensor[b]``, what the scores explain; default: the loss.
     chunk_size
-        Examples per vmapped chunk for gradients and HVPs (memory vs. speed; results do not
-        depend on it).
+        Examples per chunk for gradients, HVPs and the solvers' passes (memory vs. speed;
+        results do not depend on it beyond round-off). ``"auto"`` (default): on a CPU, the
+        largest power of two up to 256 whose largest module output (measured on the first
+        examples) stays within 16 MiB, since larger blocks get fresh, kernel-zeroed pages
+        from glibc on every allocation (:mod:`infl.chunking`: on a 1.2M-parameter ResNet,
+        64 examples per chunk instead of 256 was 19 % faster at half the memory); elsewhere
+        256. With a ``memory_budget``, never more than one chunk of gradients that fits.
+        The resolved number is :attr:`chunk_size`.
     cache_bytes
         Keep the ``[n, p]`` training-gradient matrix in memory when it takes at most this many
         bytes (default 1 GiB); otherwise stream it chunk by chunk on every call.
@@ -164,7 +171,7 @@ class InfluenceCalculator:
         solver: Solver,
         *,
         measurement: PerExampleFn | None = None,
-        chunk_size: int = 256,
+        chunk_size: ChunkSize = "auto",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         memory_budget: int | None = None,
         progress: bool = True,
@@ -187,8 +194,13 @@ class InfluenceCalculator:
         )
         self.solver = solver
         self.measurement = measurement if measurement is not None else loss_measurement(objective)
-        self.chunk_size = chunk_size
         dtype = self.wrapper.dtype
+        if chunk_size == "auto":
+            chunk_size = auto_chunk_size(self.wrapper.activation_bytes, self.wrapper.device)
+            fits = streaming.budget_chunk_size(memory_budget, self.num_params, dtype)
+            chunk_size = max(1, min(chunk_size, fits)) if fits is not None else chunk_size
+        assert isinstance(chunk_size, int)
+        self.chunk_size: int = chunk_size
         streaming.check_memory_budget(memory_budget, chunk_size, self.num_params, dtype)
         self.memory_budget = memory_budget
         self.cache_bytes = (

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infl import train_gradients
+from infl.chunking import ChunkSize, check_chunk_size
 from infl.data import IndexedData
 from infl.distributed import (
     ProcessGroup,
@@ -51,15 +52,16 @@ CURVATURES: dict[str, type[TrainingDataOperator]] = {
 """``curvature=`` names of :class:`InfluenceCalculator` and the operators they build."""
 
 
-def check_arguments(objective: Objective, solver: Solver, chunk_size: int, curvature: str) -> None:
+def check_arguments(
+    objective: Objective, solver: Solver, chunk_size: ChunkSize, curvature: str
+) -> None:
     """Refuse, before any work, an objective, solver, ``chunk_size`` or ``curvature`` of the
     wrong kind (``InputError`` saying what to pass)."""
     if not isinstance(objective, Objective):
         raise InputError(f"objective must be an infl.Objective, got {type(objective).__name__}")
     if not isinstance(solver, Solver):
         raise InputError(f"solver must be an infl solver, got {type(solver).__name__}")
-    if chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
+    check_chunk_size(chunk_size)
     if not isinstance(curvature, str) or curvature not in CURVATURES:
         raise InputError(
             f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}: 'hessian' "

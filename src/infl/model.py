@@ -107,6 +107,10 @@ class ModelWrapper:
         Those of the parameters; data is moved to them (floating tensors are cast to ``dtype``).
     second_order : str
         The mode in use now: ``"forward-over-reverse"`` or ``"reverse-over-reverse"``.
+    activation_bytes : int or None
+        Bytes per example of the largest tensor a submodule outputs, from the first
+        evaluation of :meth:`check_data` (``None`` before it); what
+        :func:`~infl.chunking.auto_chunk_size` sizes chunks by.
 
     Examples
     --------
@@ -169,6 +173,8 @@ class ModelWrapper:
         self.requested_second_order: SecondOrder = second_order
         self.second_order: str = "reverse-over-reverse" if second_order == "auto" else second_order
         self._output_shape: tuple[int, ...] | None = None
+        # bytes per example of the largest module output, measured by check_data
+        self.activation_bytes: int | None = None
         # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
         self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
         # per-example gradients of nn.Linear-only (else convolutional, normalised) models from
@@ -599,7 +605,7 @@ class ModelWrapper:
         ModelStateError
             For a random forward pass.
         """
-        shape = check_first_examples(self, data)
+        shape, self.activation_bytes = check_first_examples(self, data)
         if shape is not None:
             self._output_shape = shape
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from infl.chunking import ActivationProbe
 from infl.data import Batch, IndexedData, tensor_leaves
 from infl.errors import InflError, InflWarning, InputError, ModelStateError
 from infl.objective import Objective, WeightDecayGroups, describe_weight_decay
@@ -38,11 +39,15 @@ CHECK_EXAMPLES = 4
 """Examples of the first chunk that :meth:`ModelWrapper.check_data` evaluates."""
 
 
-def check_first_examples(wrapper: ModelWrapper, data: IndexedData) -> tuple[int, ...] | None:
+def check_first_examples(
+    wrapper: ModelWrapper, data: IndexedData
+) -> tuple[tuple[int, ...] | None, int]:
     """The body of :meth:`ModelWrapper.check_data <infl.model.ModelWrapper.check_data>`: the
     first :data:`CHECK_EXAMPLES` examples evaluated twice, PyTorch's errors turned into
     :class:`~infl.errors.InputError`; returns the model's output shape per example (``None``
-    for a loss that is not a built-in supervised one, or an output that is not a tensor)."""
+    for a loss that is not a built-in supervised one, or an output that is not a tensor) and
+    the bytes per example of the largest tensor a submodule output in the first evaluation
+    (:class:`~infl.chunking.ActivationProbe`)."""
     # imported here: at module level they would close an import cycle through infl.losses
     from infl.losses import SupervisedLoss
     from infl.second_order import functional_evaluation
@@ -61,21 +66,24 @@ def check_first_examples(wrapper: ModelWrapper, data: IndexedData) -> tuple[int,
             raise forward_error(err, inputs, data.name, k, wrapper.model, wrapper.dtype) from err
 
     shape = None
+    probe = ActivationProbe()
     with torch.no_grad(), functional_evaluation():
         if isinstance(loss, SupervisedLoss):
             inputs, targets = loss.split(batch)
             loss.check_targets(targets, None, what=data.name)
-            first = explained(lambda: model(inputs), inputs)
+            with probe.watching(wrapper.model, k):
+                first = explained(lambda: model(inputs), inputs)
             if isinstance(first, torch.Tensor):
                 shape = tuple(first.shape[1:])
                 loss.check_targets(targets, shape, what=data.name)
             explained(lambda: loss.loss_of_outputs(first, targets), inputs)
             second = model(inputs)
         else:
-            first = explained(lambda: wrapper._batch_value(loss, wrapper.params, batch), batch)
+            with probe.watching(wrapper.model, k):
+                first = explained(lambda: wrapper._batch_value(loss, wrapper.params, batch), batch)
             second = wrapper._batch_value(loss, wrapper.params, batch)
     _check_deterministic(first, second, k, data.name)
-    return shape
+    return shape, probe.largest
 
 
 def check_eval_mode(model: nn.Module) -> None:

@@ -81,6 +81,19 @@ def check_memory_budget(memory_budget: int | None, chunk_size: int, p: int, dtyp
         )
 
 
+def budget_chunk_size(memory_budget: int | None, p: int, dtype: Any) -> int | None:
+    """The most examples per chunk whose gradients and scores :func:`check_memory_budget`
+    admits (at least 1), or ``None`` without a budget (or with one it will refuse)."""
+    if (
+        memory_budget is None
+        or isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, int)
+        or memory_budget < 1
+    ):
+        return None
+    return max(1, memory_budget // (2 * p * _itemsize(dtype)))
+
+
 def row_block_size(calc: InfluenceCalculator, m: int) -> int:
     """``b_r``, the test examples scored together (all ``m`` without a ``memory_budget``).
 

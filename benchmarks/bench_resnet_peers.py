@@ -7,12 +7,15 @@ parameters in its convolutions and linear head (the GroupNorm parameters are fro
 kronfluence covers only ``nn.Conv2d`` and ``nn.Linear``), synthetic CIFAR-shaped data
 (``bench_resnet.synthetic``), ``n`` training and 10 test points, damping ``1e-3``, one thread,
 float32. Each library runs from its constructor to the ``[10, n]`` scores, with the adapters of
-``compare_peers.py`` (``chunk_size`` 256 for infl, batches of 256 for kronfluence), alternating
-``--repeat`` times; the model is untrained, so this measures cost, and the two libraries'
-scores are compared with each other (Pearson, mean over test points) rather than with an
-exact answer. Run it from the peers' virtualenv (README.md):
+``compare_peers.py``, alternating ``--repeat`` times: infl with ``--chunk`` examples per
+chunk (default ``auto``, infl's default, which picks 64 on this model on a CPU: see
+``infl.chunking``), kronfluence with batches of ``--peer-batch`` (default 512, at most ``n``).
+The model is untrained, so this measures cost, and the two libraries' scores are compared
+with each other (Pearson, mean over test points) rather than with an exact answer. Run it
+from the peers' virtualenv (README.md):
 
     python benchmarks/bench_resnet_peers.py [--n 256] [--solvers ekfac kfac] [--repeat 2]
+                                            [--chunk auto] [--peer-batch 512]
 """
 
 from __future__ import annotations
@@ -54,19 +57,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--solvers", nargs="+", default=["ekfac", "kfac"])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--chunk", default="auto", help="infl's chunk_size: 'auto' or a number")
+    parser.add_argument("--peer-batch", type=int, default=kronfluence_peer.BATCH)
     args = parser.parse_args(argv)
+    chunk = args.chunk if args.chunk == "auto" else int(args.chunk)
+    kronfluence_peer.BATCH = args.peer_batch
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     if kronfluence_peer.available() is not None:
         raise SystemExit(f"kronfluence: {kronfluence_peer.available()}; see README.md")
     prob = problem(args.n)
-    print(f"# small_resnet(width=64): p = {prob.p:,}, n = {prob.n}, m = {prob.m}, one thread")
+    print(
+        f"# small_resnet(width=64): p = {prob.p:,}, n = {prob.n}, m = {prob.m}, one thread; "
+        f"infl chunk_size={chunk!r}, kronfluence batch {min(prob.n, args.peer_batch)}"
+    )
     print("| solver | infl s | kronfluence s | kronfluence / infl | Pearson(infl, kronfluence) |")
     print("| --- | --- | --- | --- | --- |")
     for method in args.solvers:
         setting = Setting(method, DAMPING)
         for _ in range(args.repeat):
-            ours, run = cp.run_infl(prob, setting)
+            ours, run = cp.run_infl(prob, setting, {"chunk_size": chunk})
             infl_s = run["seconds"]
             start = time.perf_counter()
             theirs = kronfluence_peer.scores(prob, setting)

@@ -238,12 +238,13 @@ def _default_solver(setting: Setting, preconditioner: infl.Solver | None) -> inf
 
 
 def calculator(problem: Problem, solver: infl.Solver, **options: Any) -> infl.InfluenceCalculator:
+    """infl's calculator for ``problem``: ``chunk_size=CHUNK`` unless ``options`` say else."""
+    options.setdefault("chunk_size", CHUNK)
     return infl.InfluenceCalculator(
         problem.fresh_model(),
         objective(),
         (problem.x_train, problem.y_train),
         solver,
-        chunk_size=CHUNK,
         progress=False,
         check_minimum=False,
         **options,

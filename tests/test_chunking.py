@@ -125,3 +125,24 @@ def test_bad_chunk_sizes_are_refused(bad: object) -> None:
         check_chunk_size(bad)
     with pytest.raises(InputError, match="chunk_size"):
         _calc(nn.Linear(4, 3), torch.randn(5, 4), torch.randint(0, 3, (5,)), chunk_size=bad)
+
+
+def test_attribution_baselines_take_auto() -> None:
+    from infl.attribution import _common, grad_dot
+
+    torch.manual_seed(2)
+    model = WideConv(64).double()
+    x, y = torch.randn(40, 3, 32, 32, dtype=torch.float64), torch.randint(0, 2, (40,))
+    wrapper, *_ = _common.setup(model, infl.Objective("cross_entropy"), (x, y), (x, y), None)
+    assert _common.chunk_of(wrapper, "auto") == 32
+    assert _common.chunk_of(wrapper, 7) == 7
+    objective = infl.Objective("cross_entropy")
+    test = (x[:3], y[:3])
+    torch.testing.assert_close(
+        grad_dot(model, objective, (x, y), test),
+        grad_dot(model, objective, (x, y), test, chunk_size=40),
+        rtol=1e-12,
+        atol=0,
+    )
+    with pytest.raises(InputError, match="positive integer or 'auto'"):
+        grad_dot(model, objective, (x, y), test, chunk_size="big")  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ __all__ = [
     "ChunkSize",
     "auto_chunk_size",
     "check_chunk_size",
+    "resolve_chunk_size",
 ]
 
 ChunkSize = int | Literal["auto"]
@@ -81,6 +82,13 @@ def auto_chunk_size(activation_bytes: int | None, device: torch.device) -> int:
     if fits >= MAX_AUTO_CHUNK:
         return MAX_AUTO_CHUNK
     return 1 << (max(fits, 1).bit_length() - 1)
+
+
+def resolve_chunk_size(
+    chunk_size: ChunkSize, activation_bytes: int | None, device: torch.device
+) -> int:
+    """``chunk_size`` as a number: :func:`auto_chunk_size` for ``"auto"``, else itself."""
+    return auto_chunk_size(activation_bytes, device) if chunk_size == "auto" else int(chunk_size)
 
 
 class ActivationProbe:

@@ -14,19 +14,11 @@ from typing import Any
 
 import torch
 
+from infl.chunking import ChunkSize, resolve_chunk_size
 from infl.data import IndexedData, as_indexed
 from infl.errors import InputError
 from infl.model import ModelWrapper, as_training_data
 from infl.objective import Objective, PerExampleFn, loss_measurement
-
-
-def check_chunk_size(chunk_size: int) -> None:
-    """Refuse a chunk size that is not a positive integer."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(
-            f"chunk_size must be a positive integer (examples per gradient chunk), got "
-            f"{chunk_size!r}"
-        )
 
 
 def setup(
@@ -51,17 +43,21 @@ def setup(
     return wrapper, train_data, test_data, fn
 
 
+def chunk_of(wrapper: ModelWrapper, chunk_size: ChunkSize) -> int:
+    """``chunk_size`` as a number for this model (``"auto"``: :mod:`infl.chunking`)."""
+    return resolve_chunk_size(chunk_size, wrapper.activation_bytes, wrapper.device)
+
+
 def test_grads(
-    wrapper: ModelWrapper, measurement: PerExampleFn, test: IndexedData, chunk_size: int
+    wrapper: ModelWrapper, measurement: PerExampleFn, test: IndexedData, chunk_size: ChunkSize
 ) -> torch.Tensor:
     """:math:`\\nabla f(z_j)` for every test example: ``[m, p]``."""
-    return torch.cat(
-        [wrapper.per_example_grads(measurement, batch) for _, batch in test.chunks(chunk_size)]
-    )
+    chunks = test.chunks(chunk_of(wrapper, chunk_size))
+    return torch.cat([wrapper.per_example_grads(measurement, batch) for _, batch in chunks])
 
 
 def train_grads(
-    wrapper: ModelWrapper, train: IndexedData, chunk_size: int
+    wrapper: ModelWrapper, train: IndexedData, chunk_size: ChunkSize
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, g[start:start+b])`` streamed over the training data (``[n, p]`` never kept)."""
-    return wrapper.iter_train_grads(train, chunk_size)
+    return wrapper.iter_train_grads(train, chunk_of(wrapper, chunk_size))

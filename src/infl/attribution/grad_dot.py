@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from infl.attribution._common import check_chunk_size, setup, test_grads, train_grads
+from infl.attribution._common import setup, test_grads, train_grads
+from infl.chunking import ChunkSize, check_chunk_size
 from infl.objective import Objective, PerExampleFn
 
 
@@ -18,7 +19,7 @@ def grad_dot(
     test: Any,
     *,
     measurement: PerExampleFn | None = None,
-    chunk_size: int = 256,
+    chunk_size: ChunkSize = "auto",
 ) -> torch.Tensor:
     """Gradient dot product: influence with the curvature replaced by the identity.
 
@@ -47,7 +48,8 @@ def grad_dot(
     measurement
         ``(model, batch) -> Tensor[b]``, :math:`f`; default: the per-example loss.
     chunk_size
-        Training examples per vmapped gradient chunk (memory vs. speed, not the result).
+        Examples per gradient chunk (memory vs. speed, not the result); ``"auto"`` (default)
+        as :class:`~infl.InfluenceCalculator` picks it (:mod:`infl.chunking`).
 
     Returns
     -------
@@ -88,7 +90,7 @@ def grad_cosine(
     test: Any,
     *,
     measurement: PerExampleFn | None = None,
-    chunk_size: int = 256,
+    chunk_size: ChunkSize = "auto",
     eps: float = 1e-12,
 ) -> torch.Tensor:
     """Gradient cosine similarity, with the sign of influence.

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from infl.attribution._common import check_chunk_size, setup, test_grads, train_grads
+from infl.attribution._common import setup, test_grads, train_grads
+from infl.chunking import ChunkSize, check_chunk_size
 from infl.errors import InputError, NotPositiveDefiniteError
 from infl.objective import Objective, PerExampleFn
 
@@ -93,7 +94,7 @@ def random_projection(
     seed: int = 0,
     kind: ProjectionKind = "gaussian",
     measurement: PerExampleFn | None = None,
-    chunk_size: int = 256,
+    chunk_size: ChunkSize = "auto",
     projection_bytes: int = 1 << 28,
 ) -> torch.Tensor:
     """TRAK-style attribution: influence in a random ``dim``-dimensional gradient sketch.

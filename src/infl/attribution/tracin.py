@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from infl.attribution._common import check_chunk_size, setup, test_grads, train_grads
+from infl.attribution._common import setup, test_grads, train_grads
+from infl.chunking import ChunkSize, check_chunk_size
 from infl.errors import InputError
 from infl.objective import Objective, PerExampleFn
 
@@ -50,7 +51,7 @@ def tracin_cp(
     *,
     model: nn.Module | None = None,
     measurement: PerExampleFn | None = None,
-    chunk_size: int = 256,
+    chunk_size: ChunkSize = "auto",
 ) -> torch.Tensor:
     """TracIn-CP: gradient dot products summed over training checkpoints.
 
@@ -84,7 +85,8 @@ def tracin_cp(
     measurement
         ``(model, batch) -> Tensor[b]``, :math:`f`; default: the per-example loss.
     chunk_size
-        Training examples per gradient chunk.
+        Examples per gradient chunk (memory vs. speed, not the result); ``"auto"`` (default)
+        as :class:`~infl.InfluenceCalculator` picks it (:mod:`infl.chunking`).
 
     Returns
     -------

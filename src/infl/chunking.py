@@ -59,7 +59,7 @@ def check_chunk_size(chunk_size: Any) -> None:
     InputError
         Saying what to pass.
     """
-    if chunk_size == "auto" and isinstance(chunk_size, str):
+    if isinstance(chunk_size, str) and chunk_size == "auto":
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(

@@ -173,8 +173,7 @@ class ModelWrapper:
         self.requested_second_order: SecondOrder = second_order
         self.second_order: str = "reverse-over-reverse" if second_order == "auto" else second_order
         self._output_shape: tuple[int, ...] | None = None
-        # bytes per example of the largest module output, measured by check_data
-        self.activation_bytes: int | None = None
+        self.activation_bytes: int | None = None  # set by check_data
         # the vmapped forward-over-reverse HVP, built once (torch.func transforms are reusable)
         self._for_hvp: Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor] | None = None
         # per-example gradients of nn.Linear-only (else convolutional, normalised) models from

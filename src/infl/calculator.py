@@ -25,7 +25,7 @@ from infl import (
     train_gradients,
 )
 from infl.calculator_setup import CURVATURES as CURVATURES  # re-exported
-from infl.chunking import ChunkSize, auto_chunk_size
+from infl.chunking import ChunkSize, resolve_chunk_size
 from infl.data import IndexedData
 from infl.distributed import ProcessGroup, Shard
 from infl.export import Ids
@@ -195,13 +195,12 @@ class InfluenceCalculator:
         self.solver = solver
         self.measurement = measurement if measurement is not None else loss_measurement(objective)
         dtype = self.wrapper.dtype
-        if chunk_size == "auto":
-            chunk_size = auto_chunk_size(self.wrapper.activation_bytes, self.wrapper.device)
-            fits = streaming.budget_chunk_size(memory_budget, self.num_params, dtype)
-            chunk_size = max(1, min(chunk_size, fits)) if fits is not None else chunk_size
-        assert isinstance(chunk_size, int)
-        self.chunk_size: int = chunk_size
-        streaming.check_memory_budget(memory_budget, chunk_size, self.num_params, dtype)
+        chunk = resolve_chunk_size(chunk_size, self.wrapper.activation_bytes, self.wrapper.device)
+        fits = streaming.budget_chunk_size(memory_budget, self.num_params, dtype)
+        if chunk_size == "auto" and fits is not None:
+            chunk = max(1, min(chunk, fits))
+        self.chunk_size = chunk
+        streaming.check_memory_budget(memory_budget, chunk, self.num_params, dtype)
         self.memory_budget = memory_budget
         self.cache_bytes = (
             cache_bytes if memory_budget is None else min(cache_bytes, memory_budget // 2)
@@ -209,7 +208,7 @@ class InfluenceCalculator:
         self.progress = progress and self.group.rank == 0  # one set of bars per job
         self.curvature = curvature
         self.operator: LinearOperator = calculator_setup.curvature_operator(
-            curvature, self.wrapper, self.local_train, chunk_size, self.group, self.curvature_dtype
+            curvature, self.wrapper, self.local_train, chunk, self.group, self.curvature_dtype
         )
         self._fitted: FittedSolver | None = None
         self._grad_cache = TrainGradCache()

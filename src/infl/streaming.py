@@ -72,7 +72,7 @@ def check_memory_budget(memory_budget: int | None, chunk_size: int, p: int, dtyp
         )
     need = 2 * chunk_size * p * _itemsize(dtype)
     if need > memory_budget:
-        fits = memory_budget // (2 * p * _itemsize(dtype))
+        fits = budget_chunk_size(memory_budget, p, dtype) or 0
         fix = f"lower chunk_size to {fits}" if fits >= 1 else "raise memory_budget"
         raise InputError(
             f"memory_budget={memory_budget} bytes cannot hold one chunk of {chunk_size} "
@@ -83,7 +83,7 @@ def check_memory_budget(memory_budget: int | None, chunk_size: int, p: int, dtyp
 
 def budget_chunk_size(memory_budget: int | None, p: int, dtype: Any) -> int | None:
     """The most examples per chunk whose gradients and scores :func:`check_memory_budget`
-    admits (at least 1), or ``None`` without a budget (or with one it will refuse)."""
+    admits (0 when not even one), or ``None`` without a budget (or with one it refuses)."""
     if (
         memory_budget is None
         or isinstance(memory_budget, bool)
@@ -91,7 +91,7 @@ def budget_chunk_size(memory_budget: int | None, p: int, dtype: Any) -> int | No
         or memory_budget < 1
     ):
         return None
-    return max(1, memory_budget // (2 * p * _itemsize(dtype)))
+    return memory_budget // (2 * p * _itemsize(dtype))
 
 
 def row_block_size(calc: InfluenceCalculator, m: int) -> int:

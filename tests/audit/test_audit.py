@@ -35,11 +35,11 @@ def _narrow_relu_mlp(depth: int = 5, width: int = 5) -> tuple[nn.Module, tuple, 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
     y = (x[:, 0] * x[:, 1] > 0).long()
+    torch.manual_seed(3)  # before the layers: their initialisation is the model
     layers: list[nn.Module] = [nn.Linear(4, width)]
     for _ in range(depth - 1):
         layers += [nn.ReLU(), nn.Linear(width, width)]
     layers += [nn.ReLU(), nn.Linear(width, 2)]
-    torch.manual_seed(3)
     model = nn.Sequential(*layers).double().eval()  # untrained, no weight decay
     return model, (x[:40], y[:40]), (x[40:], y[40:])
 

@@ -1,6 +1,6 @@
 """A functional view of a trained model: flat parameters, per-example gradients, HVPs, GGN-VPs.
 
-Everything here goes through :mod:`torch.func` (``functional_call``, ``vmap``, ``grad``,
+Everything here goes through :mod:`torch.func` (:mod:`infl.reparametrize`, ``vmap``, ``grad``,
 ``jvp``) and never mutates the user's module: the parameters are detached copies, so training
 can continue on the module without changing what infl computes.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from infl import gradient_products
 from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
@@ -42,6 +42,7 @@ from infl.model_checks import (
     measure_stationarity,
 )
 from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
+from infl.reparametrize import ModuleCall
 from infl.second_order import (
     GradientGraphs,
     SecondOrder,
@@ -163,6 +164,7 @@ class ModelWrapper:
         self.params = {n: p.detach().clone() for n, p in named}
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         self.fixed = {**frozen, **{n: b.detach() for n, b in model.named_buffers()}}
+        self.module_call = ModuleCall(model, [*self.fixed, *self.names])
         self.flat_params = self.flatten(self.params)
         # the diagonal of Lambda (weight decay per parameter): the one place it is resolved
         self.decays: list[float] = objective.decay_values(self.names)
@@ -214,12 +216,8 @@ class ModelWrapper:
 
     def functional_model(self, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
         """The module as a callable of its inputs, evaluated at ``params``."""
-        fixed = self.fixed
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, {**fixed, **params}, args, kwargs)
-
-        return call
+        fixed, module_call = self.fixed, self.module_call
+        return lambda *args, **kwargs: module_call({**fixed, **params}, args, kwargs)
 
     def _batch_value(self, fn: PerExampleFn, params: dict[str, torch.Tensor], batch: Batch) -> Any:
         values = fn(self.functional_model(params), batch)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size
@@ -170,9 +169,9 @@ def stream(
     backward pass per column of :func:`~infl.solvers.fisher_labels.fisher_root` instead of
     the draws. A chunk's draws are made one at a time, each just before its backward pass.
 
-    Temporary forward hooks on the layers record their inputs and outputs during a
-    ``functional_call`` of the user's module at infl's parameters; they are removed in
-    ``finally``, and the module's own parameters are never touched. ``owners`` (module prefix
+    Temporary forward hooks on the layers record their inputs and outputs during a call of
+    the user's module at infl's parameters; they are removed in ``finally``, and the module
+    holds its own parameters again after the call. ``owners`` (module prefix
     to module: the layers owning the diagonal blocks' parameters, e.g. norms) are hooked the
     same way, and their output gradients come from the same backward passes
     (``ChunkRecord.owners``).
@@ -354,14 +353,10 @@ def _joined(per_call: list[torch.Tensor]) -> torch.Tensor:
 
 
 def functional(wrapper: ModelWrapper, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
-    """The user's module as a function called at ``params`` (``functional_call``, with the
-    wrapper's fixed tensors beside them): its own parameters are never touched."""
-    fixed = wrapper.fixed
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(wrapper.model, {**fixed, **params}, args, kwargs)
-
-    return call
+    """The user's module as a function called at ``params`` (with the wrapper's fixed tensors
+    beside them; :meth:`ModelWrapper.functional_model`): its own parameters are never touched
+    outside a call."""
+    return wrapper.functional_model(params)
 
 
 def _check_calls(

@@ -15,7 +15,6 @@ import infl
 from infl.reparametrize import ModuleCall
 
 
-
 def _others(module: nn.Module) -> dict[str, torch.Tensor]:
     """A different tensor for every parameter and buffer (named as the module names them)."""
     gen = torch.Generator().manual_seed(1)
@@ -26,10 +25,7 @@ def _others(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _own(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: t.detach().clone()
-        for n, t in [*module.named_parameters(), *module.named_buffers()]
-    }
+    return {n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
 
 
 def _same_tensors(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
@@ -123,6 +119,37 @@ def test_tied_alias_follows_the_given_name() -> None:
     assert module.back.weight is module.head.weight
 
 
+class SharedLSTM(nn.Module):
+    """A module with its own ``__setattr__`` (the fallback) and a head registered twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+        self.again = self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.again(self.rnn(x)[0][:, -1])
+
+
+def test_the_fallback_restores_what_functional_call_leaves_behind() -> None:
+    module = SharedLSTM()
+    own = dict(module.named_parameters(remove_duplicate=False))
+    names = [n for n, _ in module.named_parameters()]
+    tensors = {n: t + 1.0 for n, t in _others(module).items()}
+    call = ModuleCall(module, names)
+    assert not call.direct
+    x = _inputs("lstm")
+    expected = functional_call(copy.deepcopy(module), tensors, (x,))
+    torch.testing.assert_close(call(tensors, (x,)), expected, rtol=0, atol=0)
+    now = dict(module.named_parameters(remove_duplicate=False))
+    assert list(now) == list(own)  # the same names in the same order
+    assert all(now[n] is own[n] for n in own)  # the module's own Parameter objects
+    flat = module.rnn._flat_weights
+    names_ = module.rnn._flat_weights_names
+    assert all(w is getattr(module.rnn, n) for w, n in zip(flat, names_, strict=True))
+
+
 def test_two_names_for_one_tied_tensor_fall_back() -> None:
     module = Tied()
     names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
@@ -201,7 +228,8 @@ def test_a_copy_calls_its_own_module(how: str) -> None:
     tensors = _others(module)
     call = ModuleCall(module, list(tensors))
     twin = pickle.loads(pickle.dumps(call)) if how == "pickle" else copy.deepcopy(call)
-    assert twin.module is not module and twin.direct
+    assert twin.module is not module
+    assert twin.direct
     x = _inputs("mlp")
     torch.testing.assert_close(twin(tensors, (x,)), call(tensors, (x,)), rtol=0, atol=0)
     twin.module[0].weight.data.zero_()  # the copy's slots are the copy's module

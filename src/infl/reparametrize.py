@@ -80,7 +80,11 @@ class ModuleCall:
     ) -> Any:
         slots = self._slots
         if slots is None:
-            return functional_call(self.module, dict(tensors), args, kwargs)
+            own = _entries(self.module)
+            try:
+                return functional_call(self.module, dict(tensors), args, kwargs)
+            finally:
+                _restore(own)
         saved: list[Any] = []
         try:
             for (table, key), name in slots:
@@ -100,6 +104,36 @@ class ModuleCall:
         self.module = state["module"]
         self.names = state["names"]
         self._slots = _locate(self.module, self.names)
+
+
+Entry = tuple[nn.Module, str, str, Any]
+"""A submodule, ``"_parameters"`` or ``"_buffers"``, the key, and the tensor held there."""
+
+
+def _entries(module: nn.Module) -> list[Entry]:
+    return [
+        (owner, kind, key, tensor)
+        for owner in module.modules()
+        for kind in ("_parameters", "_buffers")
+        for key, tensor in getattr(owner, kind).items()
+    ]
+
+
+def _restore(entries: list[Entry]) -> None:
+    """Put back what ``functional_call`` leaves behind: an entry of a submodule registered
+    under two names (swapped twice, restored in the wrong order), and the state a module
+    keeps in its own ``__setattr__`` (``nn.RNNBase``'s ``_flat_weights``, left pointing at
+    the swapped tensors until its next forward pass): parameters of such modules are set
+    again through it."""
+    for owner, kind, key, tensor in entries:
+        table = getattr(owner, kind)
+        if key in table and table[key] is tensor and _plain_attributes(owner):
+            continue
+        owner.__dict__.pop(key, None)  # a plain attribute the swap left behind
+        if kind == "_parameters" and tensor is not None:
+            setattr(owner, key, tensor)
+        else:
+            table[key] = tensor
 
 
 def _plain_attributes(module: nn.Module) -> bool:

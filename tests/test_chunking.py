@@ -95,7 +95,9 @@ def test_auto_picks_a_smaller_chunk_for_wide_activations() -> None:
     assert wide.chunk_size == 64
     narrow = _calc(WideConv(2), x, y)
     assert narrow.chunk_size == MAX_AUTO_CHUNK
-    assert _calc(WideConv(64), x, y, chunk_size=5).chunk_size == 5  # a number is kept
+    given = _calc(WideConv(64), x, y, chunk_size=5)
+    assert given.chunk_size == 5  # a number is kept
+    assert given.wrapper.activation_bytes is None  # and nothing is measured for it
 
 
 def test_auto_fits_a_memory_budget() -> None:

@@ -185,7 +185,8 @@ class InfluenceCalculator:
         self.curvature_dtype = check_curvature_dtype(curvature_dtype, self.wrapper.dtype)
         self.objective = objective
         self.train = as_training_data(train_data, "training data")
-        self.wrapper.check_data(self.train)
+        on_cpu = self.wrapper.device.type == "cpu"
+        self.wrapper.check_data(self.train, measure_activations=chunk_size == "auto" and on_cpu)
         self.group: ProcessGroup
         self.shard: Shard
         self.local_train: IndexedData

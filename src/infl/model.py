@@ -579,7 +579,7 @@ class ModelWrapper:
         return ggn_chunk(self, batch, vectors, forward_mode=forward_mode)
 
     # ---------------------------------------------------------------- checks
-    def check_data(self, data: IndexedData) -> None:
+    def check_data(self, data: IndexedData, *, measure_activations: bool = True) -> None:
         """Evaluate the first few examples of ``data`` once, turning PyTorch's errors into ours.
 
         Runs the model on the first :data:`CHECK_EXAMPLES` examples (twice: two small forward
@@ -595,6 +595,8 @@ class ModelWrapper:
           labels outside ``0..C-1``, ``ignore_index`` labels, float class indices;
         * the two evaluations differ: the forward pass is random (functional dropout).
 
+        With ``measure_activations`` it also sets :attr:`activation_bytes` (``chunk_size="auto"``).
+
         Raises
         ------
         InputError
@@ -602,7 +604,7 @@ class ModelWrapper:
         ModelStateError
             For a random forward pass.
         """
-        shape, self.activation_bytes = check_first_examples(self, data)
+        shape, self.activation_bytes = check_first_examples(self, data, measure_activations)
         if shape is not None:
             self._output_shape = shape
 

@@ -132,14 +132,20 @@ def main(argv: list[str] | None = None) -> None:
     setting = cp.settings(problem, False, lambda lam, b: 1.0)[args.solver]
     peer: Any
     if args.solver == "exact":
-        hand, variant = by_hand(problem, setting.damping), None
+        hand, solver_options = by_hand(problem, setting.damping), {}
         from peers import pydvl_peer as peer
     else:
-        hand, variant = by_hand_ekfac(problem, setting.damping), {"solver": {"fisher": "empirical"}}
+        hand, solver_options = by_hand_ekfac(problem, setting.damping), {"fisher": "empirical"}
         from peers import dattri_peer as peer
     jobs: dict[str, Callable[[], torch.Tensor]] = {
         "by hand": hand,
-        "infl": lambda: cp.run_infl(problem, setting, variant)[0],
+        # what compare_peers.py times: the constructor to the scores (run_infl then also
+        # solves again, untimed, for its record of iterations)
+        "infl": lambda: (
+            cp.calculator(problem, cp.infl_solver(setting, None, **solver_options))
+            .influence((problem.x_test, problem.y_test))
+            .detach()
+        ),
     }
     if peer.available() is None:
         jobs[peer.NAME] = lambda: peer.scores(problem, setting)

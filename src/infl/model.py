@@ -1,8 +1,8 @@
 """A functional view of a trained model: flat parameters, per-example gradients, HVPs, GGN-VPs.
 
-Everything here goes through :mod:`torch.func` (:mod:`infl.reparametrize`, ``vmap``, ``grad``,
-``jvp``) and never mutates the user's module: the parameters are detached copies, so training
-can continue on the module without changing what infl computes.
+Everything here goes through :mod:`torch.func` (``vmap``, ``grad``, ``jvp``; the module is called
+at infl's tensors by :mod:`infl.reparametrize`) and leaves the user's module as it was: the
+parameters are detached copies, so training can continue on it without changing the answers.
 
 Every evaluation runs inside :func:`functional_evaluation`: PyTorch's math attention kernel
 (the fused CPU/GPU kernels have neither forward-mode nor second derivatives) and no

@@ -59,7 +59,7 @@ from infl.layer_grads import (
 from infl.losses import PerExampleFn
 from infl.model import ModelWrapper
 from infl.solvers import conv_gram
-from infl.solvers.kronecker_stream import ChunkRecord, Replay, functional, stream
+from infl.solvers.kronecker_stream import ChunkRecord, Replay, stream
 
 SUPPORTED = "nn.Linear, nn.Conv2d (groups=1, zero padding)"
 
@@ -282,7 +282,7 @@ def diagonal_sq_grads(
 
     def single(sub_params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         one = tree_map_tensors(lambda t: t.unsqueeze(0), example)
-        return loss_fn(functional(wrapper, {**others, **sub_params}), one).sum()
+        return loss_fn(wrapper.functional_model({**others, **sub_params}), one).sum()
 
     grads = vmap(grad(single), in_dims=(None, 0))(sub, loss_batch)
     return {n: (grads[n].detach() ** 2).sum(0).reshape(-1) for n in names}

@@ -29,7 +29,7 @@ from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
 if TYPE_CHECKING:
     from infl.solvers.kronecker import LayerBlock
 
-__all__ = ["ChunkRecord", "Replay", "functional", "stream"]
+__all__ = ["ChunkRecord", "Replay", "stream"]
 
 Call = tuple[Any, torch.Tensor]
 """One recorded call of a hooked layer: its first positional argument (detached when a
@@ -206,7 +206,7 @@ def stream(
         raise InputError("fisher='true' needs a built-in loss; use fisher='empirical'")
     try:
         params = {n: p.detach().clone().requires_grad_(True) for n, p in wrapper.params.items()}
-        model_fn = functional(wrapper, params)
+        model_fn = wrapper.functional_model(params)
         bar = tqdm(
             data.chunks(chunk_size),
             total=data.num_chunks(chunk_size),
@@ -350,13 +350,6 @@ def _joined(per_call: list[torch.Tensor]) -> torch.Tensor:
     """The calls' ``[b, T_c, d]`` tensors along the locations; one call's is kept as it is
     (a view: no copy)."""
     return per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=1)
-
-
-def functional(wrapper: ModelWrapper, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
-    """The user's module as a function called at ``params`` (with the wrapper's fixed tensors
-    beside them; :meth:`ModelWrapper.functional_model`): its own parameters are never touched
-    outside a call."""
-    return wrapper.functional_model(params)
 
 
 def _check_calls(

@@ -34,7 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LinearPerExampleGradients"]
+__all__ = ["Factors", "LinearPerExampleGradients"]
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per layer prefix, ``(a, g)``: the layer's inputs ``[b, in]`` and the gradients of the summed
+per-example values at its outputs ``[b, o]``; example ``i``'s weight gradient is
+:math:`g_i a_i^T`, its bias gradient :math:`g_i`."""
 
 
 class LinearPerExampleGradients:
@@ -91,14 +96,21 @@ class LinearPerExampleGradients:
         factors = self.factors(evaluate, params, batch_size)
         if factors is None:
             return None
+        return self.gradients_of(factors, [params[name].numel() for name in self.names], out)
+
+    def gradients_of(
+        self, factors: Factors, sizes: list[int], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The ``[b, p]`` gradients of :meth:`__call__` from :meth:`factors` (``sizes``: the
+        parameters' numbers of elements, in :attr:`names` order); into ``out`` when given."""
         # each layer's outer products are written straight into their columns of the [b, p]
         # result: building them apart and concatenating moved every byte twice (the result is
         # the largest tensor of a scoring pass: 87 MB per 256 examples of an 85k model)
-        sizes = [params[name].numel() for name in self.names]
         first = factors[self.owner[self.names[0]][0]][1]
+        b = first.shape[0]
         flat = out
         if flat is None:
-            flat = torch.empty(batch_size, sum(sizes), dtype=first.dtype, device=first.device)
+            flat = torch.empty(b, sum(sizes), dtype=first.dtype, device=first.device)
         start = 0
         for name, size in zip(self.names, sizes, strict=True):
             prefix, kind = self.owner[name]
@@ -108,7 +120,7 @@ class LinearPerExampleGradients:
             if kind == "bias":
                 columns.copy_(g)
             else:
-                rows = columns.view(batch_size, g.shape[1], a.shape[1])
+                rows = columns.view(b, g.shape[1], a.shape[1])
                 torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=rows)
         return flat
 
@@ -133,13 +145,18 @@ class LinearPerExampleGradients:
         factors = self.factors(evaluate, params, batch_size)
         if factors is None:
             return None
+        return self.products_of(factors, vectors)
+
+    def products_of(self, factors: Factors, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors @ G^T`` (``[k, b]``) from :meth:`factors` (see :meth:`products`)."""
         k, dtype = vectors.shape[0], vectors.dtype
-        out = torch.zeros(k, batch_size, dtype=dtype, device=vectors.device)
+        b = next(iter(factors.values()))[1].shape[0]
+        out = torch.zeros(k, b, dtype=dtype, device=vectors.device)
         start = 0
         for name in self.names:
-            size = params[name].numel()
             prefix, kind = self.owner[name]
             a, g = (t.to(dtype) for t in factors[prefix])
+            size = g.shape[1] if kind == "bias" else g.shape[1] * a.shape[1]
             block = vectors[:, start : start + size]
             start += size
             if kind == "bias":
@@ -170,8 +187,14 @@ class LinearPerExampleGradients:
         factors = self.factors(evaluate, params, batch_size)
         if factors is None:
             return None
+        return self.moments_of(factors)
+
+    def moments_of(self, factors: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum of G's rows [p], sum of their squared norms [1])`` in float64 from
+        :meth:`factors` (see :meth:`moments`)."""
         parts = []
-        squares = torch.zeros(1, dtype=torch.float64, device=next(iter(params.values())).device)
+        device = next(iter(factors.values()))[1].device
+        squares = torch.zeros(1, dtype=torch.float64, device=device)
         for name in self.names:
             prefix, kind = self.owner[name]
             a, g = (t.to(torch.float64) for t in factors[prefix])
@@ -189,7 +212,7 @@ class LinearPerExampleGradients:
         evaluate: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         params: dict[str, torch.Tensor],
         batch_size: int,
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    ) -> Factors | None:
         """Per layer, ``(a, g)``: its inputs ``[b, i]`` and the gradients at its outputs
         ``[b, o]`` (one forward and one backward pass), or ``None`` (see :meth:`__call__`)."""
         with torch.enable_grad():

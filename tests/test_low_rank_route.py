@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from infl import Arnoldi, InfluenceCalculator, Objective
+from infl import Arnoldi, InfluenceCalculator, Objective, train_gradients
 from infl.train_gradients import PASS_COST
 from problems import WithLayerNorm
 
@@ -51,16 +51,23 @@ def _expected(calc: InfluenceCalculator, test) -> torch.Tensor:
     return -(g_test @ basis.T * weights) @ (g_train @ basis.T).T
 
 
-def _passes(calc: InfluenceCalculator) -> list[int]:
-    """Count the training-data chunks multiplied by vectors (either route)."""
+def _passes(calc: InfluenceCalculator, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the training-data chunks multiplied by vectors (either route, and from the
+    gradients' factors kept by an earlier pass)."""
     calls = [0]
     original = calc.wrapper.train_grad_products
+    from_factors = train_gradients.products_from_factors
 
-    def counted(batch, vectors):
+    def counted(batch, vectors, **options):
         calls[0] += 1
-        return original(batch, vectors)
+        return original(batch, vectors, **options)
+
+    def counted_kept(*args):
+        calls[0] += 1
+        return from_factors(*args)
 
     calc.wrapper.train_grad_products = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(train_gradients, "products_from_factors", counted_kept)
     return calls
 
 
@@ -75,12 +82,12 @@ def test_a_query_with_fewer_rows_than_the_rank_is_scored_without_projecting():
     torch.testing.assert_close(scores, _expected(calc, test), rtol=1e-10, atol=1e-12)
 
 
-def test_repeated_queries_project_once_passing_would_cost_more_than_projecting():
+def test_repeated_queries_project_once_passing_would_cost_more_than_projecting(monkeypatch):
     calc = _calc()
     queries = [_data(2, seed=s) for s in range(1, 6)]
     cost = 2 + PASS_COST
     assert 2 * cost < BUDGET < 3 * cost  # two passes, then the projections
-    passes = _passes(calc)
+    passes = _passes(calc, monkeypatch)
     chunks = -(-calc.num_train // calc.chunk_size)
     basis = None
     for i, test in enumerate(queries):

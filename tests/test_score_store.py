@@ -59,11 +59,11 @@ def _count_train_chunks(monkeypatch, calc) -> list[int]:
         calls[0] += not inside[0]
         return grads(batch)
 
-    def counted_products(batch, vectors):
+    def counted_products(batch, vectors, **options):
         calls[0] += 1
         inside[0] = True
         try:
-            return products(batch, vectors)
+            return products(batch, vectors, **options)
         finally:
             inside[0] = False
 

@@ -175,9 +175,10 @@ def test_moments_equal_those_of_the_formed_gradients():
     wrapper = ModelWrapper(_mlp(), Objective("cross_entropy", weight_decay=DECAY))
     x, y = _data(12)
     formed = _formed(wrapper)
-    first = wrapper.train_grad_moments((x[:5], y[:5]))  # checks the shortcut
+    first = wrapper.train_grad_moments((x[:5], y[:5]))  # checks the shortcut on two rows
+    assert wrapper._linear_verified[wrapper.objective.per_example_loss] is True
     second = wrapper.train_grad_moments((x[5:], y[5:]))
-    assert formed[0] == 1
+    assert formed[0] == 0  # the check's rows come from the layers' factors, not [b, p]
     grads = wrapper.train_grads((x, y))  # weight decay included
     torch.testing.assert_close(first[0] + second[0], grads.sum(0), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(first[1] + second[1], (grads * grads).sum().reshape(1))

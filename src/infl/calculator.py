@@ -82,7 +82,12 @@ class InfluenceCalculator:
         The resolved number is :attr:`chunk_size`.
     cache_bytes
         Keep the ``[n, p]`` training-gradient matrix in memory when it takes at most this many
-        bytes (default 1 GiB); otherwise stream it chunk by chunk on every call.
+        bytes (default 1 GiB); otherwise stream it chunk by chunk on every call. A model of
+        plain ``nn.Linear`` layers keeps them factored instead (each layer's inputs and output
+        gradients, :math:`\\sum_l (in_l + out_l)` numbers per example,
+        :mod:`infl.factor_cache`) within the same bytes: kept by the minimum check, a K-FAC /
+        EK-FAC fit with ``fisher="empirical"`` or the first scoring pass, they let every later
+        scoring pass run with no forward or backward pass.
     memory_budget
         Bytes for the working tensors that would otherwise grow with ``n`` or ``m`` (default
         ``None``: no limit beyond ``cache_bytes``). With a budget :math:`B`, the gradient
@@ -114,10 +119,11 @@ class InfluenceCalculator:
         refused; the model's own dtype means ``None``.
     check_minimum
         Check at construction that the model is at a minimum of the objective (default
-        ``True``): one pass of training gradients (the ones the calculator caches when they
-        fit in ``cache_bytes``, so no extra pass then) gives :math:`\\|\\nabla J(\\theta)\\|`
-        and the RMS per-example gradient norm, stored in :attr:`stationarity`; an
-        :class:`~infl.errors.InflWarning` says what a non-minimum does to the scores.
+        ``True``): one pass of training gradients (the ones the calculator caches, whole or
+        factored, when they fit in ``cache_bytes``, so no extra pass then) gives
+        :math:`\\|\\nabla J(\\theta)\\|` and the RMS per-example gradient norm, stored in
+        :attr:`stationarity`; an :class:`~infl.errors.InflWarning` says what a non-minimum
+        does to the scores.
     distributed
         Share the work with the other ranks of a ``torch.distributed`` job (see
         :mod:`infl.distributed` and ``docs/distributed.md``): ``None`` (default) when
@@ -330,6 +336,7 @@ class InfluenceCalculator:
         """The solver fitted to this model's Hessian (factorised once, then reused)."""
         if self._fitted is None:
             self._fitted = self.solver.fit(self.operator, progress=self.progress)
+            train_gradients.adopt_fit_factors(self, self._fitted)
         return self._fitted
 
     def test_grads(self, test_data: Any) -> torch.Tensor:

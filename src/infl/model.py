@@ -27,11 +27,11 @@ from torch import nn
 from torch.func import grad, vmap
 
 from infl import gradient_products
-from infl.data import Batch, IndexedData, batch_size, batch_to, slice_batch, tree_map_tensors
+from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
 from infl.layer_grads import LayerPerExampleGradients
-from infl.linear_grads import LinearPerExampleGradients
+from infl.linear_grads import Factors, LinearPerExampleGradients
 from infl.model_checks import (
     CHECK_EXAMPLES,
     Stationarity,
@@ -40,6 +40,7 @@ from infl.model_checks import (
     check_first_examples,
     gradient_moments,
     measure_stationarity,
+    shortcut_agrees,
 )
 from infl.objective import Objective, PerExampleFn, SupervisedLoss, output_hessian_loss
 from infl.reparametrize import ModuleCall
@@ -328,38 +329,8 @@ class ModelWrapper:
             return None
         if verified is None:
             rows = [0] if b == 1 else [0, b - 1]
-            reference = self._single_grads(fn, batch, rows)
-            eps = torch.finfo(reference.dtype).eps
-            scale = float(reference.abs().max()) if reference.numel() else 0.0
-            agree = bool(((fast[rows] - reference).abs() <= eps**0.5 * max(scale, 1.0)).all())
-            self._linear_verified[fn] = agree
-            return fast if agree else None
+            return fast if shortcut_agrees(self, fn, batch, rows, fast[rows]) else None
         return fast
-
-    def _single_grads(self, fn: PerExampleFn, batch: Batch, rows: list[int]) -> torch.Tensor:
-        """``[len(rows), p]``: the gradient of ``fn`` on each example ``rows[j]`` of ``batch``
-        alone (plain autograd on a batch of one, as ``vmap(grad)`` evaluates it).
-
-        Each example is evaluated on its own copy of the parameters, so that one backward pass
-        through the sum of the values gives every gradient."""
-        copies = []
-        total: Any = 0.0
-        with torch.enable_grad(), functional_evaluation():
-            for i in rows:
-                leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-                one = slice_batch(batch, slice(i, i + 1))
-                total = total + self._batch_value(fn, leaves, one).sum()
-                copies.append(leaves)
-            if not isinstance(total, torch.Tensor) or not total.requires_grad:
-                return torch.zeros(len(rows), self.num_params, dtype=self.dtype, device=self.device)
-            flat = [t for leaves in copies for t in leaves.values()]
-            grads = torch.autograd.grad(total, flat, allow_unused=True, materialize_grads=True)
-        size = len(self.params)
-        out = [
-            dict(zip(self.params, grads[j * size : (j + 1) * size], strict=True))
-            for j in range(len(rows))
-        ]
-        return torch.stack([self.flatten(g) for g in out])
 
     def train_grads(self, batch: Batch, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Training gradients :math:`g_i = \\nabla\\ell(z_i) + \\Lambda\\theta`: ``[b, p]``
@@ -384,24 +355,29 @@ class ModelWrapper:
         <infl.linear_grads.LinearPerExampleGradients.products_pay>`)."""
         return self.has_linear_shortcut and self._linear_grads.products_pay(k, self.num_params)
 
-    def train_grad_products(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
+    def train_grad_products(
+        self, batch: Batch, vectors: torch.Tensor, *, factors: Factors | None = None
+    ) -> torch.Tensor:
         """:math:`V g_i` for the training gradients of a batch: ``vectors @ train_grads(batch).T``
         (``[k, b]``, in ``vectors.dtype``; ``vectors`` is ``[k, p]``).
 
         Without forming the ``[b, p]`` gradients when :meth:`multiplies_directly` and the
-        loss's shortcut is checked (:func:`infl.gradient_products.train_grad_products`).
+        loss's shortcut is checked (:func:`infl.gradient_products.train_grad_products`; from
+        the batch's ``factors`` when given).
         """
         self._check_vectors(vectors, "train-gradient product")
-        return gradient_products.train_grad_products(self, self.prepare(batch), vectors)
+        return gradient_products.train_grad_products(self, self.prepare(batch), vectors, factors)
 
-    def train_grad_moments(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_grad_moments(
+        self, batch: Batch, *, factors: Factors | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum of a batch's training gradients ``[p]`` and of their squared norms ``[1]``,
         in float64: what :meth:`check_stationarity` needs from each chunk.
 
         Without forming the ``[b, p]`` gradients when :attr:`has_linear_shortcut` and the
         loss's shortcut is checked (:func:`infl.gradient_products.train_grad_moments`).
         """
-        return gradient_products.train_grad_moments(self, self.prepare(batch))
+        return gradient_products.train_grad_moments(self, self.prepare(batch), factors)
 
     def iter_train_grads(
         self, data: IndexedData, chunk_size: int

@@ -7,7 +7,10 @@
   :meth:`ModelWrapper.check_data <infl.model.ModelWrapper.check_data>` runs, and says when the
   first few examples cannot be evaluated, or evaluate differently twice;
 * :func:`measure_stationarity` and :class:`Stationarity`: how far the trained parameters are
-  from a minimum of the objective, from one pass of training gradients.
+  from a minimum of the objective, from one pass of training gradients;
+* :func:`shortcut_agrees` and :func:`single_example_grads`: the check of a per-example-gradient
+  shortcut (:mod:`infl.linear_grads`, :mod:`infl.layer_grads`) against plain autograd on
+  examples taken alone.
 
 :class:`~infl.model.ModelWrapper` calls these; this module never imports :mod:`infl.model` at
 run time.
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from infl.chunking import ActivationProbe
-from infl.data import Batch, IndexedData, tensor_leaves
+from infl.data import Batch, IndexedData, slice_batch, tensor_leaves
 from infl.errors import InflError, InflWarning, InputError, ModelStateError
 from infl.objective import Objective, WeightDecayGroups, describe_weight_decay
 
@@ -445,3 +448,50 @@ class Stationarity:
             InflWarning,
             stacklevel=stacklevel + 1,
         )
+
+
+def shortcut_agrees(
+    wrapper: ModelWrapper, fn: Any, batch: Batch, rows: list[int], fast: torch.Tensor
+) -> bool:
+    """Whether a per-example-gradient shortcut's rows ``fast`` (``[len(rows), p]``) of ``batch``
+    agree with the plain autograd gradients of those examples alone, to
+    :math:`\\sqrt{\\varepsilon}` relative to the largest entry (see
+    :meth:`ModelWrapper.per_example_grads <infl.model.ModelWrapper.per_example_grads>`); the
+    answer is recorded for ``fn`` on the wrapper."""
+    reference = single_example_grads(wrapper, fn, batch, rows)
+    eps = torch.finfo(reference.dtype).eps
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    agree = bool(((fast - reference).abs() <= eps**0.5 * max(scale, 1.0)).all())
+    wrapper._linear_verified[fn] = agree
+    return agree
+
+
+def single_example_grads(
+    wrapper: ModelWrapper, fn: Any, batch: Batch, rows: list[int]
+) -> torch.Tensor:
+    """``[len(rows), p]``: the gradient of ``fn`` on each example ``rows[j]`` of ``batch``
+    alone (plain autograd on a batch of one, as ``vmap(grad)`` evaluates it).
+
+    Each example is evaluated on its own copy of the parameters, so that one backward pass
+    through the sum of the values gives every gradient."""
+    from infl.second_order import functional_evaluation  # see check_first_examples
+
+    copies = []
+    total: Any = 0.0
+    with torch.enable_grad(), functional_evaluation():
+        for i in rows:
+            leaves = {n: p.detach().requires_grad_(True) for n, p in wrapper.params.items()}
+            one = slice_batch(batch, slice(i, i + 1))
+            total = total + wrapper._batch_value(fn, leaves, one).sum()
+            copies.append(leaves)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            return torch.zeros(
+                len(rows), wrapper.num_params, dtype=wrapper.dtype, device=wrapper.device
+            )
+        flat = [t for leaves in copies for t in leaves.values()]
+        grads = torch.autograd.grad(total, flat, allow_unused=True, materialize_grads=True)
+    size = len(wrapper.params)
+    per_row = [grads[j * size : (j + 1) * size] for j in range(len(rows))]
+    return torch.stack(
+        [wrapper.flatten(dict(zip(wrapper.params, g, strict=True))) for g in per_row]
+    )

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from infl.data import as_indexed
 from infl.errors import InflError, InputError
+from infl.factor_cache import FactorCache
+from infl.gradient_products import checked, loss_factors, products_from_factors
 
 if TYPE_CHECKING:
     from infl.calculator import InfluenceCalculator
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrainGradCache",
+    "adopt_fit_factors",
     "iter_train_grads",
     "iter_train_moments",
     "iter_train_products",
@@ -40,13 +43,16 @@ __all__ = [
 class TrainGradCache:
     """The ``[n, p]`` training gradients once computed, shared by derived calculators.
 
-    Also holds their ``[n, r]`` projections onto low-rank bases (keyed by the basis tensor
+    For a model of ``nn.Linear`` layers, which never forms ``[n, p]``, it holds them in
+    factored form instead (:class:`~infl.factor_cache.FactorCache`). Also holds their
+    ``[n, r]`` projections onto low-rank bases (keyed by the basis tensor
     itself, so a ``with_damping`` calculator, whose fitted solver keeps the basis, reuses them),
     and per basis the cost of the passes scored without projecting (:func:`projects`).
     """
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
+        self.factors = FactorCache()  # nn.Linear models: the gradients in factored form
         self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.unprojected: list[tuple[torch.Tensor, int]] = []
 
@@ -75,6 +81,29 @@ def fits_cache(calc: InfluenceCalculator) -> bool:
     """Whether this rank's ``[n, p]`` training gradients fit in ``cache_bytes``."""
     itemsize = torch.finfo(calc.wrapper.dtype).bits // 8
     return len(calc.local_train) * calc.num_params * itemsize <= calc.cache_bytes
+
+
+def adopt_fit_factors(calc: InfluenceCalculator, fitted: FittedSolver) -> None:
+    """Keep the training gradients' factors that ``fitted``'s fit computed
+    (:meth:`FittedSolver.take_train_factors
+    <infl.solvers.base.FittedSolver.take_train_factors>`) in the calculator's
+    :class:`~infl.factor_cache.FactorCache`, when they are of its model, this rank's data and
+    its chunking, and fit in ``cache_bytes``; each chunk's targets are checked as a pass over
+    the data checks them."""
+    found = fitted.take_train_factors()
+    kept = calc._grad_cache.factors
+    if (
+        found is None
+        or kept.complete
+        or found.wrapper is not calc.wrapper
+        or found.data is not calc.local_train
+        or found.chunk_size != calc.chunk_size
+    ):
+        return
+    num_chunks = calc.local_train.num_chunks(calc.chunk_size)
+    for start, factors in sorted(found.chunks.items()):
+        calc.wrapper.check_targets(found.batches[start], offset=start, what=calc.local_train.name)
+        kept.add(start, factors, calc.chunk_size, num_chunks, calc.cache_bytes)
 
 
 def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
@@ -147,16 +176,35 @@ def iter_train_products(
             yield start, vectors @ cached[start : start + calc.chunk_size].to(vectors).T
         return
     wrapper = calc.wrapper
+    chunk, local_n = calc.chunk_size, len(calc.local_train)
+    num_chunks = calc.local_train.num_chunks(chunk)
+    kept = calc._grad_cache.factors
+    starts = range(skip * chunk, local_n, chunk)
+    if direct and checked(wrapper) and kept.get(starts[0] if starts else 0, chunk) is not None:
+        for start in starts:  # no data read: every chunk's factors are kept
+            found = kept.get(start, chunk)
+            assert found is not None
+            products = products_from_factors(wrapper, found, vectors)
+            if products is None:  # not finite: the formed gradients name the example
+                batch = calc.local_train.select(range(start, min(start + chunk, local_n)))
+                products = wrapper.train_grad_products(batch, vectors)
+            yield start, products
+        return
     bar = tqdm(
-        calc.local_train.chunks(calc.chunk_size, skip=skip),
-        total=calc.local_train.num_chunks(calc.chunk_size) - skip,
+        calc.local_train.chunks(chunk, skip=skip),
+        total=num_chunks - skip,
         desc=desc,
         disable=not calc.progress,
         leave=False,
     )
     for start, batch in bar:
         wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
-        yield start, wrapper.train_grad_products(batch, vectors)
+        factors = None
+        if wrapper.multiplies_directly(vectors.shape[0]):
+            factors = loss_factors(wrapper, wrapper.prepare(batch))
+            if factors is not None:
+                kept.add(start, factors, chunk, num_chunks, calc.cache_bytes)
+        yield start, wrapper.train_grad_products(batch, vectors, factors=factors)
 
 
 def iter_train_moments(
@@ -165,18 +213,26 @@ def iter_train_moments(
     """Per chunk of this rank's training data, the sum of its training gradients ``[p]`` and of
     their squared norms ``[1]`` (:meth:`ModelWrapper.train_grad_moments
     <infl.model.ModelWrapper.train_grad_moments>`: without forming ``[b, p]`` for
-    ``nn.Linear`` models); the cache is not filled."""
+    ``nn.Linear`` models, whose gradients it keeps in factored form for scoring when they fit
+    in ``cache_bytes``); the ``[n, p]`` cache is not filled."""
     wrapper = calc.wrapper
+    chunk = calc.chunk_size
+    num_chunks = calc.local_train.num_chunks(chunk)
+    keep = not calc.solver.low_rank_scoring  # a low-rank inverse scores from projections
     bar = tqdm(
-        calc.local_train.chunks(calc.chunk_size),
-        total=calc.local_train.num_chunks(calc.chunk_size),
+        calc.local_train.chunks(chunk),
+        total=num_chunks,
         desc=desc,
         disable=not calc.progress,
         leave=False,
     )
     for start, batch in bar:
         wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
-        yield wrapper.train_grad_moments(batch)
+        batch = wrapper.prepare(batch)
+        factors = loss_factors(wrapper, batch) if wrapper.has_linear_shortcut else None
+        if factors is not None and keep:
+            calc._grad_cache.factors.add(start, factors, chunk, num_chunks, calc.cache_bytes)
+        yield wrapper.train_grad_moments(batch, factors=factors)
 
 
 def per_layer_influence(calc: InfluenceCalculator, test_data: Any) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -22,6 +22,9 @@ from infl.errors import InputError, NonFiniteError
 from infl.finite import all_finite
 from infl.operators import LinearOperator
 from infl.spectral.damping import AutoDamping
+
+if TYPE_CHECKING:
+    from infl.factor_cache import FitFactors
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,18 @@ class FittedSolver(ABC):
         A solver whose inverse is block-diagonal (K-FAC, EK-FAC: one block per layer) returns
         the slices of each block, so that scores split exactly into per-block terms that sum
         to the total; ``None`` (the default) means the solver couples all parameters.
+        """
+        return None
+
+    def take_train_factors(self) -> FitFactors | None:
+        """The training gradients' factors the fit computed anyway, handed over once.
+
+        A fit whose data pass differentiates the training losses themselves (K-FAC / EK-FAC
+        with the empirical Fisher, on a model of ``nn.Linear`` layers) keeps each chunk's
+        layer inputs and output gradients when they fit in its byte budget; the calculator
+        adopts them (:class:`~infl.factor_cache.FactorCache`) so that its first scoring pass
+        reads neither the data nor the model. ``None`` (the default) for every other solver,
+        and after the first call.
         """
         return None
 

@@ -45,6 +45,8 @@ import torch
 from infl import distributed
 from infl.data import IndexedData
 from infl.errors import InputError, NotPositiveDefiniteError
+from infl.factor_cache import FitFactors
+from infl.linear_grads import Factors
 from infl.model import ModelWrapper
 from infl.operators import LinearOperator
 from infl.solvers.base import (
@@ -162,7 +164,11 @@ class _Kronecker(Solver):
         seed = distributed.shard_seed(operator, self.seed)
         gen = torch.Generator(device=wrapper.device).manual_seed(seed)
         kept = self._replay(torch.Generator(device=wrapper.device).manual_seed(seed + 1))
+        hands_over = _hands_over_factors(wrapper, part, self.fisher)
+        if kept is None and hands_over:
+            kept = Replay(DEFAULT_REPLAY_BYTES)  # pass 1's records, for the first scoring pass
         collect_factors(wrapper, data, part, generator=gen, keep=kept, **common)
+        factors = _train_factors(wrapper, data, part, chunk, kept) if hands_over else None
         distributed.average_partition(operator, part, "factors")
         eigendecompose(part)
         passes = 1
@@ -179,8 +185,10 @@ class _Kronecker(Solver):
             else dict(zip(wrapper.names, wrapper.decays, strict=True))
         )
         n = distributed.num_examples(operator, len(data))
-        replayed = kept is not None and kept.complete
-        return FittedKronecker(self, operator, part, decay, passes, n, replayed=replayed)
+        replayed = self._eigen_refit and kept is not None and kept.complete
+        fitted = FittedKronecker(self, operator, part, decay, passes, n, replayed=replayed)
+        fitted.train_factors = factors
+        return fitted
 
     def _replay(self, generator: torch.Generator) -> Replay | None:
         """Where pass 1 keeps pass 2's records, drawn from ``generator`` (EK-FAC; K-FAC has
@@ -346,6 +354,32 @@ class EKFAC(_Kronecker):
         return Replay(self.replay_bytes, generator)
 
 
+def _hands_over_factors(wrapper: ModelWrapper, part: Partition, fisher: str) -> bool:
+    """Whether pass 1's records are the training gradients' factors (the data's labels, every
+    parameter in an ``nn.Linear``: :meth:`FittedSolver.take_train_factors`)."""
+    return fisher == "empirical" and wrapper._linear_grads.applicable and not part.diagonal
+
+
+def _train_factors(
+    wrapper: ModelWrapper, data: IndexedData, part: Partition, chunk: int, kept: Replay | None
+) -> FitFactors | None:
+    """Pass 1's kept records as :class:`~infl.factor_cache.FitFactors`, when every chunk was
+    kept and every layer called once on ``[b, in]`` inputs (else ``None``)."""
+    if kept is None or not kept.complete:
+        return None
+    chunks: dict[int, Factors] = {}
+    batches = {}
+    for i, rec in enumerate(kept.records):
+        factors = {}
+        for ly in part.layers:
+            calls, g = rec.inputs[ly.name], rec.grads[ly.name]
+            if len(calls) != 1 or calls[0].dim() != 2 or g.shape[1] != 1:
+                return None
+            factors["" if ly.name == "<root>" else ly.name] = (calls[0], g[:, 0])
+        chunks[i * chunk], batches[i * chunk] = factors, rec.loss_batch
+    return FitFactors(chunk, data, wrapper, chunks, batches)
+
+
 def _operator_parts(
     operator: LinearOperator, chunk_size: int | None
 ) -> tuple[ModelWrapper, IndexedData, int]:
@@ -404,6 +438,7 @@ class FittedKronecker(FittedSolver):
     ) -> None:
         self.partition = part
         self.replayed = replayed
+        self.train_factors: FitFactors | None = None
         self.weight_decay: float | dict[str, float] = (
             {n: float(v) for n, v in weight_decay.items()}
             if isinstance(weight_decay, Mapping)
@@ -515,6 +550,12 @@ class FittedKronecker(FittedSolver):
             shift = decays[blk.name] + damping
             out[:, blk.param_slice] = vectors[:, blk.param_slice] / (blk.diag + shift)
         return out
+
+    def take_train_factors(self) -> FitFactors | None:
+        """Pass 1's layer inputs and output gradients, once (see
+        :meth:`FittedSolver.take_train_factors`; only with ``fisher="empirical"``)."""
+        factors, self.train_factors = self.train_factors, None
+        return factors
 
     def solve(self, rhs: torch.Tensor, *, progress: bool = False) -> SolveResult:
         """:math:`(\\hat F + \\Lambda + \\lambda I)^{-1}` applied to each row of ``rhs``.

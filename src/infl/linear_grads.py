@@ -19,7 +19,9 @@ weight or bias of a plain ``nn.Linear`` called once per forward pass on ``[b, in
 only after checking the first and last rows of the first batch it sees against the plain
 autograd gradients of those examples alone (batches of one): a model that mixes the examples of a
 batch, or a value that depends on the parameters other than through the layers' outputs, fails
-that check and keeps ``vmap``.
+that check and keeps ``vmap``. (The objective's built-in loss on a plain ``nn.Sequential`` of
+these layers and element-wise activations, with no hooks, is row by row by construction and is
+not checked: :func:`infl.model_checks.rowwise_by_construction`.)
 
 Scoring needs only products of these gradients with a few vectors (inverse-HVPs, a low-rank
 basis), and :meth:`LinearPerExampleGradients.products` forms those from the same two passes

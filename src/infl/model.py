@@ -311,7 +311,9 @@ class ModelWrapper:
         what ``vmap(grad)`` computes for them, at a quarter of its cost on small models). A
         model or ``fn`` that mixes the examples of a batch, one that depends on the parameters
         other than through the layers' outputs (a penalty on the weights), or any other
-        mismatch keeps ``vmap`` for that ``fn``.
+        mismatch keeps ``vmap`` for that ``fn``. The built-in loss of a plain ``nn.Sequential``
+        of ``nn.Linear`` layers and activations needs no check
+        (:func:`~infl.model_checks.rowwise_by_construction`).
         """
         if not self._batched_grads.applicable:
             return None

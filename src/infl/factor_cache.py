@@ -62,8 +62,10 @@ class FactorCache:
         if start == 0:
             self.clear()
             self.chunk_size = chunk_size
-        elif chunk_size != self.chunk_size or start not in self._expected():
-            return
+        elif not self.chunks or chunk_size != self.chunk_size:
+            return  # a dropped pass, or another chunking
+        elif start != len(self.chunks) * chunk_size:
+            return  # chunks are kept in order only
         size = factors_nbytes(factors)
         if self.nbytes + size > budget or (start == 0 and size * num_chunks > budget):
             self.clear()
@@ -71,10 +73,6 @@ class FactorCache:
         self.chunks[start] = factors
         self.nbytes += size
         self.complete = len(self.chunks) == num_chunks
-
-    def _expected(self) -> set[int]:
-        """The start of the chunk that follows the kept ones (chunks are offered in order)."""
-        return {len(self.chunks) * self.chunk_size} if self.chunks else set()
 
     def clear(self) -> None:
         self.chunks, self.chunk_size, self.nbytes, self.complete = {}, 0, 0, False

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from infl.data import Batch, IndexedData
 from infl.linear_grads import Factors
 
-__all__ = ["FactorCache", "FitFactors", "factors_nbytes"]
+__all__ = ["FIT_FACTOR_BYTES", "FactorCache", "FitFactors", "factors_nbytes"]
+
+FIT_FACTOR_BYTES = 1 << 30
+"""Bytes of training-gradient factors a fit keeps for the calculator to adopt (the calculator's
+``cache_bytes`` then decides what it keeps)."""
 
 
 def factors_nbytes(factors: Factors) -> int:

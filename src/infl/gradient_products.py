@@ -26,6 +26,7 @@ from infl.finite import all_finite
 from infl.linear_grads import Factors
 from infl.model_checks import gradient_moments, shortcut_agrees
 from infl.second_order import functional_evaluation
+from infl.sequential_chain import chain_factors
 
 if TYPE_CHECKING:
     from infl.model import ModelWrapper
@@ -62,7 +63,9 @@ def loss_factors(wrapper: ModelWrapper, batch: Batch) -> Factors | None:
     outputs (:meth:`LinearPerExampleGradients.factors
     <infl.linear_grads.LinearPerExampleGradients.factors>`: one forward and one backward pass)
     for a prepared batch, when the shortcut applies and agrees with autograd for the loss;
-    ``None`` otherwise.
+    ``None`` otherwise. A model that :func:`~infl.sequential_chain.chain_factors` runs by hand
+    (a plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations) gets them
+    from that pass, with no hooks or autograd graph.
 
     A shortcut not yet checked for the loss is checked here, on this batch's first and last
     rows, as :meth:`ModelWrapper.per_example_grads
@@ -73,6 +76,10 @@ def loss_factors(wrapper: ModelWrapper, batch: Batch) -> Factors | None:
     verified = wrapper._linear_verified.get(loss)
     if not shortcut.applicable or verified is False:
         return None
+    factors = chain_factors(wrapper, loss, batch)
+    if factors is not None:  # exact by construction: no check
+        wrapper._linear_verified[loss] = True
+        return factors
     b = batch_size(batch)
     with functional_evaluation():
         factors = shortcut.factors(

@@ -56,6 +56,7 @@ from infl.second_order import (
     hvp_forward_over_reverse,
     second_order_call,
 )
+from infl.sequential_chain import chain_factors
 
 __all__ = [
     "CHECK_EXAMPLES",
@@ -323,6 +324,10 @@ class ModelWrapper:
             return None
         if verified is False:
             return None
+        factors = chain_factors(self, fn, batch)  # exact by construction: no check
+        if factors is not None:
+            self._linear_verified[fn] = True
+            return self._linear_grads.gradients_of(factors, self.numels, out)
         with functional_evaluation():
             value = functools.partial(self._batch_value, fn, batch=batch)
             fast = self._batched_grads(value, self.params, b, out=out)
@@ -560,10 +565,10 @@ class ModelWrapper:
     def check_data(self, data: IndexedData, *, measure_activations: bool = True) -> None:
         """Evaluate the first few examples of ``data`` once, turning PyTorch's errors into ours.
 
-        Runs the model on the first :data:`CHECK_EXAMPLES` examples (twice: two small forward
-        passes, no gradient) where the data first meets the model, so that a mismatch is
-        reported at construction, naming the example and the fix, rather than deep inside a
-        vmapped gradient:
+        Runs the model on the first :data:`CHECK_EXAMPLES` examples (twice, no gradient; once
+        for a plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations)
+        where the data first meets the model, so that a mismatch is reported at construction,
+        naming the example and the fix, rather than deep inside a vmapped gradient:
 
         * the forward pass fails: integer inputs to a floating-point model, a feature width
           that is not the first layer's ``in_features``, or any other error (wrapped with

@@ -47,7 +47,9 @@ def check_first_examples(
     wrapper: ModelWrapper, data: IndexedData, measure_activations: bool = True
 ) -> tuple[tuple[int, ...] | None, int | None]:
     """The body of :meth:`ModelWrapper.check_data <infl.model.ModelWrapper.check_data>`: the
-    first :data:`CHECK_EXAMPLES` examples evaluated twice, PyTorch's errors turned into
+    first :data:`CHECK_EXAMPLES` examples evaluated twice (once for a model that
+    :func:`rowwise_by_construction` accepts: deterministic by its structure), PyTorch's errors
+    turned into
     :class:`~infl.errors.InputError`; returns the model's output shape per example (``None``
     for a loss that is not a built-in supervised one, or an output that is not a tensor) and
     the bytes per example of the largest tensor a submodule output in the first evaluation
@@ -83,7 +85,8 @@ def check_first_examples(
                 shape = tuple(first.shape[1:])
                 loss.check_targets(targets, shape, what=data.name)
             explained(lambda: loss.loss_of_outputs(first, targets), inputs)
-            second = model(inputs)
+            # a chain of linear layers and element-wise activations is deterministic
+            second = first if rowwise_by_construction(wrapper, loss) else model(inputs)
         else:
             with watch(wrapper.model, k):
                 first = explained(lambda: wrapper._batch_value(loss, wrapper.params, batch), batch)

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData
 from infl.errors import InputError
+from infl.factor_cache import FIT_FACTOR_BYTES, FitFactors
 from infl.model import ModelWrapper
 from infl.objective import output_hessian_loss
 from infl.second_order import GRAPH_BUDGET_BYTES, GradientGraphs
-from infl.structured_hessian import DenseAssembly, assemble_hessian
+from infl.sequential_hessian import sequential_hessian
+from infl.structured_hessian import DenseAssembly, assemble_hessian, parameter_groups
 
 _T = TypeVar("_T", bound="TrainingDataOperator")
 
@@ -445,8 +447,16 @@ class HessianOperator(TrainingDataOperator):
     """
 
     _graphs: GradientGraphs | None = None
+    _train_factors: FitFactors | None = None
     assembly: DenseAssembly | None = None
     """How :meth:`to_dense` built the matrix (``None`` before it did)."""
+
+    def take_train_factors(self) -> FitFactors | None:
+        """The training gradients' factors the closed-form assembly computed on its way
+        (:func:`~infl.sequential_hessian.sequential_hessian`), handed over once; ``None``
+        for every other assembly and after the first call."""
+        factors, self._train_factors = self._train_factors, None
+        return factors
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         if self._graphs is None and self.graph_budget is not None:
@@ -459,14 +469,27 @@ class HessianOperator(TrainingDataOperator):
         """The ``[p, p]`` Hessian, assembled once and kept (see
         :meth:`TrainingDataOperator.to_dense`).
 
-        From ``p >= 1000`` parameters in several modules it is assembled as the Gauss-Newton
+        A plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations with
+        the objective's built-in loss gets it in closed form, with no product
+        (:func:`infl.sequential_hessian.sequential_hessian`), and keeps the training
+        gradients' factors it computed on the way (:meth:`take_train_factors`). Otherwise,
+        from ``p >= 1000`` parameters in several modules it is assembled as the Gauss-Newton
         matrix plus the HVP columns of the layers that the residual term couples, checked
         against a random HVP (:func:`infl.structured_hessian.assemble_hessian`; on the digits
         CNN 774 products instead of 2,514); otherwise, or when that check fails, from ``p``
-        products. Equal to round-off either way; :attr:`assembly` says which was used.
+        products. Equal to round-off every way; :attr:`assembly` says which was used.
         """
         if self._dense is None and self.mean_over is not None:  # a block: by its own products
             self._dense = LinearOperator.to_dense(self, block_size, progress=progress)
+        if self._dense is None:
+            closed = sequential_hessian(
+                self.wrapper, self.data, self.chunk_size, keep_bytes=FIT_FACTOR_BYTES
+            )
+            if closed is not None:
+                self._dense, self._train_factors = closed
+                groups = parameter_groups(self.wrapper.names, self.wrapper.numels)
+                sizes = tuple((owner, int(idx.numel())) for owner, idx in groups)
+                self.assembly = DenseAssembly(method="closed-form", products=0, groups=sizes)
         if self._dense is None:
             self._dense, self.assembly = assemble_hessian(self, block_size, progress=progress)
         return self._dense

@@ -7,6 +7,10 @@ EK-FAC's eigenvalue pass and the diagonal blocks' Fisher diagonal of
 :mod:`infl.solvers.kronecker` are visitors of it. A pass can keep its chunks' records, with
 the output gradients of the next pass's own label draws, when they all fit in a byte budget
 (:class:`Replay`): the next pass then visits them without any forward or backward pass.
+With the data's labels (``fisher="empirical"``) on a plain ``nn.Sequential`` of ``nn.Linear``
+layers and element-wise activations, a chunk's record comes from one hand-run pass of that
+chain instead (:func:`~infl.sequential_chain.chain_factors`: the same numbers, no hooks and no
+autograd graph).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size
 from infl.errors import InputError, NonFiniteError
+from infl.finite import all_finite
 from infl.layer_grads import LayerPerExampleGradients
 from infl.losses import PerExampleFn, _split_supervised
 from infl.model import ModelWrapper
+from infl.sequential_chain import chain_factors, chain_layers
 from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
 
 if TYPE_CHECKING:
@@ -199,8 +205,16 @@ def stream(
 
         return hook
 
-    handles = [ly.module.register_forward_hook(make_hook(records, ly.name)) for ly in layers]
-    handles += [m.register_forward_hook(make_hook(owner_calls, p)) for p, m in owners.items()]
+    def hook_layers() -> list[torch.utils.hooks.RemovableHandle]:
+        hooked = [ly.module.register_forward_hook(make_hook(records, ly.name)) for ly in layers]
+        hooked += [m.register_forward_hook(make_hook(owner_calls, p)) for p, m in owners.items()]
+        return hooked
+
+    # the data's labels on a chain of linear layers and activations: run by hand, no hooks
+    # (decided before any hook is added: the chain's proof requires a model without hooks)
+    loss_fn = wrapper.objective.per_example_loss
+    hand_run = fisher == "empirical" and not owners and chain_layers(wrapper, loss_fn) is not None
+    handles = [] if hand_run else hook_layers()
     loss_name = builtin_loss_name(wrapper) if fisher == "true" else None
     if fisher == "true" and loss_name is None:
         raise InputError("fisher='true' needs a built-in loss; use fisher='empirical'")
@@ -219,6 +233,18 @@ def stream(
             kept: list[ChunkRecord] = []
             batch = wrapper.prepare(raw)
             b = batch_size(batch)
+            by_hand = _chain_record(wrapper, layers, batch) if hand_run else None
+            if hand_run and by_hand is None:  # not for this chunk: the hooked passes from here
+                hand_run, handles = False, hook_layers()
+            if by_hand is not None:
+                visit(by_hand)
+                if keeping:
+                    assert keep is not None
+                    total = data.num_chunks(chunk_size)
+                    size = records_nbytes([by_hand])
+                    if keep.admits(size, total):
+                        keep.add([by_hand], size, total)
+                continue
             for calls in (*records.values(), *owner_calls.values()):
                 calls.clear()
             empirical: Draw | None = None
@@ -285,6 +311,36 @@ def stream(
             calls.clear()
 
 
+def _chain_record(
+    wrapper: ModelWrapper, layers: list[LayerBlock], batch: Batch
+) -> ChunkRecord | None:
+    """The chunk's record for the data's labels from one hand-run pass of the chain
+    (:func:`~infl.sequential_chain.chain_factors`: the same inputs and output gradients as the
+    hooked forward and backward passes), or ``None`` where the model is not such a chain or
+    the layers are not all of it."""
+    loss_fn = wrapper.objective.per_example_loss
+    factors = chain_factors(wrapper, loss_fn, batch)
+    if factors is None:
+        return None
+    by_prefix = {"" if ly.name == "<root>" else ly.name: ly for ly in layers}
+    if set(by_prefix) != set(factors):
+        return None
+    inputs = {ly.name: [factors[prefix][0]] for prefix, ly in by_prefix.items()}
+    grads = {ly.name: ly.output_grads(factors[prefix][1]) for prefix, ly in by_prefix.items()}
+    if not all(all_finite(g) for g in grads.values()):
+        # a built-in loss is finite where its gradient in the outputs is
+        raise NonFiniteError(_NOT_FINITE)
+    size = next(iter(grads.values())).shape[0]
+    acts = _Activations(layers, inputs)
+    return ChunkRecord(size, inputs, acts, grads, batch, 1.0, 0, loss_fn)
+
+
+_NOT_FINITE = (
+    "the training loss of a chunk is not finite at the trained parameters; check the inputs "
+    "for NaN/inf"
+)
+
+
 @dataclass
 class _Backward:
     """One chunk after its forward pass: the backward pass of a draw gives its record.
@@ -305,10 +361,7 @@ class _Backward:
         """Draw ``r``'s backward pass (``retain``: keep the graph for another)."""
         loss, loss_batch, loss_fn = draw
         if not torch.isfinite(loss):
-            raise NonFiniteError(
-                "the training loss of a chunk is not finite at the trained "
-                "parameters; check the inputs for NaN/inf"
-            )
+            raise NonFiniteError(_NOT_FINITE)
         out_grads = torch.autograd.grad(loss, self.outs, retain_graph=retain, allow_unused=True)
         pos = 0
         grads = {}

@@ -16,12 +16,18 @@ digits CNN (``cnn``: conv 120, conv 1,744, linear 650 parameters, ReLU and max-p
 its first ``--n`` training examples, and digits MLPs 64-w-10 with ReLU (``mlp-w``) or tanh
 (``tanh-w``) trained here for 300 L-BFGS steps.
 
+With ``--closed-form`` it times, for the ``nn.Sequential`` MLPs (``iris``, ``mlp-w``,
+``tanh-w``), the closed form that ``HessianOperator.to_dense`` takes for them
+(``infl.sequential_hessian``) against ``p`` products and the structured route; the closed
+form's gates (``MAX_ROWS`` on ``K + 2`` plus the widths of the smooth activations, and
+``p < 1000``) are lifted here so that every model is timed.
+
 With ``--ggn`` it times the dense Gauss-Newton matrix of the MLPs instead: from per-example
 Kronecker factors (``infl.linear_ggn``, infl's route for ``nn.Linear`` models) against
 per-example output Jacobians (the general route).
 
 Run:  python benchmarks/bench_dense_hessian.py [--models cnn mlp-16 tanh-16] [--n 1438]
-      [--ggn] [--json out.json]
+      [--closed-form] [--ggn] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import _train, build_problem
 
 import infl
-from infl import second_order, structured_hessian
+from infl import second_order, sequential_hessian, structured_hessian
 from infl.operators import HessianOperator, LinearOperator
 from infl.studies import datasets
 
@@ -86,6 +92,50 @@ def row(name: str, n: int) -> dict[str, object]:
         "plain s": round(plain_s, 3),
         "structured s": round(new_s, 3),
         "speed-up": round(plain_s / new_s, 2),
+        "max diff / max": float((matrix - plain).abs().max() / plain.abs().max()),
+    }
+
+
+def _best_of(job, repeat: int) -> tuple[object, float]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = job()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def closed_form_row(name: str, n: int, repeat: int) -> dict[str, object]:
+    """The closed form against ``p`` products and the structured route (best of ``repeat``,
+    each on a fresh operator)."""
+    model, x, y = problem(name, n)
+    plain, plain_s = _best_of(lambda: LinearOperator.to_dense(operator(model, x, y)), repeat)
+    _, structured_s = _best_of(
+        lambda: structured_hessian.assemble_hessian(operator(model, x, y), min_params=0), repeat
+    )
+
+    def closed() -> torch.Tensor:
+        op = operator(model, x, y)
+        found = sequential_hessian.sequential_hessian(
+            op.wrapper, op.data, op.chunk_size, max_rows=10**9
+        )
+        assert found is not None
+        return found[0]
+
+    matrix, closed_s = _best_of(closed, repeat)
+    assert isinstance(plain, torch.Tensor)
+    assert isinstance(matrix, torch.Tensor)
+    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    smooth = not any(isinstance(m, nn.ReLU) for m in model.modules())
+    return {
+        "model": name,
+        "p": plain.shape[0],
+        "n": len(y),
+        "K + 2 + smooth widths": widths[-1] + 2 + (sum(widths[:-1]) if smooth else 0),
+        "products s": round(plain_s, 4),
+        "structured s": round(structured_s, 4),
+        "closed form s": round(closed_s, 4),
+        "products / closed form": round(plain_s / closed_s, 2),
         "max diff / max": float((matrix - plain).abs().max() / plain.abs().max()),
     }
 
@@ -137,12 +187,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ggn", action="store_true", help="time the dense Gauss-Newton matrix instead (MLPs)"
     )
+    parser.add_argument(
+        "--closed-form",
+        action="store_true",
+        help="time the closed form of nn.Sequential MLPs against the products (MLPs, iris)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="best of (--closed-form)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for name in args.models:
-        rows.append(ggn_row(name, args.n) if args.ggn else row(name, args.n))
+        if args.closed_form:
+            rows.append(closed_form_row(name, args.n, args.repeat))
+        else:
+            rows.append(ggn_row(name, args.n) if args.ggn else row(name, args.n))
         print(rows[-1], flush=True)
     _print_table(rows)
     if args.json:

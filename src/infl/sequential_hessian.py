@@ -24,12 +24,15 @@ tanh) have :math:`\\sigma'' = 0` and add nothing. The mean over the examples plu
 :math:`\\Lambda` is the Hessian of the training objective.
 
 Every term is one matrix product over a chunk of examples, where assembling the matrix from
-``p`` Hessian-vector products runs ``p`` vmapped forward-over-reverse passes; on the Iris
-MLP (``p = 43``) that is the difference between a few hundred microseconds and a few
-milliseconds (``benchmarks/bench_dense_hessian.py``). The work grows as ``b p^2`` times
-:math:`K + 2 + \\sum d_k` over the smooth activations (``d_k`` their widths, ``K`` the
-outputs), against about ``5 b p^2`` for the products, so the closed form is used where that sum
-is small (:data:`MAX_ROWS`).
+``p`` Hessian-vector products runs ``p`` vmapped forward-over-reverse passes. The work grows
+as ``b p^2`` times :math:`K + 2 + \\sum d_k` over the smooth activations (``d_k`` their
+widths, ``K`` the outputs), so it pays where that sum is small (:data:`MAX_ROWS`) and ``p``
+is below :data:`~infl.structured_hessian.STRUCTURED_MIN_PARAMS`, where the alternative is
+``p`` products. Measured (``benchmarks/bench_dense_hessian.py --closed-form``, one thread,
+float64): 3.1x faster than the products on the Iris MLP (``p = 43``, sum 5), 1.5x on a
+64-8-10 ReLU MLP of the digits (``p = 610``, 1,438 examples, sum 12), 0.7x on its tanh
+version (sum 20); at ``p = 1,210`` the structured route (Kronecker Gauss-Newton matrix plus a
+few HVP columns) beat it 2.4x on the ReLU MLP.
 
 :func:`sequential_hessian` applies where the structure makes this exact:
 :func:`infl.model_checks.rowwise_by_construction` (the objective's built-in loss, a plain
@@ -57,10 +60,10 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_ROWS", "sequential_hessian"]
 
-MAX_ROWS = 40
-"""The closed form is used when :math:`K + 2 + \\sum d_k` (smooth activations) is at most this:
-its ``b p^2`` work factor, against about 5 for the products, which run in vmapped passes
-several times slower per multiply-add than one matrix product."""
+MAX_ROWS = 12
+"""The closed form is used when :math:`K + 2 + \\sum d_k` (smooth activations) is at most this,
+its ``b p^2`` work factor: the products' time matched a factor of about 14 to 17 on the
+digits MLPs of the module docstring."""
 
 _WORK_BYTES = 1 << 28
 """Bytes of forward Jacobians ``T_k`` a chunk may hold (its examples are cut to fit)."""
@@ -70,13 +73,18 @@ _BROADCAST_MAX_OUTPUTS = 8
 
 
 def sequential_hessian(
-    wrapper: ModelWrapper, data: IndexedData | Batch, chunk_size: int, *, keep_bytes: int = 0
+    wrapper: ModelWrapper,
+    data: IndexedData | Batch,
+    chunk_size: int,
+    *,
+    keep_bytes: int = 0,
+    max_rows: int = MAX_ROWS,
 ) -> tuple[torch.Tensor, FitFactors | None] | None:
     """:math:`\\frac1n \\sum_i \\nabla^2 \\ell(z_i) + \\Lambda` (``[p, p]``, symmetric) by the
     closed form of the module docstring, and the training gradients' factors it computed
     on the way; ``None`` where it does not apply (the model or loss is not of that form,
     inputs are not ``[b, in]``, more than :data:`~infl.linear_ggn.MAX_JACOBIAN_OUTPUTS`
-    outputs, or more than :data:`MAX_ROWS`).
+    outputs, or a work factor over ``max_rows``).
 
     Parameters
     ----------
@@ -93,6 +101,8 @@ def sequential_hessian(
         they fit in this many bytes, when ``data`` is an :class:`~infl.data.IndexedData`
         read in chunks of ``chunk_size`` and each layer runs once; else the factors are
         ``None``.
+    max_rows
+        The largest work factor :math:`K + 2 + \\sum d_k` to take (:data:`MAX_ROWS`).
 
     Returns
     -------
@@ -132,7 +142,7 @@ def sequential_hessian(
         inputs, targets = loss.split(batch)
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
             return None
-        factors = _add_chunk(total, layers, tensors, loss, inputs, targets, p)
+        factors = _add_chunk(total, layers, tensors, loss, inputs, targets, p, max_rows)
         if factors is None:
             return None
         count += inputs.shape[0]
@@ -159,6 +169,7 @@ def _add_chunk(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     p: int,
+    max_rows: int,
 ) -> Factors | None:
     """Add the summed Hessians of one chunk's examples to ``total`` and return the chunk's
     training-gradient factors (of the layers that own trainable parameters); ``None`` where
@@ -192,7 +203,7 @@ def _add_chunk(
         y, slope, curve = derivatives(layer.module, t, layer.smooth)
         if curve is not None:
             rows += t.shape[1]
-        if rows > MAX_ROWS:
+        if rows > max_rows:
             return None
         saved.append((jac, slope, curve))
         t = y
@@ -200,7 +211,7 @@ def _add_chunk(
     outputs = t
     k = outputs.shape[1]
     rows += k
-    if jac is None or k > MAX_JACOBIAN_OUTPUTS or rows > MAX_ROWS:
+    if jac is None or k > MAX_JACOBIAN_OUTPUTS or rows > max_rows:
         return None
     e, h_out = output_derivatives(loss, outputs, targets, hessian=True)
     assert h_out is not None  # hessian=True

@@ -95,3 +95,19 @@ class BatchCentred(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.a(x))
         return self.b(h - h.mean(dim=0, keepdim=True) + 0.5 * h)
+
+
+def count_factor_reads(monkeypatch) -> list[int]:
+    """Count the chunks whose training-gradient factors are computed from the data (one
+    forward and backward pass each, ``train_gradients.loss_factors``): ``counter[0]``."""
+    from infl import train_gradients
+
+    calls = [0]
+    factors = train_gradients.loss_factors
+
+    def counted(*args):
+        calls[0] += 1
+        return factors(*args)
+
+    monkeypatch.setattr(train_gradients, "loss_factors", counted)
+    return calls

@@ -21,7 +21,7 @@ from infl import (
     train_gradients,
 )
 from infl.factor_cache import FactorCache, factors_nbytes
-from problems import BatchCentred
+from problems import BatchCentred, count_factor_reads
 
 N, CHUNK, F = 37, 8, 10  # five chunks, the last of five examples
 
@@ -55,19 +55,6 @@ def _calc(solver=None, model=None, **options) -> InfluenceCalculator:
             chunk_size=CHUNK,
             **options,
         )
-
-
-def _reads(monkeypatch) -> list[int]:
-    """Count the chunks whose factors are computed (one forward and backward pass each)."""
-    calls = [0]
-    factors = train_gradients.loss_factors
-
-    def counted(*args):
-        calls[0] += 1
-        return factors(*args)
-
-    monkeypatch.setattr(train_gradients, "loss_factors", counted)
-    return calls
 
 
 def _reference(solver=None) -> InfluenceCalculator:
@@ -117,7 +104,7 @@ def test_the_minimum_check_keeps_the_factors_and_scoring_reads_no_data(monkeypat
     cache = calc._grad_cache.factors
     assert cache.complete
     assert sorted(cache.chunks) == list(range(0, N, CHUNK))
-    reads = _reads(monkeypatch)
+    reads = count_factor_reads(monkeypatch)
     assert calc.wrapper.multiplies_directly(len(TEST[1]))
     scores = calc.influence(TEST)
     assert reads[0] == 0
@@ -127,7 +114,7 @@ def test_the_minimum_check_keeps_the_factors_and_scoring_reads_no_data(monkeypat
 def test_a_second_query_is_scored_from_the_factors_of_the_first(monkeypatch):
     solver = ConjugateGradient(damping=1.0, rtol=1e-13, max_iter=400)  # its fit hands none over
     calc = _calc(solver)
-    reads = _reads(monkeypatch)
+    reads = count_factor_reads(monkeypatch)
     first = calc.influence(TEST)
     assert reads[0] == -(-N // CHUNK)  # one pass, which kept its factors
     other = _data(2, seed=2)
@@ -144,7 +131,7 @@ def test_an_empirical_fisher_fit_hands_its_factors_to_scoring(monkeypatch, solve
     calc.fitted_solver()
     assert calc._grad_cache.factors.complete
     assert calc.fitted_solver().take_train_factors() is None  # handed over once
-    reads = _reads(monkeypatch)
+    reads = count_factor_reads(monkeypatch)
     scores = calc.influence(TEST)
     assert reads[0] == 0
     expected = _reference(solver(damping=0.1, fisher="empirical")).influence(TEST)

@@ -24,7 +24,6 @@ from infl import (
     InfluenceCalculator,
     ModelWrapper,
     Objective,
-    train_gradients,
 )
 from infl import sequential_hessian as sq
 from infl.errors import NonFiniteError
@@ -32,6 +31,7 @@ from infl.objective import supervised_loss
 from infl.operators import HessianOperator, LinearOperator
 from infl.sequential_chain import chain_factors
 from infl.solvers import kronecker_stream
+from problems import count_factor_reads
 from reference import rel_err
 
 WD = 0.05
@@ -219,14 +219,7 @@ def test_the_exact_solver_scores_from_the_closed_form_and_its_factors(monkeypatc
     model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     data, test = _data("cross_entropy"), _data("cross_entropy", n=3)
     calc = _calc(model, data)
-    reads = [0]
-    factors = train_gradients.loss_factors
-
-    def counted(*args):
-        reads[0] += 1
-        return factors(*args)
-
-    monkeypatch.setattr(train_gradients, "loss_factors", counted)
+    reads = count_factor_reads(monkeypatch)
     scores = calc.influence(test)
     op = calc.operator
     assert isinstance(op, HessianOperator)

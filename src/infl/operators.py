@@ -477,13 +477,13 @@ class HessianOperator(TrainingDataOperator):
         Below ``p = 1000``, a plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise
         activations with the objective's built-in loss and few smooth units gets it in closed
         form, with no product (:func:`infl.sequential_hessian.sequential_hessian`; 3x faster
-        than the products on the Iris MLP), and keeps the training
-        gradients' factors it computed on the way (:meth:`take_train_factors`). Otherwise,
-        from ``p >= 1000`` parameters in several modules it is assembled as the Gauss-Newton
-        matrix plus the HVP columns of the layers that the residual term couples, checked
-        against a random HVP (:func:`infl.structured_hessian.assemble_hessian`; on the digits
-        CNN 774 products instead of 2,514); otherwise, or when that check fails, from ``p``
-        products. Equal to round-off every way; :attr:`assembly` says which was used.
+        than the products on the Iris MLP), and keeps the training gradients' factors it
+        computed on the way (:meth:`take_train_factors`). Otherwise, from ``p >= 1000``
+        parameters in several modules it is assembled as the Gauss-Newton matrix plus the HVP
+        columns of the layers that the residual term couples, checked against a random HVP
+        (:func:`infl.structured_hessian.assemble_hessian`; on the digits CNN 774 products
+        instead of 2,514); otherwise, or when that check fails, from ``p`` products. Equal to
+        round-off every way; :attr:`assembly` says which was used.
         """
         if self._dense is None and self.mean_over is not None:  # a block: by its own products
             self._dense = LinearOperator.to_dense(self, block_size, progress=progress)

@@ -48,11 +48,11 @@ class ExactHessian(Solver):
     Notes
     -----
     Cost: ``fit`` takes ``p`` Hessian-vector products and an :math:`O(p^3)` eigendecomposition.
-    A plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations with a
-    built-in loss gets its Hessian in closed form instead, with no product
+    Below ``p = 1000``, a plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise
+    activations with a built-in loss gets its Hessian in closed form instead, with no product
     (:func:`infl.sequential_hessian.sequential_hessian`), and hands the training gradients'
-    factors it computed to the calculator (:meth:`FittedExact.take_train_factors`).
-    Another Hessian over training data with ``p >= 1000`` parameters in several modules is assembled
+    factors it computed to the calculator (:meth:`FittedExact.take_train_factors`). A
+    Hessian over training data with ``p >= 1000`` parameters in several modules is assembled
     from its Gauss-Newton matrix plus the HVP columns of only the modules its residual term
     couples (:func:`infl.structured_hessian.assemble_hessian`; 774 instead of 2,514 products on
     a digits CNN). Each ``solve`` of ``k`` right-hand sides is :math:`O(k p^2)`. The fitted

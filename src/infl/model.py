@@ -143,7 +143,7 @@ class ModelWrapper:
                 "influence is defined over trainable parameters, so unfreeze the ones to study"
             )
         for name, param in named:
-            if not torch.isfinite(param).all():
+            if not all_finite(param.detach()):
                 raise ModelStateError(
                     f"parameter {name!r} contains NaN or infinite values; the model must be a "
                     "finished, finite training run (check the learning rate and the loss)"

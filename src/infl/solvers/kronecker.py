@@ -49,6 +49,7 @@ from torch.func import grad, vmap
 
 from infl.data import Batch, IndexedData, tree_map_tensors
 from infl.errors import InputError, NonFiniteError
+from infl.finite import all_finite
 from infl.layer_grads import (
     LayerPerExampleGradients,
     SliceBuffers,
@@ -645,11 +646,11 @@ def _per_example_grads(
 def _check_finite(part: Partition) -> None:
     for ly in part.layers:
         for what, t in (("A", ly.A), ("S", ly.S), ("eigenvalues", ly.eigen_diag)):
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise NonFiniteError(
                     f"the K-FAC factor {what} of layer {ly.name!r} is not finite; the "
                     "activations or gradients overflow (check the inputs and the loss)"
                 )
     for blk in part.diagonal:
-        if blk.diag is not None and not torch.isfinite(blk.diag).all():
+        if blk.diag is not None and not all_finite(blk.diag):
             raise NonFiniteError(f"the Fisher diagonal of {blk.name!r} is not finite")

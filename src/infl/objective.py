@@ -191,6 +191,9 @@ class Objective:
         ``names`` and ``numels`` are the trainable parameters and their sizes, in the order
         of the flat vector (``p = sum(numels)``).
         """
+        uniform = self.uniform_weight_decay
+        if uniform is not None:
+            return torch.full((sum(numels),), uniform, dtype=dtype, device=device)
         values = torch.tensor(self.decay_values(names), dtype=dtype, device=device)
         counts = torch.tensor(list(numels), dtype=torch.long, device=values.device)
         return torch.repeat_interleave(values, counts)

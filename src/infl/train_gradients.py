@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from infl.data import as_indexed
 from infl.errors import InflError, InputError
 from infl.factor_cache import FactorCache
 from infl.gradient_products import checked, loss_factors, products_from_factors
+from infl.progress import progress_iter
 
 if TYPE_CHECKING:
     from infl.calculator import InfluenceCalculator
@@ -126,12 +126,11 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
         # each chunk's gradients are written straight into their rows: forming them apart
         # and copying wrote every byte twice, the first time into fresh memory
         cache = torch.empty(local_n, calc.num_params, dtype=wrapper.dtype, device=wrapper.device)
-    bar = tqdm(
+    bar = progress_iter(
         calc.local_train.chunks(calc.chunk_size),
         total=calc.local_train.num_chunks(calc.chunk_size),
         desc=desc,
-        disable=not calc.progress,
-        leave=False,
+        enabled=calc.progress,
     )
     for start, batch in bar:
         wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
@@ -190,12 +189,11 @@ def iter_train_products(
                 products = wrapper.train_grad_products(batch, vectors)
             yield start, products
         return
-    bar = tqdm(
+    bar = progress_iter(
         calc.local_train.chunks(chunk, skip=skip),
         total=num_chunks - skip,
         desc=desc,
-        disable=not calc.progress,
-        leave=False,
+        enabled=calc.progress,
     )
     for start, batch in bar:
         wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
@@ -219,12 +217,8 @@ def iter_train_moments(
     chunk = calc.chunk_size
     num_chunks = calc.local_train.num_chunks(chunk)
     keep = not calc.solver.low_rank_scoring  # a low-rank inverse scores from projections
-    bar = tqdm(
-        calc.local_train.chunks(chunk),
-        total=num_chunks,
-        desc=desc,
-        disable=not calc.progress,
-        leave=False,
+    bar = progress_iter(
+        calc.local_train.chunks(chunk), total=num_chunks, desc=desc, enabled=calc.progress
     )
     for start, batch in bar:
         wrapper.check_targets(batch, offset=start, what=calc.local_train.name)
@@ -370,7 +364,7 @@ def self_influence(
         )
     )
     total = -(-idx.numel() // calc.chunk_size)
-    bar = tqdm(batches, total=total, desc="self-influence", disable=not calc.progress, leave=False)
+    bar = progress_iter(batches, total=total, desc="self-influence", enabled=calc.progress)
     for start, batch in bar:
         if low is not None:
             rows = idx[start : start + calc.chunk_size]
@@ -396,7 +390,7 @@ def sharded_self_influence(calc: InfluenceCalculator, fitted: FittedSolver) -> t
     low = fitted.low_rank()
     out = []
     steps = list(group.lockstep_chunks(shard, calc.chunk_size))
-    for start, stop in tqdm(steps, desc="self-influence", disable=not calc.progress, leave=False):
+    for start, stop in progress_iter(steps, desc="self-influence", enabled=calc.progress):
         rows = torch.arange(start, stop)
         batch = calc.local_train.select(rows) if stop > start else None
         if low is not None:

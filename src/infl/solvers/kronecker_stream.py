@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData, batch_size
 from infl.errors import InputError, NonFiniteError
@@ -29,6 +28,7 @@ from infl.finite import all_finite
 from infl.layer_grads import LayerPerExampleGradients
 from infl.losses import PerExampleFn, _split_supervised
 from infl.model import ModelWrapper
+from infl.progress import progress_iter
 from infl.sequential_chain import chain_factors, chain_layers
 from infl.solvers.fisher_labels import Draw, builtin_loss_name, label_draws
 
@@ -221,12 +221,11 @@ def stream(
     try:
         params = {n: p.detach().clone().requires_grad_(True) for n, p in wrapper.params.items()}
         model_fn = wrapper.functional_model(params)
-        bar = tqdm(
+        bar = progress_iter(
             data.chunks(chunk_size),
             total=data.num_chunks(chunk_size),
             desc=desc,
-            disable=not progress,
-            leave=False,
+            enabled=progress,
         )
         for _, raw in bar:
             keeping = keep is not None and not keep.dropped

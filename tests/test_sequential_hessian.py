@@ -29,7 +29,7 @@ from infl import sequential_hessian as sq
 from infl.errors import NonFiniteError
 from infl.objective import supervised_loss
 from infl.operators import HessianOperator, LinearOperator
-from infl.sequential_chain import chain_factors
+from infl.sequential_chain import chain_factors, chain_layers, output_derivatives
 from infl.solvers import kronecker_stream
 from problems import count_factor_reads
 from reference import rel_err
@@ -299,3 +299,59 @@ def test_a_non_finite_chunk_is_refused_on_the_hand_run_path_too() -> None:
     calc = _calc(model, (x, y), KFAC(damping=0.1, fisher="empirical"))
     with pytest.raises(NonFiniteError, match="not finite"):
         calc.influence(_data("cross_entropy", n=2))
+
+
+def test_the_chain_is_built_again_when_the_model_changes_and_refused_with_a_hook() -> None:
+    model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = _data("cross_entropy")
+    wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=WD))
+    fn = wrapper.objective.per_example_loss
+    first = chain_layers(wrapper, fn)
+    assert first is not None
+    assert [type(layer.module) for layer in first][1] is nn.Tanh
+    assert chain_layers(wrapper, fn) == first  # the same layers, from the wrapper's cache
+    model[1] = nn.ReLU()  # another activation in place: the factors follow it
+    assert [type(layer.module) for layer in chain_layers(wrapper, fn) or []][1] is nn.ReLU
+    got = chain_factors(wrapper, fn, data)
+    assert got is not None
+    want = wrapper._linear_grads.factors(
+        lambda params: wrapper._batch_value(fn, params, data), wrapper.params, N
+    )
+    assert want is not None
+    torch.testing.assert_close(got["0"][1], want["0"][1], rtol=1e-12, atol=1e-15)
+    handle = model[2].register_forward_hook(lambda *args: None)
+    assert chain_layers(wrapper, fn) is None
+    assert chain_factors(wrapper, fn, data) is None
+    handle.remove()
+    assert chain_layers(wrapper, fn) is not None
+
+
+@pytest.mark.parametrize("hessian", [False, True])
+def test_cross_entropy_output_derivatives_with_and_without_ignored_labels(hessian: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    outputs = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (9,), generator=gen)
+    loss = supervised_loss("cross_entropy")
+    for ignored in ([], [2, 7]):
+        targets = labels.clone()
+        targets[ignored] = -100
+        kept = (targets != -100).double()
+        o = outputs.clone().requires_grad_(True)
+        losses = F.cross_entropy(o, targets.clamp_min(0), reduction="none") * kept
+        (want,) = torch.autograd.grad(losses.sum(), o)
+        got, curvature = output_derivatives(loss, outputs, targets, hessian=hessian)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+        if not hessian:
+            assert curvature is None
+            continue
+        assert curvature is not None
+        for i in range(9):
+            row = torch.autograd.functional.hessian(
+                lambda v, t=targets[i : i + 1], w=kept[i]: F.cross_entropy(v, t.clamp_min(0)) * w,
+                outputs[i : i + 1],
+            ).reshape(4, 4)
+            torch.testing.assert_close(curvature[i], row, rtol=1e-13, atol=1e-15)
+    empty = output_derivatives(loss, outputs[:0], labels[:0], hessian=True)
+    assert empty[0].shape == (0, 4)
+    assert empty[1] is not None
+    assert empty[1].shape == (0, 4, 4)

@@ -18,6 +18,7 @@ on it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,22 +72,38 @@ class ChainLayer:
 def chain_layers(wrapper: ModelWrapper, fn: Any) -> list[ChainLayer] | None:
     """The modules of ``wrapper.model`` in the order they run, when ``fn`` on the model is the
     chain of the module docstring and every trainable parameter is a weight or bias of one of
-    its linear layers; else ``None``."""
+    its linear layers; else ``None``.
+
+    The structure is checked on every call (a hook may have been added since the last); the
+    layers are built once per wrapper and the modules it runs, in order and by name."""
     if not rowwise_by_construction(wrapper, fn):
         return None
+    order = _in_order(wrapper.model, "", {})
+    key = tuple((name, id(module)) for name, module in order)
+    cached = _BUILT.get(wrapper)
+    if cached is None or cached[0] != key:  # the cached layers hold the modules: ids stay
+        cached = key, _layers(wrapper, order)
+        _BUILT[wrapper] = cached
+    return None if cached[1] is None else list(cached[1])
+
+
+_BUILT: weakref.WeakKeyDictionary[Any, tuple[tuple[tuple[str, int], ...], list[ChainLayer] | None]]
+_BUILT = weakref.WeakKeyDictionary()
+
+
+def _layers(wrapper: ModelWrapper, order: list[tuple[str, nn.Module]]) -> list[ChainLayer] | None:
     offsets: dict[str, int] = {}
     start = 0
     for name, size in zip(wrapper.names, wrapper.numels, strict=True):
         offsets[name] = start
         start += size
-    prefixes = {id(m): prefix for prefix, m in wrapper.model.named_modules()}  # first names
     layers = []
     claimed: set[str] = set()
-    for module in _in_order(wrapper.model):
-        layer = ChainLayer(prefixes[id(module)], module)
+    for prefix, module in order:
+        layer = ChainLayer(prefix, module)
         if layer.linear:
             weight, bias = layer.names()
-            layer = ChainLayer(layer.prefix, module, offsets.get(weight), offsets.get(bias))
+            layer = ChainLayer(prefix, module, offsets.get(weight), offsets.get(bias))
             claimed.update(name for name in (weight, bias) if name in offsets)
         layers.append(layer)
     if claimed != set(offsets):  # a trainable tensor outside the linear layers
@@ -94,15 +111,21 @@ def chain_layers(wrapper: ModelWrapper, fn: Any) -> list[ChainLayer] | None:
     return layers
 
 
-def _in_order(sequential: nn.Module) -> list[nn.Module]:
-    """The modules a (nested) ``nn.Sequential`` runs, in order; one held twice runs twice
-    (``named_modules`` would list it once)."""
-    order: list[nn.Module] = []
-    for child in sequential._modules.values():  # children() would skip a repeat
+def _in_order(
+    sequential: nn.Module, path: str, first: dict[int, str]
+) -> list[tuple[str, nn.Module]]:
+    """The modules a (nested) ``nn.Sequential`` runs, in order, each with its first name (the
+    one ``named_modules`` and ``named_parameters`` give it; ``first`` collects them); one
+    held twice runs twice (``named_modules`` would list it once)."""
+    order: list[tuple[str, nn.Module]] = []
+    for key, child in sequential._modules.items():  # children() would skip a repeat
+        if child is None:
+            continue
+        name = first.setdefault(id(child), f"{path}.{key}" if path else key)
         if type(child) is nn.Sequential:
-            order.extend(_in_order(child))
-        elif child is not None:
-            order.append(child)
+            order.extend(_in_order(child, name, first))
+        else:
+            order.append((name, child))
     return order
 
 
@@ -138,12 +161,19 @@ def output_derivatives(
     b, k = outputs.shape
     if loss.name == "cross_entropy" and not targets.is_floating_point():
         prob = torch.softmax(outputs, dim=1)
-        kept = (targets != IGNORE_INDEX).to(outputs.dtype).unsqueeze(1)
-        label = F.one_hot(targets.clamp_min(0), k).to(outputs.dtype)
+        minus_one = outputs.new_full((b, 1), -1.0)
+        if b == 0 or int(targets.min()) >= 0:  # no ignore_index label: p - y in one scatter
+            if not hessian:
+                return prob.scatter_add_(1, targets.unsqueeze(1), minus_one), None
+            gradient = prob.scatter_add(1, targets.unsqueeze(1), minus_one)
+            return gradient, torch.diag_embed(prob) - prob.unsqueeze(2) * prob.unsqueeze(1)
+        ignored = (targets == IGNORE_INDEX).unsqueeze(1)
+        gradient = prob.scatter_add(1, targets.clamp_min(0).unsqueeze(1), minus_one)
+        gradient.masked_fill_(ignored, 0.0)
         if not hessian:
-            return (prob - label) * kept, None
+            return gradient, None
         curvature = torch.diag_embed(prob) - prob.unsqueeze(2) * prob.unsqueeze(1)
-        return (prob - label) * kept, curvature * kept.unsqueeze(2)
+        return gradient, curvature.masked_fill_(ignored.unsqueeze(2), 0.0)
     with torch.enable_grad():
         o = outputs.detach().requires_grad_(True)
         (gradient,) = torch.autograd.grad(loss.loss_of_outputs(o, targets).sum(), o)

@@ -228,7 +228,7 @@ def _add_chunk(
             if layer.owns_parameters:
                 factors[layer.prefix] = (t_in, e)
             if layer.weight is not None and jac_in is not None:
-                cross = torch.einsum("br,bsq->rsq", e, jac_in).reshape(w.numel(), p)
+                cross = (e.T @ jac_in.reshape(e.shape[0], -1)).reshape(w.numel(), p)
                 block = slice(layer.weight, layer.weight + w.numel())
                 total[block] += cross
                 total[:, block] += cross.T

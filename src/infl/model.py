@@ -136,7 +136,8 @@ class ModelWrapper:
                 f"got {second_order!r}"
             )
         check_eval_mode(model)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        every = list(model.named_parameters())
+        named = [(n, p) for n, p in every if p.requires_grad]
         if not named:
             raise ModelStateError(
                 "the model has no trainable parameters (none with requires_grad=True); "
@@ -164,7 +165,7 @@ class ModelWrapper:
         self.dtype: torch.dtype = named[0][1].dtype
         self.device: torch.device = named[0][1].device
         self.params = {n: p.detach().clone() for n, p in named}
-        frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = {n: p.detach() for n, p in every if not p.requires_grad}
         self.fixed = {**frozen, **{n: b.detach() for n, b in model.named_buffers()}}
         self.module_call = ModuleCall(model, [*self.fixed, *self.names])
         self.flat_params = self.flatten(self.params)

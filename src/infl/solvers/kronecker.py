@@ -567,7 +567,7 @@ def collect_eigen_diagonal(
     n = len(data)
     for ly in part.layers:
         ly.eigen_diag = acc[ly.name] / n
-    _check_finite(part)
+    _check_finite(part, eigenvalues_only=True)
 
 
 def _rotated_activations(layer: LayerBlock, rec: ChunkRecord) -> torch.Tensor:
@@ -643,14 +643,17 @@ def _per_example_grads(
     return out
 
 
-def _check_finite(part: Partition) -> None:
+def _check_finite(part: Partition, *, eigenvalues_only: bool = False) -> None:
+    """Refuse a non-finite factor (pass 1's ``A``, ``S`` and diagonals; with
+    ``eigenvalues_only``, pass 2's refitted eigenvalues alone: the rest was checked)."""
     for ly in part.layers:
-        for what, t in (("A", ly.A), ("S", ly.S), ("eigenvalues", ly.eigen_diag)):
+        factors = (("A", ly.A), ("S", ly.S)) if not eigenvalues_only else ()
+        for what, t in (*factors, ("eigenvalues", ly.eigen_diag)):
             if t is not None and not all_finite(t):
                 raise NonFiniteError(
                     f"the K-FAC factor {what} of layer {ly.name!r} is not finite; the "
                     "activations or gradients overflow (check the inputs and the loss)"
                 )
-    for blk in part.diagonal:
+    for blk in [] if eigenvalues_only else part.diagonal:
         if blk.diag is not None and not all_finite(blk.diag):
             raise NonFiniteError(f"the Fisher diagonal of {blk.name!r} is not finite")

@@ -20,6 +20,7 @@ from infl import (
     InfluenceCalculator,
     InputError,
     ModelWrapper,
+    NonFiniteError,
     NotPositiveDefiniteError,
     Objective,
     layer_grads,
@@ -610,3 +611,29 @@ def test_group_weight_decay_is_exact_in_the_curvature_and_its_inverse(solver_cls
         same.curvature.to_dense(),
         plain.curvature.to_dense() + 0.3 * torch.eye(26, dtype=torch.float64),
     )
+
+
+def _overflowing(loss: str, targets: torch.Tensor) -> InfluenceCalculator:
+    """A float32 layer on inputs of 1e18-1e20: finite outputs and gradients, but squares of
+    its inputs (and products with its gradients) past float32's range."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).float().eval()  # float64 is this module's default
+    with torch.no_grad():
+        model[0].weight.mul_(1e-18)
+    scale = 1e20 if loss == "cross_entropy" else 1e18
+    x = torch.randn(len(targets), 3, dtype=torch.float32) * scale
+    solver = EKFAC(damping=0.1, fisher="empirical")
+    return InfluenceCalculator(
+        model, Objective(loss), (x, targets), solver, progress=False, check_minimum=False
+    )
+
+
+def test_a_factor_or_refitted_eigenvalue_past_the_range_is_refused():
+    # A = E[a a^T] ~ 1e40 overflows in pass 1
+    calc = _overflowing("cross_entropy", torch.randint(0, 2, (8,)))
+    with pytest.raises(NonFiniteError, match="factor A of layer '0' is not finite"):
+        calc.fitted_solver()
+    # A ~ 1e36 and S ~ 1e20 are finite, their refitted product ~ 1e56 is not (pass 2)
+    calc = _overflowing("mse", torch.randn(8, 2, dtype=torch.float32) * 1e10)
+    with pytest.raises(NonFiniteError, match="factor eigenvalues of layer '0' is not finite"):
+        calc.fitted_solver()

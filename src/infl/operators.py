@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from typing import Literal, TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
 from infl.data import Batch, IndexedData
 from infl.errors import InputError
 from infl.factor_cache import FIT_FACTOR_BYTES, FitFactors
 from infl.model import ModelWrapper
 from infl.objective import output_hessian_loss
+from infl.progress import progress_iter
 from infl.second_order import GRAPH_BUDGET_BYTES, GradientGraphs
 from infl.sequential_hessian import sequential_hessian
 from infl.structured_hessian import (
@@ -125,7 +125,7 @@ class LinearOperator(ABC):
         cols = []
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
         starts = range(0, self.size, block_size)
-        for start in tqdm(starts, desc="dense matrix", disable=not progress, leave=False):
+        for start in progress_iter(starts, desc="dense matrix", enabled=progress):
             cols.append(self.matmat(eye[start : start + block_size]))
         dense = torch.cat(cols, dim=0)
         return (dense + dense.T) / 2

@@ -45,10 +45,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from infl.errors import InputError
 from infl.objective import output_hessian_loss
+from infl.progress import progress_iter
 
 if TYPE_CHECKING:
     from infl.operators import HessianOperator
@@ -245,7 +245,7 @@ def assemble_hessian(
     del ggn
     columns = columns.to(operator.device)
     starts = range(0, columns.numel(), block_size)
-    for start in tqdm(starts, desc="Hessian columns", disable=not progress, leave=False):
+    for start in progress_iter(starts, desc="Hessian columns", enabled=progress):
         rows = columns[start : start + block_size]
         basis = torch.zeros(rows.numel(), p, dtype=operator.dtype, device=operator.device)
         basis[torch.arange(rows.numel(), device=operator.device), rows] = 1

@@ -9,7 +9,12 @@ For ``k`` vectors over all training data (chunks of 256), one thread, best of 3,
   ``vmap(jvp(grad))`` (forward over reverse);
 * ``retained``: the gradient graph built once and kept, each product one backward pass of it
   (what a solver could save per iteration by keeping the graph of the full data);
-* ``float32``: the ``loop`` route on a float32 copy (float64 models only).
+* ``float32``: the ``loop`` route on a float32 copy (float64 models only);
+* ``infl, kept graph`` and ``infl, chain by hand``: infl's full-data ``HessianOperator``
+  after its warm-up products, with ``second_order="reverse-over-reverse"`` (the kept
+  double-backward graphs) and with the default, which on an ``nn.Sequential`` of
+  ``nn.Linear`` layers and element-wise activations (Iris, digits MLP) runs the chain's
+  products by hand (``infl.chain_hvp``); timed alternately, ``--repeat`` times each.
 
 Run:  python benchmarks/bench_hvp_routes.py --model mlp --k 10   (iris | cnn | mlp)
 """
@@ -24,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
+
+import infl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_peers import build_problem
@@ -90,15 +97,39 @@ def routes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> 
     }
 
 
+def infl_routes(model: torch.nn.Module, problem: object, k: int, repeat: int) -> dict[str, float]:
+    """infl's operator, kept graph against the chain by hand, timed alternately."""
+    data = infl.IndexedData((problem.x_train, problem.y_train))  # type: ignore[attr-defined]
+    operators = {}
+    modes = (("infl, kept graph", "reverse-over-reverse"), ("infl, chain by hand", "auto"))
+    for name, mode in modes:
+        wrapper = infl.ModelWrapper(model, infl.Objective("cross_entropy"), second_order=mode)
+        operators[name] = infl.HessianOperator(wrapper, data, chunk_size=CHUNK, dense=False)
+    p = sum(q.numel() for q in model.parameters())
+    vectors = torch.randn(k, p, dtype=next(model.parameters()).dtype)
+    for op in operators.values():
+        op.matmat(vectors)
+        op.matmat(vectors)  # graphs and primal passes are kept from the second product on
+    times: dict[str, list[float]] = {name: [] for name in operators}
+    for _ in range(repeat):
+        for name, op in operators.items():
+            start = time.perf_counter()
+            op.matmat(vectors)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mlp", choices=["iris", "cnn", "mlp"])
     parser.add_argument("--k", type=int, default=2, help="vectors per product")
+    parser.add_argument("--repeat", type=int, default=20, help="alternate infl runs, each")
     args = parser.parse_args()
     torch.set_num_threads(1)
     problem = build_problem(args.model, quick=False)
     model = problem.fresh_model()
     times = routes(model, problem.x_train, problem.y_train, args.k)
+    times.update(infl_routes(model, problem, args.k, args.repeat))
     if problem.dtype == torch.float64:
         low = routes(
             problem.fresh_model().float(), problem.x_train.float(), problem.y_train, args.k

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from chain_cases import CASES, WD, N, autograd_hessian, mlp, objective_loss
+from chain_cases import data as chain_data
 from infl import (
     EKFAC,
     KFAC,
@@ -34,99 +35,21 @@ from infl.solvers import kronecker_stream
 from problems import count_factor_reads
 from reference import rel_err
 
-WD = 0.05
-N = 30
-
-
-def _mlp(*modules: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*modules).double().eval()
-
-
-def _targets(loss: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    if loss == "cross_entropy":
-        return torch.randint(0, k, (n,), generator=gen)
-    if loss == "probabilities":
-        return torch.softmax(torch.randn(n, k, generator=gen, dtype=torch.float64), dim=1)
-    if loss == "mse":
-        return torch.randn(n, k, generator=gen, dtype=torch.float64)
-    return torch.randint(0, 2, (n, k), generator=gen).double()
-
-
-def _data(loss: str, width: int = 4, k: int = 3, n: int = N):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n, width, generator=gen, dtype=torch.float64)
-    return x, _targets(loss, n, k, gen)
-
-
-def _objective_loss(loss: str) -> str:
-    return "cross_entropy" if loss == "probabilities" else loss
-
-
-def _autograd_hessian(model: nn.Module, x, y, loss: str) -> torch.Tensor:
-    """The Hessian of the mean loss + WD/2 |theta|^2 over the trainable parameters."""
-    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    names, shapes = [n for n, _ in named], [q.shape for _, q in named]
-    theta = torch.cat([q.detach().reshape(-1) for _, q in named])
-
-    def objective(t: torch.Tensor) -> torch.Tensor:
-        pieces = torch.split(t, [s.numel() for s in shapes])
-        params = {n: q.view(s) for n, q, s in zip(names, pieces, shapes, strict=True)}
-        out = functional_call(model, params, (x,))
-        if loss in ("cross_entropy", "probabilities"):
-            kept = y != -100 if loss == "cross_entropy" else torch.ones(len(y), dtype=torch.bool)
-            terms = F.cross_entropy(out, y.clamp_min(0) if loss == "cross_entropy" else y,
-                                    reduction="none") * kept  # fmt: skip
-        elif loss == "mse":
-            terms = ((out - y) ** 2).sum(dim=1)
-        else:
-            terms = F.binary_cross_entropy_with_logits(out, y, reduction="none").sum(dim=1)
-        return terms.mean() + 0.5 * WD * (t * t).sum()
-
-    return torch.autograd.functional.hessian(objective, theta)
-
 
 def _closed_form(model: nn.Module, data, loss: str, chunk: int = 7) -> torch.Tensor:
-    wrapper = ModelWrapper(model, Objective(_objective_loss(loss), weight_decay=WD))
+    wrapper = ModelWrapper(model, Objective(objective_loss(loss), weight_decay=WD))
     found = sq.sequential_hessian(wrapper, IndexedData(data), chunk, max_rows=10**9)
     assert found is not None
     return found[0]
 
 
-CASES = {
-    "relu-ce": ((nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "cross_entropy"),
-    "tanh-probabilities": ((nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), "probabilities"),
-    "sigmoid-gelu-mse": (
-        (nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3)),
-        "mse",
-    ),
-    "silu-bce": ((nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 3)), "bce_with_logits"),
-    "softplus-elu-leaky-ce": (
-        (
-            nn.Linear(4, 5),
-            nn.Softplus(),
-            nn.Linear(5, 5),
-            nn.ELU(),
-            nn.LeakyReLU(0.1),
-            nn.Linear(5, 3),
-        ),
-        "cross_entropy",
-    ),
-    "inplace-relu-no-bias": (
-        (nn.Linear(4, 6, bias=False), nn.ReLU(inplace=True), nn.Linear(6, 3)),
-        "cross_entropy",
-    ),
-    "nested": ((nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)), "cross_entropy"),
-}
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_closed_form_is_the_hessian(case: str) -> None:
     modules, loss = CASES[case]
-    model = _mlp(*modules)
-    x, y = _data(loss)
+    model = mlp(*modules)
+    x, y = chain_data(loss)
     got = _closed_form(model, (x, y), loss)
-    assert rel_err(got, _autograd_hessian(model, x, y, loss)) < 1e-13
+    assert rel_err(got, autograd_hessian(model, x, y, loss)) < 1e-13
     assert torch.equal(got, got.T)
 
 
@@ -137,16 +60,16 @@ def test_frozen_tensors_a_reused_layer_and_ignored_labels() -> None:
     model = model.double().eval()
     model[0].weight.requires_grad_(False)  # its bias stays in the space
     model[5].bias.requires_grad_(False)
-    x, y = _data("cross_entropy")
+    x, y = chain_data("cross_entropy")
     y[[2, 9]] = -100  # zero loss and curvature, counted in n (as the operator counts them)
     got = _closed_form(model, (x, y), "cross_entropy")
     assert got.shape == (5 + 30 + 15, 5 + 30 + 15)
-    assert rel_err(got, _autograd_hessian(model, x, y, "cross_entropy")) < 1e-13
+    assert rel_err(got, autograd_hessian(model, x, y, "cross_entropy")) < 1e-13
 
 
 def test_a_chunk_cut_to_the_work_budget_gives_the_same_matrix(monkeypatch) -> None:
-    model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    data = _data("cross_entropy")
+    model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = chain_data("cross_entropy")
     whole = _closed_form(model, data, "cross_entropy", chunk=N)
     monkeypatch.setattr(sq, "_WORK_BYTES", 1)  # one example per chunk
     wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=WD))
@@ -164,19 +87,19 @@ def _not_closed_form() -> dict[str, tuple[nn.Module, object, tuple[int, ...]]]:
     def own_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y, reduction="none")
 
-    hooked = _mlp(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    hooked = mlp(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     hooked[1].register_forward_hook(lambda m, a, o: o * 2)
     wide = [nn.Linear(4, sq.MAX_ROWS), nn.Tanh(), nn.Linear(sq.MAX_ROWS, 3)]
     return {
         "subclass": (Subclass(nn.Linear(4, 3)).double(), "cross_entropy", (4,)),
-        "custom-loss": (_mlp(nn.Linear(4, 3)), supervised_loss(own_ce), (4,)),
+        "custom-loss": (mlp(nn.Linear(4, 3)), supervised_loss(own_ce), (4,)),
         "hook": (hooked, "cross_entropy", (4,)),
-        "dropout": (_mlp(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)), "cross_entropy", (4,)),
-        "softmax": (_mlp(nn.Linear(4, 3), nn.Softmax(dim=1)), "cross_entropy", (4,)),
-        "3-d inputs": (_mlp(nn.Linear(4, 3)), "cross_entropy", (2, 4)),
-        "wide-smooth": (_mlp(*wide), "cross_entropy", (4,)),
+        "dropout": (mlp(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)), "cross_entropy", (4,)),
+        "softmax": (mlp(nn.Linear(4, 3), nn.Softmax(dim=1)), "cross_entropy", (4,)),
+        "3-d inputs": (mlp(nn.Linear(4, 3)), "cross_entropy", (2, 4)),
+        "wide-smooth": (mlp(*wide), "cross_entropy", (4,)),
         "p >= 1000": (
-            _mlp(nn.Linear(4, 200), nn.ReLU(), nn.Linear(200, 3)),
+            mlp(nn.Linear(4, 200), nn.ReLU(), nn.Linear(200, 3)),
             "cross_entropy",
             (4,),
         ),  # the structured route is faster there
@@ -216,8 +139,8 @@ def _calc(model: nn.Module, data, solver=None, **options) -> InfluenceCalculator
 
 
 def test_the_exact_solver_scores_from_the_closed_form_and_its_factors(monkeypatch) -> None:
-    model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    data, test = _data("cross_entropy"), _data("cross_entropy", n=3)
+    model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    data, test = chain_data("cross_entropy"), chain_data("cross_entropy", n=3)
     calc = _calc(model, data)
     reads = count_factor_reads(monkeypatch)
     scores = calc.influence(test)
@@ -239,22 +162,22 @@ def test_a_layer_run_twice_keeps_the_products_route_for_its_gradients() -> None:
     shared = nn.Linear(4, 4)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 3))
     model = model.double().eval()
-    data = _data("cross_entropy")
+    data = chain_data("cross_entropy")
     wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=WD))
     assert chain_factors(wrapper, wrapper.objective.per_example_loss, data) is None
     found = sq.sequential_hessian(wrapper, IndexedData(data), 8, keep_bytes=1 << 20, max_rows=10**9)
     assert found is not None
     assert found[1] is None  # its factors cannot stand for its gradients: none handed over
-    assert rel_err(found[0], _autograd_hessian(model, *data, "cross_entropy")) < 1e-13
+    assert rel_err(found[0], autograd_hessian(model, *data, "cross_entropy")) < 1e-13
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "probabilities", "mse", "bce_with_logits"])
 def test_the_hand_run_factors_are_the_hooked_ones(loss: str) -> None:
-    model = _mlp(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = mlp(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     model[2].weight.requires_grad_(False)
     model[0].bias.requires_grad_(False)
-    data = _data(loss)
-    wrapper = ModelWrapper(model, Objective(_objective_loss(loss), weight_decay=WD))
+    data = chain_data(loss)
+    wrapper = ModelWrapper(model, Objective(objective_loss(loss), weight_decay=WD))
     fn = wrapper.objective.per_example_loss
     got = chain_factors(wrapper, fn, data)
     assert got is not None
@@ -272,9 +195,9 @@ def test_the_hand_run_factors_are_the_hooked_ones(loss: str) -> None:
 def test_the_empirical_fisher_fit_runs_the_chain_by_hand_with_the_hooked_numbers(
     make, monkeypatch
 ) -> None:
-    model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     model[2].weight.requires_grad_(False)
-    data, test = _data("cross_entropy"), _data("cross_entropy", n=3)
+    data, test = chain_data("cross_entropy"), chain_data("cross_entropy", n=3)
     solver = make(damping=0.1, fisher="empirical")
     by_hand = [0]
     record = kronecker_stream._chain_record
@@ -293,17 +216,17 @@ def test_the_empirical_fisher_fit_runs_the_chain_by_hand_with_the_hooked_numbers
 
 
 def test_a_non_finite_chunk_is_refused_on_the_hand_run_path_too() -> None:
-    model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    x, y = _data("cross_entropy")
+    model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = chain_data("cross_entropy")
     x[11, 2] = float("nan")
     calc = _calc(model, (x, y), KFAC(damping=0.1, fisher="empirical"))
     with pytest.raises(NonFiniteError, match="not finite"):
-        calc.influence(_data("cross_entropy", n=2))
+        calc.influence(chain_data("cross_entropy", n=2))
 
 
 def test_the_chain_is_built_again_when_the_model_changes_and_refused_with_a_hook() -> None:
-    model = _mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    data = _data("cross_entropy")
+    model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = chain_data("cross_entropy")
     wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=WD))
     fn = wrapper.objective.per_example_loss
     first = chain_layers(wrapper, fn)

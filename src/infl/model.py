@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from infl import gradient_products
+from infl.chain_hvp import chain_hvp
 from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
@@ -463,6 +464,11 @@ class ModelWrapper:
             if self.second_order == "reverse-over-reverse":
                 chunk = position[0]
                 position[0] += 1
+                chained = None  # by hand, unless a mode was asked for
+                if self.requested_second_order == "auto":
+                    chained = chain_hvp(self, batch, vectors, graphs, chunk)
+                if chained is not None:
+                    return chained
                 return hvp_double_backward(self, batch, vectors, graphs, chunk)
             return hvp_forward_over_reverse(self)(vectors, self.flat_params, batch)
 

@@ -29,6 +29,7 @@ from infl.losses import SupervisedLoss
 from infl.objective import output_hessian_loss
 
 if TYPE_CHECKING:
+    from infl.chain_hvp import ChainPrimal
     from infl.model import ModelWrapper
 
 __all__ = [
@@ -147,6 +148,7 @@ class GradientGraphs:
         self.calls = 0
         self.full = False
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.primals: dict[int, ChainPrimal] = {}  # what infl.chain_hvp keeps instead
         # bytes of each chunk's saved tensors, counted (by Python saved-tensor hooks) on a graph
         # that is used once and dropped: a kept graph is built without hooks, so it holds no
         # Python callables (none to call per product, none to release at interpreter exit)

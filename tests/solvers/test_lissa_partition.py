@@ -106,7 +106,7 @@ def test_a_block_keeps_its_graph_and_gives_the_products_of_a_fresh_one() -> None
     v = torch.randn(2, op.size, dtype=torch.float64)
     outputs = [block.matmat(v) for _ in range(3)]
     assert block._graphs is not None
-    assert len(block._graphs.kept) == 1
+    assert len(block._graphs.primals) == 1  # an MLP chain: its primal pass, not a graph
     twin = op.partition(8, torch.Generator().manual_seed(2))[0]
     twin.graph_budget = None  # a fresh graph for every product
     fresh = twin.matmat(v)
@@ -122,7 +122,7 @@ def test_a_block_whose_graph_exceeds_its_budget_recomputes_the_same_products() -
     v = torch.randn(2, op.size, dtype=torch.float64)
     outputs = [block.matmat(v) for _ in range(3)]
     assert block._graphs is not None
-    assert not block._graphs.kept
+    assert not block._graphs.primals
     assert all(torch.equal(out, outputs[0]) for out in outputs)
 
 

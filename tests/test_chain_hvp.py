@@ -1,0 +1,185 @@
+"""Hessian-vector products of an ``nn.Sequential`` MLP run by hand (``infl.chain_hvp``).
+
+Every product is compared in float64 with ``torch.autograd.functional.hessian`` of the
+training objective (``chain_cases.autograd_hessian``) times the vectors; where the test must
+know which route ran, the double-backward route is made to fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chain_cases as cc
+from infl import IndexedData, ModelWrapper, Objective
+from infl import chain_hvp as ch
+from infl import model as model_module
+from infl.objective import supervised_loss
+from infl.operators import HessianOperator
+from reference import rel_err
+
+
+def _no_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("the double-backward route ran")
+
+    monkeypatch.setattr(model_module, "hvp_double_backward", refuse)
+
+
+def _wrapper(model: nn.Module, loss: str, second_order: str = "auto") -> ModelWrapper:
+    objective = Objective(cc.objective_loss(loss), weight_decay=cc.WD)
+    return ModelWrapper(model, objective, second_order=second_order)  # type: ignore[arg-type]
+
+
+def _vectors(p: int, k: int) -> torch.Tensor:
+    return torch.randn(k, p, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("case", list(cc.CASES))
+def test_the_hand_run_products_are_the_hessian_times_the_vectors(
+    case: str, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modules, loss = cc.CASES[case]
+    model = cc.mlp(*modules)
+    x, y = cc.data(loss)
+    hessian = cc.autograd_hessian(model, x, y, loss)
+    _no_double_backward(monkeypatch)
+    vectors = _vectors(hessian.shape[0], k)
+    got = _wrapper(model, loss).hvp(IndexedData((x, y)), vectors, 7)
+    assert rel_err(got, vectors @ hessian) < 1e-13
+
+
+def test_frozen_tensors_a_reused_layer_and_ignored_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(
+        nn.Tanh(), nn.Linear(4, 5), nn.GELU(), shared, nn.ReLU(), shared, nn.Linear(5, 3)
+    ).double()
+    model[1].weight.requires_grad_(False)  # its bias stays in the space
+    model[6].bias.requires_grad_(False)
+    x, y = cc.data("cross_entropy")
+    y[::4] = -100
+    hessian = cc.autograd_hessian(model, x, y, "cross_entropy")
+    _no_double_backward(monkeypatch)
+    for k in (1, 3):
+        vectors = _vectors(hessian.shape[0], k)
+        got = _wrapper(model, "cross_entropy").hvp(IndexedData((x, y)), vectors, 11)
+        assert rel_err(got, vectors @ hessian) < 1e-13
+
+
+def test_only_a_bias_trainable_before_the_first_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = cc.mlp(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3))
+    model[0].weight.requires_grad_(False)
+    x, y = cc.data("mse")
+    hessian = cc.autograd_hessian(model, x, y, "mse")
+    _no_double_backward(monkeypatch)
+    vectors = _vectors(hessian.shape[0], 2)
+    got = _wrapper(model, "mse").hvp(IndexedData((x, y)), vectors, 30)
+    assert rel_err(got, vectors @ hessian) < 1e-13
+
+
+def test_vectors_taken_in_groups_give_the_same_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = IndexedData(cc.data("cross_entropy"))
+    vectors = _vectors(sum(q.numel() for q in model.parameters()), 5)
+    whole = _wrapper(model, "cross_entropy").hvp(data, vectors, 30)
+    monkeypatch.setattr(ch, "WORK_BYTES", 1)  # one vector at a time
+    one_by_one = _wrapper(model, "cross_entropy").hvp(data, vectors, 30)
+    assert rel_err(one_by_one, whole) < 1e-14
+
+
+def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = cc.mlp(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = cc.data("cross_entropy")
+    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    passes = []
+    primal_pass = ch._primal_pass
+    monkeypatch.setattr(ch, "_primal_pass", lambda *a: passes.append(1) or primal_pass(*a))
+    op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
+    vectors = _vectors(op.size, 2)
+    counts = []
+    for _ in range(4):
+        assert rel_err(op.matmat(vectors), vectors @ expected) < 1e-13
+        counts.append(len(passes))
+    assert counts == [4, 8, 8, 8]  # four chunks: kept from the second product on
+    graphs = op._graphs
+    assert graphs is not None
+    assert sorted(graphs.primals) == [0, 1, 2, 3]
+    assert graphs.used_bytes == sum(p.nbytes for p in graphs.primals.values()) > 0
+
+    tight = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
+    tight.graph_budget = graphs.primals[0].nbytes  # room for the first chunk only
+    passes.clear()
+    for _ in range(3):
+        assert rel_err(tight.matmat(vectors), vectors @ expected) < 1e-13
+    assert tight._graphs is not None
+    assert list(tight._graphs.primals) == [0]
+    assert tight._graphs.full
+    assert len(passes) == 4 + 4 + 3
+
+
+def _not_a_chain() -> dict[str, tuple[nn.Module, object, tuple[int, ...]]]:
+    class Subclass(nn.Sequential):
+        pass
+
+    def own_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y, reduction="none")
+
+    hooked = cc.mlp(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    hooked[1].register_forward_hook(lambda m, a, o: o * 2)
+    return {
+        "subclass": (Subclass(nn.Linear(4, 3)).double(), "cross_entropy", (4,)),
+        "custom-loss": (cc.mlp(nn.Linear(4, 3)), supervised_loss(own_ce), (4,)),
+        "hook": (hooked, "cross_entropy", (4,)),
+        "softmax": (cc.mlp(nn.Linear(4, 3), nn.Softmax(dim=1)), "cross_entropy", (4,)),
+        "3-d inputs": (cc.mlp(nn.Linear(4, 3)), "mse", (2, 4)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_not_a_chain()))
+def test_other_models_and_losses_are_left_to_autograd(case: str) -> None:
+    model, loss, shape = _not_a_chain()[case]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(cc.N, *shape, generator=gen, dtype=torch.float64)
+    if loss == "mse":
+        y = torch.randn(cc.N, *shape[:-1], 3, generator=gen, dtype=torch.float64)
+    else:
+        y = torch.randint(0, 3, (cc.N, *shape[:-1]), generator=gen)
+    wrapper = ModelWrapper(model, Objective(loss, weight_decay=cc.WD))  # type: ignore[arg-type]
+    vectors = _vectors(wrapper.num_params, 2)
+    assert ch.chain_hvp(wrapper, wrapper.prepare((x, y)), vectors) is None
+    rr = ModelWrapper(
+        model, Objective(loss, weight_decay=cc.WD), second_order="reverse-over-reverse"
+    )  # type: ignore[arg-type]
+    data = IndexedData((x, y))
+    assert rel_err(wrapper.hvp(data, vectors, 7), rr.hvp(data, vectors, 7)) < 1e-13
+
+
+def test_a_mode_asked_for_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("the chain ran")
+
+    monkeypatch.setattr(model_module, "chain_hvp", refuse)
+    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = cc.data("cross_entropy")
+    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    vectors = _vectors(expected.shape[0], 2)
+    for mode in ("reverse-over-reverse", "forward-over-reverse"):
+        got = _wrapper(model, "cross_entropy", mode).hvp(IndexedData((x, y)), vectors, 7)
+        assert rel_err(got, vectors @ expected) < 1e-12
+
+
+def test_float32_products_match_the_float64_hessian_to_float32_round_off() -> None:
+    model = cc.mlp(nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = cc.data("cross_entropy")
+    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    vectors = _vectors(expected.shape[0], 3)
+    low = _wrapper(model.float(), "cross_entropy")
+    got = low.hvp(IndexedData((x.float(), y)), vectors.float(), 7)
+    assert got.dtype == torch.float32
+    assert rel_err(got.double(), vectors @ expected) < 1e-5

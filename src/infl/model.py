@@ -431,7 +431,9 @@ class ModelWrapper:
           graph give :math:`g(\\theta) = \\nabla\\sum_{i} \\ell(z_i)` on the flat parameter
           vector; then :math:`H v = \\nabla_\\theta (g^T v)`, one backward pass of that graph
           per vector (one batched pass, ``is_grads_batched``, for ``k > 4`` vectors of a model
-          with ``p < 1000``: faster where per-pass overhead dominates).
+          with ``p < 1000``: faster where per-pass overhead dominates). Under ``"auto"``, a
+          plain ``nn.Sequential`` MLP with a built-in loss runs the same products by hand
+          instead, with no graph (:func:`infl.chain_hvp.chain_hvp`).
           Cost: about one forward and two backward passes plus ``k`` double-backward passes;
           memory: the chunk's backward graph, plus ``k`` times its gradient-sized buffers.
         * forward-over-reverse: ``jvp`` of ``grad`` (``torch.func``), ``vmap``-ed over the

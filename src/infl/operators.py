@@ -448,7 +448,9 @@ class HessianOperator(TrainingDataOperator):
     Hessian-vector products per chunk. From the second ``matmat`` on, the chunks' gradient
     graphs are kept (up to :data:`~infl.second_order.GRAPH_BUDGET_BYTES` of saved activations,
     :class:`~infl.second_order.GradientGraphs`), so later products skip the forward pass and
-    the first backward pass: the same numbers, 1.2-2.6x cheaper per product.
+    the first backward pass: the same numbers, 1.2-2.6x cheaper per product. A plain
+    ``nn.Sequential`` MLP (under ``second_order="auto"``) keeps its primal passes instead and
+    runs each product as matrix products by hand (:mod:`infl.chain_hvp`).
     """
 
     _graphs: GradientGraphs | None = None

@@ -139,7 +139,8 @@ class GradientGraphs:
     (``benchmarks/bench_hvp_routes.py``). Graphs are kept from the operator's second product on
     (a minibatch operator, used once, keeps none), chunk by chunk while their saved tensors
     fit ``budget_bytes``; chunks past the budget are recomputed as before. The products are
-    the same numbers either way.
+    the same numbers either way. Where the products run by hand (:mod:`infl.chain_hvp`), each
+    chunk's primal pass is kept in :attr:`primals` instead, by the same rule and budget.
     """
 
     def __init__(self, budget_bytes: int = GRAPH_BUDGET_BYTES) -> None:

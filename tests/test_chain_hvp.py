@@ -183,3 +183,22 @@ def test_float32_products_match_the_float64_hessian_to_float32_round_off() -> No
     got = low.hvp(IndexedData((x.float(), y)), vectors.float(), 7)
     assert got.dtype == torch.float32
     assert rel_err(got.double(), vectors @ expected) < 1e-5
+
+
+def test_strided_vectors_give_the_products_of_contiguous_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = cc.mlp(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
+    x, y = cc.data("cross_entropy")
+    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    p = expected.shape[0]
+    _no_double_backward(monkeypatch)
+    wrapper = _wrapper(model, "cross_entropy")
+    gen = torch.Generator().manual_seed(4)
+    for vectors in (
+        torch.randn(p, 3, generator=gen, dtype=torch.float64).T,  # column-major
+        torch.randn(3, 2 * p, generator=gen, dtype=torch.float64)[:, ::2],  # every other entry
+        torch.randn(1, 2 * p, generator=gen, dtype=torch.float64)[:, 1::2],
+    ):
+        got = wrapper.hvp(IndexedData((x, y)), vectors, 7)
+        assert rel_err(got, vectors @ expected) < 1e-13

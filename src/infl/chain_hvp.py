@@ -21,9 +21,9 @@ autograd graphs it replaces. A product of ``k`` vectors is then six matrix produ
 linear layer (two at the first trainable one) over the chunk's examples and all ``k``
 vectors at once: the floating-point work of the double backward, without its graph walk,
 its per-node buffers or its one pass per vector. Measured (``benchmarks/bench_hvp_routes.py``,
-one thread, float32, against the kept double-backward graph): 1.13-1.16x per product on the
-85k-parameter digits MLP with one vector, 1.19x with ten; 1.24-1.28x on a minibatch of 128
-examples with ten vectors (no graph kept), 1.4x on the Iris MLP.
+one thread, float32, against the kept double-backward graph): 1.10-1.16x per product on the
+85k-parameter digits MLP with one vector, 1.19-1.21x with ten; 1.24-1.28x on a minibatch of
+128 examples with ten vectors (no graph kept); 1.14x on the Iris MLP (ten vectors).
 """
 
 from __future__ import annotations

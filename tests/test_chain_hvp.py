@@ -33,6 +33,15 @@ def _wrapper(model: nn.Module, loss: str, second_order: str = "auto") -> ModelWr
     return ModelWrapper(model, objective, second_order=second_order)  # type: ignore[arg-type]
 
 
+def _cross_entropy_case(
+    *modules: nn.Module,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(model, x, y, its Hessian by autograd)`` on the cross-entropy data."""
+    model = cc.mlp(*modules)
+    x, y = cc.data("cross_entropy")
+    return model, x, y, cc.autograd_hessian(model, x, y, "cross_entropy")
+
+
 def _vectors(p: int, k: int) -> torch.Tensor:
     return torch.randn(k, p, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
@@ -94,12 +103,12 @@ def test_vectors_taken_in_groups_give_the_same_products(monkeypatch: pytest.Monk
 def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model = cc.mlp(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    x, y = cc.data("cross_entropy")
-    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     passes = []
-    primal_pass = ch._primal_pass
-    monkeypatch.setattr(ch, "_primal_pass", lambda *a: passes.append(1) or primal_pass(*a))
+    primal_pass = ch.primal_pass
+    monkeypatch.setattr(
+        ch, "primal_pass", lambda *a, **kw: passes.append(1) or primal_pass(*a, **kw)
+    )
     op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
     vectors = _vectors(op.size, 2)
     counts = []
@@ -165,9 +174,7 @@ def test_a_mode_asked_for_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the chain ran")
 
     monkeypatch.setattr(model_module, "chain_hvp", refuse)
-    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    x, y = cc.data("cross_entropy")
-    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     vectors = _vectors(expected.shape[0], 2)
     for mode in ("reverse-over-reverse", "forward-over-reverse"):
         got = _wrapper(model, "cross_entropy", mode).hvp(IndexedData((x, y)), vectors, 7)
@@ -175,9 +182,9 @@ def test_a_mode_asked_for_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_float32_products_match_the_float64_hessian_to_float32_round_off() -> None:
-    model = cc.mlp(nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    x, y = cc.data("cross_entropy")
-    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    model, x, y, expected = _cross_entropy_case(
+        nn.Linear(4, 16), nn.SiLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
     vectors = _vectors(expected.shape[0], 3)
     low = _wrapper(model.float(), "cross_entropy")
     got = low.hvp(IndexedData((x.float(), y)), vectors.float(), 7)
@@ -188,9 +195,7 @@ def test_float32_products_match_the_float64_hessian_to_float32_round_off() -> No
 def test_strided_vectors_give_the_products_of_contiguous_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model = cc.mlp(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
-    x, y = cc.data("cross_entropy")
-    expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+    model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3))
     p = expected.shape[0]
     _no_double_backward(monkeypatch)
     wrapper = _wrapper(model, "cross_entropy")

@@ -15,60 +15,36 @@ along :math:`v = (dW_k, dc_k)_k` (Pearlmutter's R-operator), written out:
   for :math:`W_k`, :math:`\\dot e_k` for :math:`c_k`, summed over the examples.
 
 The primal pass (each linear layer's input, each activation's :math:`\\sigma'` and
-:math:`\\sigma''`, every :math:`e_k`) does not depend on :math:`v`; it is kept per chunk
-(:class:`ChainPrimal`, in the operator's :class:`~infl.second_order.GradientGraphs`) like the
-autograd graphs it replaces. A product of ``k`` vectors is then six matrix products per
-linear layer (two at the first trainable one) over the chunk's examples and all ``k``
-vectors at once: the floating-point work of the double backward, without its graph walk,
-its per-node buffers or its one pass per vector. Measured (``benchmarks/bench_hvp_routes.py``,
-one thread, float32, against the kept double-backward graph): 1.10-1.16x per product on the
-85k-parameter digits MLP with one vector, 1.19-1.21x with ten; 1.24-1.28x on a minibatch of
-128 examples with ten vectors (no graph kept); 1.14x on the Iris MLP (ten vectors).
+:math:`\\sigma''`, every :math:`e_k`: :func:`~infl.sequential_chain.primal_pass`) does not
+depend on :math:`v`; it is kept per chunk in the operator's
+:class:`~infl.second_order.GradientGraphs`, like the autograd graphs it replaces. A product
+of ``k`` vectors is then six matrix products per linear layer (two at the first trainable
+one) over the chunk's examples and all ``k`` vectors at once: the floating-point work of the
+double backward, without its graph walk, its per-node buffers or its one pass per vector.
+Measured (``benchmarks/bench_hvp_routes.py``, one thread, float32, against the kept
+double-backward graph): 1.10-1.16x per product on the 85k-parameter digits MLP with one
+vector, 1.19-1.21x with ten; 1.24-1.28x on a minibatch of 128 examples with ten vectors (no
+graph kept); 1.14x on the Iris MLP (ten vectors).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from infl.data import Batch
 from infl.losses import SupervisedLoss
-from infl.sequential_chain import ChainLayer, chain_layers, derivatives, output_derivatives
+from infl.sequential_chain import ChainLayer, ChainPrimal, chain_layers, primal_pass
 
 if TYPE_CHECKING:
     from infl.model import ModelWrapper
     from infl.second_order import GradientGraphs
 
-__all__ = ["ChainPrimal", "chain_hvp"]
+__all__ = ["chain_hvp"]
 
 WORK_BYTES = 1 << 27
 """Most bytes of tangents one product of a chunk holds; more vectors are taken in groups."""
-
-
-@dataclass(frozen=True)
-class ChainPrimal:
-    """What one chunk's products need that does not depend on the vectors, per module of the
-    chain: a linear layer's input ``[b, in]``, an activation's first and second derivatives
-    ``[b, d]`` (the second ``None`` when zero), and the gradient of the per-example losses
-    at the module's output ``[b, d]``; and the chunk's outputs ``[b, K]`` and targets."""
-
-    inputs: tuple[torch.Tensor | None, ...]
-    slopes: tuple[torch.Tensor | None, ...]
-    curves: tuple[torch.Tensor | None, ...]
-    grads: tuple[torch.Tensor, ...]
-    outputs: torch.Tensor
-    targets: Any
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors held."""
-        held = [*self.inputs, *self.slopes, *self.curves, *self.grads, self.outputs]
-        if isinstance(self.targets, torch.Tensor):
-            held.append(self.targets)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 def chain_hvp(
@@ -83,8 +59,8 @@ def chain_hvp(
     (:func:`~infl.sequential_chain.chain_layers`; inputs not ``[b, in]``, outputs not
     ``[b, K]``).
 
-    With ``graphs``, the chunk's :class:`ChainPrimal` (key ``chunk``) is taken from
-    ``graphs.primals`` when kept, and kept there when computed while
+    With ``graphs``, the chunk's :class:`~infl.sequential_chain.ChainPrimal` (key ``chunk``)
+    is taken from ``graphs.primals`` when kept, and kept there when computed while
     :attr:`~infl.second_order.GradientGraphs.keeping` and within its budget.
 
     Cost: a primal pass (one forward and one backward pass, no graph) unless kept, then
@@ -98,7 +74,7 @@ def chain_hvp(
     tensors = {**wrapper.fixed, **wrapper.params}
     primal = graphs.primals.get(chunk) if graphs is not None else None
     if primal is None:
-        primal = _primal_pass(layers, tensors, loss, batch)
+        primal = primal_pass(layers, tensors, loss, batch, curves=True)
         if primal is None:
             return None
         if graphs is not None and graphs.keeping:
@@ -121,44 +97,6 @@ def chain_hvp(
             part = slice(start, start + group)
             _products(layers, tensors, loss, primal, owners[0], vectors[part], out[part])
     return out
-
-
-def _primal_pass(
-    layers: list[ChainLayer],
-    tensors: dict[str, torch.Tensor],
-    loss: SupervisedLoss,
-    batch: Batch,
-) -> ChainPrimal | None:
-    inputs_, targets = loss.split(batch)
-    if not isinstance(inputs_, torch.Tensor) or inputs_.dim() != 2:
-        return None
-    inputs: list[torch.Tensor | None] = []
-    slopes: list[torch.Tensor | None] = []
-    curves: list[torch.Tensor | None] = []
-    t = inputs_
-    with torch.no_grad():
-        for layer in layers:
-            if layer.linear:
-                weight, bias = layer.names()
-                inputs.append(t)
-                slopes.append(None)
-                curves.append(None)
-                t = F.linear(t, tensors[weight], tensors.get(bias))
-            else:
-                inputs.append(None)
-                t, slope, curve = derivatives(layer.module, t, layer.smooth)
-                slopes.append(slope)
-                curves.append(curve)
-        if t.dim() != 2:
-            return None
-        e, _ = output_derivatives(loss, t, targets, hessian=False)
-        grads: list[torch.Tensor] = [e] * len(layers)
-        for i in range(len(layers) - 1, 0, -1):
-            grads[i] = e
-            gain = slopes[i]  # None for a linear layer
-            e = e @ tensors[layers[i].names()[0]] if gain is None else e * gain
-        grads[0] = e
-    return ChainPrimal(tuple(inputs), tuple(slopes), tuple(curves), tuple(grads), t, targets)
 
 
 def _products(

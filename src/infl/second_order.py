@@ -29,7 +29,7 @@ from infl.losses import SupervisedLoss
 from infl.objective import output_hessian_loss
 
 if TYPE_CHECKING:
-    from infl.chain_hvp import ChainPrimal
+    from infl.sequential_chain import ChainPrimal
     from infl.model import ModelWrapper
 
 __all__ = [

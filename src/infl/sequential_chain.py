@@ -8,12 +8,13 @@ hooks), the model is the chain :math:`t_k = W_k t_{k-1} + c_k` or :math:`t_k =
 graph: the gradient of the loss at the output is carried back as :math:`e_{k-1} = W_k^T e_k`
 or :math:`\\sigma_k'(t_{k-1}) \\odot e_k`. This module holds that chain
 (:func:`chain_layers`), the activations' first and second derivatives (:func:`derivatives`),
-the loss's in the outputs (:func:`output_derivatives`), and the training gradients' factors
-of a batch by one such pass (:func:`chain_factors`: each layer's input and the gradient at
-its output, what :meth:`LinearPerExampleGradients.factors
-<infl.linear_grads.LinearPerExampleGradients.factors>` records with forward hooks and a
-backward pass through the module). :mod:`infl.sequential_hessian` builds the exact Hessian
-on it.
+the loss's in the outputs (:func:`output_derivatives`), one forward and backward pass of a
+batch (:func:`primal_pass`, :class:`ChainPrimal`), and from it the training gradients'
+factors (:func:`chain_factors`: each layer's input and the gradient at its output, what
+:meth:`LinearPerExampleGradients.factors <infl.linear_grads.LinearPerExampleGradients.factors>`
+records with forward hooks and a backward pass through the module).
+:mod:`infl.sequential_hessian` builds the exact Hessian on the chain and :mod:`infl.chain_hvp`
+its Hessian-vector products.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ from infl.model_checks import rowwise_by_construction
 if TYPE_CHECKING:
     from infl.model import ModelWrapper
 
-__all__ = ["ChainLayer", "chain_factors", "chain_layers", "derivatives", "output_derivatives"]
+__all__ = [
+    "ChainLayer",
+    "ChainPrimal",
+    "chain_factors",
+    "chain_layers",
+    "derivatives",
+    "output_derivatives",
+    "primal_pass",
+]
 
 PIECEWISE_LINEAR = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
 """Activations whose second derivative is zero wherever it exists."""
@@ -67,6 +76,31 @@ class ChainLayer:
         """The names of the layer's weight and bias in the model."""
         dot = f"{self.prefix}." if self.prefix else ""
         return f"{dot}weight", f"{dot}bias"
+
+
+@dataclass(frozen=True)
+class ChainPrimal:
+    """One pass of the chain over a batch (:func:`primal_pass`), per module: a linear
+    layer's input ``[b, in]``, an activation's first and second derivatives ``[b, d]`` (the
+    second ``None`` when zero or not asked for), and the gradient of the per-example losses
+    at the module's output ``[b, d]``; and the batch's outputs ``[b, K]`` and targets. What
+    the chain's per-example gradients (:func:`chain_factors`) and its Hessian-vector
+    products (:mod:`infl.chain_hvp`, which keeps one per chunk) are made of."""
+
+    inputs: tuple[torch.Tensor | None, ...]
+    slopes: tuple[torch.Tensor | None, ...]
+    curves: tuple[torch.Tensor | None, ...]
+    grads: tuple[torch.Tensor, ...]
+    outputs: torch.Tensor
+    targets: Any
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held."""
+        held = [*self.inputs, *self.slopes, *self.curves, *self.grads, self.outputs]
+        if isinstance(self.targets, torch.Tensor):
+            held.append(self.targets)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 def chain_layers(wrapper: ModelWrapper, fn: Any) -> list[ChainLayer] | None:
@@ -187,12 +221,57 @@ def output_derivatives(
     return gradient, columns.reshape(k, b, k).permute(1, 2, 0)
 
 
+def primal_pass(
+    layers: list[ChainLayer],
+    tensors: dict[str, torch.Tensor],
+    loss: SupervisedLoss,
+    batch: Batch,
+    *,
+    curves: bool,
+) -> ChainPrimal | None:
+    """One forward and one backward pass of the chain over a prepared batch, no autograd
+    graph: every module's input (kept for the linear layers), each activation's
+    :math:`\\sigma'` (and :math:`\\sigma''` of the smooth ones, with ``curves``), and the
+    gradient of the per-example losses at every module's output; ``None`` where the inputs
+    are not ``[b, in]`` or the outputs not ``[b, K]``."""
+    inputs_, targets = loss.split(batch)
+    if not isinstance(inputs_, torch.Tensor) or inputs_.dim() != 2:
+        return None
+    inputs: list[torch.Tensor | None] = []
+    slopes: list[torch.Tensor | None] = []
+    second: list[torch.Tensor | None] = []
+    t = inputs_
+    with torch.no_grad():
+        for layer in layers:
+            if layer.linear:
+                weight, bias = layer.names()
+                inputs.append(t)
+                slopes.append(None)
+                second.append(None)
+                t = F.linear(t, tensors[weight], tensors.get(bias))
+            else:
+                inputs.append(None)
+                t, slope, curve = derivatives(layer.module, t, curves and layer.smooth)
+                slopes.append(slope)
+                second.append(curve)
+        if t.dim() != 2:
+            return None
+        e, _ = output_derivatives(loss, t, targets, hessian=False)
+        grads: list[torch.Tensor] = [e] * len(layers)
+        for i in range(len(layers) - 1, 0, -1):
+            grads[i] = e
+            gain = slopes[i]  # None for a linear layer
+            e = e @ tensors[layers[i].names()[0]] if gain is None else e * gain
+        grads[0] = e
+    return ChainPrimal(tuple(inputs), tuple(slopes), tuple(second), tuple(grads), t, targets)
+
+
 def chain_factors(wrapper: ModelWrapper, fn: Any, batch: Batch) -> Factors | None:
     """The per-example gradients' factors of ``fn`` on a prepared batch, by one pass of the
-    chain: for each linear layer with a trainable tensor, its input ``[b, in]`` and the
-    gradient of the per-example values at its output ``[b, out]``; ``None`` where the chain
-    does not apply (see :func:`chain_layers`), the inputs are not ``[b, in]``, the outputs not
-    ``[b, K]``, or a layer runs twice.
+    chain (:func:`primal_pass`): for each linear layer with a trainable tensor, its input
+    ``[b, in]`` and the gradient of the per-example values at its output ``[b, out]``;
+    ``None`` where the chain does not apply (see :func:`chain_layers`), the inputs are not
+    ``[b, in]``, the outputs not ``[b, K]``, or a layer runs twice.
 
     The same numbers as :meth:`LinearPerExampleGradients.factors
     <infl.linear_grads.LinearPerExampleGradients.factors>`, without the module's forward
@@ -201,34 +280,15 @@ def chain_factors(wrapper: ModelWrapper, fn: Any, batch: Batch) -> Factors | Non
     layers = chain_layers(wrapper, fn)
     if layers is None:
         return None
-    inputs, targets = fn.split(batch)
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
-        return None
     tensors = {**wrapper.fixed, **wrapper.params}
-    saved: list[torch.Tensor] = []  # a linear layer's input, an activation's slope
-    t = inputs
-    with torch.no_grad():
-        for layer in layers:
-            if layer.linear:
-                weight, bias = layer.names()
-                saved.append(t)
-                t = F.linear(t, tensors[weight], tensors.get(bias))
-            else:
-                t, slope, _ = derivatives(layer.module, t, smooth=False)
-                saved.append(slope)
-        if t.dim() != 2:
-            return None
-        e, _ = output_derivatives(fn, t, targets, hessian=False)
-        factors: Factors = {}
-        for i in range(len(layers) - 1, -1, -1):
-            layer = layers[i]
-            if not layer.linear:
-                e = e * saved[i]
-                continue
-            if layer.owns_parameters:
-                if layer.prefix in factors:
-                    return None
-                factors[layer.prefix] = (saved[i], e)
-            if i > 0:
-                e = e @ tensors[layer.names()[0]]
+    primal = primal_pass(layers, tensors, fn, batch, curves=False)
+    if primal is None:
+        return None
+    factors: Factors = {}
+    for i, layer in enumerate(layers):
+        x = primal.inputs[i]
+        if layer.owns_parameters and x is not None:
+            if layer.prefix in factors:
+                return None
+            factors[layer.prefix] = (x, primal.grads[i])
     return factors

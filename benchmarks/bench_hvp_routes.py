@@ -14,7 +14,9 @@ For ``k`` vectors over all training data (chunks of 256), one thread, best of 3,
   after its warm-up products, with ``second_order="reverse-over-reverse"`` (the kept
   double-backward graphs) and with the default, which on an ``nn.Sequential`` of
   ``nn.Linear`` layers and element-wise activations (Iris, digits MLP) runs the chain's
-  products by hand (``infl.chain_hvp``); timed alternately, ``--repeat`` times each.
+  products by hand (``infl.chain_hvp``); ``infl GGN, ...``: the same for the
+  ``GaussNewtonOperator`` (``torch.func`` ``jvp`` and ``vjp`` against the chain by hand);
+  all timed alternately, ``--repeat`` times each (the ratio column is against ``loop``).
 
 Run:  python benchmarks/bench_hvp_routes.py --model mlp --k 10   (iris | cnn | mlp)
 """
@@ -100,11 +102,16 @@ def routes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> 
 def infl_routes(model: torch.nn.Module, problem: object, k: int, repeat: int) -> dict[str, float]:
     """infl's operator, kept graph against the chain by hand, timed alternately."""
     data = infl.IndexedData((problem.x_train, problem.y_train))  # type: ignore[attr-defined]
-    operators = {}
-    modes = (("infl, kept graph", "reverse-over-reverse"), ("infl, chain by hand", "auto"))
-    for name, mode in modes:
+    operators: dict[str, infl.LinearOperator] = {}
+    routes = (
+        ("infl, kept graph", "reverse-over-reverse", infl.HessianOperator),
+        ("infl, chain by hand", "auto", infl.HessianOperator),
+        ("infl GGN, torch.func", "forward-over-reverse", infl.GaussNewtonOperator),
+        ("infl GGN, chain by hand", "auto", infl.GaussNewtonOperator),
+    )
+    for name, mode, kind in routes:
         wrapper = infl.ModelWrapper(model, infl.Objective("cross_entropy"), second_order=mode)
-        operators[name] = infl.HessianOperator(wrapper, data, chunk_size=CHUNK, dense=False)
+        operators[name] = kind(wrapper, data, chunk_size=CHUNK, dense=False)
     p = sum(q.numel() for q in model.parameters())
     vectors = torch.randn(k, p, dtype=next(model.parameters()).dtype)
     for op in operators.values():

@@ -17,8 +17,9 @@ from infl import IndexedData, ModelWrapper, Objective
 from infl import chain_hvp as ch
 from infl import model as model_module
 from infl.objective import supervised_loss
-from infl.operators import HessianOperator
+from infl.operators import GaussNewtonOperator, HessianOperator
 from reference import rel_err
+from reference_ggn import REFERENCE_LOSSES, reference_ggn
 
 
 def _no_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,15 +171,18 @@ def test_other_models_and_losses_are_left_to_autograd(case: str) -> None:
 
 
 def test_a_mode_asked_for_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+    def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the chain ran")
 
-    monkeypatch.setattr(model_module, "chain_hvp", refuse)
+    monkeypatch.setattr(ch, "_products", refuse)
     model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    ggn = reference_ggn(model, x, y, REFERENCE_LOSSES["cross_entropy"], cc.WD)
     vectors = _vectors(expected.shape[0], 2)
+    data = IndexedData((x, y))
     for mode in ("reverse-over-reverse", "forward-over-reverse"):
-        got = _wrapper(model, "cross_entropy", mode).hvp(IndexedData((x, y)), vectors, 7)
-        assert rel_err(got, vectors @ expected) < 1e-12
+        wrapper = _wrapper(model, "cross_entropy", mode)
+        assert rel_err(wrapper.hvp(data, vectors, 7), vectors @ expected) < 1e-12
+        assert rel_err(wrapper.ggn_vp(data, vectors, 7), vectors @ ggn) < 1e-12
 
 
 def test_float32_products_match_the_float64_hessian_to_float32_round_off() -> None:
@@ -207,3 +211,34 @@ def test_strided_vectors_give_the_products_of_contiguous_ones(
     ):
         got = wrapper.hvp(IndexedData((x, y)), vectors, 7)
         assert rel_err(got, vectors @ expected) < 1e-13
+
+
+@pytest.mark.parametrize("case", list(cc.CASES))
+def test_the_hand_run_gauss_newton_products(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    modules, loss = cc.CASES[case]
+    model = cc.mlp(*modules)
+    x, y = cc.data(loss)
+    ggn = reference_ggn(model, x, y, REFERENCE_LOSSES[cc.objective_loss(loss)], cc.WD)
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("the torch.func route ran")
+
+    monkeypatch.setattr(ModelWrapper, "_ggn_chunk", refuse)
+    vectors = _vectors(ggn.shape[0], 3)
+    got = _wrapper(model, loss).ggn_vp(IndexedData((x, y)), vectors, 7)
+    assert rel_err(got, vectors @ ggn) < 1e-13
+
+
+def test_the_gauss_newton_operator_keeps_its_primal_passes() -> None:
+    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = cc.data("cross_entropy")
+    ggn = reference_ggn(model, x, y, REFERENCE_LOSSES["cross_entropy"], cc.WD)
+    op = GaussNewtonOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
+    vectors = _vectors(op.size, 2)
+    for _ in range(3):
+        assert rel_err(op.matmat(vectors), vectors @ ggn) < 1e-13
+    assert op._graphs is not None
+    assert sorted(op._graphs.primals) == [0, 1, 2, 3]
+    assert all(c is None for p in op._graphs.primals.values() for c in p.curves)  # not needed
+    autograd = _wrapper(model, "cross_entropy", "reverse-over-reverse")
+    assert rel_err(autograd.ggn_vp(IndexedData((x, y)), vectors, 8), vectors @ ggn) < 1e-13

@@ -53,6 +53,8 @@ def chain_hvp(
     vectors: torch.Tensor,
     graphs: GradientGraphs | None = None,
     chunk: int = 0,
+    *,
+    gauss_newton: bool = False,
 ) -> torch.Tensor | None:
     """Summed (not averaged) HVPs ``[k, p]`` of the per-example losses of one prepared chunk,
     by the matrix products of the module docstring; ``None`` where the chain does not apply
@@ -66,6 +68,8 @@ def chain_hvp(
     Cost: a primal pass (one forward and one backward pass, no graph) unless kept, then
     about six ``[b, in] x [in, out]`` matrix products per linear layer and vector.
     """
+    if wrapper.requested_second_order != "auto":  # a mode asked for is kept
+        return None
     loss = wrapper.objective.per_example_loss
     layers = chain_layers(wrapper, loss)
     if layers is None:
@@ -74,7 +78,7 @@ def chain_hvp(
     tensors = {**wrapper.fixed, **wrapper.params}
     primal = graphs.primals.get(chunk) if graphs is not None else None
     if primal is None:
-        primal = primal_pass(layers, tensors, loss, batch, curves=True)
+        primal = primal_pass(layers, tensors, loss, batch, curves=not gauss_newton)
         if primal is None:
             return None
         if graphs is not None and graphs.keeping:
@@ -95,7 +99,8 @@ def chain_hvp(
     with torch.no_grad():
         for start in range(0, vectors.shape[0], group):
             part = slice(start, start + group)
-            _products(layers, tensors, loss, primal, owners[0], vectors[part], out[part])
+            products = vectors[part], out[part]
+            _products(layers, tensors, loss, primal, owners[0], *products, gauss_newton)
     return out
 
 
@@ -107,8 +112,10 @@ def _products(
     first: int,
     vectors: torch.Tensor,
     out: torch.Tensor,
+    gauss_newton: bool,
 ) -> None:
-    """Add the chunk's summed HVPs of ``vectors`` ``[k, p]`` to ``out`` (a view ``[k, p]``).
+    """Add the chunk's summed HVPs of ``vectors`` ``[k, p]`` to ``out`` (a view ``[k, p]``);
+    with ``gauss_newton`` the Gauss-Newton products (no term with :math:`e_k`).
 
     Tangents are ``[k, b, d]``: a product with a layer's weight is one matrix product over
     ``k * b`` rows, one with a vector's own block of the weight a batched product over the
@@ -139,14 +146,15 @@ def _products(
             et = et.mul_(slope)
             curve = primal.curves[i]
             t_in = tangents[i]
-            if curve is not None and t_in is not None:
+            if curve is not None and t_in is not None and not gauss_newton:
                 et.add_(t_in * (curve * primal.grads[i]))
             continue
         x = primal.inputs[i]
         assert x is not None  # kept for every linear layer
-        _linear_rows(layer, tensors, x, primal.grads[i], et, tangents[i], vectors, out)
+        e = None if gauss_newton else primal.grads[i]
+        _linear_rows(layer, tensors, x, e, et, tangents[i], vectors, out)
         if i > first:
-            et = _linear_back(layer, tensors, primal.grads[i], et, vectors)
+            et = _linear_back(layer, tensors, e, et, vectors)
 
 
 def _weight_block(layer: ChainLayer, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -187,21 +195,22 @@ def _linear_rows(
     layer: ChainLayer,
     tensors: dict[str, torch.Tensor],
     x: torch.Tensor,
-    e: torch.Tensor,
+    e: torch.Tensor | None,
     et: torch.Tensor,
     t_in: torch.Tensor | None,
     vectors: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
     """Add the layer's rows of the HVPs to ``out``: :math:`\\dot e\\, t^T + e\\, \\dot t^T`
-    for the weight, :math:`\\dot e` for the bias (summed over the examples)."""
+    for the weight, :math:`\\dot e` for the bias (summed over the examples); without the
+    second term when ``e`` is ``None`` (Gauss-Newton)."""
     weight = tensors[layer.names()[0]]
     k = vectors.shape[0]
     b, (o, n_in) = x.shape[0], weight.shape
     if layer.weight is not None:
         rows = _weight_block(layer, weight, out)  # the same view of out
         rows.baddbmm_(et.transpose(1, 2), x.expand(k, b, n_in))
-        if t_in is not None:
+        if t_in is not None and e is not None:
             rows.baddbmm_(e.T.expand(k, o, b), t_in)
     if layer.bias is not None:
         out[:, layer.bias : layer.bias + o] += et.sum(1)
@@ -210,15 +219,15 @@ def _linear_rows(
 def _linear_back(
     layer: ChainLayer,
     tensors: dict[str, torch.Tensor],
-    e: torch.Tensor,
+    e: torch.Tensor | None,
     et: torch.Tensor,
     vectors: torch.Tensor,
 ) -> torch.Tensor:
     """The tangent of the gradient at the layer's input, ``[k, b, in]``:
-    :math:`W^T \\dot e + dW^T e`."""
+    :math:`W^T \\dot e + dW^T e` (the first term alone when ``e`` is ``None``)."""
     weight = tensors[layer.names()[0]]
     k, b, o = et.shape
     back = (et.view(k * b, o) @ weight).view(k, b, -1)
-    if layer.weight is not None:
+    if layer.weight is not None and e is not None:
         back.baddbmm_(e.expand(k, b, o), _weight_block(layer, weight, vectors))
     return back

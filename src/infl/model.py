@@ -466,10 +466,8 @@ class ModelWrapper:
             if self.second_order == "reverse-over-reverse":
                 chunk = position[0]
                 position[0] += 1
-                chained = None  # by hand, unless a mode was asked for
-                if self.requested_second_order == "auto":
-                    chained = chain_hvp(self, batch, vectors, graphs, chunk)
-                if chained is not None:
+                chained = chain_hvp(self, batch, vectors, graphs, chunk)
+                if chained is not None:  # an MLP chain under "auto": by hand
                     return chained
                 return hvp_double_backward(self, batch, vectors, graphs, chunk)
             return hvp_forward_over_reverse(self)(vectors, self.flat_params, batch)
@@ -489,6 +487,7 @@ class ModelWrapper:
         vectors: torch.Tensor,
         chunk_size: int,
         mean_over: float | None = None,
+        graphs: GradientGraphs | None = None,
     ) -> torch.Tensor:
         """Generalised Gauss-Newton products :math:`G V^T`: ``[k, p]``.
 
@@ -502,6 +501,8 @@ class ModelWrapper:
         map :math:`u \\mapsto J^T u` instead of a ``jvp``; under ``"auto"`` the ``jvp`` is
         used (measured faster: it needs first derivatives only) until the model meets an
         operation without a forward-mode derivative, then the ``vjp`` (once, with a warning).
+        Under ``"auto"`` a plain ``nn.Sequential`` MLP runs the products by hand instead
+        (:func:`infl.chain_hvp.chain_hvp`), its primal passes kept in ``graphs`` if given.
         :math:`G` is positive semi-definite when every :math:`H_{out,i}` is (all built-in
         losses: they are convex in the outputs).
 
@@ -526,8 +527,15 @@ class ModelWrapper:
         """
         self._check_vectors(vectors, "GGN-vector product")
         output_hessian_loss(self.objective.per_example_loss)  # refuses early, naming the fix
+        if graphs is not None:
+            graphs.calls += 1
+        position = [0]
 
         def one_chunk(batch: Batch) -> torch.Tensor:
+            position[0] += 1
+            chained = chain_hvp(self, batch, vectors, graphs, position[0] - 1, gauss_newton=True)
+            if chained is not None:
+                return chained
             if self.requested_second_order == "reverse-over-reverse" or self._ggn_transpose:
                 return self._ggn_chunk(batch, vectors, forward_mode=False)
             try:

@@ -297,6 +297,18 @@ class TrainingDataOperator(LinearOperator):
         """Bytes of gradient graphs kept for repeated products on a batch (``None``: only an
         operator on an :class:`IndexedData` keeps them, up to the default budget)."""
 
+    _graphs: GradientGraphs | None = None
+
+    def _kept_graphs(self) -> GradientGraphs | None:
+        """Where repeated products keep their per-chunk state (gradient graphs, or the hand-run
+        chain's primal passes): an operator on an :class:`IndexedData` or given a
+        :attr:`graph_budget` has one; a minibatch operator, used once, none."""
+        if self._graphs is None and self.graph_budget is not None:
+            self._graphs = GradientGraphs(self.graph_budget)
+        elif self._graphs is None and isinstance(self.data, IndexedData):
+            self._graphs = GradientGraphs()
+        return self._graphs
+
     def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix (:meth:`LinearOperator.to_dense`), assembled once and kept.
 
@@ -453,7 +465,6 @@ class HessianOperator(TrainingDataOperator):
     runs each product as matrix products by hand (:mod:`infl.chain_hvp`).
     """
 
-    _graphs: GradientGraphs | None = None
     _train_factors: FitFactors | None = None
     assembly: DenseAssembly | None = None
     """How :meth:`to_dense` built the matrix (``None`` before it did)."""
@@ -466,11 +477,8 @@ class HessianOperator(TrainingDataOperator):
         return factors
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        if self._graphs is None and self.graph_budget is not None:
-            self._graphs = GradientGraphs(self.graph_budget)
-        elif self._graphs is None and isinstance(self.data, IndexedData):
-            self._graphs = GradientGraphs()
-        return self.wrapper.hvp(self.data, vectors, self.chunk_size, self._graphs, self.mean_over)
+        graphs = self._kept_graphs()
+        return self.wrapper.hvp(self.data, vectors, self.chunk_size, graphs, self.mean_over)
 
     def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` Hessian, assembled once and kept (see
@@ -537,7 +545,9 @@ class GaussNewtonOperator(TrainingDataOperator):
     -----
     Cost: one ``matmat`` of ``k`` vectors is one pass over the data: per chunk one forward
     pass and, vmapped over the ``k`` vectors, one ``jvp`` (:math:`J v`) and one ``vjp``
-    (:math:`J^T u`) through the model; :math:`J` is never formed.
+    (:math:`J^T u`) through the model; :math:`J` is never formed. A plain ``nn.Sequential``
+    MLP (under ``second_order="auto"``) runs the products by hand instead
+    (:mod:`infl.chain_hvp`), keeping each chunk's primal pass like :class:`HessianOperator`.
     """
 
     def __init__(
@@ -552,7 +562,8 @@ class GaussNewtonOperator(TrainingDataOperator):
         super().__init__(wrapper, data, chunk_size, dense=dense)
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size, self.mean_over)
+        graphs = self._kept_graphs()  # used by the hand-run chain only
+        return self.wrapper.ggn_vp(self.data, vectors, self.chunk_size, self.mean_over, graphs)
 
     def to_dense(self, block_size: int = 256, *, progress: bool = False) -> torch.Tensor:
         """The ``[p, p]`` matrix :math:`G`, from per-example output Jacobians, kept.

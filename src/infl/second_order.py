@@ -29,8 +29,8 @@ from infl.losses import SupervisedLoss
 from infl.objective import output_hessian_loss
 
 if TYPE_CHECKING:
-    from infl.sequential_chain import ChainPrimal
     from infl.model import ModelWrapper
+    from infl.sequential_chain import ChainPrimal
 
 __all__ = [
     "GRAPH_BUDGET_BYTES",

@@ -196,7 +196,9 @@ def output_derivatives(
     if loss.name == "cross_entropy" and not targets.is_floating_point():
         prob = torch.softmax(outputs, dim=1)
         minus_one = outputs.new_full((b, 1), -1.0)
-        if b == 0 or int(targets.min()) >= 0:  # no ignore_index label: p - y in one scatter
+        # no ignore_index label: p - y in one scatter (asked on a CPU only: off it, reading
+        # the answer would wait for the device, which the masked route below does not)
+        if b == 0 or (outputs.device.type == "cpu" and int(targets.min()) >= 0):
             if not hessian:
                 return prob.scatter_add_(1, targets.unsqueeze(1), minus_one), None
             gradient = prob.scatter_add(1, targets.unsqueeze(1), minus_one)

@@ -57,9 +57,11 @@ def chain_hvp(
     gauss_newton: bool = False,
 ) -> torch.Tensor | None:
     """Summed (not averaged) HVPs ``[k, p]`` of the per-example losses of one prepared chunk,
-    by the matrix products of the module docstring; ``None`` where the chain does not apply
-    (:func:`~infl.sequential_chain.chain_layers`; inputs not ``[b, in]``, outputs not
-    ``[b, K]``).
+    by the matrix products of the module docstring, or with ``gauss_newton`` the Gauss-Newton
+    products :math:`\\sum_i J_i^T H_{out,i} J_i v` (every term with :math:`e_k` dropped);
+    ``None`` where the chain does not apply (:func:`~infl.sequential_chain.chain_layers`;
+    inputs not ``[b, in]``, outputs not ``[b, K]``) or the wrapper was asked for a
+    ``second_order`` mode (``"auto"`` is the default).
 
     With ``graphs``, the chunk's :class:`~infl.sequential_chain.ChainPrimal` (key ``chunk``)
     is taken from ``graphs.primals`` when kept, and kept there when computed while
@@ -98,9 +100,10 @@ def chain_hvp(
     group = max(1, WORK_BYTES // per_vector)
     with torch.no_grad():
         for start in range(0, vectors.shape[0], group):
-            part = slice(start, start + group)
-            products = vectors[part], out[part]
-            _products(layers, tensors, loss, primal, owners[0], *products, gauss_newton)
+            rows = slice(start, start + group)
+            _products(
+                layers, tensors, loss, primal, owners[0], vectors[rows], out[rows], gauss_newton
+            )
     return out
 
 

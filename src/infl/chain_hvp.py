@@ -83,13 +83,8 @@ def chain_hvp(
         primal = primal_pass(layers, tensors, loss, batch, curves=not gauss_newton)
         if primal is None:
             return None
-        if graphs is not None and graphs.keeping:
-            nbytes = primal.nbytes
-            if graphs.used_bytes + nbytes <= graphs.budget_bytes:
-                graphs.primals[chunk] = primal
-                graphs.used_bytes += nbytes
-            else:
-                graphs.full = True
+        if graphs is not None and graphs.keeping and graphs.admit(primal.nbytes):
+            graphs.primals[chunk] = primal
     owners = [i for i, layer in enumerate(layers) if layer.owns_parameters]
     out = torch.zeros_like(vectors)
     if not owners or vectors.shape[0] == 0:

@@ -160,6 +160,15 @@ class GradientGraphs:
         """Whether graphs built now are kept (from the second product on, budget left)."""
         return self.calls >= 2 and not self.full
 
+    def admit(self, nbytes: int) -> bool:
+        """Count ``nbytes`` more as kept and say so when they fit the budget; else mark the
+        budget full (nothing more is kept) and say no."""
+        if self.used_bytes + nbytes <= self.budget_bytes:
+            self.used_bytes += nbytes
+            return True
+        self.full = True
+        return False
+
 
 def _gradient_graph(
     wrapper: ModelWrapper, batch: Batch, count_bytes: bool
@@ -209,14 +218,9 @@ def hvp_double_backward(
         keep = False
         if graphs is not None and counting:
             graphs.chunk_bytes[chunk] = nbytes
-        elif graphs is not None and graphs.keeping:
-            nbytes = graphs.chunk_bytes[chunk]
-            if graphs.used_bytes + nbytes <= graphs.budget_bytes:
-                graphs.kept[chunk] = (theta, gradient)
-                graphs.used_bytes += nbytes
-                keep = True
-            else:
-                graphs.full = True
+        elif graphs is not None and graphs.keeping and graphs.admit(graphs.chunk_bytes[chunk]):
+            graphs.kept[chunk] = (theta, gradient)
+            keep = True
     if gradient is None:
         return torch.zeros_like(vectors)
     k = vectors.shape[0]

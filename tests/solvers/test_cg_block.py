@@ -17,6 +17,7 @@ from infl import (
 )
 from infl.mixed_precision import MixedPrecisionOperator
 from infl.solvers.base import relative_residuals, solver_from_spec, solver_spec
+from infl.solvers.block_cg import orth
 from reference import rel_err
 
 
@@ -104,6 +105,29 @@ def test_block_cg_on_rank_deficient_right_hand_sides_does_not_break_down(case):
     if case == "duplicated and zero":
         assert float(result.value[6].abs().max()) == 0.0
         assert float(result.residual_norms[6]) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(6, 500), (45, 30)])
+def test_orth_spans_the_singular_vectors_above_the_deflation_threshold(shape):
+    # w = U diag(sigma) V^T with sigma = 1, 1e-2, ..., 1e-10 (as many as fit): the rows kept are
+    # orthonormal and span exactly the right singular vectors with sigma > rtol * sigma_max
+    a, p = shape
+    gen = torch.Generator().manual_seed(8)
+    m = min(a, p, 6)
+    u, _ = torch.linalg.qr(torch.randn(a, m, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(p, m, generator=gen, dtype=torch.float64))
+    sigma = torch.logspace(0, -10, m, dtype=torch.float64)
+    w = (u * sigma) @ v.T
+    for rtol, expected in ((1e-5, 3), (1e-9, 5), (1e-12, 6)):
+        rows = orth(w, rtol, max_rank=a)
+        assert rows.shape == (expected, p)
+        torch.testing.assert_close(rows @ rows.T, torch.eye(expected, dtype=torch.float64))
+        top = v[:, :expected]  # determined to ~eps / sigma_min (both routes measured alike)
+        tol = 100 * torch.finfo(torch.float64).eps / float(sigma[expected - 1])
+        torch.testing.assert_close(rows.T @ (rows @ top), top, rtol=0, atol=tol)
+    assert orth(w, 1e-12, max_rank=2).shape == (2, p)  # the two largest
+    torch.testing.assert_close(orth(w, 1e-12, max_rank=2).abs(), v[:, :2].T.abs())
+    assert orth(torch.zeros(a, p, dtype=torch.float64), 1e-8, a).shape == (0, p)
 
 
 def test_a_converged_system_leaves_the_block():

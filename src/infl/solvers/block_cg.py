@@ -56,6 +56,12 @@ def orth(w: torch.Tensor, rtol: float, max_rank: int) -> torch.Tensor:
     return vh[keep] @ q.T
 
 
+def active_rows(idx: torch.Tensor, k: int) -> torch.Tensor | slice:
+    """The active systems ``idx`` as an index of the ``[k, p]`` blocks: a slice (a view, no
+    copy of ``[k, p]`` rows per use) while all ``k`` are active."""
+    return slice(None) if idx.numel() == k else idx
+
+
 def iterate_block(
     fitted: FittedCG,
     operator: LinearOperator,
@@ -95,8 +101,9 @@ def iterate_block(
     idx = active.nonzero().reshape(-1)
     if not idx.numel():
         return x, rr, iterations, norms
-    z = fitted._precondition(r[idx])
-    fitted._check_rz((r[idx] * z).sum(dim=1), ids[idx], first)
+    sel = active_rows(idx, k)
+    z = fitted._precondition(r[sel])
+    fitted._check_rz((r[sel] * z).sum(dim=1), ids[idx], first)
     p = orth(z / threshold[idx, None], tol, k)
     while p.shape[0] and iterations < max_iter:
         q = operator.matmat(p)
@@ -107,17 +114,17 @@ def iterate_block(
         gram = p @ q.T
         gram = (gram + gram.T) / 2  # P^T A P, symmetric up to round-off
         evals, evecs = torch.linalg.eigh(gram)
-        pr = p @ r[idx].T  # [s, a]
+        pr = p @ r[sel].T  # [s, a]
         if float(evals[0]) <= 0:  # P orthonormal: evals[0] is a Rayleigh quotient of A
             direction = evecs[:, 0] @ p
             j = int(idx[int((evecs[:, 0] @ pr).abs().argmax())])
             raise NegativeCurvature(first + iterations + 1, int(ids[j]), float(evals[0]), direction)
         inverse = (evecs / evals) @ evecs.T  # G^-1
         alpha = inverse @ pr
-        x[idx] += alpha.T @ p
+        x[sel] += alpha.T @ p
         update = alpha.T @ q
-        r[idx] -= update
-        rr[idx] = (r[idx] * r[idx]).sum(dim=1)
+        r[sel] -= update
+        rr[idx] = (r[sel] * r[sel]).sum(dim=1)
         active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
         iterations += 1
         if floor is not None:
@@ -128,8 +135,9 @@ def iterate_block(
         idx = active.nonzero().reshape(-1)
         if not idx.numel():
             break
-        z = fitted._precondition(r[idx])
-        fitted._check_rz((r[idx] * z).sum(dim=1), ids[idx], first + iterations)
+        sel = active_rows(idx, k)
+        z = fitted._precondition(r[sel])
+        fitted._check_rz((r[sel] * z).sum(dim=1), ids[idx], first + iterations)
         beta = -(inverse @ (q @ z.T))  # [s, a]
         # the block never grows (in exact arithmetic block Krylov increments shrink): a
         # direction dropped once must not come back, unconjugated to the earlier blocks

@@ -25,7 +25,7 @@ from infl.solvers.base import (
     solver_from_spec,
     solver_spec,
 )
-from infl.solvers.block_cg import iterate_block
+from infl.solvers.block_cg import active_rows, iterate_block
 from infl.solvers.cg_floor import RoundoffFloor
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
@@ -493,10 +493,13 @@ class FittedCG(FittedSolver):
         norms = [torch.sqrt(rr)]
         iterations = 0
         name = self._name
+        k = b.shape[0]
         while bool(active.any()) and iterations < max_iter:
             idx = active.nonzero().reshape(-1)
-            ad = operator.matmat(d[idx])
-            curvature = (d[idx] * ad).sum(dim=1)
+            sel = active_rows(idx, k)  # a view while every system is active
+            directions = d[sel]
+            ad = operator.matmat(directions)
+            curvature = (directions * ad).sum(dim=1)
             if not torch.isfinite(ad).all():
                 raise NonFiniteError(
                     f"{name}: the operator product is not finite at iteration "
@@ -510,9 +513,10 @@ class FittedCG(FittedSolver):
                     first + iterations + 1, int(ids[j]), rayleigh, d[j].clone()
                 )
             alpha = rz[idx] / curvature
-            x[idx] += alpha[:, None] * d[idx]
-            r[idx] -= alpha[:, None] * ad
-            rr[idx] = (r[idx] * r[idx]).sum(dim=1)
+            x[sel] += alpha[:, None] * directions
+            r[sel] -= alpha[:, None] * ad
+            residuals = r[sel]
+            rr[idx] = (residuals * residuals).sum(dim=1)
             active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
             iterations += 1
             if floor is not None:
@@ -520,11 +524,13 @@ class FittedCG(FittedSolver):
                 floor.review(x, rr, active)
             still = idx[active[idx]]
             if still.numel():
-                z_new = self._precondition(r[still])
-                rz_new = (r[still] * z_new).sum(dim=1)
+                kept = active_rows(still, k)
+                residuals = r[kept]
+                z_new = self._precondition(residuals)
+                rz_new = (residuals * z_new).sum(dim=1)
                 self._check_rz(rz_new, ids[still], first + iterations)
                 beta = rz_new / rz[still]
-                d[still] = z_new + beta[:, None] * d[still]
+                d[kept] = z_new + beta[:, None] * d[kept]
                 rz[still] = rz_new
             norms.append(torch.sqrt(rr))
             bar.update(1)

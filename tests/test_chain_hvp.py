@@ -120,7 +120,9 @@ def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
     graphs = op._graphs
     assert graphs is not None
     assert sorted(graphs.primals) == [0, 1, 2, 3]
-    assert graphs.used_bytes == sum(p.nbytes for p in graphs.primals.values()) > 0
+    kept = sum(p.nbytes for p in graphs.primals.values())
+    assert graphs.used_bytes == kept + sum(b.nbytes for b in graphs.buffers.values())
+    assert kept > 0
 
     tight = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
     tight.graph_budget = graphs.primals[0].nbytes  # room for the first chunk only
@@ -242,3 +244,52 @@ def test_the_gauss_newton_operator_keeps_its_primal_passes() -> None:
     assert all(c is None for p in op._graphs.primals.values() for c in p.curves)  # not needed
     autograd = _wrapper(model, "cross_entropy", "reverse-over-reverse")
     assert rel_err(autograd.ggn_vp(IndexedData((x, y)), vectors, 8), vectors @ ggn) < 1e-13
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_the_operators_products_reuse_their_kept_tangent_buffers(curvature: str) -> None:
+    # two smooth activations (their input tangents kept beside their outputs), four chunks:
+    # from the second product on every chunk writes into the same kept buffers
+    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    x, y = cc.data("cross_entropy")
+    if curvature == "hessian":
+        expected = cc.autograd_hessian(model, x, y, "cross_entropy")
+        operator: HessianOperator | GaussNewtonOperator = HessianOperator(
+            _wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False
+        )
+    else:
+        expected = reference_ggn(model, x, y, REFERENCE_LOSSES["cross_entropy"], cc.WD)
+        operator = GaussNewtonOperator(
+            _wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False
+        )
+
+    def addresses() -> dict[str, int]:
+        assert operator._graphs is not None
+        return {name: b.data_ptr() for name, b in operator._graphs.buffers.items()}
+
+    seen = []
+    for k in (3, 3, 3, 3, 2, 4, 4):  # fewer vectors: views of the kept buffers; more: regrown
+        vectors = _vectors(operator.size, k)
+        assert rel_err(operator.matmat(vectors), vectors @ expected) < 1e-13
+        seen.append(addresses())
+    assert seen[0] == {}  # nothing kept from the first product
+    assert seen[1] and seen[1] == seen[2] == seen[3] == seen[4]
+    assert seen[5] != seen[4] and seen[5] == seen[6]
+    graphs = operator._graphs
+    assert graphs is not None
+    kept = sum(p.nbytes for p in graphs.primals.values())
+    assert graphs.used_bytes == kept + sum(b.nbytes for b in graphs.buffers.values())
+
+
+def test_the_products_are_added_into_a_given_tensor() -> None:
+    model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    wrapper = _wrapper(model, "cross_entropy")
+    batch = wrapper.prepare((x, y))
+    vectors = _vectors(expected.shape[0], 2)
+    alone = ch.chain_hvp(wrapper, batch, vectors)
+    assert alone is not None
+    start = _vectors(expected.shape[0], 2) * 3
+    into = start.clone()
+    added = ch.chain_hvp(wrapper, batch, vectors, into=into)
+    assert added is into
+    assert rel_err(into, start + alone) < 1e-15

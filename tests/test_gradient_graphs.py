@@ -112,3 +112,13 @@ def test_forward_over_reverse_keeps_no_graph() -> None:
         assert torch.allclose(op.matmat(v), reverse, rtol=1e-12, atol=1e-14)
     assert op._graphs is not None
     assert not op._graphs.kept
+
+
+def test_a_refusal_closes_the_budget_unless_told_not_to() -> None:
+    graphs = GradientGraphs(budget_bytes=100)
+    assert graphs.admit(60)
+    assert not graphs.admit(50, close=False)  # a buffer that does not fit: room stays open
+    assert not graphs.full and graphs.used_bytes == 60
+    assert graphs.admit(40)
+    assert not graphs.admit(1)
+    assert graphs.full and graphs.used_bytes == 100

@@ -29,6 +29,7 @@ graph kept); 1.14x on the Iris MLP (ten vectors).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +56,7 @@ def chain_hvp(
     chunk: int = 0,
     *,
     gauss_newton: bool = False,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Summed (not averaged) HVPs ``[k, p]`` of the per-example losses of one prepared chunk,
     by the matrix products of the module docstring, or with ``gauss_newton`` the Gauss-Newton
@@ -65,7 +67,9 @@ def chain_hvp(
 
     With ``graphs``, the chunk's :class:`~infl.sequential_chain.ChainPrimal` (key ``chunk``)
     is taken from ``graphs.primals`` when kept, and kept there when computed while
-    :attr:`~infl.second_order.GradientGraphs.keeping` and within its budget.
+    :attr:`~infl.second_order.GradientGraphs.keeping` and within its budget; so are the
+    tangents' buffers (:class:`Buffers`), shared by the chunks. With ``into`` (``[k, p]``)
+    the products are added into it in place and it is returned.
 
     Cost: a primal pass (one forward and one backward pass, no graph) unless kept, then
     about six ``[b, in] x [in, out]`` matrix products per linear layer and vector.
@@ -86,20 +90,64 @@ def chain_hvp(
         if graphs is not None and graphs.keeping and graphs.admit(primal.nbytes):
             graphs.primals[chunk] = primal
     owners = [i for i, layer in enumerate(layers) if layer.owns_parameters]
-    out = torch.zeros_like(vectors)
+    out = torch.zeros_like(vectors) if into is None else into
     if not owners or vectors.shape[0] == 0:
         return out
     b = primal.outputs.shape[0]
     widths = sum(int(getattr(layer.module, "out_features", 0)) for layer in layers)
     per_vector = max(1, 3 * b * widths * vectors.element_size())
     group = max(1, WORK_BYTES // per_vector)
+    buffers = Buffers(graphs)
     with torch.no_grad():
         for start in range(0, vectors.shape[0], group):
             rows = slice(start, start + group)
             _products(
-                layers, tensors, loss, primal, owners[0], vectors[rows], out[rows], gauss_newton
+                layers,
+                tensors,
+                loss,
+                primal,
+                owners[0],
+                vectors[rows],
+                out[rows],
+                gauss_newton,
+                buffers,
             )
     return out
+
+
+class Buffers:
+    """The tangents' memory: named buffers kept in an operator's
+    :attr:`~infl.second_order.GradientGraphs.buffers` and reused by its later products.
+
+    A fresh tensor of a few MiB is mapped memory the kernel zero-fills page by page on first
+    touch; a product of ten vectors on a 256-example chunk of the digits MLP writes about
+    10 MiB of tangents, and refilling them cost about a tenth of the product. Buffers are kept
+    by the graphs' rule and budget (:attr:`~infl.second_order.GradientGraphs.keeping`,
+    :meth:`~infl.second_order.GradientGraphs.admit`); without ``graphs``, or past the budget,
+    each product allocates its own. A buffer never leaves the product that fills it: the
+    products returned are written into a fresh tensor.
+    """
+
+    def __init__(self, graphs: GradientGraphs | None) -> None:
+        self.graphs = graphs
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, its values undefined: a view
+        of the kept buffer ``name`` when it is large enough, else a new one (kept if admitted)."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        graphs = self.graphs
+        kept = graphs.buffers.get(name) if graphs is not None else None
+        same = kept is not None and kept.dtype == like.dtype and kept.device == like.device
+        if kept is not None and same and kept.numel() >= numel:
+            return kept[:numel].view(shape)
+        new = torch.empty(numel, dtype=like.dtype, device=like.device)
+        if graphs is not None and graphs.calls >= 2:
+            grown = new.nbytes - (kept.nbytes if kept is not None else 0)
+            if graphs.admit(grown, close=False):  # a refusal leaves room for primal passes
+                graphs.buffers[name] = new
+        return new.view(shape)
 
 
 def _products(
@@ -111,6 +159,7 @@ def _products(
     vectors: torch.Tensor,
     out: torch.Tensor,
     gauss_newton: bool,
+    buffers: Buffers,
 ) -> None:
     """Add the chunk's summed HVPs of ``vectors`` ``[k, p]`` to ``out`` (a view ``[k, p]``);
     with ``gauss_newton`` the Gauss-Newton products (no term with :math:`e_k`).
@@ -126,9 +175,12 @@ def _products(
         tangents.append(tangent)
         slope = primal.slopes[i]
         if slope is None:
-            tangent = _linear_tangent(layer, tensors, primal.inputs[i], tangent, vectors)
-        elif tangent is not None:  # in place where the input tangent is not needed again
-            tangent = tangent * slope if primal.curves[i] is not None else tangent.mul_(slope)
+            x = primal.inputs[i]
+            tangent = _linear_tangent(layer, tensors, x, tangent, vectors, buffers.take, i)
+        elif primal.curves[i] is not None and tangent is not None:  # the input tangent is kept
+            tangent = torch.mul(tangent, slope, out=buffers.take(f"a{i}", tangent.shape, tangent))
+        elif tangent is not None:
+            tangent = tangent.mul_(slope)
     assert tangent is not None  # a layer owns parameters
     outputs, targets = primal.outputs, primal.targets
     if k > 1:
@@ -152,7 +204,7 @@ def _products(
         e = None if gauss_newton else primal.grads[i]
         _linear_rows(layer, tensors, x, e, et, tangents[i], vectors, out)
         if i > first:
-            et = _linear_back(layer, tensors, e, et, vectors)
+            et = _linear_back(layer, tensors, e, et, vectors, buffers.take(f"e{i}", _in(x, et), et))
 
 
 def _weight_block(layer: ChainLayer, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -162,30 +214,43 @@ def _weight_block(layer: ChainLayer, weight: torch.Tensor, flat: torch.Tensor) -
     return block.view(flat.shape[0], *weight.shape)
 
 
+def _in(x: torch.Tensor, et: torch.Tensor) -> tuple[int, int, int]:
+    """The shape ``[k, b, in]`` of the tangent at the input ``x`` ``[b, in]``."""
+    return (et.shape[0], et.shape[1], x.shape[1])
+
+
 def _linear_tangent(
     layer: ChainLayer,
     tensors: dict[str, torch.Tensor],
     x: torch.Tensor | None,
     t_in: torch.Tensor | None,
     vectors: torch.Tensor,
+    take: Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor],
+    index: int,
 ) -> torch.Tensor | None:
-    """The layer's output tangent ``[k, b, out]``: :math:`W \\dot t + dW\\,t + dc`."""
+    """The layer's output tangent ``[k, b, out]``: :math:`W \\dot t + dW\\,t + dc`, written
+    into ``take(f"t{index}", ...)``; ``None`` when all three are zero."""
     assert x is not None  # kept for every linear layer
     weight = tensors[layer.names()[0]]
     k = vectors.shape[0]
     b, (o, n_in) = x.shape[0], weight.shape
-    new: torch.Tensor | None = None
+    if t_in is None and layer.weight is None and layer.bias is None:
+        return None
+    new = take(f"t{index}", (k, b, o), vectors)
     if t_in is not None:
-        new = (t_in.view(k * b, n_in) @ weight.T).view(k, b, o)
+        torch.mm(t_in.view(k * b, n_in), weight.T, out=new.view(k * b, o))
     if layer.weight is not None:
         d_weight = _weight_block(layer, weight, vectors).transpose(1, 2)
-        if new is None:
-            new = torch.matmul(x, d_weight)  # [k, b, o]
+        if t_in is None:
+            torch.bmm(x.expand(k, b, n_in), d_weight, out=new)
         else:
             new.baddbmm_(x.expand(k, b, n_in), d_weight)
     if layer.bias is not None:
         d_bias = vectors[:, layer.bias : layer.bias + o].unsqueeze(1)
-        new = d_bias.expand(k, b, o).clone() if new is None else new.add_(d_bias)
+        if t_in is None and layer.weight is None:
+            new.copy_(d_bias.expand(k, b, o))
+        else:
+            new.add_(d_bias)
     return new
 
 
@@ -220,12 +285,13 @@ def _linear_back(
     e: torch.Tensor | None,
     et: torch.Tensor,
     vectors: torch.Tensor,
+    back: torch.Tensor,
 ) -> torch.Tensor:
-    """The tangent of the gradient at the layer's input, ``[k, b, in]``:
+    """The tangent of the gradient at the layer's input, written into ``back`` ``[k, b, in]``:
     :math:`W^T \\dot e + dW^T e` (the first term alone when ``e`` is ``None``)."""
     weight = tensors[layer.names()[0]]
     k, b, o = et.shape
-    back = (et.view(k * b, o) @ weight).view(k, b, -1)
+    torch.mm(et.view(k * b, o), weight, out=back.view(k * b, -1))
     if layer.weight is not None and e is not None:
         back.baddbmm_(e.expand(k, b, o), _weight_block(layer, weight, vectors))
     return back

@@ -462,11 +462,11 @@ class ModelWrapper:
             graphs.calls += 1
         position = [0]
 
-        def one_chunk(batch: Batch) -> torch.Tensor:
+        def one_chunk(batch: Batch, into: torch.Tensor | None = None) -> torch.Tensor:
             if self.second_order == "reverse-over-reverse":
                 chunk = position[0]
                 position[0] += 1
-                chained = chain_hvp(self, batch, vectors, graphs, chunk)
+                chained = chain_hvp(self, batch, vectors, graphs, chunk, into=into)
                 if chained is not None:  # an MLP chain under "auto": by hand
                     return chained
                 return hvp_double_backward(self, batch, vectors, graphs, chunk)
@@ -531,9 +531,10 @@ class ModelWrapper:
             graphs.calls += 1
         position = [0]
 
-        def one_chunk(batch: Batch) -> torch.Tensor:
+        def one_chunk(batch: Batch, into: torch.Tensor | None = None) -> torch.Tensor:
             position[0] += 1
-            chained = chain_hvp(self, batch, vectors, graphs, position[0] - 1, gauss_newton=True)
+            chunk = position[0] - 1
+            chained = chain_hvp(self, batch, vectors, graphs, chunk, gauss_newton=True, into=into)
             if chained is not None:
                 return chained
             if self.requested_second_order == "reverse-over-reverse" or self._ggn_transpose:
@@ -674,16 +675,20 @@ class ModelWrapper:
         data: IndexedData | Batch,
         vectors: torch.Tensor,
         chunk_size: int,
-        one_chunk: Callable[[Batch], torch.Tensor],
+        one_chunk: Callable[..., torch.Tensor],
         what: str,
         mean_over: float | None = None,
     ) -> torch.Tensor:
         """Mean over the examples of ``one_chunk``'s summed products (the sum divided by
-        ``mean_over`` when given), plus weight decay."""
+        ``mean_over`` when given), plus weight decay. ``one_chunk(batch, into=out)`` returns
+        the chunk's products, or ``out`` itself when it added them there in place."""
         if isinstance(data, IndexedData):
             out = torch.zeros_like(vectors)
             for _, batch in data.chunks(chunk_size):
-                out += second_order_call(self, one_chunk, self.prepare(batch), what)
+                adding = functools.partial(one_chunk, into=out)
+                part = second_order_call(self, adding, self.prepare(batch), what)
+                if part is not out:
+                    out += part
             n = len(data)
         else:
             batch = self.prepare(data)

@@ -150,6 +150,7 @@ class GradientGraphs:
         self.full = False
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.primals: dict[int, ChainPrimal] = {}  # what infl.chain_hvp keeps instead
+        self.buffers: dict[str, torch.Tensor] = {}  # infl.chain_hvp's tangents, reused
         # bytes of each chunk's saved tensors, counted (by Python saved-tensor hooks) on a graph
         # that is used once and dropped: a kept graph is built without hooks, so it holds no
         # Python callables (none to call per product, none to release at interpreter exit)
@@ -160,13 +161,13 @@ class GradientGraphs:
         """Whether graphs built now are kept (from the second product on, budget left)."""
         return self.calls >= 2 and not self.full
 
-    def admit(self, nbytes: int) -> bool:
-        """Count ``nbytes`` more as kept and say so when they fit the budget; else mark the
-        budget full (nothing more is kept) and say no."""
+    def admit(self, nbytes: int, *, close: bool = True) -> bool:
+        """Count ``nbytes`` more as kept and say so when they fit the budget; else say no, and
+        with ``close`` mark the budget full (nothing more is kept)."""
         if self.used_bytes + nbytes <= self.budget_bytes:
             self.used_bytes += nbytes
             return True
-        self.full = True
+        self.full = self.full or close
         return False
 
 

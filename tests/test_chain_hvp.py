@@ -113,19 +113,23 @@ def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
     op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
     vectors = _vectors(op.size, 2)
     counts = []
+    first_chunk = 0
     for _ in range(4):
         assert rel_err(op.matmat(vectors), vectors @ expected) < 1e-13
         counts.append(len(passes))
+        if op._graphs is not None and 0 in op._graphs.primals:
+            first_chunk = op._graphs.primals[0].nbytes
     assert counts == [4, 8, 8, 8]  # four chunks: kept from the second product on
     graphs = op._graphs
     assert graphs is not None
-    assert sorted(graphs.primals) == [0, 1, 2, 3]
+    assert list(graphs.primals) == [ch.WHOLE]  # merged at the third product
+    assert graphs.primals[ch.WHOLE].outputs.shape[0] == x.shape[0]
     kept = sum(p.nbytes for p in graphs.primals.values())
     assert graphs.used_bytes == kept + sum(b.nbytes for b in graphs.buffers.values())
     assert kept > 0
 
     tight = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
-    tight.graph_budget = graphs.primals[0].nbytes  # room for the first chunk only
+    tight.graph_budget = first_chunk  # room for the first chunk only
     passes.clear()
     for _ in range(3):
         assert rel_err(tight.matmat(vectors), vectors @ expected) < 1e-13
@@ -240,28 +244,33 @@ def test_the_gauss_newton_operator_keeps_its_primal_passes() -> None:
     for _ in range(3):
         assert rel_err(op.matmat(vectors), vectors @ ggn) < 1e-13
     assert op._graphs is not None
-    assert sorted(op._graphs.primals) == [0, 1, 2, 3]
+    assert list(op._graphs.primals) == [ch.WHOLE]
     assert all(c is None for p in op._graphs.primals.values() for c in p.curves)  # not needed
     autograd = _wrapper(model, "cross_entropy", "reverse-over-reverse")
     assert rel_err(autograd.ggn_vp(IndexedData((x, y)), vectors, 8), vectors @ ggn) < 1e-13
 
 
-@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_the_operators_products_reuse_their_kept_tangent_buffers(curvature: str) -> None:
-    # two smooth activations (their input tangents kept beside their outputs), four chunks:
-    # from the second product on every chunk writes into the same kept buffers
-    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
-    x, y = cc.data("cross_entropy")
+def _operator(
+    curvature: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[HessianOperator | GaussNewtonOperator, torch.Tensor]:
+    """``(operator with chunks of 8, its matrix)`` for ``curvature``."""
+    wrapper = _wrapper(model, "cross_entropy")
     if curvature == "hessian":
         expected = cc.autograd_hessian(model, x, y, "cross_entropy")
-        operator: HessianOperator | GaussNewtonOperator = HessianOperator(
-            _wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False
-        )
-    else:
-        expected = reference_ggn(model, x, y, REFERENCE_LOSSES["cross_entropy"], cc.WD)
-        operator = GaussNewtonOperator(
-            _wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False
-        )
+        return HessianOperator(wrapper, IndexedData((x, y)), 8, dense=False), expected
+    expected = reference_ggn(model, x, y, REFERENCE_LOSSES["cross_entropy"], cc.WD)
+    return GaussNewtonOperator(wrapper, IndexedData((x, y)), 8, dense=False), expected
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_the_operators_products_reuse_their_kept_tangent_buffers(
+    curvature: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two smooth activations (their input tangents kept beside their outputs), four chunks
+    # (not merged here): from the second product on every chunk writes into the same buffers
+    monkeypatch.setattr(ch, "_merge_kept", lambda *args: None)
+    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    operator, expected = _operator(curvature, model, *cc.data("cross_entropy"))
 
     def addresses() -> dict[str, int]:
         assert operator._graphs is not None
@@ -273,8 +282,10 @@ def test_the_operators_products_reuse_their_kept_tangent_buffers(curvature: str)
         assert rel_err(operator.matmat(vectors), vectors @ expected) < 1e-13
         seen.append(addresses())
     assert seen[0] == {}  # nothing kept from the first product
-    assert seen[1] and seen[1] == seen[2] == seen[3] == seen[4]
-    assert seen[5] != seen[4] and seen[5] == seen[6]
+    assert seen[1]
+    assert seen[1] == seen[2] == seen[3] == seen[4]
+    assert seen[5] != seen[4]
+    assert seen[5] == seen[6]
     graphs = operator._graphs
     assert graphs is not None
     kept = sum(p.nbytes for p in graphs.primals.values())
@@ -293,3 +304,54 @@ def test_the_products_are_added_into_a_given_tensor() -> None:
     added = ch.chain_hvp(wrapper, batch, vectors, into=into)
     assert added is into
     assert rel_err(into, start + alone) < 1e-15
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_the_kept_chunks_are_merged_into_one_pass_over_all_the_data(
+    curvature: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # four chunks of 8 (the last shorter): once all four primal passes are kept (second
+    # product), the third merges them and every later product is one call over all examples;
+    # ignored labels, so that targets merged out of step with the outputs would show
+    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = cc.data("cross_entropy")
+    y[:5] = -100
+    operator, expected = _operator(curvature, model, x, y)
+    calls = []
+    summed = ch._summed
+    monkeypatch.setattr(ch, "_summed", lambda *a, **kw: calls.append(a[4].shape) or summed(*a))
+    vectors = _vectors(operator.size, 3)
+    for product in range(5):
+        calls.clear()
+        assert rel_err(operator.matmat(vectors), vectors @ expected) < 1e-13
+        graphs = operator._graphs
+        assert graphs is not None
+        if product < 2:
+            assert len(calls) == 4
+            assert sorted(graphs.primals) == ([0, 1, 2, 3] if product else [])
+        else:
+            assert len(calls) == 1
+            assert list(graphs.primals) == [ch.WHOLE]
+    whole = graphs.primals[ch.WHOLE]
+    assert whole.outputs.shape[0] == whole.targets.shape[0] == x.shape[0]
+    assert graphs.used_bytes == whole.nbytes + sum(b.nbytes for b in graphs.buffers.values())
+
+
+def test_chunks_whose_tangents_would_not_fit_the_work_memory_stay_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
+    # one vector's tangents over 8 examples fit, over all of them not
+    monkeypatch.setattr(
+        ch,
+        "WORK_BYTES",
+        ch._per_vector(
+            ch.chain_layers(op.wrapper, op.wrapper.objective.per_example_loss) or [], 8, 8
+        ),
+    )
+    vectors = _vectors(op.size, 2)
+    for _ in range(4):
+        assert rel_err(op.matmat(vectors), vectors @ expected) < 1e-13
+    assert op._graphs is not None
+    assert sorted(op._graphs.primals) == [0, 1, 2, 3]

@@ -118,7 +118,9 @@ def test_a_refusal_closes_the_budget_unless_told_not_to() -> None:
     graphs = GradientGraphs(budget_bytes=100)
     assert graphs.admit(60)
     assert not graphs.admit(50, close=False)  # a buffer that does not fit: room stays open
-    assert not graphs.full and graphs.used_bytes == 60
+    assert not graphs.full
+    assert graphs.used_bytes == 60
     assert graphs.admit(40)
     assert not graphs.admit(1)
-    assert graphs.full and graphs.used_bytes == 100
+    assert graphs.full
+    assert graphs.used_bytes == 100

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from infl.model import ModelWrapper
     from infl.second_order import GradientGraphs
 
-__all__ = ["chain_hvp"]
+__all__ = ["chain_hvp", "whole_data_products"]
 
 WORK_BYTES = 1 << 27
 """Most bytes of tangents one product of a chunk holds; more vectors are taken in groups."""
@@ -89,14 +89,113 @@ def chain_hvp(
             return None
         if graphs is not None and graphs.keeping and graphs.admit(primal.nbytes):
             graphs.primals[chunk] = primal
+    return _summed(layers, tensors, loss, primal, vectors, graphs, gauss_newton, into)
+
+
+def whole_data_products(
+    wrapper: ModelWrapper,
+    vectors: torch.Tensor,
+    graphs: GradientGraphs | None,
+    chunks: int,
+    *,
+    gauss_newton: bool = False,
+) -> torch.Tensor | None:
+    """The products of :func:`chain_hvp` summed over all ``chunks`` chunks of an operator's
+    data at once, or ``None`` (then the caller goes chunk by chunk).
+
+    Once ``graphs`` keeps the primal pass of every chunk, they are merged into one over all
+    the examples (key :data:`WHOLE`; the same bytes), provided one vector's tangents over
+    all of them fit :data:`WORK_BYTES`; each product is then one call over every example:
+    fewer, larger matrix products and no per-chunk overhead. Measured on the digits MLP
+    (1,438 examples in chunks of 256, one thread): 1.18-1.22x per product with one vector
+    (Lanczos, Arnoldi), none beyond the noise with ten. The sums are the same up to the
+    order of floating-point additions."""
+    if graphs is None or chunks < 2 or wrapper.requested_second_order != "auto":
+        return None
+    loss = wrapper.objective.per_example_loss
+    layers = chain_layers(wrapper, loss)
+    if layers is None:
+        return None
+    assert isinstance(loss, SupervisedLoss)  # rowwise_by_construction
+    primal = graphs.primals.get(WHOLE)
+    if primal is None:
+        primal = _merge_kept(graphs, chunks, layers, vectors.element_size())
+        if primal is None:
+            return None
+    tensors = {**wrapper.fixed, **wrapper.params}
+    return _summed(layers, tensors, loss, primal, vectors, graphs, gauss_newton, None)
+
+
+WHOLE = -1
+"""The key in :attr:`GradientGraphs.primals <infl.second_order.GradientGraphs.primals>` of
+the primal pass over all the data, merged from the chunks' (:func:`whole_data_products`)."""
+
+
+def _merge_kept(
+    graphs: GradientGraphs, chunks: int, layers: list[ChainLayer], element_size: int
+) -> ChainPrimal | None:
+    """The kept primal passes of chunks ``0 .. chunks - 1`` concatenated, and kept instead of
+    them; ``None`` (nothing changed) when one is missing or the whole is too large."""
+    if sorted(graphs.primals) != list(range(chunks)):
+        return None
+    parts = [graphs.primals[c] for c in range(chunks)]
+    examples = sum(part.outputs.shape[0] for part in parts)
+    if _per_vector(layers, examples, element_size) > WORK_BYTES:
+        return None
+    if not all(isinstance(part.targets, torch.Tensor) for part in parts):
+        return None
+
+    def merged(field: str) -> tuple[torch.Tensor | None, ...] | None:
+        columns = zip(*(getattr(part, field) for part in parts), strict=True)
+        out: list[torch.Tensor | None] = []
+        for column in columns:
+            present = [t is not None for t in column]
+            if any(present) and not all(present):
+                return None
+            out.append(torch.cat(column) if all(present) else None)
+        return tuple(out)
+
+    inputs, slopes, curves, grads = (merged(f) for f in ("inputs", "slopes", "curves", "grads"))
+    if inputs is None or slopes is None or curves is None or grads is None:
+        return None
+    assert all(g is not None for g in grads)  # every module's output gradient is kept
+    whole = ChainPrimal(
+        inputs,
+        slopes,
+        curves,
+        tuple(g for g in grads if g is not None),
+        torch.cat([part.outputs for part in parts]),
+        torch.cat([part.targets for part in parts]),
+    )
+    graphs.used_bytes += whole.nbytes - sum(part.nbytes for part in parts)
+    graphs.primals = {WHOLE: whole}
+    return whole
+
+
+def _per_vector(layers: list[ChainLayer], examples: int, element_size: int) -> int:
+    """Bytes of one vector's tangents over ``examples`` examples (an upper estimate)."""
+    widths = sum(int(getattr(layer.module, "out_features", 0)) for layer in layers)
+    return max(1, 3 * examples * widths * element_size)
+
+
+def _summed(
+    layers: list[ChainLayer],
+    tensors: dict[str, torch.Tensor],
+    loss: SupervisedLoss,
+    primal: ChainPrimal,
+    vectors: torch.Tensor,
+    graphs: GradientGraphs | None,
+    gauss_newton: bool,
+    into: torch.Tensor | None,
+) -> torch.Tensor:
+    """The products over ``primal``'s examples, added into ``into`` (or a new ``[k, p]``),
+    the vectors taken in groups whose tangents fit :data:`WORK_BYTES`."""
     owners = [i for i, layer in enumerate(layers) if layer.owns_parameters]
     out = torch.zeros_like(vectors) if into is None else into
     if not owners or vectors.shape[0] == 0:
         return out
     b = primal.outputs.shape[0]
-    widths = sum(int(getattr(layer.module, "out_features", 0)) for layer in layers)
-    per_vector = max(1, 3 * b * widths * vectors.element_size())
-    group = max(1, WORK_BYTES // per_vector)
+    group = max(1, WORK_BYTES // _per_vector(layers, b, vectors.element_size()))
     buffers = Buffers(graphs)
     with torch.no_grad():
         for start in range(0, vectors.shape[0], group):

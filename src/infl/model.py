@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from infl import gradient_products
-from infl.chain_hvp import chain_hvp
+from infl.chain_hvp import chain_hvp, whole_data_products
 from infl.data import Batch, IndexedData, batch_size, batch_to, tree_map_tensors
 from infl.errors import InflWarning, InputError, ModelStateError, NonFiniteError
 from infl.finite import all_finite, first_nonfinite_row
@@ -472,8 +472,9 @@ class ModelWrapper:
                 return hvp_double_backward(self, batch, vectors, graphs, chunk)
             return hvp_forward_over_reverse(self)(vectors, self.flat_params, batch)
 
+        whole = functools.partial(whole_data_products, self, vectors, graphs)
         return self._curvature_products(
-            data, vectors, chunk_size, one_chunk, "a Hessian-vector product", mean_over
+            data, vectors, chunk_size, one_chunk, "a Hessian-vector product", mean_over, whole
         )
 
     def _loss_sum(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -555,8 +556,10 @@ class ModelWrapper:
             )
             return self._ggn_chunk(batch, vectors, forward_mode=False)
 
+        whole = functools.partial(whole_data_products, self, vectors, graphs, gauss_newton=True)
+        what = "a Gauss-Newton-vector product"
         return self._curvature_products(
-            data, vectors, chunk_size, one_chunk, "a Gauss-Newton-vector product", mean_over
+            data, vectors, chunk_size, one_chunk, what, mean_over, whole
         )
 
     def ggn_matrix(
@@ -678,13 +681,16 @@ class ModelWrapper:
         one_chunk: Callable[..., torch.Tensor],
         what: str,
         mean_over: float | None = None,
+        whole: Callable[[int], torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Mean over the examples of ``one_chunk``'s summed products (the sum divided by
         ``mean_over`` when given), plus weight decay. ``one_chunk(batch, into=out)`` returns
-        the chunk's products, or ``out`` itself when it added them there in place."""
+        the chunk's products, or ``out`` itself when it added them there in place;
+        ``whole(number of chunks)`` the sum over all of them at once, when it can."""
         if isinstance(data, IndexedData):
-            out = torch.zeros_like(vectors)
-            for _, batch in data.chunks(chunk_size):
+            summed = whole(-(-len(data) // chunk_size)) if whole is not None else None
+            out = torch.zeros_like(vectors) if summed is None else summed
+            for _, batch in data.chunks(chunk_size) if summed is None else ():
                 adding = functools.partial(one_chunk, into=out)
                 part = second_order_call(self, adding, self.prepare(batch), what)
                 if part is not out:

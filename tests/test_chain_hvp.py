@@ -29,6 +29,11 @@ def _no_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model_module, "hvp_double_backward", refuse)
 
 
+def _chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the products chunk by chunk (not all the data at once)."""
+    monkeypatch.setattr(model_module, "whole_data_products", lambda *args, **kwargs: None)
+
+
 def _wrapper(model: nn.Module, loss: str, second_order: str = "auto") -> ModelWrapper:
     objective = Objective(cc.objective_loss(loss), weight_decay=cc.WD)
     return ModelWrapper(model, objective, second_order=second_order)  # type: ignore[arg-type]
@@ -104,6 +109,7 @@ def test_vectors_taken_in_groups_give_the_same_products(monkeypatch: pytest.Monk
 def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _chunk_by_chunk(monkeypatch)
     model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     passes = []
     primal_pass = ch.primal_pass
@@ -122,8 +128,7 @@ def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
     assert counts == [4, 8, 8, 8]  # four chunks: kept from the second product on
     graphs = op._graphs
     assert graphs is not None
-    assert list(graphs.primals) == [ch.WHOLE]  # merged at the third product
-    assert graphs.primals[ch.WHOLE].outputs.shape[0] == x.shape[0]
+    assert sorted(graphs.primals) == [0, 1, 2, 3]
     kept = sum(p.nbytes for p in graphs.primals.values())
     assert graphs.used_bytes == kept + sum(b.nbytes for b in graphs.buffers.values())
     assert kept > 0
@@ -244,7 +249,7 @@ def test_the_gauss_newton_operator_keeps_its_primal_passes() -> None:
     for _ in range(3):
         assert rel_err(op.matmat(vectors), vectors @ ggn) < 1e-13
     assert op._graphs is not None
-    assert list(op._graphs.primals) == [ch.WHOLE]
+    assert list(op._graphs.primals) == [ch.WHOLE]  # all the data at once
     assert all(c is None for p in op._graphs.primals.values() for c in p.curves)  # not needed
     autograd = _wrapper(model, "cross_entropy", "reverse-over-reverse")
     assert rel_err(autograd.ggn_vp(IndexedData((x, y)), vectors, 8), vectors @ ggn) < 1e-13
@@ -267,8 +272,8 @@ def test_the_operators_products_reuse_their_kept_tangent_buffers(
     curvature: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # two smooth activations (their input tangents kept beside their outputs), four chunks
-    # (not merged here): from the second product on every chunk writes into the same buffers
-    monkeypatch.setattr(ch, "_merge_kept", lambda *args: None)
+    # (taken chunk by chunk here): from the second product on all write into the same buffers
+    _chunk_by_chunk(monkeypatch)
     model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
     operator, expected = _operator(curvature, model, *cc.data("cross_entropy"))
 
@@ -307,12 +312,12 @@ def test_the_products_are_added_into_a_given_tensor() -> None:
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_the_kept_chunks_are_merged_into_one_pass_over_all_the_data(
+def test_an_operators_products_run_over_all_its_data_at_once(
     curvature: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # four chunks of 8 (the last shorter): once all four primal passes are kept (second
-    # product), the third merges them and every later product is one call over all examples;
-    # ignored labels, so that targets merged out of step with the outputs would show
+    # four chunks of 8 (the last shorter), all taken as one batch: one call per product, the
+    # primal pass over every example kept from the second product on, and the same sums
+    # bit for bit from the first product to the last (a saved fit reproduces its scores)
     model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     x, y = cc.data("cross_entropy")
     y[:5] = -100
@@ -321,17 +326,16 @@ def test_the_kept_chunks_are_merged_into_one_pass_over_all_the_data(
     summed = ch._summed
     monkeypatch.setattr(ch, "_summed", lambda *a, **kw: calls.append(a[4].shape) or summed(*a))
     vectors = _vectors(operator.size, 3)
-    for product in range(5):
+    products = []
+    for product in range(4):
         calls.clear()
-        assert rel_err(operator.matmat(vectors), vectors @ expected) < 1e-13
+        products.append(operator.matmat(vectors))
+        assert rel_err(products[-1], vectors @ expected) < 1e-13
+        assert len(calls) == 1
         graphs = operator._graphs
         assert graphs is not None
-        if product < 2:
-            assert len(calls) == 4
-            assert sorted(graphs.primals) == ([0, 1, 2, 3] if product else [])
-        else:
-            assert len(calls) == 1
-            assert list(graphs.primals) == [ch.WHOLE]
+        assert list(graphs.primals) == ([ch.WHOLE] if product else [])
+    assert all(torch.equal(p, products[0]) for p in products)
     whole = graphs.primals[ch.WHOLE]
     assert whole.outputs.shape[0] == whole.targets.shape[0] == x.shape[0]
     assert graphs.used_bytes == whole.nbytes + sum(b.nbytes for b in graphs.buffers.values())

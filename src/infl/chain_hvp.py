@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infl.data import Batch
+from infl.data import Batch, IndexedData
 from infl.losses import SupervisedLoss
 from infl.sequential_chain import ChainLayer, ChainPrimal, chain_layers, primal_pass
 
@@ -96,80 +96,41 @@ def whole_data_products(
     wrapper: ModelWrapper,
     vectors: torch.Tensor,
     graphs: GradientGraphs | None,
-    chunks: int,
+    data: IndexedData,
     *,
     gauss_newton: bool = False,
 ) -> torch.Tensor | None:
-    """The products of :func:`chain_hvp` summed over all ``chunks`` chunks of an operator's
-    data at once, or ``None`` (then the caller goes chunk by chunk).
+    """The products of :func:`chain_hvp` over all of ``data`` as one batch, whatever the
+    chunk size, or ``None`` (then the caller goes chunk by chunk): when the chain applies,
+    ``data`` is held in memory (not streamed), and one vector's tangents over all its
+    examples fit :data:`WORK_BYTES`.
 
-    Once ``graphs`` keeps the primal pass of every chunk, they are merged into one over all
-    the examples (key :data:`WHOLE`; the same bytes), provided one vector's tangents over
-    all of them fit :data:`WORK_BYTES`; each product is then one call over every example:
-    fewer, larger matrix products and no per-chunk overhead. Measured on the digits MLP
-    (1,438 examples in chunks of 256, one thread): 1.18-1.22x per product with one vector
-    (Lanczos, Arnoldi), none beyond the noise with ten. The sums are the same up to the
-    order of floating-point additions."""
-    if graphs is None or chunks < 2 or wrapper.requested_second_order != "auto":
+    Within that bound the tangents of one group of vectors are no larger than a chunk's
+    could be, and the primal pass (kept under key :data:`WHOLE` by the graphs' rule) is the
+    chunks' together; a product is then one call over every example: fewer, larger matrix
+    products and no per-chunk overhead. Every product of the operator takes the same route,
+    so its sums are the same from call to call, bit for bit. Measured on the digits MLP
+    (1,438 examples, chunks of 256 against all at once, one thread, alternating): 1.18-1.22x
+    per product with one vector (Lanczos, Arnoldi), none beyond the noise with ten."""
+    if data.streamed or len(data) == 0 or wrapper.requested_second_order != "auto":
         return None
     loss = wrapper.objective.per_example_loss
     layers = chain_layers(wrapper, loss)
     if layers is None:
         return None
-    assert isinstance(loss, SupervisedLoss)  # rowwise_by_construction
-    primal = graphs.primals.get(WHOLE)
-    if primal is None:
-        primal = _merge_kept(graphs, chunks, layers, vectors.element_size())
-        if primal is None:
-            return None
-    tensors = {**wrapper.fixed, **wrapper.params}
-    return _summed(layers, tensors, loss, primal, vectors, graphs, gauss_newton, None)
+    if _per_vector(layers, len(data), vectors.element_size()) > WORK_BYTES:
+        return None
+    if graphs is not None and WHOLE in graphs.primals:
+        batch: Batch = ()  # not read: the primal pass is kept
+    else:
+        _, batch = next(data.chunks(max(1, len(data))))
+        batch = wrapper.prepare(batch)
+    return chain_hvp(wrapper, batch, vectors, graphs, WHOLE, gauss_newton=gauss_newton)
 
 
 WHOLE = -1
 """The key in :attr:`GradientGraphs.primals <infl.second_order.GradientGraphs.primals>` of
-the primal pass over all the data, merged from the chunks' (:func:`whole_data_products`)."""
-
-
-def _merge_kept(
-    graphs: GradientGraphs, chunks: int, layers: list[ChainLayer], element_size: int
-) -> ChainPrimal | None:
-    """The kept primal passes of chunks ``0 .. chunks - 1`` concatenated, and kept instead of
-    them; ``None`` (nothing changed) when one is missing or the whole is too large."""
-    if sorted(graphs.primals) != list(range(chunks)):
-        return None
-    parts = [graphs.primals[c] for c in range(chunks)]
-    examples = sum(part.outputs.shape[0] for part in parts)
-    if _per_vector(layers, examples, element_size) > WORK_BYTES:
-        return None
-    if not all(isinstance(part.targets, torch.Tensor) for part in parts):
-        return None
-
-    def merged(field: str) -> tuple[torch.Tensor | None, ...] | None:
-        columns = zip(*(getattr(part, field) for part in parts), strict=True)
-        out: list[torch.Tensor | None] = []
-        for column in columns:
-            present = [t is not None for t in column]
-            if any(present) and not all(present):
-                return None
-            out.append(torch.cat(column) if all(present) else None)
-        return tuple(out)
-
-    inputs, slopes, curves, grads = (merged(f) for f in ("inputs", "slopes", "curves", "grads"))
-    if inputs is None or slopes is None or curves is None or grads is None:
-        return None
-    assert all(g is not None for g in grads)  # every module's output gradient is kept
-    whole = ChainPrimal(
-        inputs,
-        slopes,
-        curves,
-        tuple(g for g in grads if g is not None),
-        torch.cat([part.outputs for part in parts]),
-        torch.cat([part.targets for part in parts]),
-    )
-    graphs.used_bytes += whole.nbytes - sum(part.nbytes for part in parts)
-    graphs.primals = {WHOLE: whole}
-    return whole
+the primal pass over all the data at once (:func:`whole_data_products`)."""
 
 
 def _per_vector(layers: list[ChainLayer], examples: int, element_size: int) -> int:

@@ -681,14 +681,14 @@ class ModelWrapper:
         one_chunk: Callable[..., torch.Tensor],
         what: str,
         mean_over: float | None = None,
-        whole: Callable[[int], torch.Tensor | None] | None = None,
+        whole: Callable[[IndexedData], torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Mean over the examples of ``one_chunk``'s summed products (the sum divided by
         ``mean_over`` when given), plus weight decay. ``one_chunk(batch, into=out)`` returns
         the chunk's products, or ``out`` itself when it added them there in place;
-        ``whole(number of chunks)`` the sum over all of them at once, when it can."""
+        ``whole(data)`` the sum over all of them at once, when it can."""
         if isinstance(data, IndexedData):
-            summed = whole(-(-len(data) // chunk_size)) if whole is not None else None
+            summed = whole(data) if whole is not None else None
             out = torch.zeros_like(vectors) if summed is None else summed
             for _, batch in data.chunks(chunk_size) if summed is None else ():
                 adding = functools.partial(one_chunk, into=out)

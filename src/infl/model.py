@@ -50,12 +50,12 @@ from infl.second_order import (
     SecondOrder,
     _missing_forward_ad,
     _operation_named,
+    curvature_products,
     dense_ggn,
     functional_evaluation,
     ggn_chunk,
     hvp_double_backward,
     hvp_forward_over_reverse,
-    second_order_call,
 )
 from infl.sequential_chain import chain_factors
 
@@ -473,8 +473,8 @@ class ModelWrapper:
             return hvp_forward_over_reverse(self)(vectors, self.flat_params, batch)
 
         whole = functools.partial(whole_data_products, self, vectors, graphs)
-        return self._curvature_products(
-            data, vectors, chunk_size, one_chunk, "a Hessian-vector product", mean_over, whole
+        return curvature_products(
+            self, data, vectors, chunk_size, one_chunk, "a Hessian-vector product", mean_over, whole
         )
 
     def _loss_sum(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -558,8 +558,8 @@ class ModelWrapper:
 
         whole = functools.partial(whole_data_products, self, vectors, graphs, gauss_newton=True)
         what = "a Gauss-Newton-vector product"
-        return self._curvature_products(
-            data, vectors, chunk_size, one_chunk, what, mean_over, whole
+        return curvature_products(
+            self, data, vectors, chunk_size, one_chunk, what, mean_over, whole
         )
 
     def ggn_matrix(
@@ -672,40 +672,3 @@ class ModelWrapper:
                 f"{what} right-hand sides must have shape [k, p={self.num_params}], "
                 f"got {tuple(vectors.shape)}"
             )
-
-    def _curvature_products(
-        self,
-        data: IndexedData | Batch,
-        vectors: torch.Tensor,
-        chunk_size: int,
-        one_chunk: Callable[..., torch.Tensor],
-        what: str,
-        mean_over: float | None = None,
-        whole: Callable[[IndexedData], torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
-        """Mean over the examples of ``one_chunk``'s summed products (the sum divided by
-        ``mean_over`` when given), plus weight decay. ``one_chunk(batch, into=out)`` returns
-        the chunk's products, or ``out`` itself when it added them there in place;
-        ``whole(data)`` the sum over all of them at once, when it can."""
-        if isinstance(data, IndexedData):
-            summed = whole(data) if whole is not None else None
-            out = torch.zeros_like(vectors) if summed is None else summed
-            for _, batch in data.chunks(chunk_size) if summed is None else ():
-                adding = functools.partial(one_chunk, into=out)
-                part = second_order_call(self, adding, self.prepare(batch), what)
-                if part is not out:
-                    out += part
-            n = len(data)
-        else:
-            batch = self.prepare(data)
-            n = batch_size(batch)
-            out = second_order_call(self, one_chunk, batch, what)
-        out = out / (n if mean_over is None else mean_over)
-        if self.has_decay:
-            out = out + self.decay * vectors
-        if not all_finite(out):
-            raise NonFiniteError(
-                f"{what} is not finite; the loss or its curvature overflows "
-                "at the trained parameters (check for exploding logits or NaN inputs)"
-            )
-        return out

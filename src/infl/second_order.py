@@ -14,6 +14,7 @@ and the weight decay are added by :class:`~infl.model.ModelWrapper`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,8 +23,9 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from infl.data import Batch, IndexedData, tree_map_tensors
+from infl.data import Batch, IndexedData, batch_size, tree_map_tensors
 from infl.errors import InflWarning, ModelStateError, NonFiniteError
+from infl.finite import all_finite
 from infl.linear_ggn import MAX_JACOBIAN_OUTPUTS, linear_ggn
 from infl.losses import SupervisedLoss
 from infl.objective import output_hessian_loss
@@ -36,6 +38,7 @@ __all__ = [
     "GRAPH_BUDGET_BYTES",
     "GradientGraphs",
     "SecondOrder",
+    "curvature_products",
     "dense_ggn",
     "functional_evaluation",
     "ggn_chunk",
@@ -458,3 +461,42 @@ def second_order_call(
             # neither mode can differentiate the model twice: name the first failure
             raise _second_derivative_error(err, what) from retry_err
         raise _second_derivative_error(retry_err, what) from retry_err
+
+
+def curvature_products(
+    wrapper: ModelWrapper,
+    data: IndexedData | Batch,
+    vectors: torch.Tensor,
+    chunk_size: int,
+    one_chunk: Callable[..., torch.Tensor],
+    what: str,
+    mean_over: float | None = None,
+    whole: Callable[[IndexedData], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """What :meth:`~infl.model.ModelWrapper.hvp` and :meth:`~infl.model.ModelWrapper.ggn_vp`
+    return: the mean over the examples of ``one_chunk``'s summed products (the sum divided
+    by ``mean_over`` when given), plus ``wrapper``'s weight decay. ``one_chunk(batch,
+    into=out)`` returns the chunk's products, or ``out`` itself when it added them there in
+    place; ``whole(data)`` the sum over all of them at once, when it can."""
+    if isinstance(data, IndexedData):
+        summed = whole(data) if whole is not None else None
+        out = torch.zeros_like(vectors) if summed is None else summed
+        for _, batch in data.chunks(chunk_size) if summed is None else ():
+            adding = functools.partial(one_chunk, into=out)
+            part = second_order_call(wrapper, adding, wrapper.prepare(batch), what)
+            if part is not out:
+                out += part
+        n = len(data)
+    else:
+        batch = wrapper.prepare(data)
+        n = batch_size(batch)
+        out = second_order_call(wrapper, one_chunk, batch, what)
+    out = out / (n if mean_over is None else mean_over)
+    if wrapper.has_decay:
+        out = out + wrapper.decay * vectors
+    if not all_finite(out):
+        raise NonFiniteError(
+            f"{what} is not finite; the loss or its curvature overflows "
+            "at the trained parameters (check for exploding logits or NaN inputs)"
+        )
+    return out

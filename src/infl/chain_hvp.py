@@ -17,10 +17,12 @@ along :math:`v = (dW_k, dc_k)_k` (Pearlmutter's R-operator), written out:
 The primal pass (each linear layer's input, each activation's :math:`\\sigma'` and
 :math:`\\sigma''`, every :math:`e_k`: :func:`~infl.sequential_chain.primal_pass`) does not
 depend on :math:`v`; it is kept per chunk in the operator's
-:class:`~infl.second_order.GradientGraphs`, like the autograd graphs it replaces. A product
-of ``k`` vectors is then six matrix products per linear layer (two at the first trainable
-one) over the chunk's examples and all ``k`` vectors at once: the floating-point work of the
-double backward, without its graph walk, its per-node buffers or its one pass per vector.
+:class:`~infl.second_order.GradientGraphs`, like the autograd graphs it replaces, or once
+for all the examples when their tangents fit the work memory (:func:`whole_data_products`).
+A product of ``k`` vectors is then six matrix products per linear layer (two at the first
+trainable one) over the chunk's examples and all ``k`` vectors at once: the floating-point
+work of the double backward, without its graph walk, its per-node buffers or its one pass
+per vector.
 Measured (``benchmarks/bench_hvp_routes.py``, one thread, float32, against the kept
 double-backward graph): 1.10-1.16x per product on the 85k-parameter digits MLP with one
 vector, 1.19-1.21x with ten; 1.24-1.28x on a minibatch of 128 examples with ten vectors (no
@@ -180,12 +182,13 @@ class Buffers:
     :attr:`~infl.second_order.GradientGraphs.buffers` and reused by its later products.
 
     A fresh tensor of a few MiB is mapped memory the kernel zero-fills page by page on first
-    touch; a product of ten vectors on a 256-example chunk of the digits MLP writes about
-    10 MiB of tangents, and refilling them cost about a tenth of the product. Buffers are kept
-    by the graphs' rule and budget (:attr:`~infl.second_order.GradientGraphs.keeping`,
-    :meth:`~infl.second_order.GradientGraphs.admit`); without ``graphs``, or past the budget,
-    each product allocates its own. A buffer never leaves the product that fills it: the
-    products returned are written into a fresh tensor.
+    touch: a ten-vector product on the digits MLP took 12,063 page faults with fresh
+    tangents and 1,957 with kept ones, 1.08-1.16x faster. Buffers are kept from the
+    operator's second product on, each while it fits the graphs' budget
+    (:meth:`~infl.second_order.GradientGraphs.admit`, without closing it to primal passes);
+    without ``graphs``, or past the budget, a product allocates its own. A buffer never
+    leaves the product that fills it: the products are added into the caller's sum or a
+    fresh tensor.
     """
 
     def __init__(self, graphs: GradientGraphs | None) -> None:

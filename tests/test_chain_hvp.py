@@ -144,6 +144,36 @@ def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
     assert len(passes) == 4 + 4 + 3
 
 
+@pytest.mark.parametrize("announced", [1, 2, 5])
+def test_products_announced_by_a_solver_keep_the_state_from_the_first_product_on(
+    announced: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _chunk_by_chunk(monkeypatch)
+    model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    passes = []
+    primal_pass = ch.primal_pass
+    monkeypatch.setattr(
+        ch, "primal_pass", lambda *a, **kw: passes.append(1) or primal_pass(*a, **kw)
+    )
+    op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
+    assert not op.expect_products(announced)  # dense=False: products stay matrix-free
+    vectors = _vectors(op.size, 2)
+    counts, buffers = [], []
+    for _ in range(3):
+        assert rel_err(op.matmat(vectors), vectors @ expected) < 1e-13
+        counts.append(len(passes))
+        assert op._graphs is not None
+        buffers.append(dict(op._graphs.buffers))
+    if announced >= 2:  # more than one call coming: kept from the first
+        assert counts == [4, 4, 4]
+        assert buffers[0]
+        assert all(b is buffers[0][name] for name, b in buffers[2].items())
+    else:  # a single product announced: as without announcement, from the second on
+        assert counts == [4, 8, 8]
+        assert not buffers[0]
+        assert buffers[1]
+
+
 def _not_a_chain() -> dict[str, tuple[nn.Module, object, tuple[int, ...]]]:
     class Subclass(nn.Sequential):
         pass

@@ -69,7 +69,7 @@ def chain_hvp(
 
     With ``graphs``, the chunk's :class:`~infl.sequential_chain.ChainPrimal` (key ``chunk``)
     is taken from ``graphs.primals`` when kept, and kept there when computed while
-    :attr:`~infl.second_order.GradientGraphs.keeping` and within its budget; so are the
+    :attr:`~infl.second_order.GradientGraphs.keeping_sized` and within its budget; so are the
     tangents' buffers (:class:`Buffers`), shared by the chunks. With ``into`` (``[k, p]``)
     the products are added into it in place and it is returned.
 
@@ -89,7 +89,7 @@ def chain_hvp(
         primal = primal_pass(layers, tensors, loss, batch, curves=not gauss_newton)
         if primal is None:
             return None
-        if graphs is not None and graphs.keeping and graphs.admit(primal.nbytes):
+        if graphs is not None and graphs.keeping_sized and graphs.admit(primal.nbytes):
             graphs.primals[chunk] = primal
     return _summed(layers, tensors, loss, primal, vectors, graphs, gauss_newton, into)
 
@@ -184,7 +184,8 @@ class Buffers:
     A fresh tensor of a few MiB is mapped memory the kernel zero-fills page by page on first
     touch: a ten-vector product on the digits MLP took 12,063 page faults with fresh
     tangents and 1,957 with kept ones, 1.08-1.16x faster. Buffers are kept from the
-    operator's second product on, each while it fits the graphs' budget
+    operator's second product on (its first when a solver announced two or more calls,
+    :attr:`~infl.second_order.GradientGraphs.announced`), each while it fits the graphs' budget
     (:meth:`~infl.second_order.GradientGraphs.admit`, without closing it to primal passes);
     without ``graphs``, or past the budget, a product allocates its own. A buffer never
     leaves the product that fills it: the products are added into the caller's sum or a
@@ -206,7 +207,7 @@ class Buffers:
         if kept is not None and same and kept.numel() >= numel:
             return kept[:numel].view(shape)
         new = torch.empty(numel, dtype=like.dtype, device=like.device)
-        if graphs is not None and graphs.calls >= 2:
+        if graphs is not None and (graphs.calls >= 2 or graphs.announced >= 2):
             grown = new.nbytes - (kept.nbytes if kept is not None else 0)
             if graphs.admit(grown, close=False):  # a refusal leaves room for primal passes
                 graphs.buffers[name] = new
@@ -265,9 +266,14 @@ def _products(
         x = primal.inputs[i]
         assert x is not None  # kept for every linear layer
         e = None if gauss_newton else primal.grads[i]
-        _linear_rows(layer, tensors, x, e, et, tangents[i], vectors, out)
+        t_in = tangents[i]
+        _linear_rows(layer, tensors, x, e, et, t_in, vectors, out)
         if i > first:
-            et = _linear_back(layer, tensors, e, et, vectors, buffers.take(f"e{i}", _in(x, et), et))
+            # the rows read the input tangent for the last time: its memory takes the tangent
+            # of the gradient at the same input (half the tangents' memory, fewer page faults)
+            shape = _in(x, et)
+            back = t_in if t_in is not None else buffers.take(f"e{i}", shape, et)
+            et = _linear_back(layer, tensors, e, et, vectors, back)
 
 
 def _weight_block(layer: ChainLayer, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,7 @@ class DampedOperator(LinearOperator):
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
         before = self.base.num_dense_matvecs
-        out = self.base.matmat(vectors) + self.damping * vectors
+        out = torch.add(self.base.matmat(vectors), vectors, alpha=self.damping)  # one [k, p]
         self.num_dense_matvecs += self.base.num_dense_matvecs - before
         return out
 
@@ -349,7 +349,11 @@ class TrainingDataOperator(LinearOperator):
 
     def expect_products(self, count: int, calls: int | None = None) -> bool:
         """Assemble the matrix now if ``dense`` asks for it (see the class); returns whether
-        products are answered from it."""
+        products are answered from it. The kept per-chunk state learns how many calls are
+        coming (:attr:`GradientGraphs.announced <infl.second_order.GradientGraphs.announced>`)."""
+        graphs = self._kept_graphs()
+        if graphs is not None:
+            graphs.announced = max(graphs.announced, count if calls is None else calls)
         if self.dense is False:
             return False
         if self._dense is None and (self.dense is True or self.dense_pays(count, calls)):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from infl.errors import NonFiniteError
+from infl.finite import all_finite
 from infl.operators import LinearOperator
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def iterate_block(
     tol = deflation_rtol(b.dtype)
     x = torch.zeros_like(b)
     r = b.clone()
-    rr = (r * r).sum(dim=1)
+    rr = squared_norms(r)
     active = torch.sqrt(rr) > threshold
     norms = [torch.sqrt(rr)]
     iterations = 0
@@ -102,12 +103,11 @@ def iterate_block(
     if not idx.numel():
         return x, rr, iterations, norms
     sel = active_rows(idx, k)
-    z = fitted._precondition(r[sel])
-    fitted._check_rz((r[sel] * z).sum(dim=1), ids[idx], first)
+    z = _preconditioned(fitted, r[sel], ids[idx], first)
     p = orth(z / threshold[idx, None], tol, k)
     while p.shape[0] and iterations < max_iter:
         q = operator.matmat(p)
-        if not torch.isfinite(q).all():
+        if not all_finite(q):
             raise NonFiniteError(
                 f"{name}: the operator product is not finite at iteration {first + iterations + 1}"
             )
@@ -121,14 +121,17 @@ def iterate_block(
             raise NegativeCurvature(first + iterations + 1, int(ids[j]), float(evals[0]), direction)
         inverse = (evecs / evals) @ evecs.T  # G^-1
         alpha = inverse @ pr
-        x[sel] += alpha.T @ p
-        update = alpha.T @ q
-        r[sel] -= update
-        rr[idx] = (r[sel] * r[sel]).sum(dim=1)
+        add_product(x, sel, alpha.T, p)
+        if floor is not None:
+            update = alpha.T @ q
+            r[sel] -= update
+            floor.add(idx, torch.linalg.vector_norm(update, dim=1))
+        else:
+            add_product(r, sel, alpha.T, q, alpha=-1.0)
+        rr[idx] = squared_norms(r[sel])
         active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
         iterations += 1
         if floor is not None:
-            floor.add(idx, torch.linalg.vector_norm(update, dim=1))
             floor.review(x, rr, active)
         norms.append(torch.sqrt(rr))
         bar.update(1)
@@ -136,11 +139,46 @@ def iterate_block(
         if not idx.numel():
             break
         sel = active_rows(idx, k)
-        z = fitted._precondition(r[sel])
-        fitted._check_rz((r[sel] * z).sum(dim=1), ids[idx], first + iterations)
+        z = _preconditioned(fitted, r[sel], ids[idx], first + iterations)
         beta = -(inverse @ (q @ z.T))  # [s, a]
         # the block never grows (in exact arithmetic block Krylov increments shrink): a
         # direction dropped once must not come back, unconjugated to the earlier blocks
-        p = orth((z + beta.T @ p) / threshold[idx, None], tol, p.shape[0])
+        w = torch.addmm(z, beta.T, p)
+        p = orth(w.div_(threshold[idx, None]), tol, p.shape[0])
 
     return x, rr, iterations, norms
+
+
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """:math:`\|r_i\|^2` of each row of ``rows`` ``[a, p]``: ``[a]``, without the ``[a, p]``
+    squares (one ``a``-batched dot product)."""
+    return torch.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape(-1)
+
+
+def add_product(
+    target: torch.Tensor,
+    sel: torch.Tensor | slice,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+) -> None:
+    """``target[sel] += alpha * a @ b`` in place, without the ``[a, p]`` product apart while
+    ``sel`` is a slice (:func:`active_rows`)."""
+    if isinstance(sel, slice):
+        target[sel].addmm_(a, b, alpha=alpha)
+    else:
+        target.index_add_(0, sel, a @ b, alpha=alpha)
+
+
+def _preconditioned(
+    fitted: FittedCG, residuals: torch.Tensor, ids: torch.Tensor, iteration: int
+) -> torch.Tensor:
+    """:math:`Z = M^{-1} R` for the active ``residuals``, checked positive (``r^T z > 0``)
+    when there is a preconditioner; without one ``Z`` is ``residuals`` itself (not a copy: it
+    is only read)."""
+    if fitted.preconditioner is None:
+        return residuals
+    z = fitted._precondition(residuals)
+    fitted._check_rz(torch.linalg.vecdot(residuals, z), ids, iteration)
+    return z

@@ -101,7 +101,7 @@ def test_vectors_taken_in_groups_give_the_same_products(monkeypatch: pytest.Monk
     data = IndexedData(cc.data("cross_entropy"))
     vectors = _vectors(sum(q.numel() for q in model.parameters()), 5)
     whole = _wrapper(model, "cross_entropy").hvp(data, vectors, 30)
-    monkeypatch.setattr(ch, "WORK_BYTES", 1)  # one vector at a time
+    monkeypatch.setattr(ch, "GROUP_BYTES", 1)  # one vector at a time
     one_by_one = _wrapper(model, "cross_entropy").hvp(data, vectors, 30)
     assert rel_err(one_by_one, whole) < 1e-14
 

@@ -150,7 +150,7 @@ def iterate_block(
 
 
 def squared_norms(rows: torch.Tensor) -> torch.Tensor:
-    """:math:`\|r_i\|^2` of each row of ``rows`` ``[a, p]``: ``[a]``, without the ``[a, p]``
+    """:math:`\\|r_i\\|^2` of each row of ``rows`` ``[a, p]``: ``[a]``, without the ``[a, p]``
     squares (one ``a``-batched dot product)."""
     return torch.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).reshape(-1)
 

@@ -34,6 +34,16 @@ def _chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model_module, "whole_data_products", lambda *args, **kwargs: None)
 
 
+def _counted_primal_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one entry per primal pass the hand-run chain computes from now on."""
+    passes: list[int] = []
+    primal_pass = ch.primal_pass
+    monkeypatch.setattr(
+        ch, "primal_pass", lambda *a, **kw: passes.append(1) or primal_pass(*a, **kw)
+    )
+    return passes
+
+
 def _wrapper(model: nn.Module, loss: str, second_order: str = "auto") -> ModelWrapper:
     objective = Objective(cc.objective_loss(loss), weight_decay=cc.WD)
     return ModelWrapper(model, objective, second_order=second_order)  # type: ignore[arg-type]
@@ -111,11 +121,7 @@ def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(
 ) -> None:
     _chunk_by_chunk(monkeypatch)
     model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    passes = []
-    primal_pass = ch.primal_pass
-    monkeypatch.setattr(
-        ch, "primal_pass", lambda *a, **kw: passes.append(1) or primal_pass(*a, **kw)
-    )
+    passes = _counted_primal_passes(monkeypatch)
     op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
     vectors = _vectors(op.size, 2)
     counts = []
@@ -150,11 +156,7 @@ def test_products_announced_by_a_solver_keep_the_state_from_the_first_product_on
 ) -> None:
     _chunk_by_chunk(monkeypatch)
     model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    passes = []
-    primal_pass = ch.primal_pass
-    monkeypatch.setattr(
-        ch, "primal_pass", lambda *a, **kw: passes.append(1) or primal_pass(*a, **kw)
-    )
+    passes = _counted_primal_passes(monkeypatch)
     op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
     assert not op.expect_products(announced)  # dense=False: products stay matrix-free
     vectors = _vectors(op.size, 2)

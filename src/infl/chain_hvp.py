@@ -191,9 +191,9 @@ class Buffers:
 
     A fresh tensor of a few MiB is mapped memory the kernel zero-fills page by page on first
     touch: a ten-vector product on the digits MLP took 12,063 page faults with fresh
-    tangents and 1,957 with kept ones, 1.08-1.16x faster. Buffers are kept from the
-    operator's second product on (its first when a solver announced two or more calls,
-    :attr:`~infl.second_order.GradientGraphs.announced`), each while it fits the graphs' budget
+    tangents and 1,957 with kept ones, 1.08-1.16x faster. Buffers are kept once products
+    repeat (:attr:`~infl.second_order.GradientGraphs.repeated`: from the second product on,
+    or the first when a solver announced two or more calls), each while it fits the graphs' budget
     (:meth:`~infl.second_order.GradientGraphs.admit`, without closing it to primal passes);
     without ``graphs``, or past the budget, a product allocates its own. A buffer never
     leaves the product that fills it: the products are added into the caller's sum or a
@@ -215,7 +215,7 @@ class Buffers:
         if kept is not None and same and kept.numel() >= numel:
             return kept[:numel].view(shape)
         new = torch.empty(numel, dtype=like.dtype, device=like.device)
-        if graphs is not None and (graphs.calls >= 2 or graphs.announced >= 2):
+        if graphs is not None and graphs.repeated:
             grown = new.nbytes - (kept.nbytes if kept is not None else 0)
             if graphs.admit(grown, close=False):  # a refusal leaves room for primal passes
                 graphs.buffers[name] = new

@@ -170,13 +170,19 @@ class GradientGraphs:
         return self.calls >= 2 and not self.full
 
     @property
+    def repeated(self) -> bool:
+        """Whether products repeat: from the second call on, or from the first when two or more
+        calls were :attr:`announced`."""
+        return self.calls >= 2 or self.announced >= 2
+
+    @property
     def keeping_sized(self) -> bool:
         """Whether state whose size is known before it is built (the hand-run chain's primal
-        passes and tangent buffers) is kept now: as :attr:`keeping`, or from the first product
-        on when two or more calls were :attr:`announced`. Measured on the digits MLP (block CG,
-        three ten-vector products): the second product then reuses the first's buffers
-        (14,380 page faults fewer) and its primal pass."""
-        return (self.calls >= 2 or self.announced >= 2) and not self.full
+        passes) is kept now: while :attr:`repeated` and the budget is not full. Measured on the
+        digits MLP (block CG, three ten-vector products): keeping it, and the tangent buffers,
+        from the first product spares the second product its primal pass and 14,380 page
+        faults."""
+        return self.repeated and not self.full
 
     def admit(self, nbytes: int, *, close: bool = True) -> bool:
         """Count ``nbytes`` more as kept and say so when they fit the budget; else say no, and

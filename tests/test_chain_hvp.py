@@ -379,13 +379,9 @@ def test_chunks_whose_tangents_would_not_fit_the_work_memory_stay_apart(
     model, x, y, expected = _cross_entropy_case(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     op = HessianOperator(_wrapper(model, "cross_entropy"), IndexedData((x, y)), 8, dense=False)
     # one vector's tangents over 8 examples fit, over all of them not
-    monkeypatch.setattr(
-        ch,
-        "WORK_BYTES",
-        ch._per_vector(
-            ch.chain_layers(op.wrapper, op.wrapper.objective.per_example_loss) or [], 8, 8
-        ),
-    )
+    layers = ch.chain_layers(op.wrapper, op.wrapper.objective.per_example_loss)
+    assert layers is not None
+    monkeypatch.setattr(ch, "WORK_BYTES", ch._per_vector(ch._widths(layers, None), 8, 8))
     vectors = _vectors(op.size, 2)
     for _ in range(4):
         assert rel_err(op.matmat(vectors), vectors @ expected) < 1e-13

@@ -35,10 +35,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from infl.data import Batch, IndexedData
 from infl.losses import SupervisedLoss
 from infl.sequential_chain import ChainLayer, ChainPrimal, chain_layers, primal_pass
+from infl.spatial_layers import (
+    conv_back,
+    conv_rows,
+    conv_tangent,
+    pool_input_gradient,
+    pool_tangent,
+)
 
 if TYPE_CHECKING:
     from infl.model import ModelWrapper
@@ -87,7 +95,7 @@ def chain_hvp(
     if wrapper.requested_second_order != "auto":  # a mode asked for is kept
         return None
     loss = wrapper.objective.per_example_loss
-    layers = chain_layers(wrapper, loss)
+    layers = chain_layers(wrapper, loss, spatial=True)
     if layers is None:
         return None
     assert isinstance(loss, SupervisedLoss)  # rowwise_by_construction
@@ -125,12 +133,15 @@ def whole_data_products(
     if data.streamed or len(data) == 0 or wrapper.requested_second_order != "auto":
         return None
     loss = wrapper.objective.per_example_loss
-    layers = chain_layers(wrapper, loss)
+    layers = chain_layers(wrapper, loss, spatial=True)
     if layers is None:
         return None
-    if _per_vector(layers, len(data), vectors.element_size()) > WORK_BYTES:
+    assert isinstance(loss, SupervisedLoss)  # rowwise_by_construction
+    kept = graphs.primals.get(WHOLE) if graphs is not None else None
+    widths = _widths(layers, kept) if kept is not None else _data_widths(wrapper, layers, data)
+    if widths is None or _per_vector(widths, len(data), vectors.element_size()) > WORK_BYTES:
         return None
-    if graphs is not None and WHOLE in graphs.primals:
+    if kept is not None:
         batch: Batch = ()  # not read: the primal pass is kept
     else:
         _, batch = next(data.chunks(max(1, len(data))))
@@ -143,10 +154,37 @@ WHOLE = -1
 the primal pass over all the data at once (:func:`whole_data_products`)."""
 
 
-def _per_vector(layers: list[ChainLayer], examples: int, element_size: int) -> int:
-    """Bytes of one vector's tangents over ``examples`` examples (an upper estimate)."""
-    widths = sum(int(getattr(layer.module, "out_features", 0)) for layer in layers)
+def _per_vector(widths: int, examples: int, element_size: int) -> int:
+    """Bytes of one vector's tangents over ``examples`` examples (an upper estimate), from the
+    numbers per example the weighted layers output (:func:`_widths`)."""
     return max(1, 3 * examples * widths * element_size)
+
+
+def _widths(layers: list[ChainLayer], primal: ChainPrimal | None) -> int:
+    """The numbers per example the linear layers and convolutions output: a linear layer's
+    ``out_features``, a convolution's channels times positions (read from ``primal``, which
+    a chain with convolutions needs)."""
+    total = 0
+    for i, layer in enumerate(layers):
+        if isinstance(layer.module, nn.Linear):
+            total += layer.module.out_features
+        elif layer.weighted:
+            assert primal is not None  # the positions depend on the input's size
+            total += primal.grads[i][0].numel()
+    return total
+
+
+def _data_widths(wrapper: ModelWrapper, layers: list[ChainLayer], data: IndexedData) -> int | None:
+    """:func:`_widths` of ``data``'s examples: for a chain with convolutions, by a primal pass
+    of its first example (``None`` where the chain does not apply to it)."""
+    if not any(layer.kind == "conv" for layer in layers):
+        return _widths(layers, None)
+    loss = wrapper.objective.per_example_loss
+    assert isinstance(loss, SupervisedLoss)  # rowwise_by_construction
+    _, batch = next(data.chunks(1))
+    tensors = {**wrapper.fixed, **wrapper.params}
+    primal = primal_pass(layers, tensors, loss, wrapper.prepare(batch), curves=False)
+    return None if primal is None else _widths(layers, primal)
 
 
 def _summed(
@@ -166,7 +204,7 @@ def _summed(
     if not owners or vectors.shape[0] == 0:
         return out
     b = primal.outputs.shape[0]
-    group = max(1, GROUP_BYTES // _per_vector(layers, b, vectors.element_size()))
+    group = max(1, GROUP_BYTES // _per_vector(_widths(layers, primal), b, vectors.element_size()))
     buffers = Buffers(graphs)
     with torch.no_grad():
         for start in range(0, vectors.shape[0], group):
@@ -236,9 +274,10 @@ def _products(
     """Add the chunk's summed HVPs of ``vectors`` ``[k, p]`` to ``out`` (a view ``[k, p]``);
     with ``gauss_newton`` the Gauss-Newton products (no term with :math:`e_k`).
 
-    Tangents are ``[k, b, d]``: a product with a layer's weight is one matrix product over
+    Tangents are ``[k, b, ...]``: a product with a layer's weight is one matrix product over
     ``k * b`` rows, one with a vector's own block of the weight a batched product over the
-    ``k`` blocks read in place, and each vector's rows are written into ``out`` in place."""
+    ``k`` blocks read in place, and each vector's rows are written into ``out`` in place.
+    Convolutions and poolings run as in :mod:`infl.spatial_layers`."""
     k = vectors.shape[0]
     b = primal.outputs.shape[0]
     tangents: list[torch.Tensor | None] = []  # module i's input tangent
@@ -246,13 +285,29 @@ def _products(
     for i, layer in enumerate(layers):
         tangents.append(tangent)
         slope = primal.slopes[i]
-        if slope is None:
+        kind = layer.kind
+        if kind == "linear":
             x = primal.inputs[i]
             tangent = _linear_tangent(layer, tensors, x, tangent, vectors, buffers.take, i)
-        elif primal.curves[i] is not None and tangent is not None:  # the input tangent is kept
-            tangent = torch.mul(tangent, slope, out=buffers.take(f"a{i}", tangent.shape, tangent))
-        elif tangent is not None:
-            tangent = tangent.mul_(slope)
+        elif kind == "conv":
+            tangent = _conv_tangent(layer, tensors, primal, i, tangent, vectors, buffers)
+        elif tangent is None:
+            continue
+        elif kind == "pool":
+            index = primal.inputs[i]
+            assert index is not None  # kept for every pooling
+            size = primal.grads[i].shape[2:]
+            into = buffers.take(f"t{i}", (k, *index.shape), tangent)
+            tangent = pool_tangent(index, tangent, size, into)
+        elif kind == "flatten":
+            tangent = tangent.reshape(k, b, -1)
+        else:
+            assert slope is not None  # kept for every activation
+            if primal.curves[i] is not None:  # the input tangent is kept
+                into = buffers.take(f"a{i}", tangent.shape, tangent)
+                tangent = torch.mul(tangent, slope, out=into)
+            else:
+                tangent = tangent.mul_(slope)
     assert tangent is not None  # a layer owns parameters
     outputs, targets = primal.outputs, primal.targets
     if k > 1:
@@ -263,25 +318,108 @@ def _products(
     et = et.view(k, b, width)
     for i in range(len(layers) - 1, first - 1, -1):
         layer = layers[i]
-        slope = primal.slopes[i]
-        if slope is not None:  # an activation between two trainable layers
+        kind = layer.kind
+        shape = primal.shapes[i]
+        if kind == "flatten":
+            et = et.reshape(k, *shape)
+        elif kind == "pool":
+            index = primal.inputs[i]
+            assert index is not None  # kept for every pooling
+            into = buffers.take(f"p{i}", (k, *shape[:2], shape[2] * shape[3]), et)
+            et = pool_input_gradient(index, et, shape[2:], into)
+        elif kind == "activation":  # between two trainable layers
+            slope = primal.slopes[i]
+            assert slope is not None  # kept for every activation
             et = et.mul_(slope)
             curve = primal.curves[i]
             t_in = tangents[i]
             if curve is not None and t_in is not None and not gauss_newton:
                 et.add_(t_in * (curve * primal.grads[i]))
-            continue
-        x = primal.inputs[i]
-        assert x is not None  # kept for every linear layer
-        e = None if gauss_newton else primal.grads[i]
-        t_in = tangents[i]
-        _linear_rows(layer, tensors, x, e, et, t_in, vectors, out)
-        if i > first:
-            # the rows read the input tangent for the last time: its memory takes the tangent
-            # of the gradient at the same input (half the tangents' memory, fewer page faults)
-            shape = _in(x, et)
-            back = t_in if t_in is not None else buffers.take(f"e{i}", shape, et)
-            et = _linear_back(layer, tensors, e, et, vectors, back)
+        elif kind == "conv":
+            t_in = None if gauss_newton else tangents[i]
+            held = buffers if i > first else None
+            et = _conv_rows_and_back(layer, tensors, primal, i, et, t_in, vectors, out, held)
+        else:
+            x = primal.inputs[i]
+            assert x is not None  # kept for every linear layer
+            e = None if gauss_newton else primal.grads[i]
+            t_in = tangents[i]
+            _linear_rows(layer, tensors, x, e, et, t_in, vectors, out)
+            if i > first:
+                # the rows read the input tangent for the last time: its memory takes the
+                # tangent of the gradient at the same input (half the tangents' memory, fewer
+                # page faults)
+                in_shape = _in(x, et)
+                back = t_in if t_in is not None else buffers.take(f"e{i}", in_shape, et)
+                et = _linear_back(layer, tensors, e, et, vectors, back)
+
+
+def _conv_tangent(
+    layer: ChainLayer,
+    tensors: dict[str, torch.Tensor],
+    primal: ChainPrimal,
+    i: int,
+    t_in: torch.Tensor | None,
+    vectors: torch.Tensor,
+    buffers: Buffers,
+) -> torch.Tensor | None:
+    """A convolution's output tangent ``[k, b, O, H', W']``, ``None`` when zero
+    (:func:`~infl.spatial_layers.conv_tangent`)."""
+    if t_in is None and not layer.owns_parameters:
+        return None
+    conv = primal.convs[i]
+    assert conv is not None  # kept for every convolution
+    k = vectors.shape[0]
+    out_shape = primal.grads[i].shape
+    o = out_shape[1]
+    into = buffers.take(f"t{i}", (k, out_shape[0], o, out_shape[2] * out_shape[3]), vectors)
+    d_weight = _conv_block(layer, tensors, vectors)
+    d_bias = None if layer.bias is None else vectors[:, layer.bias : layer.bias + o]
+    return conv_tangent(conv, t_in, d_weight, d_bias, into).view(k, *out_shape)
+
+
+def _conv_block(
+    layer: ChainLayer, tensors: dict[str, torch.Tensor], flat: torch.Tensor
+) -> torch.Tensor | None:
+    """Each row's block of a convolution's weight, ``[k, O, C, k_h k_w]`` (a view of ``flat``
+    ``[k, p]``), or ``None`` when the weight is not trainable."""
+    if layer.weight is None:
+        return None
+    weight = tensors[layer.names()[0]]
+    return _weight_block(layer, weight, flat).view(flat.shape[0], *weight.shape[:2], -1)
+
+
+def _conv_rows_and_back(
+    layer: ChainLayer,
+    tensors: dict[str, torch.Tensor],
+    primal: ChainPrimal,
+    i: int,
+    et: torch.Tensor,
+    t_in: torch.Tensor | None,
+    vectors: torch.Tensor,
+    out: torch.Tensor,
+    buffers: Buffers | None,
+) -> torch.Tensor:
+    """Add a convolution's rows of the products to ``out``
+    (:func:`~infl.spatial_layers.conv_rows`) and, with ``buffers``, return the tangent of
+    the gradient at its input (:func:`~infl.spatial_layers.conv_back`; else ``et``).
+    ``t_in`` is ``None`` for the Gauss-Newton products."""
+    conv = primal.convs[i]
+    assert conv is not None  # kept for every convolution
+    k, b, o = et.shape[:3]
+    et = et.reshape(k, b, o, -1)
+    rows = _conv_block(layer, tensors, out)
+    bias_rows = None if layer.bias is None else out[:, layer.bias : layer.bias + o]
+    conv_rows(conv, et, t_in, rows, bias_rows)
+    if buffers is None:
+        return et
+    # the rows have read the input tangent for the last time: its memory takes the result
+    if t_in is not None and t_in.is_contiguous():
+        into = t_in
+    else:
+        into = buffers.take(f"e{i}", (k, *primal.shapes[i]), et)
+    d_weight = None if t_in is None else _conv_block(layer, tensors, vectors)
+    return conv_back(conv, et, d_weight, into)
 
 
 def _weight_block(layer: ChainLayer, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

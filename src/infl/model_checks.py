@@ -464,17 +464,25 @@ _ROWWISE_MODULES = (
 """Module types (exactly these, not subclasses) that map each row of a ``[b, d]`` input to the
 same row of their output, and depend on no other row."""
 
+_SPATIAL_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.Flatten)
+"""Module types (exactly these) that map each example of a ``[b, ...]`` input to the same
+example of their output but not row by row: :func:`rowwise_by_construction` admits them only
+when asked (``spatial=True``)."""
+
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def rowwise_by_construction(wrapper: ModelWrapper, fn: Any) -> bool:
+def rowwise_by_construction(wrapper: ModelWrapper, fn: Any, *, spatial: bool = False) -> bool:
     """Whether ``fn``'s value for each example depends, by the model's structure alone, on that
     example and on the parameters only through the layers' outputs: ``fn`` is the objective's
     built-in supervised loss (``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``), and the
     model an ``nn.Sequential`` (nested ones allowed) of modules of exactly the types in
     :data:`_ROWWISE_MODULES` (``nn.Linear`` and element-wise activations), with no hook on any
     of them and no global module hook. That is what :func:`shortcut_agrees` checks
-    numerically, so for such a model the check is not run."""
+    numerically, so for such a model the check is not run. With ``spatial``, the modules of
+    :data:`_SPATIAL_MODULES` (``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Flatten``) are admitted
+    too: each example's value still depends on that example alone, but a layer's
+    per-example gradient is no longer one outer product."""
     from infl.losses import SupervisedLoss  # see check_first_examples
 
     if fn is not wrapper.objective.per_example_loss:
@@ -484,7 +492,8 @@ def rowwise_by_construction(wrapper: ModelWrapper, fn: Any) -> bool:
     if type(wrapper.model) is not nn.Sequential:
         return False
     modules = list(wrapper.model.modules())
-    if any(type(m) is not nn.Sequential and type(m) not in _ROWWISE_MODULES for m in modules):
+    admitted = _ROWWISE_MODULES + _SPATIAL_MODULES if spatial else _ROWWISE_MODULES
+    if any(type(m) is not nn.Sequential and type(m) not in admitted for m in modules):
         return False
     hooks = [getattr(m, table, None) for m in modules for table in _HOOK_TABLES]
     hooks += [getattr(torch.nn.modules.module, f"_global{t}", None) for t in _HOOK_TABLES]

@@ -31,6 +31,15 @@ from infl.data import Batch
 from infl.linear_grads import Factors
 from infl.losses import IGNORE_INDEX, SupervisedLoss
 from infl.model_checks import rowwise_by_construction
+from infl.spatial_layers import (
+    ConvPrimal,
+    conv_forward,
+    conv_input_gradient,
+    pool_forward,
+    pool_input_gradient,
+    spatial_layer_supported,
+    with_gradient,
+)
 
 if TYPE_CHECKING:
     from infl.model import ModelWrapper
@@ -49,10 +58,19 @@ PIECEWISE_LINEAR = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh)
 """Activations whose second derivative is zero wherever it exists."""
 
 
+_KINDS: dict[type, str] = {
+    nn.Linear: "linear",
+    nn.Conv2d: "conv",
+    nn.MaxPool2d: "pool",
+    nn.Flatten: "flatten",
+}
+
+
 @dataclass(frozen=True)
 class ChainLayer:
-    """One module of the chain: a linear layer (``weight``/``bias`` are the flat-space
-    offsets of its trainable tensors, ``None`` when frozen or absent) or an activation."""
+    """One module of the chain: a linear layer or a convolution (``weight``/``bias`` are the
+    flat-space offsets of its trainable tensors, ``None`` when frozen or absent), a max-pooling,
+    a flatten, or an activation."""
 
     prefix: str
     module: nn.Module
@@ -60,8 +78,18 @@ class ChainLayer:
     bias: int | None = None
 
     @property
+    def kind(self) -> str:
+        """``"linear"``, ``"conv"``, ``"pool"``, ``"flatten"`` or ``"activation"``."""
+        return _KINDS.get(type(self.module), "activation")
+
+    @property
     def linear(self) -> bool:
         return type(self.module) is nn.Linear
+
+    @property
+    def weighted(self) -> bool:
+        """A linear layer or a convolution: the modules that may own parameters."""
+        return type(self.module) in (nn.Linear, nn.Conv2d)
 
     @property
     def owns_parameters(self) -> bool:
@@ -70,7 +98,7 @@ class ChainLayer:
     @property
     def smooth(self) -> bool:
         """An activation with a second derivative that is not zero everywhere."""
-        return not self.linear and type(self.module) not in PIECEWISE_LINEAR
+        return self.kind == "activation" and type(self.module) not in PIECEWISE_LINEAR
 
     def names(self) -> tuple[str, str]:
         """The names of the layer's weight and bias in the model."""
@@ -80,12 +108,14 @@ class ChainLayer:
 
 @dataclass(frozen=True)
 class ChainPrimal:
-    """One pass of the chain over a batch (:func:`primal_pass`), per module: a linear
-    layer's input ``[b, in]``, an activation's first and second derivatives ``[b, d]`` (the
-    second ``None`` when zero or not asked for), and the gradient of the per-example losses
-    at the module's output ``[b, d]``; and the batch's outputs ``[b, K]`` and targets. What
-    the chain's per-example gradients (:func:`chain_factors`) and its Hessian-vector
-    products (:mod:`infl.chain_hvp`, which keeps one per chunk) are made of."""
+    """One pass of the chain over a batch (:func:`primal_pass`), per module: what it read
+    (a linear layer's input ``[b, in]``, a convolution's patches ``[b L, I]``, a max-pooling's
+    argmax indices ``[b, C, L]``: :mod:`infl.spatial_layers`), an activation's first and
+    second derivatives (the second ``None`` when zero or not asked for), the gradient of the
+    per-example losses at the module's output (its shape), and the shape of its input; and the
+    batch's outputs ``[b, K]`` and targets. What the chain's per-example gradients
+    (:func:`chain_factors`) and its Hessian-vector products (:mod:`infl.chain_hvp`, which
+    keeps one per chunk) are made of."""
 
     inputs: tuple[torch.Tensor | None, ...]
     slopes: tuple[torch.Tensor | None, ...]
@@ -93,6 +123,8 @@ class ChainPrimal:
     grads: tuple[torch.Tensor, ...]
     outputs: torch.Tensor
     targets: Any
+    shapes: tuple[torch.Size, ...] = ()
+    convs: tuple[ConvPrimal | None, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -100,29 +132,36 @@ class ChainPrimal:
         held = [*self.inputs, *self.slopes, *self.curves, *self.grads, self.outputs]
         if isinstance(self.targets, torch.Tensor):
             held.append(self.targets)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
+        convs = sum(conv.nbytes for conv in self.convs if conv is not None)
+        return convs + sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
-def chain_layers(wrapper: ModelWrapper, fn: Any) -> list[ChainLayer] | None:
+def chain_layers(
+    wrapper: ModelWrapper, fn: Any, *, spatial: bool = False
+) -> list[ChainLayer] | None:
     """The modules of ``wrapper.model`` in the order they run, when ``fn`` on the model is the
     chain of the module docstring and every trainable parameter is a weight or bias of one of
-    its linear layers; else ``None``.
+    its linear layers; else ``None``. With ``spatial``, the chain may also hold convolutions,
+    max-poolings and flattens (:func:`~infl.spatial_layers.spatial_layer_supported`), whose
+    parameters count as the linear layers' do: what :mod:`infl.chain_hvp` runs, but not
+    :func:`chain_factors` (a convolution's per-example gradient is not one outer product).
 
     The structure is checked on every call (a hook may have been added since the last); the
     layers are built once per wrapper and the modules it runs, in order and by name."""
-    if not rowwise_by_construction(wrapper, fn):
+    if not rowwise_by_construction(wrapper, fn, spatial=spatial):
         return None
     order = _in_order(wrapper.model, "", {})
     key = tuple((name, id(module)) for name, module in order)
-    cached = _BUILT.get(wrapper)
+    built = _BUILT.setdefault(wrapper, {})
+    cached = built.get(spatial)
     if cached is None or cached[0] != key:  # the cached layers hold the modules: ids stay
         cached = key, _layers(wrapper, order)
-        _BUILT[wrapper] = cached
+        built[spatial] = cached
     return None if cached[1] is None else list(cached[1])
 
 
-_BUILT: weakref.WeakKeyDictionary[Any, tuple[tuple[tuple[str, int], ...], list[ChainLayer] | None]]
-_BUILT = weakref.WeakKeyDictionary()
+_Built = tuple[tuple[tuple[str, int], ...], list[ChainLayer] | None]
+_BUILT: weakref.WeakKeyDictionary[Any, dict[bool, _Built]] = weakref.WeakKeyDictionary()
 
 
 def _layers(wrapper: ModelWrapper, order: list[tuple[str, nn.Module]]) -> list[ChainLayer] | None:
@@ -135,12 +174,14 @@ def _layers(wrapper: ModelWrapper, order: list[tuple[str, nn.Module]]) -> list[C
     claimed: set[str] = set()
     for prefix, module in order:
         layer = ChainLayer(prefix, module)
-        if layer.linear:
+        if layer.kind in ("conv", "pool", "flatten") and not spatial_layer_supported(module):
+            return None
+        if layer.weighted:
             weight, bias = layer.names()
             layer = ChainLayer(prefix, module, offsets.get(weight), offsets.get(bias))
             claimed.update(name for name in (weight, bias) if name in offsets)
         layers.append(layer)
-    if claimed != set(offsets):  # a trainable tensor outside the linear layers
+    if claimed != set(offsets):  # a trainable tensor outside the weighted layers
         return None
     return layers
 
@@ -232,40 +273,104 @@ def primal_pass(
     curves: bool,
 ) -> ChainPrimal | None:
     """One forward and one backward pass of the chain over a prepared batch, no autograd
-    graph: every module's input (kept for the linear layers), each activation's
-    :math:`\\sigma'` (and :math:`\\sigma''` of the smooth ones, with ``curves``), and the
-    gradient of the per-example losses at every module's output; ``None`` where the inputs
-    are not ``[b, in]`` or the outputs not ``[b, K]``."""
+    graph: what every module reads (a linear layer's input, a max-pooling's argmax, a
+    convolution's :class:`~infl.spatial_layers.ConvPrimal`), each activation's
+    :math:`\\sigma'`, the gradient of the per-example losses at every module's output, and
+    every module's input shape. With ``curves``, the terms of the Hessian in the gradient
+    too: the smooth activations' :math:`\\sigma''` and the convolutions' gradient patches.
+    ``None`` where a linear layer's input is not ``[b, in]``, a convolution's or pooling's
+    not ``[b, C, H, W]``, the outputs not ``[b, K]``, or a convolution after a trainable
+    layer has a dense matrix larger than :data:`~infl.spatial_layers.DENSE_ENTRIES`."""
     inputs_, targets = loss.split(batch)
-    if not isinstance(inputs_, torch.Tensor) or inputs_.dim() != 2:
+    if not isinstance(inputs_, torch.Tensor) or inputs_.dim() < 2:
         return None
+    first = next((i for i, layer in enumerate(layers) if layer.owns_parameters), len(layers))
     inputs: list[torch.Tensor | None] = []
     slopes: list[torch.Tensor | None] = []
     second: list[torch.Tensor | None] = []
+    shapes: list[torch.Size] = []
+    convs: list[ConvPrimal | None] = []
     t = inputs_
     with torch.no_grad():
-        for layer in layers:
-            if layer.linear:
+        for i, layer in enumerate(layers):
+            shapes.append(t.shape)
+            kind = layer.kind
+            read = slope = curve = conv = None
+            if kind in ("linear", "conv", "pool") and t.dim() != (2 if kind == "linear" else 4):
+                return None
+            if kind == "linear":
                 weight, bias = layer.names()
-                inputs.append(t)
-                slopes.append(None)
-                second.append(None)
+                read = t
                 t = F.linear(t, tensors[weight], tensors.get(bias))
+            elif kind == "conv":
+                weight, bias = layer.names()
+                module = layer.module
+                assert isinstance(module, nn.Conv2d)
+                ran = conv_forward(module, tensors[weight], tensors.get(bias), t, dense=i > first)
+                if ran is None:
+                    return None
+                t, conv = ran
+            elif kind == "pool":
+                assert isinstance(layer.module, nn.MaxPool2d)
+                t, read = pool_forward(layer.module, t)
+            elif kind == "flatten":
+                t = t.flatten(1)
             else:
-                inputs.append(None)
                 t, slope, curve = derivatives(layer.module, t, curves and layer.smooth)
-                slopes.append(slope)
-                second.append(curve)
+            inputs.append(read)
+            slopes.append(slope)
+            second.append(curve)
+            convs.append(conv)
         if t.dim() != 2:
             return None
         e, _ = output_derivatives(loss, t, targets, hessian=False)
         grads: list[torch.Tensor] = [e] * len(layers)
         for i in range(len(layers) - 1, 0, -1):
             grads[i] = e
-            gain = slopes[i]  # None for a linear layer
-            e = e @ tensors[layers[i].names()[0]] if gain is None else e * gain
+            e = _input_gradient(layers[i], tensors, inputs[i], slopes[i], convs[i], shapes[i], e)
         grads[0] = e
-    return ChainPrimal(tuple(inputs), tuple(slopes), tuple(second), tuple(grads), t, targets)
+        for i, conv in enumerate(convs):
+            module = layers[i].module
+            if conv is not None and curves and i > first and layers[i].weight is not None:
+                assert isinstance(module, nn.Conv2d)
+                convs[i] = with_gradient(module, conv, grads[i], shapes[i][2:])
+    return ChainPrimal(
+        tuple(inputs),
+        tuple(slopes),
+        tuple(second),
+        tuple(grads),
+        t,
+        targets,
+        tuple(shapes),
+        tuple(convs),
+    )
+
+
+def _input_gradient(
+    layer: ChainLayer,
+    tensors: dict[str, torch.Tensor],
+    read: torch.Tensor | None,
+    slope: torch.Tensor | None,
+    conv: ConvPrimal | None,
+    shape: torch.Size,
+    e: torch.Tensor,
+) -> torch.Tensor:
+    """The gradient at the module's input (``shape``) from ``e`` at its output."""
+    kind = layer.kind
+    if kind == "linear":
+        return e @ tensors[layer.names()[0]]
+    if kind == "conv":
+        assert conv is not None  # kept for every convolution
+        assert isinstance(layer.module, nn.Conv2d)
+        return conv_input_gradient(layer.module, tensors[layer.names()[0]], conv, e, shape)
+    if kind == "pool":
+        assert read is not None  # the argmax, kept for every pooling
+        into = e.new_empty(*shape[:2], shape[2] * shape[3])
+        return pool_input_gradient(read, e, shape[2:], into)
+    if kind == "flatten":
+        return e.reshape(shape)
+    assert slope is not None  # kept for every activation
+    return e * slope
 
 
 def chain_factors(wrapper: ModelWrapper, fn: Any, batch: Batch) -> Factors | None:

@@ -107,13 +107,30 @@ def test_only_a_bias_trainable_before_the_first_weight(monkeypatch: pytest.Monke
 
 
 def test_vectors_taken_in_groups_give_the_same_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = cc.mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    data = IndexedData(cc.data("cross_entropy"))
+    # wide inputs, narrow layers: the primal pass (which holds the inputs) outweighs a
+    # vector's tangents
+    model = cc.mlp(nn.Linear(40, 2), nn.Tanh(), nn.Linear(2, 3))
+    x, y = cc.data("cross_entropy", width=40)
+    data = IndexedData((x, y))
     vectors = _vectors(sum(q.numel() for q in model.parameters()), 5)
     whole = _wrapper(model, "cross_entropy").hvp(data, vectors, 30)
-    monkeypatch.setattr(ch, "GROUP_BYTES", 1)  # one vector at a time
-    one_by_one = _wrapper(model, "cross_entropy").hvp(data, vectors, 30)
-    assert rel_err(one_by_one, whole) < 1e-14
+    monkeypatch.setattr(ch, "GROUP_BYTES", 1)  # as few vectors at a time as the rule allows
+    sizes: list[int] = []
+    products = ch._products
+    monkeypatch.setattr(ch, "_products", lambda *a: sizes.append(a[5].shape[0]) or products(*a))
+    wrapper = _wrapper(model, "cross_entropy")
+    grouped = wrapper.hvp(data, vectors, 30)
+    assert rel_err(grouped, whole) < 1e-14
+    # a group holds as many bytes of tangents as the primal pass it reads whole
+    layers = ch.chain_layers(wrapper, wrapper.objective.per_example_loss)
+    assert layers is not None
+    tensors = {**wrapper.fixed, **wrapper.params}
+    loss = wrapper.objective.per_example_loss
+    primal = ch.primal_pass(layers, tensors, loss, wrapper.prepare((x, y)), curves=True)  # type: ignore[arg-type]
+    assert primal is not None
+    group = max(1, primal.nbytes // ch._per_vector(ch._widths(layers, primal), len(data), 8))
+    assert 1 < group < 5
+    assert sizes == [group] * (5 // group) + ([5 % group] if 5 % group else [])
 
 
 def test_the_operator_keeps_each_chunks_primal_pass_within_its_budget(

@@ -63,7 +63,11 @@ GROUP_BYTES = 1 << 25
 Measured on the digits MLP (ten vectors over all 1,438 examples, one thread, alternating in
 one process): groups of three vectors (32 MiB) against all ten at once (128 MiB), one
 product 168 against 176 ms best (medians 182 against 194), the three-iteration block CG job
-0.667-0.701 against 0.721-0.727 s best; groups of one (16 MiB) about the same as three."""
+0.667-0.701 against 0.721-0.727 s best; groups of one (16 MiB) about the same as three.
+Where the primal pass, which every group reads whole, is larger (the digits CNN's over all
+its examples: 96 MB in float64, 50 MB in float32, half of it the convolutions' patches and
+dense matrices), a group may hold as many bytes of tangents as it: both of two vectors in one pass, 85 against 97-114
+ms per product in float64, 44 against 46-57 ms in float32."""
 
 
 def chain_hvp(
@@ -204,7 +208,8 @@ def _summed(
     if not owners or vectors.shape[0] == 0:
         return out
     b = primal.outputs.shape[0]
-    group = max(1, GROUP_BYTES // _per_vector(_widths(layers, primal), b, vectors.element_size()))
+    per_vector = _per_vector(_widths(layers, primal), b, vectors.element_size())
+    group = max(1, max(GROUP_BYTES, primal.nbytes) // per_vector)
     buffers = Buffers(graphs)
     with torch.no_grad():
         for start in range(0, vectors.shape[0], group):

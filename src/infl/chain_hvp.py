@@ -66,8 +66,8 @@ product 168 against 176 ms best (medians 182 against 194), the three-iteration b
 0.667-0.701 against 0.721-0.727 s best; groups of one (16 MiB) about the same as three.
 Where the primal pass, which every group reads whole, is larger (the digits CNN's over all
 its examples: 96 MB in float64, 50 MB in float32, half of it the convolutions' patches and
-dense matrices), a group may hold as many bytes of tangents as it: both of two vectors in one pass, 85 against 97-114
-ms per product in float64, 44 against 46-57 ms in float32."""
+dense matrices), a group may hold as many bytes of tangents as it: both of two vectors in
+one pass, 78-86 against 97-114 ms per product in float64, 37 against 46-57 ms in float32."""
 
 
 def chain_hvp(

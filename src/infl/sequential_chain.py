@@ -89,7 +89,7 @@ class ChainLayer:
     @property
     def weighted(self) -> bool:
         """A linear layer or a convolution: the modules that may own parameters."""
-        return type(self.module) in (nn.Linear, nn.Conv2d)
+        return self.kind in ("linear", "conv")
 
     @property
     def owns_parameters(self) -> bool:
@@ -108,14 +108,14 @@ class ChainLayer:
 
 @dataclass(frozen=True)
 class ChainPrimal:
-    """One pass of the chain over a batch (:func:`primal_pass`), per module: what it read
-    (a linear layer's input ``[b, in]``, a convolution's patches ``[b L, I]``, a max-pooling's
-    argmax indices ``[b, C, L]``: :mod:`infl.spatial_layers`), an activation's first and
-    second derivatives (the second ``None`` when zero or not asked for), the gradient of the
-    per-example losses at the module's output (its shape), and the shape of its input; and the
-    batch's outputs ``[b, K]`` and targets. What the chain's per-example gradients
-    (:func:`chain_factors`) and its Hessian-vector products (:mod:`infl.chain_hvp`, which
-    keeps one per chunk) are made of."""
+    """One pass of the chain over a batch (:func:`primal_pass`), per module: what it read in
+    ``inputs`` (a linear layer's input ``[b, in]``, a max-pooling's argmax indices ``[b, C,
+    L]``), a convolution's :class:`~infl.spatial_layers.ConvPrimal` in ``convs``, an
+    activation's first and second derivatives (the second ``None`` when zero or not asked
+    for), the gradient of the per-example losses at the module's output (its shape), and the
+    shape of its input; and the batch's outputs ``[b, K]`` and targets. What the chain's
+    per-example gradients (:func:`chain_factors`) and its Hessian-vector products
+    (:mod:`infl.chain_hvp`, which keeps one per chunk) are made of."""
 
     inputs: tuple[torch.Tensor | None, ...]
     slopes: tuple[torch.Tensor | None, ...]

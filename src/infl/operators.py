@@ -22,7 +22,7 @@ from typing import Literal, TypeVar
 
 import torch
 
-from infl.data import Batch, IndexedData
+from infl.data import Batch, IndexedData, batch_size
 from infl.errors import InputError
 from infl.factor_cache import FIT_FACTOR_BYTES, FitFactors
 from infl.model import ModelWrapper
@@ -42,6 +42,12 @@ _T = TypeVar("_T", bound="TrainingDataOperator")
 DENSE_AUTO_MAX_BYTES = 1 << 28
 """``dense="auto"`` assembles an operator's ``[p, p]`` matrix only when it takes at most this many
 bytes (256 MiB: ``p`` up to 5,792 in float64, 8,192 in float32)."""
+
+CALL_COST_ENTRIES = 250_000
+"""What one product call costs beyond its passes over the data, counted as the per-example
+gradient entries (``n p``) a pass would touch in that time: about 0.35 ms of Python and
+dispatch per call, which on the Iris MLP (``n p = 5,160``) is the time of 50 passes and on the
+digits MLP (``n p = 1.2e8``) of none (:meth:`TrainingDataOperator.dense_pays`)."""
 
 
 class LinearOperator(ABC):
@@ -332,20 +338,25 @@ class TrainingDataOperator(LinearOperator):
         """Whether ``dense="auto"`` assembles the matrix for ``count`` announced products in
         ``calls`` calls (default ``count``).
 
-        The cost model counts passes of one gradient over the data: a product of ``k`` vectors
-        costs about :math:`3 + 2k` (a forward and a backward pass that records the gradient's
-        graph, then one backward pass of that graph per vector), so ``count`` products in
-        ``calls`` calls cost :math:`3\\,\\text{calls} + 2\\,\\text{count}` and the assembly
-        (``p`` vectors in blocks of ``block_size``) :math:`3\\lceil p/\\text{block}\\rceil + 2p`.
+        The cost model counts passes of one gradient over the data: a call of ``k`` vectors
+        costs about :math:`3 + c + 2k`, a forward and a backward pass that records the
+        gradient's graph, then one backward pass of that graph per vector, plus the call's own
+        overhead :math:`c` = :data:`CALL_COST_ENTRIES` / :math:`(n p)` in passes (``n``
+        examples), which only small models notice. ``count`` products in ``calls`` calls then
+        cost :math:`(3 + c)\\,\\text{calls} + 2\\,\\text{count}` and the assembly (``p``
+        vectors in blocks of ``block_size``) :math:`(3 + c)\\lceil p/\\text{block}\\rceil + 2p`.
         It pays when it costs less and :math:`p^2` numbers fit :data:`DENSE_AUTO_MAX_BYTES`.
-        On Iris (``p = 43``) 30 single products (``Arnoldi(krylov_dim=30)``) already pay for it.
+        On Iris (``p = 43``, ``n = 120``, :math:`c \\approx 48`) three calls of two vectors
+        already pay for it (measured: 0.5 ms a call, 0.8 ms the assembly).
         """
         calls = count if calls is None else calls
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         if self.size * self.size * itemsize > DENSE_AUTO_MAX_BYTES:
             return False
-        assembly = 3 * -(-self.size // block_size) + 2 * self.size
-        return assembly < 3 * calls + 2 * count
+        examples = len(self.data) if isinstance(self.data, IndexedData) else batch_size(self.data)
+        per_call = 3 + CALL_COST_ENTRIES / max(1, examples * self.size)
+        assembly = per_call * -(-self.size // block_size) + 2 * self.size
+        return assembly < per_call * calls + 2 * count
 
     def expect_products(self, count: int, calls: int | None = None) -> bool:
         """Assemble the matrix now if ``dense`` asks for it (see the class); returns whether

@@ -105,7 +105,8 @@ def test_arnoldi_takes_exact_eigenpairs_when_lanczos_would_exhaust_the_space():
 
 def test_the_switch_follows_its_cost_model_and_size_limit(monkeypatch):
     op, _ = _problem()
-    p = op.size  # 31: the assembly costs 3 + 2p = 65 passes
+    p = op.size  # 31, on n = 40 examples
+    monkeypatch.setattr(operators, "CALL_COST_ENTRIES", 0)  # passes only: the assembly is 3 + 2p
     assert not op.dense_pays(12)
     assert not op.dense_pays(13)
     assert op.dense_pays(14)
@@ -122,6 +123,23 @@ def test_the_switch_follows_its_cost_model_and_size_limit(monkeypatch):
     assert not small.dense_pays(10_000)
     assert not small.expect_products(10_000)
     assert small._dense is None
+
+
+def test_a_calls_own_cost_counts_more_the_smaller_the_model(monkeypatch):
+    op, (x, y) = _problem()
+    one_batch = HessianOperator(op.wrapper, (x, y), chunk_size=16)
+    monkeypatch.setattr(operators, "CALL_COST_ENTRIES", 40 * 31 * 10)  # 10 passes a call
+    for candidate in (op, one_batch):
+        # the assembly: (3 + 10) + 2 * 31 = 75; a call of k vectors: 13 + 2k
+        assert not candidate.dense_pays(31, calls=1)  # 75
+        assert candidate.dense_pays(32, calls=1)  # 77
+        assert not candidate.dense_pays(5, calls=5)  # 65 + 10
+        assert candidate.dense_pays(6, calls=6)  # 78 + 12
+    big = HessianOperator(op.wrapper, IndexedData((x.repeat(10, 1), y.repeat(10))), chunk_size=64)
+    assert not big.dense_pays(6, calls=6)  # 1 pass a call: 4 * 6 + 12 < 4 + 62
+    monkeypatch.undo()
+    assert op.dense_pays(2, calls=2)  # the default: two calls already pay on this model
+    assert not op.dense_pays(1, calls=1)
 
 
 def test_dense_false_never_answers_from_the_matrix_and_true_always_assembles():

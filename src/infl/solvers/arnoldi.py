@@ -99,7 +99,7 @@ class Arnoldi(Solver):
     with ``dense="auto"`` answers them from its ``[p, p]`` matrix when that is already
     assembled or assembling it (``p`` products in batched blocks) costs fewer passes over the
     data (:meth:`~infl.operators.TrainingDataOperator.dense_pays`; on Iris, ``p = 43``, for
-    :math:`m \\ge 18`): the same Ritz pairs to round-off, without the per-product overhead. When
+    :math:`m \\ge 3`): the same Ritz pairs to round-off, without the per-product overhead. When
     moreover :math:`m \\ge p` the Lanczos run
     would exhaust the space, and the pairs come from ``torch.linalg.eigh`` of that matrix
     instead (all exact). ``info["dense_matrix"]`` and ``info["eigensolver"]`` (``"lanczos"``

@@ -226,7 +226,12 @@ class ConjugateGradient(Solver):
         return FittedCG(self, operator, fitted, auto_damping=auto)
 
     def restore(self, operator: LinearOperator, state: dict[str, Any]) -> FittedCG:
-        """:class:`FittedCG` from a saved state: nothing, or the preconditioner's (no HVP)."""
+        """:class:`FittedCG` from a saved state: nothing, or the preconditioner's (no HVP).
+
+        It announces its products as :meth:`fit` does, so that the restored solver answers
+        them the same way (on a small model, from the dense matrix, assembled again: for a
+        plain MLP in closed form, with no HVP) and its scores equal the saved fit's."""
+        operator.expect_products(self.max_iter)
         saved = state.get("preconditioner")
         if (saved is None) != (self.preconditioner is None):
             raise InputError(

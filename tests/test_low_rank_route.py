@@ -53,7 +53,8 @@ def _expected(calc: InfluenceCalculator, test) -> torch.Tensor:
 
 def _passes(calc: InfluenceCalculator, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the training-data chunks multiplied by vectors (either route, and from the
-    gradients' factors kept by an earlier pass)."""
+    gradients' factors kept by an earlier pass, directly or through the gradients formed from
+    them)."""
     calls = [0]
     original = calc.wrapper.train_grad_products
     from_factors = train_gradients.products_from_factors
@@ -66,8 +67,15 @@ def _passes(calc: InfluenceCalculator, monkeypatch: pytest.MonkeyPatch) -> list[
         calls[0] += 1
         return from_factors(*args)
 
+    formed = train_gradients.gradients_from_factors
+
+    def counted_formed(*args):
+        calls[0] += 1
+        return formed(*args)
+
     calc.wrapper.train_grad_products = counted  # type: ignore[method-assign]
     monkeypatch.setattr(train_gradients, "products_from_factors", counted_kept)
+    monkeypatch.setattr(train_gradients, "gradients_from_factors", counted_formed)
     return calls
 
 

@@ -20,6 +20,8 @@ from chain_cases import data as chain_data
 from infl import (
     EKFAC,
     KFAC,
+    Arnoldi,
+    ConjugateGradient,
     ExactHessian,
     IndexedData,
     InfluenceCalculator,
@@ -32,6 +34,7 @@ from infl.objective import supervised_loss
 from infl.operators import HessianOperator, LinearOperator
 from infl.sequential_chain import chain_factors, chain_layers, output_derivatives
 from infl.solvers import kronecker_stream
+from infl.solvers.base import FittedSolver
 from problems import count_factor_reads
 from reference import rel_err
 
@@ -138,11 +141,25 @@ def _calc(model: nn.Module, data, solver=None, **options) -> InfluenceCalculator
         )
 
 
+def _count_gradient_reads(monkeypatch) -> list[int]:
+    """Count the chunks whose training gradients are computed from the data, as factors
+    (:func:`problems.count_factor_reads`) or formed (``ModelWrapper.train_grads``)."""
+    calls = count_factor_reads(monkeypatch)
+    formed = ModelWrapper.train_grads
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return formed(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelWrapper, "train_grads", counted)
+    return calls
+
+
 def test_the_exact_solver_scores_from_the_closed_form_and_its_factors(monkeypatch) -> None:
     model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     data, test = chain_data("cross_entropy"), chain_data("cross_entropy", n=3)
     calc = _calc(model, data)
-    reads = count_factor_reads(monkeypatch)
+    reads = _count_gradient_reads(monkeypatch)
     scores = calc.influence(test)
     op = calc.operator
     assert isinstance(op, HessianOperator)
@@ -155,6 +172,31 @@ def test_the_exact_solver_scores_from_the_closed_form_and_its_factors(monkeypatc
     plain = _calc(model, data, cache_bytes=0)
     plain.operator._dense = LinearOperator.to_dense(plain.operator)  # type: ignore[attr-defined]
     assert rel_err(scores, plain.influence(test)) < 1e-11
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [ConjugateGradient(damping=0.5, max_iter=100, rtol=1e-10), Arnoldi(rank=8, krylov_dim=20)],
+    ids=["cg", "arnoldi"],
+)
+def test_solvers_on_the_dense_matrix_score_from_its_factors_too(monkeypatch, solver) -> None:
+    model = mlp(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    data, test = chain_data("cross_entropy"), chain_data("cross_entropy", n=3)
+    calc = _calc(model, data, solver)
+    reads = _count_gradient_reads(monkeypatch)
+    scores = calc.influence(test)
+    assert calc.operator.answers_dense
+    assert calc.operator.assembly.method == "closed-form"  # type: ignore[attr-defined]
+    assert reads[0] == 0  # scored from the assembly's factors: no pass over the data
+    assert calc._grad_cache.factors.complete
+    assert calc.fitted_solver().take_train_factors() is None  # handed over once
+    plain = _calc(model, data, solver)
+    plain.operator.dense = False  # type: ignore[attr-defined]
+    assert rel_err(scores, plain.influence(test)) < 1e-8
+    monkeypatch.setattr(FittedSolver, "take_train_factors", lambda self: None)
+    without = _calc(model, data, solver)
+    assert torch.equal(without.influence(test), scores)
+    assert reads[0] > 0  # without the handover, scoring reads the data
 
 
 def test_a_layer_run_twice_keeps_the_products_route_for_its_gradients() -> None:

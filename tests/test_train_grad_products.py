@@ -61,15 +61,31 @@ def _formed(wrapper: ModelWrapper) -> list[int]:
     return calls
 
 
+class _Wrapped(nn.Module):
+    """The same layers behind a custom module: the shortcut applies but is not row-wise by
+    construction (``rowwise_by_construction`` knows only ``nn.Sequential``), so it is checked."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 @pytest.mark.parametrize("k", [1, 3, DIRECT])
-def test_products_equal_the_formed_gradients_times_the_vectors(k):
-    wrapper = ModelWrapper(_mlp(), Objective("cross_entropy", weight_decay=DECAY))
+@pytest.mark.parametrize("wrapped", [False, True], ids=["sequential", "custom"])
+def test_products_equal_the_formed_gradients_times_the_vectors(k, wrapped):
+    model = _Wrapped(_mlp()) if wrapped else _mlp()
+    wrapper = ModelWrapper(model, Objective("cross_entropy", weight_decay=DECAY))
     x, y = _data(12)
     vectors = torch.randn(k, wrapper.num_params, dtype=torch.float64)
     formed = _formed(wrapper)
     first = wrapper.train_grad_products((x[:5], y[:5]), vectors)  # checks the shortcut
     second = wrapper.train_grad_products((x[5:], y[5:]), vectors)
-    assert formed[0] == 1  # the first batch only: the check, then products directly
+    # a custom module: the first batch only (the check), then products directly; a plain
+    # nn.Sequential needs no check
+    assert formed[0] == (1 if wrapped else 0)
     assert wrapper.multiplies_directly(k)
     expected = vectors @ wrapper.train_grads((x, y)).T  # weight decay included
     torch.testing.assert_close(torch.cat([first, second], 1), expected, rtol=1e-12, atol=1e-13)

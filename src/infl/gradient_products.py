@@ -24,7 +24,7 @@ import torch
 from infl.data import Batch, batch_size
 from infl.finite import all_finite
 from infl.linear_grads import Factors
-from infl.model_checks import gradient_moments, shortcut_agrees
+from infl.model_checks import gradient_moments, rowwise_by_construction, shortcut_agrees
 from infl.second_order import functional_evaluation
 from infl.sequential_chain import chain_factors
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from infl.model import ModelWrapper
 
 __all__ = [
+    "gradients_from_factors",
     "loss_factors",
     "products_from_factors",
     "train_grad_moments",
@@ -40,10 +41,15 @@ __all__ = [
 
 
 def checked(wrapper: ModelWrapper) -> bool:
-    """Whether the ``nn.Linear`` shortcut applies, was checked against autograd for the loss
-    and agreed (the convolutional one forms the gradients: no products or moments)."""
+    """Whether the ``nn.Linear`` shortcut applies, and was checked against autograd for the
+    loss and agreed or needs no check (:func:`~infl.model_checks.rowwise_by_construction`,
+    unless a check refused it); the convolutional one forms the gradients: no products or
+    moments."""
     loss = wrapper.objective.per_example_loss
-    return wrapper._linear_grads.applicable and wrapper._linear_verified.get(loss) is True
+    if not wrapper._linear_grads.applicable:
+        return False
+    verified = wrapper._linear_verified.get(loss)
+    return verified is True or (verified is None and rowwise_by_construction(wrapper, loss))
 
 
 def _layers_checked(wrapper: ModelWrapper) -> bool:
@@ -140,6 +146,21 @@ def products_from_factors(
     was checked (the caller's test)."""
     out = wrapper._linear_grads.products_of(factors, vectors)
     return _with_decay(wrapper, out, vectors) if all_finite(out) else None
+
+
+def gradients_from_factors(
+    wrapper: ModelWrapper, factors: Factors, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """A chunk's training gradients ``G`` (``[b, p]``, into ``out`` when given) from its
+    :func:`loss_factors`, with :math:`c = \\Lambda\\theta` in every row as
+    :meth:`ModelWrapper.train_grads <infl.model.ModelWrapper.train_grads>` has it; ``None``
+    when they are not finite. Only for a model whose ``nn.Linear`` shortcut was checked."""
+    grads = wrapper._linear_grads.gradients_of(factors, wrapper.numels, out)
+    if not all_finite(grads):
+        return None
+    if wrapper.has_decay:
+        grads.add_(wrapper.decay * wrapper.flat_params)
+    return grads
 
 
 def _with_decay(wrapper: ModelWrapper, out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,12 @@ import torch
 from infl.data import as_indexed
 from infl.errors import InflError, InputError
 from infl.factor_cache import FactorCache
-from infl.gradient_products import checked, loss_factors, products_from_factors
+from infl.gradient_products import (
+    checked,
+    gradients_from_factors,
+    loss_factors,
+    products_from_factors,
+)
 from infl.progress import progress_iter
 
 if TYPE_CHECKING:
@@ -126,6 +131,10 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
         # each chunk's gradients are written straight into their rows: forming them apart
         # and copying wrote every byte twice, the first time into fresh memory
         cache = torch.empty(local_n, calc.num_params, dtype=wrapper.dtype, device=wrapper.device)
+    kept = calc._grad_cache.factors
+    if checked(wrapper) and kept.get(0, calc.chunk_size) is not None:
+        yield from _grads_from_kept_factors(calc, cache)  # every chunk's: no data read
+        return
     bar = progress_iter(
         calc.local_train.chunks(calc.chunk_size),
         total=calc.local_train.num_chunks(calc.chunk_size),
@@ -138,6 +147,26 @@ def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int
         if cache is not None:
             rows = cache[start : start + min(calc.chunk_size, local_n - start)]
         yield start, wrapper.train_grads(batch, out=rows)
+    calc._grad_cache.value = cache
+
+
+def _grads_from_kept_factors(
+    calc: InfluenceCalculator, cache: torch.Tensor | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`iter_train_grads` when every chunk's factors are kept: each chunk's gradients
+    formed from them (into the cache's rows when there is one), reading the data only for a
+    chunk whose gradients are not finite (whose formed gradients then name the example)."""
+    wrapper, chunk, local_n = calc.wrapper, calc.chunk_size, len(calc.local_train)
+    kept = calc._grad_cache.factors
+    for start in range(0, local_n, chunk):
+        rows = None if cache is None else cache[start : start + min(chunk, local_n - start)]
+        found = kept.get(start, chunk)
+        assert found is not None
+        grads = gradients_from_factors(wrapper, found, rows)
+        if grads is None:
+            batch = calc.local_train.select(range(start, min(start + chunk, local_n)))
+            grads = wrapper.train_grads(batch, out=rows)
+        yield start, grads
     calc._grad_cache.value = cache
 
 
@@ -179,11 +208,15 @@ def iter_train_products(
     num_chunks = calc.local_train.num_chunks(chunk)
     kept = calc._grad_cache.factors
     starts = range(skip * chunk, local_n, chunk)
-    if direct and checked(wrapper) and kept.get(starts[0] if starts else 0, chunk) is not None:
+    if checked(wrapper) and kept.get(starts[0] if starts else 0, chunk) is not None:
         for start in starts:  # no data read: every chunk's factors are kept
             found = kept.get(start, chunk)
             assert found is not None
-            products = products_from_factors(wrapper, found, vectors)
+            if direct:
+                products = products_from_factors(wrapper, found, vectors)
+            else:  # too many vectors to pay: the gradients, formed from the factors
+                grads = gradients_from_factors(wrapper, found)
+                products = None if grads is None else vectors @ grads.to(vectors).T
             if products is None:  # not finite: the formed gradients name the example
                 batch = calc.local_train.select(range(start, min(start + chunk, local_n)))
                 products = wrapper.train_grad_products(batch, vectors)

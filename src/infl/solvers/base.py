@@ -145,14 +145,19 @@ class FittedSolver(ABC):
     def take_train_factors(self) -> FitFactors | None:
         """The training gradients' factors the fit computed anyway, handed over once.
 
-        A fit whose data pass differentiates the training losses themselves (K-FAC / EK-FAC
-        with the empirical Fisher, on a model of ``nn.Linear`` layers) keeps each chunk's
-        layer inputs and output gradients when they fit in its byte budget; the calculator
-        adopts them (:class:`~infl.factor_cache.FactorCache`) so that its first scoring pass
-        reads neither the data nor the model. ``None`` (the default) for every other solver,
-        and after the first call.
+        A fit whose data pass differentiates the training losses themselves keeps each
+        chunk's layer inputs and output gradients when they fit in its byte budget; the
+        calculator adopts them (:class:`~infl.factor_cache.FactorCache`) so that its first
+        scoring pass reads neither the data nor the model. By default these are the factors of
+        the operator's closed-form Hessian assembly
+        (:meth:`HessianOperator.take_train_factors
+        <infl.operators.HessianOperator.take_train_factors>`), which the exact solver always
+        makes and CG or Arnoldi make on a small model whose products come from the dense matrix
+        (``dense="auto"``); K-FAC / EK-FAC with the empirical Fisher keep their own. ``None``
+        when there are none, and after the first call.
         """
-        return None
+        take = getattr(self.base, "take_train_factors", None)
+        return take() if callable(take) else None
 
     def state(self) -> dict[str, Any]:
         """What the fit learned, as a dict of tensors and plain values (for saving).

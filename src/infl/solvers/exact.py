@@ -8,7 +8,6 @@ from typing import Any, Literal
 import torch
 
 from infl.errors import InputError, NotPositiveDefiniteError
-from infl.factor_cache import FitFactors
 from infl.operators import LinearOperator
 from infl.solvers.base import (
     FittedSolver,
@@ -51,7 +50,8 @@ class ExactHessian(Solver):
     Below ``p = 1000``, a plain ``nn.Sequential`` of ``nn.Linear`` layers and element-wise
     activations with a built-in loss gets its Hessian in closed form instead, with no product
     (:func:`infl.sequential_hessian.sequential_hessian`), and hands the training gradients'
-    factors it computed to the calculator (:meth:`FittedExact.take_train_factors`). A
+    factors it computed to the calculator
+    (:meth:`~infl.solvers.base.FittedSolver.take_train_factors`). A
     Hessian over training data with ``p >= 1000`` parameters in several modules is assembled
     from its Gauss-Newton matrix plus the HVP columns of only the modules its residual term
     couples (:func:`infl.structured_hessian.assemble_hessian`; 774 instead of 2,514 products on
@@ -171,13 +171,6 @@ class FittedExact(FittedSolver):
     def state(self) -> dict[str, Any]:
         """The eigendecomposition of :math:`H` (``[p]`` eigenvalues, ``[p, p]`` eigenvectors)."""
         return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
-
-    def take_train_factors(self) -> FitFactors | None:
-        """The factors the Hessian's closed-form assembly computed
-        (:meth:`HessianOperator.take_train_factors
-        <infl.operators.HessianOperator.take_train_factors>`), handed over once."""
-        take = getattr(self.base, "take_train_factors", None)
-        return take() if callable(take) else None
 
     def with_damping(self, damping: float) -> FittedExact:
         """Another :math:`\\lambda` from the same eigendecomposition: no HVP, :math:`O(p)`."""

@@ -47,14 +47,27 @@ def orth(w: torch.Tensor, rtol: float, max_rank: int) -> torch.Tensor:
     The SVD is taken of the triangular factor of a Householder QR, :math:`w^T = QR` and
     :math:`R^T = U \\Sigma V^T`, so that :math:`w = U \\Sigma (QV)^T`: as backward stable as
     an SVD of ``w`` itself, and 7x faster for ``a = 10`` rows of ``p = 85,000`` (float32, one
-    thread), where LAPACK's SVD of a wide matrix does not reduce it first."""
+    thread), where LAPACK's SVD of a wide matrix does not reduce it first. No SVD is needed
+    when ``w`` is plainly of full rank: every singular value is at most :math:`\\|R\\|_F`
+    and their product is :math:`|\\det R| = \\prod_i |R_{ii}|`, so
+
+    .. math:: \\frac{\\sigma_{\\min}}{\\sigma_{\\max}} \\ge
+        \\prod_i \\frac{|R_{ii}|}{\\|R\\|_F},
+
+    and when that bound exceeds ``rtol`` (and ``a <= max_rank``) the rows of :math:`Q^T` are
+    returned: another orthonormal basis of the same space, which block CG's iterates do not
+    depend on (in exact arithmetic)."""
     if w.shape[0] == 0:
         return w
     q, r = torch.linalg.qr(w.T)  # [p, m], [m, a] with m = min(p, a)
+    a, p = w.shape
+    if a <= min(max_rank, p):
+        bound = (r.diagonal() / torch.linalg.matrix_norm(r)).prod().abs()
+        if float(bound) > rtol:
+            return q.T
     _, sigma, vh = torch.linalg.svd(r.T, full_matrices=False)  # [a, m]: [m], [m, m]
-    keep = sigma > rtol * sigma[0]  # sigma is sorted, largest first; all False if w = 0
-    keep[max_rank:] = False
-    return vh[keep] @ q.T
+    rank = int((sigma > rtol * sigma[0]).sum())  # sigma is sorted, largest first; 0 if w = 0
+    return vh[: min(rank, max_rank)] @ q.T
 
 
 def active_rows(idx: torch.Tensor, k: int) -> torch.Tensor | slice:
@@ -93,18 +106,20 @@ def iterate_block(
     k = b.shape[0]
     ids = rows if rows is not None else torch.arange(k, device=b.device)
     tol = deflation_rtol(b.dtype)
+    scale = threshold.unsqueeze(1)  # [k, 1]: each system's rows divided by its threshold
     x = torch.zeros_like(b)
     r = b.clone()
     rr = squared_norms(r)
-    active = torch.sqrt(rr) > threshold
-    norms = [torch.sqrt(rr)]
+    norm = torch.sqrt(rr)
+    active = norm > threshold
+    norms = [norm]
     iterations = 0
     idx = active.nonzero().reshape(-1)
     if not idx.numel():
         return x, rr, iterations, norms
     sel = active_rows(idx, k)
-    z = _preconditioned(fitted, r[sel], ids[idx], first)
-    p = orth(z / threshold[idx, None], tol, k)
+    z = _preconditioned(fitted, r[sel], ids, idx, first)
+    p = orth(z / scale[sel], tol, k)
     while p.shape[0] and iterations < max_iter:
         q = operator.matmat(p)
         if not all_finite(q):
@@ -124,27 +139,32 @@ def iterate_block(
         add_product(x, sel, alpha.T, p)
         if floor is not None:
             update = alpha.T @ q
-            r[sel] -= update
-            floor.add(idx, torch.linalg.vector_norm(update, dim=1))
+            floor.add(sel, torch.linalg.vector_norm(update, dim=1))
+            add_rows(r, sel, update, alpha=-1.0)
         else:
             add_product(r, sel, alpha.T, q, alpha=-1.0)
-        rr[idx] = squared_norms(r[sel])
-        active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
+        if isinstance(sel, slice):  # every system active: whole vectors, no scatter
+            rr = squared_norms(r)
+            norm = torch.sqrt(rr)
+            active = norm > threshold
+        else:
+            rr[idx] = squared_norms(r[idx])
+            norm = torch.sqrt(rr)
+            active[idx] = norm[idx] > threshold[idx]
         iterations += 1
-        if floor is not None:
-            floor.review(x, rr, active)
-        norms.append(torch.sqrt(rr))
+        if floor is not None and floor.review(x, rr, active, norm):
+            norm = torch.sqrt(rr)
+        norms.append(norm)
         bar.update(1)
         idx = active.nonzero().reshape(-1)
         if not idx.numel():
             break
         sel = active_rows(idx, k)
-        z = _preconditioned(fitted, r[sel], ids[idx], first + iterations)
-        beta = -(inverse @ (q @ z.T))  # [s, a]
+        z = _preconditioned(fitted, r[sel], ids, idx, first + iterations)
         # the block never grows (in exact arithmetic block Krylov increments shrink): a
         # direction dropped once must not come back, unconjugated to the earlier blocks
-        w = torch.addmm(z, beta.T, p)
-        p = orth(w.div_(threshold[idx, None]), tol, p.shape[0])
+        w = torch.addmm(z, (inverse @ (q @ z.T)).T, p, alpha=-1.0)  # Z + beta^T P
+        p = orth(w.div_(scale[sel]), tol, p.shape[0])
 
     return x, rr, iterations, norms
 
@@ -171,14 +191,40 @@ def add_product(
         target.index_add_(0, sel, a @ b, alpha=alpha)
 
 
+def add_rows(
+    target: torch.Tensor, sel: torch.Tensor | slice, rows: torch.Tensor, *, alpha: float = 1.0
+) -> None:
+    """``target[sel] += alpha * rows`` in place (:func:`active_rows`)."""
+    if isinstance(sel, slice):
+        target[sel].add_(rows, alpha=alpha)
+    else:
+        target.index_add_(0, sel, rows, alpha=alpha)
+
+
+def add_scaled_rows(
+    target: torch.Tensor,
+    sel: torch.Tensor | slice,
+    scale: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    value: float = 1.0,
+) -> None:
+    """``target[sel] += value * scale * rows`` in place (``scale`` ``[a, 1]``, one factor per
+    row; :func:`active_rows`)."""
+    if isinstance(sel, slice):
+        target[sel].addcmul_(scale, rows, value=value)
+    else:
+        target.index_add_(0, sel, scale * rows, alpha=value)
+
+
 def _preconditioned(
-    fitted: FittedCG, residuals: torch.Tensor, ids: torch.Tensor, iteration: int
+    fitted: FittedCG, residuals: torch.Tensor, ids: torch.Tensor, idx: torch.Tensor, iteration: int
 ) -> torch.Tensor:
-    """:math:`Z = M^{-1} R` for the active ``residuals``, checked positive (``r^T z > 0``)
-    when there is a preconditioner; without one ``Z`` is ``residuals`` itself (not a copy: it
-    is only read)."""
+    """:math:`Z = M^{-1} R` for the active ``residuals`` (systems ``idx`` of ``ids``), checked
+    positive (``r^T z > 0``) when there is a preconditioner; without one ``Z`` is
+    ``residuals`` itself (not a copy: it is only read)."""
     if fitted.preconditioner is None:
         return residuals
     z = fitted._precondition(residuals)
-    fitted._check_rz(torch.linalg.vecdot(residuals, z), ids, iteration)
+    fitted._check_rz(torch.linalg.vecdot(residuals, z), ids[idx], iteration)
     return z

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from infl.errors import InflWarning, InputError, NonFiniteError, NotPositiveDefiniteError
+from infl.finite import all_finite
 from infl.mixed_precision import full_precision_operator, product_dtype
 from infl.operators import LinearOperator
 from infl.solvers.arnoldi import Arnoldi
@@ -25,7 +26,7 @@ from infl.solvers.base import (
     solver_from_spec,
     solver_spec,
 )
-from infl.solvers.block_cg import active_rows, iterate_block
+from infl.solvers.block_cg import active_rows, add_scaled_rows, iterate_block, squared_norms
 from infl.solvers.cg_floor import RoundoffFloor
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
@@ -484,60 +485,74 @@ class FittedCG(FittedSolver):
             return iterate_block(self, operator, b, threshold, max_iter, bar, rows, first, floor)
         x = torch.zeros_like(b)
         r = b.clone()
-        rr = (r * r).sum(dim=1)  # squared residual norms
-        active = torch.sqrt(rr) > threshold
+        rr = squared_norms(r)
+        norm = torch.sqrt(rr)
+        active = norm > threshold
         z = torch.zeros_like(b)
         rz = rr.clone()  # r^T M^-1 r (= r^T r without a preconditioner)
-        start = active.nonzero().reshape(-1)
+        idx = active.nonzero().reshape(-1)
         ids = rows if rows is not None else torch.arange(b.shape[0], device=b.device)
-        if start.numel():
-            z[start] = self._precondition(r[start])
-            rz[start] = (r[start] * z[start]).sum(dim=1)
-            self._check_rz(rz[start], ids[start], first)
+        if idx.numel():
+            z[idx] = self._precondition(r[idx])
+            rz[idx] = (r[idx] * z[idx]).sum(dim=1)
+            self._check_rz(rz[idx], ids[idx], first)
         d = z.clone()
-        norms = [torch.sqrt(rr)]
+        norms = [norm]
         iterations = 0
         name = self._name
         k = b.shape[0]
-        while bool(active.any()) and iterations < max_iter:
-            idx = active.nonzero().reshape(-1)
+        while idx.numel() and iterations < max_iter:
             sel = active_rows(idx, k)  # a view while every system is active
             directions = d[sel]
             ad = operator.matmat(directions)
-            curvature = (directions * ad).sum(dim=1)
-            if not torch.isfinite(ad).all():
+            if not all_finite(ad):
                 raise NonFiniteError(
                     f"{name}: the operator product is not finite at iteration "
                     f"{first + iterations + 1}"
                 )
-            if bool((curvature <= 0).any()):
+            curvature = torch.linalg.vecdot(directions, ad)
+            if float(curvature.min()) <= 0:
                 bad = int((curvature <= 0).nonzero()[0])
                 j = int(idx[bad])
                 rayleigh = float(curvature[bad] / (d[j] * d[j]).sum())
                 raise _NegativeCurvature(
                     first + iterations + 1, int(ids[j]), rayleigh, d[j].clone()
                 )
-            alpha = rz[idx] / curvature
-            x[sel] += alpha[:, None] * directions
-            r[sel] -= alpha[:, None] * ad
-            residuals = r[sel]
-            rr[idx] = (residuals * residuals).sum(dim=1)
-            active[idx] = torch.sqrt(rr[idx]) > threshold[idx]
+            alpha = rz[sel] / curvature
+            step = alpha.unsqueeze(1)
+            add_scaled_rows(x, sel, step, directions)
+            add_scaled_rows(r, sel, step, ad, value=-1.0)
+            if isinstance(sel, slice):  # every system active: whole vectors, no scatter
+                rr = squared_norms(r)
+                norm = torch.sqrt(rr)
+                active = norm > threshold
+            else:
+                rr[idx] = squared_norms(r[idx])
+                norm = torch.sqrt(rr)
+                active[idx] = norm[idx] > threshold[idx]
             iterations += 1
             if floor is not None:
-                floor.add(idx, alpha.abs() * torch.linalg.vector_norm(ad, dim=1))
-                floor.review(x, rr, active)
-            still = idx[active[idx]]
-            if still.numel():
-                kept = active_rows(still, k)
+                floor.add(sel, alpha.abs() * torch.linalg.vector_norm(ad, dim=1))
+                if floor.review(x, rr, active, norm):
+                    norm = torch.sqrt(rr)
+            idx = active.nonzero().reshape(-1)  # a subset of the last: none comes back
+            if idx.numel():
+                kept = active_rows(idx, k)
                 residuals = r[kept]
-                z_new = self._precondition(residuals)
-                rz_new = (residuals * z_new).sum(dim=1)
-                self._check_rz(rz_new, ids[still], first + iterations)
-                beta = rz_new / rz[still]
-                d[kept] = z_new + beta[:, None] * d[kept]
-                rz[still] = rz_new
-            norms.append(torch.sqrt(rr))
+                if self.preconditioner is None:
+                    z_new, rz_new = residuals, rr[kept]
+                else:
+                    z_new = self._precondition(residuals)
+                    rz_new = torch.linalg.vecdot(residuals, z_new)
+                    self._check_rz(rz_new, ids[idx], first + iterations)
+                beta = (rz_new / rz[kept]).unsqueeze(1)
+                if isinstance(kept, slice):
+                    d.mul_(beta).add_(z_new)
+                    rz.copy_(rz_new)
+                else:
+                    d[idx] = torch.addcmul(z_new, beta, d[idx])
+                    rz[idx] = rz_new
+            norms.append(norm)
             bar.update(1)
         return x, rr, iterations, norms
 

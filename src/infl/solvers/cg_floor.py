@@ -57,21 +57,32 @@ class RoundoffFloor:
         self.stalled = torch.zeros(k, dtype=torch.bool, device=b.device)
         self.checks = 0
 
-    def add(self, rows: torch.Tensor, update_norms: torch.Tensor) -> None:
-        """Record :math:`\\|\\alpha_j A d_j\\|` of this iteration's update of systems ``rows``."""
-        self.updates[rows] += update_norms
+    def add(self, rows: torch.Tensor | slice, update_norms: torch.Tensor) -> None:
+        """Record :math:`\\|\\alpha_j A d_j\\|` of this iteration's update of systems ``rows``
+        (indices, or ``slice(None)`` for all of them)."""
+        if isinstance(rows, slice):
+            self.updates[rows].add_(update_norms)
+        else:
+            self.updates.index_add_(0, rows, update_norms)
 
     def true_norms(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """:math:`\\|b_j - A x_j\\|` for the systems ``rows`` (one ``matmat`` of them)."""
         return torch.linalg.vector_norm(self.b[rows] - self.operator.matmat(x[rows]), dim=1)
 
-    def review(self, x: torch.Tensor, rr: torch.Tensor, active: torch.Tensor) -> None:
+    def review(
+        self,
+        x: torch.Tensor,
+        rr: torch.Tensor,
+        active: torch.Tensor,
+        norms: torch.Tensor | None = None,
+    ) -> bool:
         """Measure the systems that are due and stop those that converged or stalled (in place
-        on ``rr`` and ``active``)."""
-        updated = torch.sqrt(rr)
-        due = active & (updated <= self.eps * self.updates) & (updated <= self.next_check)
+        on ``rr`` and ``active``); returns whether it stopped any. ``norms``: ``sqrt(rr)`` when
+        the caller has it."""
+        updated = torch.sqrt(rr) if norms is None else norms
+        due = active & (updated <= torch.minimum(self.eps * self.updates, self.next_check))
         if not bool(due.any()):
-            return
+            return False
         rows = due.nonzero().reshape(-1)
         true = self.true_norms(x, rows)
         self.checks += 1
@@ -84,3 +95,4 @@ class RoundoffFloor:
         self.stalled[rows[stalled]] = True
         going = rows[~(done | stalled)]
         self.next_check[going] = FLOOR_RECHECK * updated[going]
+        return bool(stop.numel())

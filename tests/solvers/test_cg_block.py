@@ -130,6 +130,37 @@ def test_orth_spans_the_singular_vectors_above_the_deflation_threshold(shape):
     assert orth(torch.zeros(a, p, dtype=torch.float64), 1e-8, a).shape == (0, p)
 
 
+@pytest.mark.parametrize(
+    ("sigma", "svd_taken"),
+    [((1.0, 0.5, 0.3, 0.1), False), ((1.0, 1e-3, 1e-3, 1e-3), True)],
+    ids=["plainly-full-rank", "bound-below-rtol"],
+)
+def test_orth_skips_the_svd_only_when_the_triangular_factor_proves_full_rank(
+    monkeypatch, sigma, svd_taken
+):
+    # prod |R_ii| / ||R||_F^a is about 0.015 for the first spectrum and 1e-9 (< rtol = 1e-8)
+    # for the second, whose rows are still of full rank (sigma_min / sigma_max = 1e-3)
+    gen = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(50, 4, generator=gen, dtype=torch.float64))
+    w = (u * torch.tensor(sigma, dtype=torch.float64)) @ v.T
+    calls = [0]
+    svd = torch.linalg.svd
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counted)
+    rows = orth(w, 1e-8, max_rank=4)
+    assert calls[0] == int(svd_taken)
+    assert rows.shape == (4, 50)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close((w @ rows.T) @ rows, w, rtol=0, atol=1e-14)  # w's row space
+    assert orth(w, 1e-8, max_rank=3).shape == (3, 50)  # truncated: the SVD chooses
+    assert calls[0] == int(svd_taken) + 1
+
+
 def test_a_converged_system_leaves_the_block():
     # b_0 an eigenvector: the first block contains the solution, so system 0 converges at
     # iteration 1; every later block has at most k - 1 = 3 directions and x_0 stays put

@@ -13,7 +13,11 @@ well as the default one, and this module reads the result the strict way:
 
 "As accurate" is :func:`as_accurate`: Pearson with the exact answer at most
 ``EQUAL_ACCURACY`` below P's and largest relative error at most ``EQUAL_ERROR_FACTOR`` times
-P's (or under ``EQUAL_ERROR_FLOOR``). A ratio of 3 means: whatever budget a user of the peer
+P's (or under ``EQUAL_ERROR_FLOOR``). Runs drawn at several seeds (``--seeds``: minibatch
+LiSSA, K-FAC with sampled labels) compare mean Pearsons, and the allowance is then the larger
+of ``EQUAL_ACCURACY`` and ``SEED_MARGIN`` standard errors of the difference of the two means
+(:func:`pearson_margin`): a gap the draws themselves make is not a difference in accuracy.
+A ratio of 3 means: whatever budget a user of the peer
 picks, infl reaches the accuracy the peer reaches there at least 3 times sooner. A peer run no
 infl run matches gives ratio 0 and names it.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Any
 
 from peers.common import Setting
@@ -29,6 +34,8 @@ from peers.common import Setting
 EQUAL_ACCURACY = 5e-4
 EQUAL_ERROR_FACTOR = 1.25
 EQUAL_ERROR_FLOOR = 1e-6
+SEED_MARGIN = 2.0
+MIN_SEEDS = 3
 
 LADDERS: dict[str, tuple[str, tuple[float, ...]]] = {
     "cg": ("max_iter", (3, 5, 10, 20, 40)),
@@ -68,6 +75,18 @@ def budget_label(setting: Setting) -> str:
     return f"{field} {getattr(setting, field)}"
 
 
+def pearson_margin(run: dict[str, Any], target: dict[str, Any]) -> float:
+    """How far below ``target``'s Pearson ``run``'s may be and still count as equal:
+    ``EQUAL_ACCURACY``, or when both were drawn at ``MIN_SEEDS`` seeds or more
+    (``pearson_seeds``), ``SEED_MARGIN`` times the standard error of the difference of their
+    means, :math:`\\sqrt{s_a^2/n_a + s_b^2/n_b}`, if that is larger."""
+    draws = [r.get("pearson_seeds") or [] for r in (run, target)]
+    if min(len(d) for d in draws) < MIN_SEEDS:
+        return EQUAL_ACCURACY
+    variance = sum(statistics.variance(d) / len(d) for d in draws)
+    return max(EQUAL_ACCURACY, SEED_MARGIN * math.sqrt(variance))
+
+
 def as_accurate(run: dict[str, Any], target: dict[str, Any]) -> bool:
     """Whether ``run`` is at least as accurate as ``target`` (see the module docstring).
 
@@ -77,7 +96,8 @@ def as_accurate(run: dict[str, Any], target: dict[str, Any]) -> bool:
     error = run.get("relative_error", math.nan)
     target_pearson = target.get("pearson", math.nan)
     target_error = target.get("relative_error", math.nan)
-    if not math.isnan(target_pearson) and not pearson >= target_pearson - EQUAL_ACCURACY:
+    margin = pearson_margin(run, target)
+    if not math.isnan(target_pearson) and not pearson >= target_pearson - margin:
         return False
     if math.isnan(target_error):
         return True

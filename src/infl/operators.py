@@ -252,6 +252,31 @@ class DampedOperator(LinearOperator):
         return [block.damped(self.damping) for block in self.base.partition(batch_size, generator)]
 
 
+class MeanOperator(LinearOperator):
+    """:math:`\\frac1B \\sum_j A_j`, the mean of ``B`` operators of one size: each product is
+    one product of every part. The blocks of :meth:`TrainingDataOperator.partition` average to
+    the full-data operator exactly, so their mean answers its products from the state each
+    block keeps (its primal pass or gradient graph) instead of a new pass over all the data.
+    """
+
+    def __init__(self, parts: Sequence[LinearOperator]) -> None:
+        if not parts:
+            raise InputError("a mean of operators needs at least one operator")
+        first = parts[0]
+        if any(part.size != first.size for part in parts):
+            raise InputError(
+                f"a mean of operators needs one size, got {sorted({q.size for q in parts})}"
+            )
+        super().__init__(first.size, first.dtype, first.device)
+        self.parts = list(parts)
+
+    def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        total = self.parts[0].matmat(vectors).to(self.dtype)
+        for part in self.parts[1:]:
+            total = total + part.matmat(vectors)
+        return total / len(self.parts)
+
+
 class TrainingDataOperator(LinearOperator):
     """A curvature operator streamed over training data: the mean of per-example terms.
 

@@ -23,7 +23,7 @@ from infl import (
     Objective,
 )
 from infl.mixed_precision import mixed_precision_operator
-from infl.operators import DenseOperator, LinearOperator, TrainingDataOperator
+from infl.operators import DenseOperator, LinearOperator, MeanOperator, TrainingDataOperator
 from infl.second_order import GRAPH_BUDGET_BYTES
 from infl.solvers.lissa_recursion import EpochCycle
 from reference import rel_err
@@ -184,6 +184,30 @@ def test_partition_lissa_with_the_control_variate_converges_to_the_exact_inverse
     assert errors[2] < 1e-7
     assert errors[3] < 1e-12  # round-off, where the plain cycled recursion keeps its noise
     assert plain > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore::infl.InflWarning")
+def test_the_reported_residual_is_the_full_operators_taken_from_the_blocks() -> None:
+    op, damped, rhs, damping = _positive_definite_system()
+    kw = {"damping": damping, "scale": 3.0, "depth": 30, "batch_size": 8, "rtol": 1e-30}
+    result = LiSSA(**kw, sampling="partition").solve(op, rhs)
+    true = torch.linalg.vector_norm(result.value @ damped - rhs, dim=1)
+    expected = true / torch.linalg.vector_norm(rhs, dim=1)
+    torch.testing.assert_close(result.residual_norms, expected, rtol=1e-10, atol=0)
+    assert op.num_matvecs == 0  # no pass over all the data: every product is a block's
+
+
+def test_a_mean_of_operators_is_the_mean_of_their_products() -> None:
+    gen = torch.Generator().manual_seed(1)
+    mats = [torch.randn(4, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    mats = [m + m.T for m in mats]
+    mean = MeanOperator([DenseOperator(m) for m in mats])
+    v = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mean.matmat(v), v @ (sum(mats) / 3), rtol=1e-14, atol=1e-14)
+    with pytest.raises(InputError, match="at least one"):
+        MeanOperator([])
+    with pytest.raises(InputError, match="one size"):
+        MeanOperator([DenseOperator(mats[0]), DenseOperator(torch.eye(3, dtype=torch.float64))])
 
 
 class _PartitionedMean(_MeanOfExamples):

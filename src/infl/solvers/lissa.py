@@ -19,7 +19,7 @@ from infl.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from infl.operators import DampedOperator, DenseOperator, LinearOperator
+from infl.operators import DampedOperator, DenseOperator, LinearOperator, MeanOperator
 from infl.solvers.base import (
     FittedSolver,
     Solver,
@@ -657,10 +657,12 @@ class FittedLiSSA(FittedSolver):
         value = total / (runs * self.scale)
         if not torch.isfinite(value).all():
             raise NonFiniteError("LiSSA produced a non-finite estimate")
-        if dense is None:
-            residuals = relative_residuals(self.operator, value, b)
-        else:
+        if dense is not None:
             residuals = relative_residuals(DenseOperator(dense), value, b)
+        elif self.partitioned:  # the blocks' mean is the operator, from their kept state
+            residuals = relative_residuals(MeanOperator(self.partition_blocks()), value, b)
+        else:
+            residuals = relative_residuals(self.operator, value, b)
         converged = bool((residuals <= cfg.rtol).all())
         trace = torch.cat(history) if history else b.new_empty(0, b.shape[0])
         if not converged:

@@ -15,7 +15,7 @@ well as the default one, and this module reads the result the strict way:
 ``EQUAL_ACCURACY`` below P's and largest relative error at most ``EQUAL_ERROR_FACTOR`` times
 P's (or under ``EQUAL_ERROR_FLOOR``). Runs drawn at several seeds (``--seeds``: minibatch
 LiSSA, K-FAC with sampled labels) compare mean Pearsons, and the allowance is then the larger
-of ``EQUAL_ACCURACY`` and ``SEED_MARGIN`` standard errors of the difference of the two means
+of ``EQUAL_ACCURACY`` and one standard error (``SEED_MARGIN``) of the difference of the two means
 (:func:`pearson_margin`): a gap the draws themselves make is not a difference in accuracy.
 A ratio of 3 means: whatever budget a user of the peer
 picks, infl reaches the accuracy the peer reaches there at least 3 times sooner. A peer run no
@@ -34,7 +34,7 @@ from peers.common import Setting
 EQUAL_ACCURACY = 5e-4
 EQUAL_ERROR_FACTOR = 1.25
 EQUAL_ERROR_FLOOR = 1e-6
-SEED_MARGIN = 2.0
+SEED_MARGIN = 1.0
 MIN_SEEDS = 3
 
 LADDERS: dict[str, tuple[str, tuple[float, ...]]] = {

@@ -215,8 +215,8 @@ def iter_train_products(
             if direct:
                 products = products_from_factors(wrapper, found, vectors)
             else:  # too many vectors to pay: the gradients, formed from the factors
-                grads = gradients_from_factors(wrapper, found)
-                products = None if grads is None else vectors @ grads.to(vectors).T
+                formed = gradients_from_factors(wrapper, found)
+                products = None if formed is None else vectors @ formed.to(vectors).T
             if products is None:  # not finite: the formed gradients name the example
                 batch = calc.local_train.select(range(start, min(start + chunk, local_n)))
                 products = wrapper.train_grad_products(batch, vectors)

@@ -143,14 +143,7 @@ def iterate_block(
             add_rows(r, sel, update, alpha=-1.0)
         else:
             add_product(r, sel, alpha.T, q, alpha=-1.0)
-        if isinstance(sel, slice):  # every system active: whole vectors, no scatter
-            rr = squared_norms(r)
-            norm = torch.sqrt(rr)
-            active = norm > threshold
-        else:
-            rr[idx] = squared_norms(r[idx])
-            norm = torch.sqrt(rr)
-            active[idx] = norm[idx] > threshold[idx]
+        rr, norm, active = update_norms(r, rr, active, threshold, sel, idx)
         iterations += 1
         if floor is not None and floor.review(x, rr, active, norm):
             norm = torch.sqrt(rr)
@@ -192,29 +185,43 @@ def add_product(
 
 
 def add_rows(
-    target: torch.Tensor, sel: torch.Tensor | slice, rows: torch.Tensor, *, alpha: float = 1.0
-) -> None:
-    """``target[sel] += alpha * rows`` in place (:func:`active_rows`)."""
-    if isinstance(sel, slice):
-        target[sel].add_(rows, alpha=alpha)
-    else:
-        target.index_add_(0, sel, rows, alpha=alpha)
-
-
-def add_scaled_rows(
     target: torch.Tensor,
     sel: torch.Tensor | slice,
-    scale: torch.Tensor,
     rows: torch.Tensor,
     *,
-    value: float = 1.0,
+    scale: torch.Tensor | None = None,
+    alpha: float = 1.0,
 ) -> None:
-    """``target[sel] += value * scale * rows`` in place (``scale`` ``[a, 1]``, one factor per
-    row; :func:`active_rows`)."""
+    """``target[sel] += alpha * rows`` in place, or ``alpha * scale * rows`` with ``scale``
+    ``[a, 1]`` (one factor per row) given (:func:`active_rows`)."""
     if isinstance(sel, slice):
-        target[sel].addcmul_(scale, rows, value=value)
+        if scale is None:
+            target[sel].add_(rows, alpha=alpha)
+        else:
+            target[sel].addcmul_(scale, rows, value=alpha)
     else:
-        target.index_add_(0, sel, scale * rows, alpha=value)
+        target.index_add_(0, sel, rows if scale is None else scale * rows, alpha=alpha)
+
+
+def update_norms(
+    r: torch.Tensor,
+    rr: torch.Tensor,
+    active: torch.Tensor,
+    threshold: torch.Tensor,
+    sel: torch.Tensor | slice,
+    idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rr, ||r||, active)`` after the residuals ``r`` of the systems ``idx`` changed: new
+    whole tensors while every system is active (``sel`` a slice: no gather or scatter), else
+    ``rr`` and ``active`` updated in place on those rows."""
+    if isinstance(sel, slice):
+        rr = squared_norms(r)
+        norm = torch.sqrt(rr)
+        return rr, norm, norm > threshold
+    rr[idx] = squared_norms(r[idx])
+    norm = torch.sqrt(rr)
+    active[idx] = norm[idx] > threshold[idx]
+    return rr, norm, active
 
 
 def _preconditioned(

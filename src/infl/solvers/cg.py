@@ -26,7 +26,13 @@ from infl.solvers.base import (
     solver_from_spec,
     solver_spec,
 )
-from infl.solvers.block_cg import active_rows, add_scaled_rows, iterate_block, squared_norms
+from infl.solvers.block_cg import (
+    active_rows,
+    add_rows,
+    iterate_block,
+    squared_norms,
+    update_norms,
+)
 from infl.solvers.cg_floor import RoundoffFloor
 from infl.solvers.lissa import LiSSA
 from infl.spectral.advice import DAMPING_RTOL
@@ -520,16 +526,9 @@ class FittedCG(FittedSolver):
                 )
             alpha = rz[sel] / curvature
             step = alpha.unsqueeze(1)
-            add_scaled_rows(x, sel, step, directions)
-            add_scaled_rows(r, sel, step, ad, value=-1.0)
-            if isinstance(sel, slice):  # every system active: whole vectors, no scatter
-                rr = squared_norms(r)
-                norm = torch.sqrt(rr)
-                active = norm > threshold
-            else:
-                rr[idx] = squared_norms(r[idx])
-                norm = torch.sqrt(rr)
-                active[idx] = norm[idx] > threshold[idx]
+            add_rows(x, sel, directions, scale=step)
+            add_rows(r, sel, ad, scale=step, alpha=-1.0)
+            rr, norm, active = update_norms(r, rr, active, threshold, sel, idx)
             iterations += 1
             if floor is not None:
                 floor.add(sel, alpha.abs() * torch.linalg.vector_norm(ad, dim=1))

@@ -113,7 +113,8 @@ def adopt_fit_factors(calc: InfluenceCalculator, fitted: FittedSolver) -> None:
 
 def iter_train_grads(calc: InfluenceCalculator, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, [b, p] gradients)`` over the training data: from the cache when it is
-    filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``.
+    filled, else one streamed pass that fills it when ``n p`` values fit in ``cache_bytes``
+    (formed from the kept factors, reading no data, when every chunk's are kept).
 
     Under ``torch.distributed`` the data is this rank's shard (``calc.local_train``): ``start``
     is local and the cache holds the shard's ``[n_r, p]`` rows. While the cache is filled, each

@@ -271,7 +271,7 @@ class MeanOperator(LinearOperator):
         self.parts = list(parts)
 
     def _matmat(self, vectors: torch.Tensor) -> torch.Tensor:
-        total = self.parts[0].matmat(vectors).to(self.dtype)
+        total = self.parts[0].matmat(vectors)
         for part in self.parts[1:]:
             total = total + part.matmat(vectors)
         return total / len(self.parts)

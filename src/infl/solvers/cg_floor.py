@@ -23,6 +23,7 @@ import torch
 
 from infl.mixed_precision import product_dtype
 from infl.operators import LinearOperator
+from infl.solvers.block_cg import add_rows
 
 FLOOR_GAP = 2.0
 """A system whose true residual exceeds this multiple of its updated one has stalled."""
@@ -60,10 +61,7 @@ class RoundoffFloor:
     def add(self, rows: torch.Tensor | slice, update_norms: torch.Tensor) -> None:
         """Record :math:`\\|\\alpha_j A d_j\\|` of this iteration's update of systems ``rows``
         (indices, or ``slice(None)`` for all of them)."""
-        if isinstance(rows, slice):
-            self.updates[rows].add_(update_norms)
-        else:
-            self.updates.index_add_(0, rows, update_norms)
+        add_rows(self.updates, rows, update_norms)
 
     def true_norms(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """:math:`\\|b_j - A x_j\\|` for the systems ``rows`` (one ``matmat`` of them)."""
